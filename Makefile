@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: it is a CPU build that pip finds locally; an unpinned torch would pull a
+# multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[hf,pg,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bitplan demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check sensitivity search app tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sensitivity.py
+	$(BIN)/python benchmarks/frontier.py
+
+clean:
+	rm -rf $(VENV) .bitplan bitplan-demo

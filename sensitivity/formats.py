@@ -1,0 +1,268 @@
+"""Quantization formats: names, the reference fake-quant arithmetic, and exact byte accounting.
+
+This module is a contract (DESIGN §3): other tools re-implement it, and the packed artifact that
+``bitplan apply`` writes must have exactly the bytes that :func:`tensor_bytes` predicts. Every
+weight is seen as a matrix ``[rows, cols]`` (see :mod:`sensitivity.layers`); groups run along
+``cols`` and a last group shorter than ``G`` is allowed.
+
+References: GPTQ (Frantar et al., 2022) and AWQ (Lin et al., 2023) for group-wise integer
+quantization with fp16 scales; the OCP 8-bit floating point spec for e4m3.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "ALLOWED_BITS",
+    "DEFAULT_FORMATS",
+    "FormatError",
+    "QuantCodes",
+    "QuantFormat",
+    "dequantize",
+    "fake_quantize",
+    "parse_format",
+    "parse_formats",
+    "quantize_codes",
+    "tensor_bytes",
+]
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
+FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The largest finite e4m3 value (OCP FP8 spec, "fn" variant: no infinities).
+FP8_E4M3_MAX = 448.0
+# Rows are processed in chunks of at most this many elements so that the float32 work buffer
+# stays bounded (≈64 MiB) however large the layer is.
+_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_FORMATS = ("int8", "int6-g128", "int4-g128", "int3-g64", "int2-g32-asym")
+
+_INT_RE = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?$")
+_ACCEPTED = (
+    "fp32, bf16, fp16, fp8-e4m3, or int{b}[-g{G}][-asym] with b in "
+    + "{"
+    + ",".join(map(str, ALLOWED_BITS))
+    + "} and G a positive integer (e.g. int8, int4-g128, int3-g64-asym)"
+)
+
+
+class FormatError(ValueError):
+    """A format name that bitplan does not accept; the message lists what it accepts."""
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One storage format for a weight matrix.
+
+    ``kind`` is ``float`` (fp32/bf16/fp16: a cast), ``fp8`` (per-row scaled e4m3) or ``int``
+    (uniform integer grid). ``group_size`` is ``None`` for one scale per row.
+    """
+
+    name: str
+    kind: Literal["float", "fp8", "int"]
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind == "int":
+            if self.bits not in ALLOWED_BITS:
+                raise FormatError(f"unsupported bit width {self.bits}; accepted: {_ACCEPTED}")
+            if self.group_size is not None and self.group_size < 1:
+                raise FormatError(f"group size must be positive; accepted: {_ACCEPTED}")
+        elif self.group_size is not None or not self.symmetric:
+            raise FormatError(f"{self.kind} formats take no group size or -asym")
+
+    @property
+    def is_quantized(self) -> bool:
+        """True for formats with scales (int, fp8); False for plain casts."""
+        return self.kind != "float"
+
+    def n_groups(self, rows: int, cols: int) -> int:
+        """Number of scales for a ``[rows, cols]`` matrix (0 for plain casts)."""
+        if self.kind == "float":
+            return 0
+        if self.kind == "fp8" or self.group_size is None:
+            return rows
+        return rows * math.ceil(cols / self.group_size)
+
+    def bits_per_weight(self, cols: int = 4096) -> float:
+        """Storage bits per weight for a matrix with ``cols`` columns, scales included."""
+        rows = 1024  # any row count: per-row overheads scale with rows like the weights do
+        return 8 * tensor_bytes(self, rows, cols) / (rows * cols)
+
+
+def parse_format(name: str) -> QuantFormat:
+    """Parse a format name (DESIGN §3); the error message says what is accepted."""
+    text = name.strip().lower()
+    if text in FLOAT_BYTES:
+        return QuantFormat(name=text, kind="float", bits=8 * FLOAT_BYTES[text])
+    if text == "fp8-e4m3":
+        return QuantFormat(name=text, kind="fp8", bits=8)
+    match = _INT_RE.match(text)
+    if match is None:
+        raise FormatError(f"unknown format {name!r}; accepted: {_ACCEPTED}")
+    bits = int(match["bits"])
+    group = int(match["group"]) if match["group"] is not None else None
+    if bits not in ALLOWED_BITS:
+        raise FormatError(f"unsupported format {name!r} (int{bits}); accepted: {_ACCEPTED}")
+    if group is not None and group < 1:
+        raise FormatError(f"unsupported format {name!r} (group size 0); accepted: {_ACCEPTED}")
+    return QuantFormat(name=text, kind="int", bits=bits, group_size=group,
+                       symmetric=match["asym"] is None)
+
+
+def parse_formats(names: str | list[str] | tuple[str, ...]) -> list[QuantFormat]:
+    """Parse a comma-separated list (or a sequence) of names, rejecting duplicates."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    formats = [parse_format(item) for item in items if item.strip()]
+    if not formats:
+        raise FormatError(f"no format given; accepted: {_ACCEPTED}")
+    seen = [f.name for f in formats]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise FormatError(f"format listed twice: {', '.join(dupes)}")
+    return formats
+
+
+def tensor_bytes(fmt: QuantFormat, rows: int, cols: int, *, float_bytes: int = 2) -> int:
+    """Exact stored bytes of a ``[rows, cols]`` matrix in ``fmt`` (DESIGN §3).
+
+    ``float_bytes`` is unused for quantized formats; it is kept for symmetry with unplanned
+    parameters whose size depends on their stored dtype.
+    """
+    numel = rows * cols
+    if fmt.kind == "float":
+        return numel * FLOAT_BYTES[fmt.name]
+    if fmt.kind == "fp8":
+        return numel + 2 * rows
+    n_groups = fmt.n_groups(rows, cols)
+    bits = numel * fmt.bits + n_groups * 16 + (0 if fmt.symmetric else n_groups * fmt.bits)
+    return math.ceil(bits / 8)
+
+
+@dataclass
+class QuantCodes:
+    """Integer codes of one matrix: what the packed artifact stores.
+
+    ``q``: int16 ``[rows, cols]`` (signed for symmetric, ``0..2^b-1`` for asymmetric);
+    ``scale``: float16 ``[rows, n_groups_per_row]``; ``zero``: int16 like ``scale`` or None.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+def _group_size(fmt: QuantFormat, cols: int) -> int:
+    return cols if fmt.group_size is None else min(fmt.group_size, cols)
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """View ``[rows, cols]`` as ``[rows, n_groups, group]``, padding a short last group.
+
+    The pad repeats the row's last value, which already lies in the last group, so the group's
+    min, max and absmax are unchanged.
+    """
+    rows, cols = w.shape
+    pad = (-cols) % group
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)  # (rows, n_groups*group)
+    return w.reshape(rows, -1, group)  # (rows, n_groups, group)
+
+
+def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
+    """Round a scale to float16 as stored; a scale that would be 0 becomes 1 (DESIGN §3)."""
+    s = x.to(torch.float16).to(torch.float32)
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _int_codes(w: torch.Tensor, fmt: QuantFormat) -> QuantCodes:
+    """Integer codes of a float32 ``[rows, cols]`` matrix (one chunk of rows)."""
+    rows, cols = w.shape
+    g = _grouped(w, _group_size(fmt, cols))  # (rows, n_groups, G)
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.bits - 1) - 1
+        scale = _fp16_scale(g.abs().amax(dim=-1) / qmax)  # (rows, n_groups)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), -qmax, qmax)
+        zero = None
+    else:
+        levels = 2**fmt.bits - 1
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = _fp16_scale((hi - lo) / levels)  # (rows, n_groups)
+        zero = torch.clamp(torch.round(-lo / scale), 0, levels)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, levels)
+        zero = zero.to(torch.int16)
+    q = q.reshape(rows, -1)[:, :cols].to(torch.int16)  # (rows, cols)
+    return QuantCodes(q=q, scale=scale.to(torch.float16), zero=zero)
+
+
+def _int_dequant(codes: QuantCodes, fmt: QuantFormat, cols: int) -> torch.Tensor:
+    rows = codes.q.shape[0]
+    group = _group_size(fmt, cols)
+    q = _grouped(codes.q.to(torch.float32), group)  # (rows, n_groups, G)
+    if codes.zero is not None:
+        q = q - codes.zero.to(torch.float32).unsqueeze(-1)
+    w = q * codes.scale.to(torch.float32).unsqueeze(-1)
+    return w.reshape(rows, -1)[:, :cols]  # (rows, cols)
+
+
+def _fp8_codes(w: torch.Tensor) -> QuantCodes:
+    scale = _fp16_scale(w.abs().amax(dim=1, keepdim=True) / FP8_E4M3_MAX)  # (rows, 1)
+    # fp16 rounding of the scale can push |w/scale| a hair past 448; e4m3fn has no inf, so an
+    # unclamped cast would give NaN.
+    x = torch.clamp(w / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return QuantCodes(q=x, scale=scale.to(torch.float16), zero=None)
+
+
+def quantize_codes(w: torch.Tensor, fmt: QuantFormat) -> QuantCodes:
+    """Codes and scales of a ``[rows, cols]`` matrix in an int or fp8 format."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a [rows, cols] matrix, got shape {tuple(w.shape)}")
+    w = w.detach().to(torch.float32)
+    if fmt.kind == "fp8":
+        return _fp8_codes(w)
+    if fmt.kind == "int":
+        return _int_codes(w, fmt)
+    raise ValueError(f"{fmt.name} is a plain cast and has no codes")
+
+
+def dequantize(codes: QuantCodes, fmt: QuantFormat, cols: int) -> torch.Tensor:
+    """Float32 ``[rows, cols]`` matrix from its codes: the exact inverse used by loaders."""
+    if fmt.kind == "fp8":
+        return codes.q.to(torch.float32) * codes.scale.to(torch.float32)
+    return _int_dequant(codes, fmt, cols)
+
+
+def _fake_quantize_chunk(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    if fmt.kind == "float":
+        return w.to(FLOAT_DTYPES[fmt.name]).to(torch.float32)
+    return dequantize(quantize_codes(w, fmt), fmt, w.shape[1])
+
+
+def fake_quantize(w: torch.Tensor, fmt: QuantFormat, *, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Quantize and dequantize a ``[rows, cols]`` matrix (DESIGN §3 reference arithmetic).
+
+    Works a chunk of rows at a time, so the float32 work space stays bounded. The result is
+    written into ``out`` (which may be ``w`` itself, or a strided view such as a transpose) in
+    ``out``'s dtype; without ``out`` a new tensor of ``w``'s dtype is returned.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a [rows, cols] matrix, got shape {tuple(w.shape)}")
+    if out is None:
+        out = torch.empty_like(w)
+    elif out.shape != w.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(w.shape)}")
+    rows, cols = w.shape
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    with torch.no_grad():
+        for start in range(0, rows, step):
+            chunk = w[start:start + step].to(torch.float32)
+            out[start:start + step].copy_(_fake_quantize_chunk(chunk, fmt))
+    return out
