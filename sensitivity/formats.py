@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from sensitivity.errors import InputError
+
 __all__ = [
     "ALLOWED_BITS",
     "DEFAULT_FORMATS",
@@ -51,7 +53,7 @@ _ACCEPTED = (
 )
 
 
-class FormatError(ValueError):
+class FormatError(InputError):
     """A format name that bitplan does not accept; the message lists what it accepts."""
 
 
