@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sensitivity.errors import InputError
 from sensitivity.formats import QuantFormat, fake_quantize, parse_format
 
 __all__ = [
@@ -132,11 +133,11 @@ def apply_pins(layers: Sequence[QuantLayer], pins: dict[str, str]) -> list[Quant
     for pattern, fmt in pins.items():
         hits = [lay for lay in layers if fnmatch.fnmatchcase(lay.name, pattern)]
         if not hits:
-            raise ValueError(f"pin pattern {pattern!r} matches no quantizable layer")
+            raise InputError(f"pin pattern {pattern!r} matches no quantizable layer")
         for lay in hits:
             previous = chosen.setdefault(lay.group, fmt)
             if previous != fmt:
-                raise ValueError(f"{lay.name} is pinned to both {previous} and {fmt}")
+                raise InputError(f"{lay.name} is pinned to both {previous} and {fmt}")
     return [replace(lay, pinned=chosen.get(lay.group)) for lay in layers]
 
 

@@ -1,0 +1,103 @@
+"""Layer discovery, tie groups, exclusions, pins and in-place quantization with restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sensitivity.formats import fake_quantize, parse_format
+from sensitivity.layers import (
+    apply_pins,
+    find_quant_layers,
+    parameter_bytes,
+    quantized,
+    weight_matrix,
+)
+
+
+class TinyNet(nn.Module):
+    """Every layer kind bitplan plans, plus a head tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.conv = nn.Conv1d(8, 6, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(1, 4, kernel_size=3)
+        self.proj = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(input_ids).transpose(1, 2)  # (B, 8, T)
+        x = self.conv(x).transpose(1, 2)  # (B, T, 6)
+        return self.head(self.norm(self.proj(x)))
+
+
+def test_finds_every_kind_with_matrix_shapes_and_tie_group() -> None:
+    layers = {lay.name: lay for lay in find_quant_layers(TinyNet())}
+    assert list(layers) == ["emb", "conv", "conv2", "proj", "head"]
+    assert layers["conv"].shape == (6, 24) and layers["conv"].kind == "conv1d"
+    assert layers["conv2"].shape == (4, 9) and layers["conv2"].numel == 36
+    assert layers["emb"].tie == layers["head"].tie == "emb.weight"
+    assert layers["head"].param == "emb.weight" and layers["head"].group == "emb.weight"
+    assert layers["proj"].tie is None and layers["proj"].group == "proj"
+
+
+def test_exclude_patterns_and_tied_exclusion() -> None:
+    names = [lay.name for lay in find_quant_layers(TinyNet(), exclude=["conv*"])]
+    assert names == ["emb", "proj", "head"]
+    names = [lay.name for lay in find_quant_layers(TinyNet(), exclude=["head"])]
+    assert names == ["conv", "conv2", "proj"]  # the head's tensor is the embedding's
+
+
+def test_pins_cover_tie_groups_and_reject_conflicts_and_typos() -> None:
+    layers = apply_pins(find_quant_layers(TinyNet()), {"head": "int8", "conv*": "int4-g8"})
+    pinned = {lay.name: lay.pinned for lay in layers}
+    assert pinned == {"emb": "int8", "conv": "int4-g8", "conv2": "int4-g8", "proj": None,
+                      "head": "int8"}
+    with pytest.raises(ValueError, match="pinned to both"):
+        apply_pins(find_quant_layers(TinyNet()), {"emb": "int8", "head": "int4"})
+    with pytest.raises(ValueError, match="matches no quantizable layer"):
+        apply_pins(find_quant_layers(TinyNet()), {"decoder.*": "int8"})
+    with pytest.raises(ValueError, match="accepted"):
+        apply_pins(find_quant_layers(TinyNet()), {"proj": "int7"})
+
+
+def test_quantized_changes_weight_then_restores_it() -> None:
+    model = TinyNet()
+    conv = next(lay for lay in find_quant_layers(model) if lay.name == "conv")
+    before = model.conv.weight.detach().clone()
+    fmt = parse_format("int2-g8-asym")
+    with quantized(model, conv, fmt):
+        expect = fake_quantize(before.view(6, -1), fmt).view_as(before)  # (out, in, k)
+        assert torch.equal(model.conv.weight, expect)
+    assert torch.equal(model.conv.weight, before)
+
+
+def test_quantized_restores_after_an_error() -> None:
+    model = TinyNet()
+    proj = next(lay for lay in find_quant_layers(model) if lay.name == "proj")
+    before = model.proj.weight.detach().clone()
+    with pytest.raises(RuntimeError), quantized(model, proj, "int2"):
+        raise RuntimeError("boom")
+    assert torch.equal(model.proj.weight, before)
+
+
+def test_weight_matrix_views_write_through() -> None:
+    w = torch.zeros(3, 5)  # stored (in, out) like transformers' Conv1D
+    weight_matrix(w, "hf_conv1d")[1, 2] = 7.0  # (out, in)
+    assert w[2, 1] == 7.0
+
+
+def test_parameter_bytes_counts_unplanned_and_ties_once() -> None:
+    model = TinyNet()
+    layers = find_quant_layers(model)
+    unplanned, fp16 = parameter_bytes(model, layers)
+    bias_and_norm = (6 + 4 + 8 + 8 + 8) * 4  # conv, conv2, proj biases, norm weight + bias
+    assert unplanned == bias_and_norm
+    total = sum(p.numel() for p in model.parameters())
+    assert fp16 == 2 * total
+    unplanned2, _ = parameter_bytes(model, [lay for lay in layers if lay.name != "proj"])
+    assert unplanned2 == bias_and_norm + 48 * 4
