@@ -1,0 +1,53 @@
+"""PlanApplier: whole plans applied in place from an on-disk snapshot, then restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from search.applier import PlanApplier
+from sensitivity.formats import fake_quantize, parse_format
+from sensitivity.layers import find_quant_layers
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    emb = nn.Embedding(30, 16)
+    head = nn.Linear(16, 30, bias=False)
+    head.weight = emb.weight
+    return nn.Sequential(emb, nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), head).bfloat16()
+
+
+def test_apply_switches_formats_and_restores() -> None:
+    model = _model()
+    layers = find_quant_layers(model)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = {lay.group for lay in layers}
+    assert groups == {"0.weight", "1", "3"}
+    with PlanApplier(model, layers) as applier:
+        applier.apply({"0.weight": "int4-g8", "1": "int2-g4-asym"})
+        expect = fake_quantize(originals["0.weight"], parse_format("int4-g8"))
+        assert torch.equal(model[0].weight, expect) and model[4].weight is model[0].weight
+        assert torch.equal(model[1].weight,
+                           fake_quantize(originals["1.weight"], parse_format("int2-g4-asym")))
+        assert torch.equal(model[3].weight, originals["3.weight"])  # absent: full precision
+        applier.apply({"0.weight": "int8", "1": "int2-g4-asym", "3": "fp8-e4m3"})
+        assert torch.equal(model[0].weight, fake_quantize(originals["0.weight"],
+                                                          parse_format("int8")))
+        assert model[0].weight.dtype == torch.bfloat16
+    for name, p in model.named_parameters():
+        assert torch.equal(p, originals[name]), name
+
+
+def test_restores_on_error_and_refuses_use_outside_block() -> None:
+    model = _model()
+    layers = find_quant_layers(model)
+    before = model[1].weight.detach().clone()
+    applier = PlanApplier(model, layers)
+    with pytest.raises(RuntimeError, match="outside"):
+        applier.apply({"1": "int8"})
+    with pytest.raises(KeyError), applier:
+        applier.apply({"1": "int2"})
+        raise KeyError("trial failed")
+    assert torch.equal(model[1].weight, before)
