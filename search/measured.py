@@ -1,0 +1,388 @@
+"""Multi-objective search of per-group formats on the *measured* error, with Optuna.
+
+The exact frontier (``search.frontier``) trusts an additive proxy: the error of a plan is the sum
+of its layers' sensitivities. Real errors interact, so this module searches plans on the error
+that the caller measures on the calibration split, minimising ``(bytes, error)`` together.
+
+How the search is set up, and why:
+
+* **One categorical parameter per group** (a layer or a tie group), named after the group.
+  Groups with one allowed format (pinned) are fixed and never suggested.
+* **Size is exact, error is measured.** ``bytes = Σ group_bytes[group][format]`` is computed from
+  the choice and stored as the trial's user attr ``"bytes"``; the objective returns
+  ``(bytes, error)``, both minimised.
+* **The budget is a constraint.** Each trial records ``sampled_bytes - cap_bytes`` with
+  ``Trial.set_constraint`` (Optuna 5's replacement for the deprecated ``constraints_func``),
+  so NSGA-II's constrained domination and constrained TPE steer sampling into the budget.
+* **Infeasible samples are repaired, not wasted.** A sampled choice over the cap is repaired
+  greedily: the group that currently takes the most bytes moves to its next smaller allowed
+  format, repeatedly, until the choice fits (it always does, because the cap is checked against
+  the smallest reachable size up front). The repaired choice is what gets evaluated and reported
+  (user attr ``"repaired"`` holds the groups it changed); the trial itself keeps its positive
+  constraint value, so the sampler still learns that the *sampled* parameters were infeasible.
+  No forward pass is ever spent on a plan that breaks the budget.
+* **Seeds first.** Seed choices (exact-frontier points near the budget, uniform plans) are
+  enqueued in order, deduplicated, with user attr ``"source": "seed"``; they count toward
+  ``trials``.
+* **Identical choices are evaluated once** (NSGA-II repeats individuals): errors are cached by
+  the choice, and the cache starts from the study's finished trials when a study is continued.
+* **Reproducible:** the same ``seed`` and a deterministic ``evaluate`` give the same trials.
+* **Interruptible:** Ctrl-C (``KeyboardInterrupt``) or :class:`~sensitivity.progress.Cancelled`
+  raised inside ``evaluate``, ``should_cancel()`` turning true, or the timeout all end the search
+  with every finished trial kept and ``interrupted=True``.
+
+Shared studies: with ``storage`` (an RDB URL such as ``sqlite:///optuna.db`` or
+``postgresql://…``) and ``study_name``, several workers (or successive calls) continue one study.
+Optuna's RDB storage keeps its own Alembic version table, also named ``alembic_version``: the
+service must give Optuna its own database (or PostgreSQL schema, or URL) rather than the app's,
+or the two migration histories collide. Workers that share a study should pass different seeds
+(or they sample the same choices) and the same ``trials`` (it sets NSGA-II's population size).
+
+References: Deb et al., "A fast and elitist multiobjective genetic algorithm: NSGA-II" (2002);
+Ozaki et al., "Multiobjective tree-structured Parzen estimator" (2022); HAQ (Wang et al., 2019)
+for searching per-layer bit widths on measured quality under a resource budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from sensitivity.errors import InputError
+from sensitivity.progress import CancelFn, Cancelled, ProgressFn, report
+
+__all__ = ["SAMPLERS", "Candidate", "SearchResult", "measured_search", "pareto_front"]
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("nsga2", "tpe")
+_CAP_CONSTRAINT = "bytes_over_cap"
+# NSGA-II improves on random sampling only from its second generation on: a quarter of the trial
+# budget per generation gives at least four generations; 8 keeps crossover from inbreeding a tiny
+# population, 50 is Optuna's own default for long runs.
+_MIN_POPULATION, _MAX_POPULATION, _GENERATIONS = 8, 50, 4
+
+
+@dataclass
+class Candidate:
+    """One evaluated plan: ``choice`` maps every group to its format."""
+
+    choice: dict[str, str]
+    bytes: int
+    error: float
+    number: int | None = None
+    source: str = "sampler"
+
+
+@dataclass
+class SearchResult:
+    """Every complete trial, the feasible Pareto set over ``(bytes, error)`` sorted by bytes,
+    whether the search stopped early, and where the time went (``eval_s`` inside ``evaluate``)."""
+
+    trials: list[Candidate]
+    pareto: list[Candidate]
+    interrupted: bool
+    wall_s: float
+    eval_s: float
+
+
+def measured_search(
+    *,
+    options: Mapping[str, Sequence[str]],
+    group_bytes: Mapping[str, Mapping[str, int]],
+    cap_bytes: int | None,
+    evaluate: Callable[[dict[str, str]], float],
+    seeds: Sequence[Mapping[str, str]] = (),
+    trials: int,
+    timeout: float | None = None,
+    seed: int = 0,
+    sampler: str = "nsga2",
+    storage: str | None = None,
+    study_name: str | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> SearchResult:
+    """Search formats per group, minimising (planned bytes, measured error) under ``cap_bytes``.
+
+    ``options`` maps each group to its allowed format names (one for a pinned group);
+    ``group_bytes[group][format]`` is that group's planned bytes (a tie group counted once).
+    ``evaluate(choice)`` applies the choice in place, measures the error on the calibration
+    split and restores the model; it is called only for choices within the cap, at most once per
+    distinct choice. ``trials`` counts trials run by this call, seeds included; ``timeout`` is in
+    seconds. See the module docstring for the repair rule, seeding and shared studies.
+    """
+    started = time.perf_counter()
+    _check_arguments(options, group_bytes, cap_bytes, trials, timeout, sampler, storage, study_name)
+    objective = _Objective(
+        options=options, group_bytes=group_bytes, cap_bytes=cap_bytes, evaluate=evaluate
+    )
+    seed_params = _seed_params(seeds, options, objective.free)
+
+    with _quiet_optuna():
+        study = optuna.create_study(
+            directions=["minimize", "minimize"],
+            sampler=_make_sampler(sampler, seed=seed, trials=trials),
+            storage=storage,
+            study_name=study_name,
+            load_if_exists=storage is not None,
+        )
+        for params in seed_params:
+            study.enqueue_trial(params, user_attrs={"source": "seed"}, skip_if_exists=True)
+        objective.remember(_candidates(study, objective.groups, objective.fixed))
+        tracker = _Tracker(trials=trials, progress=progress, should_cancel=should_cancel)
+        if trials > 0 and not (should_cancel is not None and should_cancel()):
+            try:
+                study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[tracker])
+            except KeyboardInterrupt:  # Ctrl-C outside evaluate, inside Optuna's own loop
+                logger.warning("search interrupted after %d of %d trials", tracker.done, trials)
+        found = _candidates(study, objective.groups, objective.fixed)
+
+    result = SearchResult(
+        trials=found,
+        pareto=pareto_front(found, cap_bytes=cap_bytes),
+        interrupted=tracker.done < trials,
+        wall_s=time.perf_counter() - started,
+        eval_s=objective.eval_s,
+    )
+    logger.info(
+        "measured search: %d trials (%d new), %d on the Pareto set, %.1fs (%.1fs evaluating)",
+        len(found), tracker.done, len(result.pareto), result.wall_s, result.eval_s,
+    )  # fmt: skip
+    return result
+
+
+class _Objective:
+    """One trial: suggest the free groups, repair over the cap, evaluate unless cached."""
+
+    def __init__(
+        self,
+        *,
+        options: Mapping[str, Sequence[str]],
+        group_bytes: Mapping[str, Mapping[str, int]],
+        cap_bytes: int | None,
+        evaluate: Callable[[dict[str, str]], float],
+    ) -> None:
+        self.options, self.group_bytes, self.cap_bytes = options, group_bytes, cap_bytes
+        self.evaluate = evaluate
+        self.groups = list(options)
+        self.free = [g for g in self.groups if len(options[g]) > 1]
+        self.fixed = {g: options[g][0] for g in self.groups if len(options[g]) == 1}
+        self.cache: dict[tuple[str, ...], float] = {}
+        self.eval_s = 0.0
+
+    def remember(self, known: Sequence[Candidate]) -> None:
+        """Seed the cache with choices already measured (a continued or shared study)."""
+        self.cache.update((_key(c.choice, self.groups), c.error) for c in known)
+
+    def __call__(self, trial: Trial) -> tuple[float, float]:
+        choice = dict(self.fixed)
+        for group in self.free:
+            choice[group] = trial.suggest_categorical(group, self.options[group])
+        size = _size(choice, self.group_bytes)
+        if self.cap_bytes is not None:
+            trial.set_constraint(_CAP_CONSTRAINT, size - self.cap_bytes)
+            if size > self.cap_bytes:
+                repaired = _repair(choice, self.options, self.group_bytes, self.cap_bytes)
+                changed = {g: f for g, f in repaired.items() if f != choice[g]}
+                trial.set_user_attr("repaired", changed)
+                choice, size = repaired, _size(repaired, self.group_bytes)
+        trial.set_user_attr("bytes", size)
+        key = _key(choice, self.groups)
+        if key not in self.cache:
+            self.cache[key] = self._measure(trial, choice)
+        return float(size), self.cache[key]
+
+    def _measure(self, trial: Trial, choice: dict[str, str]) -> float:
+        started = time.perf_counter()
+        try:
+            error = float(self.evaluate(dict(choice)))
+        except (KeyboardInterrupt, Cancelled) as stop:
+            # End the search cleanly: the unfinished trial is marked pruned (not a failure with
+            # a traceback) and every finished trial is kept.
+            logger.warning("search interrupted in trial %d: %r", trial.number, stop)
+            trial.study.stop()
+            raise optuna.TrialPruned() from stop
+        finally:
+            self.eval_s += time.perf_counter() - started
+        if math.isnan(error):
+            logger.warning("evaluate returned NaN in trial %d; ranked worst", trial.number)
+            return math.inf
+        return error
+
+
+class _Tracker:
+    """Optuna callback: counts complete trials, reports progress, stops when cancelled."""
+
+    def __init__(
+        self, *, trials: int, progress: ProgressFn | None, should_cancel: CancelFn | None
+    ) -> None:
+        self.trials, self.progress, self.should_cancel = trials, progress, should_cancel
+        self.done = 0
+
+    def __call__(self, study: optuna.Study, finished: FrozenTrial) -> None:
+        if finished.state == TrialState.COMPLETE:
+            self.done += 1
+            report(self.progress, "search", self.done, self.trials)
+        if self.should_cancel is not None and self.should_cancel():
+            study.stop()
+
+
+def pareto_front(candidates: Sequence[Candidate], *, cap_bytes: int | None) -> list[Candidate]:
+    """Non-dominated candidates over (bytes, error) within the cap, sorted by bytes.
+
+    Candidates with a non-finite error never qualify; of several with the same (bytes, error),
+    the earliest (lowest trial number, then first given) is kept.
+    """
+    feasible = [
+        c
+        for c in candidates
+        if math.isfinite(c.error) and (cap_bytes is None or c.bytes <= cap_bytes)
+    ]
+    order = sorted(
+        range(len(feasible)),
+        key=lambda i: (feasible[i].bytes, feasible[i].error, _number(feasible[i]), i),
+    )
+    front: list[Candidate] = []
+    for i in order:
+        if not front or feasible[i].error < front[-1].error:
+            front.append(feasible[i])
+    return front
+
+
+def _number(candidate: Candidate) -> float:
+    return math.inf if candidate.number is None else candidate.number
+
+
+def _check_arguments(
+    options: Mapping[str, Sequence[str]],
+    group_bytes: Mapping[str, Mapping[str, int]],
+    cap_bytes: int | None,
+    trials: int,
+    timeout: float | None,
+    sampler: str,
+    storage: str | None,
+    study_name: str | None,
+) -> None:
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    if trials < 0:
+        raise InputError(f"trials must be >= 0, got {trials}")
+    if timeout is not None and timeout <= 0:
+        raise InputError(f"timeout must be positive seconds or None, got {timeout}")
+    if storage is not None and study_name is None:
+        raise InputError("a shared storage needs a study_name, so that workers join one study")
+    if not options:
+        raise InputError("nothing to search: no quantizable groups")
+    for group, allowed in options.items():
+        if not allowed:
+            raise InputError(f"group {group!r} has no allowed format; give at least one")
+        missing = [f for f in allowed if f not in group_bytes.get(group, {})]
+        if missing:
+            raise InputError(f"group {group!r} has no byte count for {', '.join(missing)}")
+    smallest = sum(min(group_bytes[g][f] for f in allowed) for g, allowed in options.items())
+    if cap_bytes is not None and cap_bytes < smallest:
+        raise InputError(
+            f"budget of {cap_bytes} planned bytes is below the smallest reachable {smallest}"
+        )
+
+
+def _seed_params(
+    seeds: Sequence[Mapping[str, str]], options: Mapping[str, Sequence[str]], free: list[str]
+) -> list[dict[str, str]]:
+    """Seed choices as Optuna params (free groups only), validated and deduplicated in order."""
+    out: list[dict[str, str]] = []
+    for index, choice in enumerate(seeds):
+        for group, fmt in choice.items():
+            if group not in options:
+                raise InputError(f"seed {index} names unknown group {group!r}")
+            if fmt not in options[group]:
+                raise InputError(
+                    f"seed {index} gives {group!r} format {fmt!r}; "
+                    f"allowed: {', '.join(options[group])}"
+                )
+        missing = [g for g in free if g not in choice]
+        if missing:
+            raise InputError(f"seed {index} gives no format for {', '.join(missing[:3])}")
+        params = {g: choice[g] for g in free}
+        if params not in out:
+            out.append(params)
+    return out
+
+
+def _make_sampler(name: str, *, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    population = min(_MAX_POPULATION, max(_MIN_POPULATION, trials // _GENERATIONS))
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+
+
+def _size(choice: Mapping[str, str], group_bytes: Mapping[str, Mapping[str, int]]) -> int:
+    return sum(group_bytes[g][f] for g, f in choice.items())
+
+
+def _key(choice: Mapping[str, str], groups: list[str]) -> tuple[str, ...]:
+    return tuple(choice[g] for g in groups)
+
+
+def _repair(
+    choice: dict[str, str],
+    options: Mapping[str, Sequence[str]],
+    group_bytes: Mapping[str, Mapping[str, int]],
+    cap_bytes: int,
+) -> dict[str, str]:
+    """Move the currently largest group to its next smaller format until the choice fits.
+
+    Ties go to the group listed first. Terminates within the cap because the caller checked
+    that every group at its smallest format fits.
+    """
+    out = dict(choice)
+    order = {g: i for i, g in enumerate(options)}
+    total = _size(out, group_bytes)
+    heap = [(-group_bytes[g][f], order[g], g) for g, f in out.items()]
+    heapq.heapify(heap)
+    while total > cap_bytes:
+        neg_bytes, rank, group = heapq.heappop(heap)
+        smaller = [f for f in options[group] if group_bytes[group][f] < -neg_bytes]
+        if not smaller:
+            continue
+        fmt = max(smaller, key=lambda f: (group_bytes[group][f], -options[group].index(f)))
+        total -= -neg_bytes - group_bytes[group][fmt]
+        out[group] = fmt
+        heapq.heappush(heap, (-group_bytes[group][fmt], rank, group))
+    return out
+
+
+def _candidates(study: optuna.Study, groups: list[str], fixed: dict[str, str]) -> list[Candidate]:
+    """Every complete trial of the study as a candidate, in trial order."""
+    found = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        choice = {**fixed, **t.params, **t.user_attrs.get("repaired", {})}
+        found.append(
+            Candidate(
+                choice={g: choice[g] for g in groups},
+                bytes=int(t.user_attrs["bytes"]),
+                error=float(t.values[1]),
+                number=t.number,
+                source=t.user_attrs.get("source", "sampler"),
+            )
+        )
+    return found
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Silence Optuna's per-trial INFO lines for the duration, then restore the verbosity."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
