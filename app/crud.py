@@ -1,0 +1,303 @@
+"""Keyword-only create/read/update/delete functions over the ORM models, used by the API.
+
+Every function takes the request's ``Session`` and the caller's ``owner_id`` (the API key's id,
+or ``None`` when keys are off) and never returns another owner's rows: the API answers 404 for
+them. Functions that write commit. Lists are newest first with an opaque cursor
+(``created_at`` + ``id``), so pages stay stable while new rows arrive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from app.models import BLOB_KINDS, JOB_STATES, ApiKey, Blob, Job, utcnow
+from sensitivity.errors import InputError
+
+__all__ = [
+    "BlobInUse",
+    "ConflictError",
+    "IdempotencyMismatch",
+    "blob_path_in_use",
+    "create_api_key",
+    "create_job",
+    "create_or_get_blob",
+    "delete_blob",
+    "find_api_key",
+    "get_blob",
+    "get_job",
+    "hash_api_key",
+    "list_blobs",
+    "list_jobs",
+    "request_cancel",
+]
+
+# Bytes of randomness in an API key: 32 bytes = 256 bits, so a plain sha256 of the key is a safe
+# stored hash (no password-style stretching needed for keys nobody chose by hand).
+_KEY_BYTES = 32
+_KEY_PREFIX = "bp_"
+MAX_PAGE = 200  # largest page a list call returns; bounds one request's work
+
+_Row = TypeVar("_Row", Job, Blob)
+
+
+class ConflictError(Exception):
+    """The request conflicts with the resource's current state (HTTP 409)."""
+
+
+class BlobInUse(ConflictError):
+    """A model or dataset that a queued or running job still needs cannot be deleted."""
+
+
+class IdempotencyMismatch(InputError):
+    """An Idempotency-Key was reused with a different request body (HTTP 422)."""
+
+
+def _owned(column: InstrumentedAttribute[str | None], owner_id: str | None) -> ColumnElement[bool]:
+    return column.is_(None) if owner_id is None else column == owner_id
+
+
+# --- API keys ----------------------------------------------------------------------------------
+
+
+def hash_api_key(plaintext: str) -> str:
+    """The stored form of a key (sha256 hex)."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def create_api_key(session: Session, *, name: str) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the plaintext, which is never stored or shown again."""
+    if not name.strip():
+        raise InputError("an API key needs a non-empty name")
+    plaintext = _KEY_PREFIX + secrets.token_urlsafe(_KEY_BYTES)
+    key = ApiKey(name=name.strip(), key_hash=hash_api_key(plaintext))
+    session.add(key)
+    session.commit()
+    return key, plaintext
+
+
+def find_api_key(session: Session, *, plaintext: str) -> ApiKey | None:
+    """The active (not revoked) key with this plaintext, if any."""
+    return session.scalar(
+        select(ApiKey).where(
+            ApiKey.key_hash == hash_api_key(plaintext), ApiKey.revoked_at.is_(None)
+        )
+    )
+
+
+# --- pagination --------------------------------------------------------------------------------
+
+
+def _encode_cursor(row: Job | Blob) -> str:
+    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, row_id = json.loads(raw)
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            raise ValueError("cursor time without a time zone")
+        return when, str(row_id)
+    except (binascii.Error, ValueError, TypeError) as error:
+        raise InputError(
+            f"invalid cursor {cursor!r}; pass the next_cursor value of a previous page"
+        ) from error
+
+
+def _page(
+    session: Session, model: type[_Row], conditions: list[ColumnElement[bool]], *,
+    limit: int, cursor: str | None,
+) -> tuple[list[_Row], str | None]:
+    """One page, newest first, plus the cursor of the next page (None on the last page)."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InputError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+    if cursor is not None:
+        created, row_id = _decode_cursor(cursor)
+        conditions = [*conditions, or_(
+            model.created_at < created, and_(model.created_at == created, model.id < row_id)
+        )]
+    rows = list(session.scalars(
+        select(model).where(*conditions)
+        .order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    ))
+    if len(rows) <= limit:
+        return rows, None
+    return rows[:limit], _encode_cursor(rows[limit - 1])
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session, *, owner_id: str | None, spec: dict[str, Any], model_id: str | None,
+    dataset_id: str | None, idempotency_key: str | None, request_hash: str | None,
+    max_attempts: int,
+) -> Job:
+    """Queue a job. With an ``idempotency_key`` already used by this owner, returns that job
+    when ``request_hash`` matches and raises :class:`IdempotencyMismatch` when it does not."""
+    if idempotency_key is not None:
+        previous = _job_by_key(session, owner_id=owner_id, key=idempotency_key)
+        if previous is not None:
+            return _replay(previous, request_hash)
+    job = Job(
+        owner_id=owner_id, spec=spec, model_id=model_id, dataset_id=dataset_id,
+        idempotency_key=idempotency_key, request_hash=request_hash, max_attempts=max_attempts,
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key won the insert
+        session.rollback()
+        previous = _job_by_key(session, owner_id=owner_id, key=idempotency_key)
+        if previous is None:
+            raise
+        return _replay(previous, request_hash)
+    return job
+
+
+def _job_by_key(session: Session, *, owner_id: str | None, key: str | None) -> Job | None:
+    if key is None:
+        return None
+    return session.scalar(
+        select(Job).where(_owned(Job.owner_id, owner_id), Job.idempotency_key == key)
+    )
+
+
+def _replay(job: Job, request_hash: str | None) -> Job:
+    if job.request_hash != request_hash:
+        raise IdempotencyMismatch(
+            "this Idempotency-Key was already used with a different request body; "
+            "reuse a key only to retry the identical request"
+        )
+    return job
+
+
+def get_job(session: Session, *, job_id: str, owner_id: str | None) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, _owned(Job.owner_id, owner_id)))
+
+
+def list_jobs(
+    session: Session, *, owner_id: str | None, state: str | None = None, limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """The owner's jobs, newest first, optionally in one ``state``; returns (page, next_cursor)."""
+    conditions = [_owned(Job.owner_id, owner_id)]
+    if state is not None:
+        if state not in JOB_STATES:
+            raise InputError(f"unknown job state {state!r}; accepted: {', '.join(JOB_STATES)}")
+        conditions.append(Job.state == state)
+    return _page(session, Job, conditions, limit=limit, cursor=cursor)
+
+
+def request_cancel(session: Session, *, job_id: str, owner_id: str | None) -> Job | None:
+    """Cancel a job: a queued one is cancelled at once; a running one gets the cancel flag,
+    which its worker honours between layers and trials. Finished jobs are left unchanged."""
+    job = get_job(session, job_id=job_id, owner_id=owner_id)
+    if job is None:
+        return None
+    now = utcnow()
+    # Two conditional statements, each atomic against a worker's claim: whichever state the
+    # job is in when a statement runs decides what it does.
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == "queued")
+        .values(state="cancelled", stage="cancelled", cancel_requested=True, finished_at=now)
+    )
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
+    )
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+# --- blobs -------------------------------------------------------------------------------------
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in BLOB_KINDS:
+        raise InputError(f"unknown resource kind {kind!r}; accepted: {', '.join(BLOB_KINDS)}")
+
+
+def create_or_get_blob(
+    session: Session, *, owner_id: str | None, kind: str, sha256: str, filename: str,
+    size_bytes: int, path: str,
+) -> tuple[Blob, bool]:
+    """Record an upload; the same bytes uploaded again by the same owner return the existing
+    row. Returns (blob, created)."""
+    _check_kind(kind)
+    query = select(Blob).where(
+        _owned(Blob.owner_id, owner_id), Blob.kind == kind, Blob.sha256 == sha256
+    )
+    existing = session.scalar(query)
+    if existing is not None:
+        return existing, False
+    blob = Blob(owner_id=owner_id, kind=kind, sha256=sha256, filename=filename,
+                size_bytes=size_bytes, path=path)
+    session.add(blob)
+    try:
+        session.commit()
+    except IntegrityError:  # the same bytes finished uploading concurrently
+        session.rollback()
+        existing = session.scalar(query)
+        if existing is None:
+            raise
+        return existing, False
+    return blob, True
+
+
+def get_blob(
+    session: Session, *, blob_id: str, owner_id: str | None, kind: str | None = None
+) -> Blob | None:
+    conditions = [Blob.id == blob_id, _owned(Blob.owner_id, owner_id)]
+    if kind is not None:
+        _check_kind(kind)
+        conditions.append(Blob.kind == kind)
+    return session.scalar(select(Blob).where(*conditions))
+
+
+def list_blobs(
+    session: Session, *, owner_id: str | None, kind: str, limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Blob], str | None]:
+    """The owner's models or datasets, newest first; returns (page, next_cursor)."""
+    _check_kind(kind)
+    conditions = [_owned(Blob.owner_id, owner_id), Blob.kind == kind]
+    return _page(session, Blob, conditions, limit=limit, cursor=cursor)
+
+
+def delete_blob(
+    session: Session, *, blob_id: str, owner_id: str | None, kind: str | None = None
+) -> Blob | None:
+    """Delete the row (None when not found). Raises :class:`BlobInUse` while a queued or
+    running job needs it. The caller removes the file when :func:`blob_path_in_use` is False."""
+    blob = get_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)
+    if blob is None:
+        return None
+    active = session.scalar(select(exists().where(
+        or_(Job.model_id == blob_id, Job.dataset_id == blob_id),
+        Job.state.in_(("queued", "running")),
+    )))
+    if active:
+        raise BlobInUse(
+            f"{blob.kind} {blob_id} is used by a queued or running job; cancel the job first"
+        )
+    session.delete(blob)
+    session.commit()
+    return blob
+
+
+def blob_path_in_use(session: Session, *, path: str) -> bool:
+    """Whether any blob row (of any owner) still points at the stored file ``path``."""
+    return bool(session.scalar(select(exists().where(Blob.path == path))))

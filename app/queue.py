@@ -1,0 +1,193 @@
+"""The job queue: jobs are rows, workers lease them.
+
+Following procrastinate's design: the claim is one statement; heartbeats belong to workers;
+recovery is an idempotent reaper; losing a race is normal and handled.
+
+- :func:`claim_job` picks the oldest queued job and marks it running in one ``UPDATE``. On
+  PostgreSQL its subquery is ``FOR UPDATE SKIP LOCKED``, so concurrent workers skip each other's
+  rows. SQLAlchemy drops ``FOR UPDATE`` on SQLite, so there the statement runs in a
+  ``BEGIN IMMEDIATE`` transaction (one writer at a time) and re-checks ``state = 'queued'``.
+- Each claim increments ``lease_version``. Every later write of the holder (heartbeat,
+  progress, finish, release) is fenced by ``(id, lease_version, state = 'running')``: once a
+  lease is reaped or reclaimed, the old holder's writes match no row and return False.
+- :func:`reap_expired` returns jobs whose lease ran out to the queue, until ``max_attempts``
+  claims were made; then the job fails with a reason. Running it twice changes nothing.
+
+All times are the worker's clock (timezone-aware UTC); workers sharing a database are assumed
+to have synchronised clocks (NTP), with leases of tens of seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, literal, select, update
+from sqlalchemy.sql.dml import Update
+
+from app.models import TERMINAL_STATES, Job, UTCDateTime, utcnow
+
+__all__ = [
+    "ClaimedJob",
+    "claim_job",
+    "finish_job",
+    "heartbeat",
+    "is_cancel_requested",
+    "reap_expired",
+    "release_job",
+    "set_progress",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run one claimed job."""
+
+    id: str
+    spec: dict[str, Any]
+    owner_id: str | None
+    lease_version: int
+    attempts: int
+    max_attempts: int
+
+
+def _fenced(job_id: str, lease_version: int) -> Update:
+    """An UPDATE that only the current lease holder's writes can match."""
+    return update(Job).where(
+        Job.id == job_id, Job.lease_version == lease_version, Job.state == "running"
+    )
+
+
+@contextmanager
+def _writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction; on SQLite it takes the write lock first (BEGIN IMMEDIATE)."""
+    with engine.connect() as connection:
+        connection.execution_options(sqlite_immediate=True)
+        with connection.begin():
+            yield connection
+
+
+def _write(engine: Engine, statement: Update) -> int:
+    with _writing(engine) as connection:
+        return connection.execute(statement).rowcount
+
+
+def claim_job(
+    engine: Engine, *, worker_id: str, lease_s: float, now: datetime | None = None
+) -> ClaimedJob | None:
+    """Lease the oldest queued job to ``worker_id`` for ``lease_s`` seconds; None when idle."""
+    now = now or utcnow()
+    oldest = (
+        select(Job.id).where(Job.state == "queued")
+        .order_by(Job.created_at, Job.id).limit(1)
+        .with_for_update(skip_locked=True)  # PostgreSQL; dropped on SQLite (BEGIN IMMEDIATE)
+        .scalar_subquery()
+    )
+    statement = (
+        update(Job).where(Job.id == oldest, Job.state == "queued")
+        .values(
+            state="running", stage="starting", lease_owner=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            lease_version=Job.lease_version + 1, attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
+        )
+        .returning(Job.id, Job.spec, Job.owner_id, Job.lease_version, Job.attempts,
+                   Job.max_attempts)
+    )
+    with _writing(engine) as connection:
+        row = connection.execute(statement).first()
+    if row is None:
+        return None
+    logger.info("worker %s claimed job %s (attempt %d)", worker_id, row.id, row.attempts)
+    return ClaimedJob(id=row.id, spec=row.spec, owner_id=row.owner_id,
+                      lease_version=row.lease_version, attempts=row.attempts,
+                      max_attempts=row.max_attempts)
+
+
+def heartbeat(
+    engine: Engine, *, job_id: str, worker_id: str, lease_version: int, lease_s: float,
+    now: datetime | None = None,
+) -> bool:
+    """Extend the lease; False when it was lost (reaped, reclaimed, or the job finished)."""
+    expires = (now or utcnow()) + timedelta(seconds=lease_s)
+    statement = _fenced(job_id, lease_version).where(Job.lease_owner == worker_id)
+    return _write(engine, statement.values(lease_expires_at=expires)) == 1
+
+
+def set_progress(
+    engine: Engine, *, job_id: str, lease_version: int, stage: str, progress: float,
+    eta_s: float | None = None,
+) -> bool:
+    """Record the stage, the fraction done (0..1) and the ETA; fenced like every holder write."""
+    statement = _fenced(job_id, lease_version).values(
+        stage=stage, progress=min(max(progress, 0.0), 1.0), eta_s=eta_s
+    )
+    return _write(engine, statement) == 1
+
+
+def finish_job(
+    engine: Engine, *, job_id: str, lease_version: int, state: str,
+    result: dict[str, Any] | None = None, error: str | None = None,
+) -> bool:
+    """Move a running job to a terminal state; False when the caller no longer holds it."""
+    if state not in TERMINAL_STATES:
+        raise ValueError(f"finish_job needs one of {TERMINAL_STATES}, got {state!r}")
+    values: dict[str, Any] = {
+        "state": state, "stage": state, "result": result, "error": error, "eta_s": None,
+        "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
+    }
+    if state == "succeeded":
+        values["progress"] = 1.0
+    return _write(engine, _fenced(job_id, lease_version).values(**values)) == 1
+
+
+def release_job(engine: Engine, *, job_id: str, lease_version: int) -> bool:
+    """Give a job back to the queue unfinished (graceful shutdown); the attempt is not counted."""
+    statement = _fenced(job_id, lease_version).values(
+        state="queued", stage="queued", lease_owner=None, lease_expires_at=None,
+        attempts=Job.attempts - 1, eta_s=None,
+    )
+    return _write(engine, statement) == 1
+
+
+def is_cancel_requested(engine: Engine, *, job_id: str) -> bool:
+    with engine.connect() as connection:
+        return bool(connection.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def reap_expired(engine: Engine, *, now: datetime | None = None) -> int:
+    """Requeue running jobs whose lease expired (their worker died); a job that has used all
+    its attempts fails with a reason instead, and one whose cancel was requested is cancelled.
+    Returns the number of jobs changed. Idempotent and safe to run from every worker."""
+    now = now or utcnow()
+    with engine.connect() as connection:
+        expired = connection.execute(
+            select(Job.id, Job.lease_version, Job.lease_owner, Job.attempts, Job.max_attempts,
+                   Job.cancel_requested)
+            .where(Job.state == "running", Job.lease_expires_at < now)
+        ).all()
+    changed = 0
+    for row in expired:
+        # Fenced on the version seen and still expired: a heartbeat or a reaper racing us wins.
+        statement = _fenced(row.id, row.lease_version).where(Job.lease_expires_at < now)
+        gone = {"lease_owner": None, "lease_expires_at": None, "eta_s": None}
+        if row.cancel_requested:
+            values = {"state": "cancelled", "stage": "cancelled", "finished_at": now, **gone}
+        elif row.attempts >= row.max_attempts:
+            reason = (f"worker lost: the lease of {row.lease_owner} expired on attempt "
+                      f"{row.attempts} of {row.max_attempts}; not retried")
+            values = {"state": "failed", "stage": "failed", "error": reason,
+                      "finished_at": now, **gone}
+        else:
+            values = {"state": "queued", "stage": "queued", **gone}
+        if _write(engine, statement.values(**values)) == 1:
+            changed += 1
+            logger.warning("reaped job %s of worker %s (attempt %d of %d): now %s", row.id,
+                           row.lease_owner, row.attempts, row.max_attempts, values["state"])
+    return changed

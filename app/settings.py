@@ -1,0 +1,87 @@
+"""Service settings, read from ``BITPLAN_*`` environment variables (pydantic-settings).
+
+Everything lives under one data folder by default (``./.bitplan``): the SQLite database of the
+embedded mode, uploads, job artifacts, the sensitivity cache and Optuna's own SQLite file.
+Optuna's RDB storage is never the app database: it runs its own Alembic migrations with its
+own ``alembic_version`` table, so it gets a separate file (or a separate PostgreSQL database).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+_GIB = 1024**3
+
+
+class Settings(BaseSettings):
+    """Service configuration. Tests build one explicitly; the server uses :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="BITPLAN_", extra="ignore")
+
+    database_url: str = "sqlite:///./.bitplan/bitplan.db"
+    data_dir: Path = Path(".bitplan")
+    artifact_dir: Path = Field(default_factory=lambda data: data["data_dir"] / "artifacts")
+    upload_dir: Path = Field(default_factory=lambda data: data["data_dir"] / "uploads")
+    cache_dir: Path = Field(default_factory=lambda data: data["data_dir"] / "cache")
+    max_upload_bytes: int = Field(default=2 * _GIB, gt=0)
+    workers: int = Field(default=1, ge=0)
+    auth: Literal["auto", "on", "off"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    optuna_storage: str | None = Field(
+        default_factory=lambda data: f"sqlite:///{data['data_dir'] / 'optuna.db'}"
+    )
+    trusted_models: bool = False
+    # "module:function" the worker calls for each job; tests point it at a small double.
+    worker_runner: str = "search.pipeline:run_job"
+    # How often an idle worker looks for work (seconds).
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+    @field_validator("optuna_storage", mode="before")
+    @classmethod
+    def _empty_storage_is_none(cls, value: object) -> object:
+        # An empty BITPLAN_OPTUNA_STORAGE means "no RDB storage" (an in-memory study per job).
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than "
+                f"lease_seconds ({self.lease_seconds}), or leases expire between heartbeats"
+            )
+        return self
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether requests need an API key: always with ``auth=on``, never with ``off``, and
+        with ``auto`` whenever the server listens on anything other than loopback."""
+        if self.auth != "auto":
+            return self.auth == "on"
+        return not _is_loopback(self.host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable from outside
+        return False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,262 @@
+"""The job worker: claims jobs from the database queue and runs the pipeline on them.
+
+One worker runs one job at a time. The job runs in its own thread while the main thread
+renews the lease by heartbeat, watches the job's cancel flag and waits for SIGTERM. The
+pipeline's ``should_cancel()`` turns True when the job was cancelled (it ends ``cancelled``),
+when the lease was lost (another worker owns the job now: this one writes nothing more), or on
+SIGTERM (the job goes back to the queue for another worker). Progress reaches the job row at
+most every :data:`PROGRESS_INTERVAL_S`, fenced by the lease like every other write.
+
+Artifacts are written to a private staging folder and moved to ``artifact_dir/<job_id>/`` only
+by the lease holder, right before it marks the job succeeded; a crashed attempt leaves nothing
+the API would serve. Run a standalone worker with ``python -m app.worker`` (or
+``bitplan worker``); :func:`spawn_workers` starts several as processes for ``bitplan serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine
+
+from app.db import make_engine
+from app.queue import (
+    ClaimedJob,
+    claim_job,
+    finish_job,
+    heartbeat,
+    is_cancel_requested,
+    reap_expired,
+    release_job,
+    set_progress,
+)
+from app.settings import Settings, get_settings
+from search.spec import JobSpec
+from sensitivity.errors import InputError
+from sensitivity.progress import Cancelled
+
+__all__ = ["PROGRESS_INTERVAL_S", "Runner", "load_runner", "run_worker", "spawn_workers"]
+
+logger = logging.getLogger(__name__)
+
+# At most one progress write per job every half second: a bar that looks live to a person
+# polling the API, without turning a fast inner loop into a stream of database writes.
+PROGRESS_INTERVAL_S = 0.5
+# How often the main thread wakes to notice SIGTERM or a finished job thread (seconds).
+_TICK_S = 0.1
+
+Runner = Callable[..., Any]
+
+
+def load_runner(dotted: str) -> Runner:
+    """Import a ``"module:function"`` job runner (default: ``search.pipeline:run_job``)."""
+    module_name, _, attribute = dotted.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"worker runner {dotted!r} must look like 'package.module:function'")
+    runner = getattr(importlib.import_module(module_name), attribute)
+    if not callable(runner):
+        raise ValueError(f"worker runner {dotted!r} is not callable")
+    return runner
+
+
+class _JobRun:
+    """One claimed job: the job thread runs the runner, the caller's thread supervises."""
+
+    def __init__(self, *, engine: Engine, settings: Settings, worker_id: str, job: ClaimedJob,
+                 runner: Runner, shutdown: threading.Event) -> None:
+        self.engine, self.settings, self.worker_id = engine, settings, worker_id
+        self.job, self.runner, self.shutdown = job, runner, shutdown
+        self.stop = threading.Event()
+        self.reason: str | None = None  # "cancel" | "lease lost" | "shutdown"
+        self.outcome: tuple[str, str] = ("error", "the job thread did not finish")
+        self.final_dir = settings.artifact_dir / job.id
+        self.staging = settings.artifact_dir / f".{job.id}.{job.lease_version}.partial"
+        self._last_write = 0.0
+        self._stage: tuple[str, float] | None = None  # (name, monotonic start)
+
+    def _halt(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            logger.info("job %s: stopping (%s)", self.job.id, reason)
+        self.stop.set()
+
+    def should_cancel(self) -> bool:
+        return self.stop.is_set()
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        new_stage = self._stage is None or self._stage[0] != stage
+        if self._stage is None or new_stage:
+            self._stage = (stage, now)
+        if not (new_stage or done >= total or now - self._last_write >= PROGRESS_INTERVAL_S):
+            return
+        self._last_write = now
+        fraction = done / total if total > 0 else 0.0
+        elapsed = now - self._stage[1]
+        eta = elapsed / done * (total - done) if 0 < done <= total else None
+        if not set_progress(self.engine, job_id=self.job.id, lease_version=self.job.lease_version,
+                            stage=stage, progress=fraction, eta_s=eta):
+            self._halt("lease lost")
+
+    def _target(self) -> None:
+        try:
+            spec = JobSpec(**self.job.spec)
+        except (InputError, TypeError) as error:  # TypeError: unknown or missing fields
+            self.outcome = ("error", f"invalid job spec: {error}")
+            return
+        try:
+            self.runner(spec, out_dir=self.staging, cache_dir=self.settings.cache_dir,
+                        progress=self.progress, should_cancel=self.should_cancel,
+                        optuna_storage=self.settings.optuna_storage,
+                        study_name=f"bitplan-{self.job.id}")
+            self.outcome = ("ok", "")
+        except Cancelled:
+            self.outcome = ("cancelled", "")
+        except InputError as error:
+            self.outcome = ("error", str(error))
+        except Exception as error:  # noqa: BLE001 -- any crash fails the job, with its reason
+            logger.exception("job %s crashed", self.job.id)
+            self.outcome = ("error", f"internal error: {type(error).__name__}: {error}")
+
+    def _supervise(self, thread: threading.Thread) -> None:
+        next_beat = time.monotonic() + self.settings.heartbeat_seconds
+        while thread.is_alive():
+            thread.join(_TICK_S)
+            if self.shutdown.is_set():
+                self._halt("shutdown")
+            if time.monotonic() < next_beat or self.reason == "lease lost":
+                continue
+            next_beat = time.monotonic() + self.settings.heartbeat_seconds
+            if not heartbeat(self.engine, job_id=self.job.id, worker_id=self.worker_id,
+                             lease_version=self.job.lease_version,
+                             lease_s=self.settings.lease_seconds):
+                self._halt("lease lost")
+            elif is_cancel_requested(self.engine, job_id=self.job.id):
+                self._halt("cancel")
+
+    def run(self) -> None:
+        for stale in self.settings.artifact_dir.glob(f".{self.job.id}.*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)  # attempts of workers that died
+        self.staging.mkdir(parents=True)
+        self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        thread = threading.Thread(target=self._target, name=f"job-{self.job.id}", daemon=True)
+        thread.start()
+        self._supervise(thread)
+        self._settle()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _settle(self) -> None:
+        """Write the outcome, unless the lease is gone (then another worker owns the job)."""
+        job_id, version = self.job.id, self.job.lease_version
+        kind, message = self.outcome
+        if self.reason == "lease lost":
+            logger.warning("job %s: lease lost; discarding this attempt", self.job.id)
+        elif kind == "ok":
+            self._publish()
+        elif kind == "cancelled" and self.reason == "shutdown":
+            release_job(self.engine, job_id=job_id, lease_version=version)
+        elif kind == "cancelled":
+            finish_job(self.engine, job_id=job_id, lease_version=version, state="cancelled")
+        else:
+            finish_job(self.engine, job_id=job_id, lease_version=version, state="failed",
+                       error=message)
+
+    def _publish(self) -> None:
+        if not heartbeat(self.engine, job_id=self.job.id, worker_id=self.worker_id,
+                         lease_version=self.job.lease_version,
+                         lease_s=self.settings.lease_seconds):
+            logger.warning("job %s: lease lost before publishing; discarding", self.job.id)
+            return
+        shutil.rmtree(self.final_dir, ignore_errors=True)  # a crashed attempt's leftovers
+        self.staging.rename(self.final_dir)
+        plan_ids = sorted(path.stem for path in (self.final_dir / "plans").glob("*.json"))
+        result = {"artifact_dir": str(self.final_dir), "plan_ids": plan_ids}
+        finish_job(self.engine, job_id=self.job.id, lease_version=self.job.lease_version,
+                   state="succeeded", result=result)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def _handle(signum: int, _frame: Any) -> None:
+        logger.info("received %s: finishing or releasing the current job", signal.strsignal(signum))
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _handle)
+
+
+def run_worker(settings: Settings, *, worker_id: str | None = None,
+               stop_event: threading.Event | None = None, once: bool = False,
+               runner: Runner | None = None) -> int:
+    """Claim and run jobs until ``stop_event`` is set (SIGTERM/SIGINT when none is given and
+    this is the main thread). With ``once``, return as soon as the queue is empty. Returns the
+    number of jobs this worker ran."""
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    runner = runner or load_runner(settings.worker_runner)
+    if stop_event is None:
+        stop_event = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            _install_signal_handlers(stop_event)
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    ran = 0
+    next_reap = 0.0
+    logger.info("worker %s started", worker_id)
+    try:
+        while not stop_event.is_set():
+            if time.monotonic() >= next_reap:  # every worker reaps; the reaper is idempotent
+                reap_expired(engine)
+                next_reap = time.monotonic() + settings.heartbeat_seconds
+            job = claim_job(engine, worker_id=worker_id, lease_s=settings.lease_seconds)
+            if job is None:
+                if once:
+                    break
+                stop_event.wait(settings.poll_seconds)
+                continue
+            _JobRun(engine=engine, settings=settings, worker_id=worker_id, job=job,
+                    runner=runner, shutdown=stop_event).run()
+            ran += 1
+    finally:
+        engine.dispose()
+        logger.info("worker %s stopped after %d job(s)", worker_id, ran)
+    return ran
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as BITPLAN_* variables, so a child process rebuilds the same settings."""
+    values = settings.model_dump(mode="json")
+    return {f"BITPLAN_{name.upper()}": "" if value is None else str(value)
+            for name, value in values.items()}
+
+
+def spawn_workers(settings: Settings, *, count: int) -> list[subprocess.Popen[bytes]]:
+    """Start ``count`` worker processes (``python -m app.worker``) with these settings."""
+    env = {**os.environ, **_settings_env(settings)}
+    command = [sys.executable, "-m", "app.worker"]
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.worker", description=__doc__)
+    parser.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--worker-id", default=None, help="name shown in the job's lease")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    run_worker(get_settings(), worker_id=args.worker_id, once=args.once)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
