@@ -1,0 +1,238 @@
+"""The exact proxy frontier: every Pareto-optimal (planned bytes, predicted error) plan.
+
+Under the additive model (:mod:`search.problem`) the set of Pareto-optimal plans of a
+multiple-choice knapsack can be built one group at a time: the Pareto set of the first ``t``
+groups, plus each option of group ``t+1`` (a Minkowski sum of sorted chains), filtered back to
+its Pareto set. Every Pareto-optimal plan of ``t+1`` groups restricts to a Pareto-optimal plan
+of ``t`` groups (otherwise swapping in the dominating prefix would dominate it), so nothing is
+lost, and one pass yields the frontier for *every* budget at once; :func:`best_under` then
+answers a budget by binary search.
+
+Conventions: bytes are integers; among plans with equal bytes the lower error wins; among
+plans with equal error the fewer bytes win. Back-pointers (parent index, option index) per
+merge let any point's plan be rebuilt without storing a plan per point.
+
+The Pareto set can grow large (it is bounded only by the number of distinct byte totals). Past
+``max_points`` it is thinned to one point per cell of an error grid, with a warning, and the
+result says ``exact=False``. References: Kellerer, Pferschy & Pisinger, *Knapsack Problems*
+(2004), ch. 11 (multiple-choice knapsack) and the "Nemhauser–Ullmann" Pareto-set algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from search.budgets import Budget
+from search.problem import Group, Problem
+from sensitivity.errors import InputError
+from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+
+__all__ = ["Frontier", "ProxyPoint", "best_under", "exact_frontier", "planned_cap"]
+
+log = logging.getLogger(__name__)
+
+# Thinning keeps at most half the cap, so a thinned set has room to grow for several merges
+# before it must be thinned again (each thinning costs a pass over the set).
+DEFAULT_MAX_POINTS = 200_000
+
+
+@dataclass(frozen=True)
+class ProxyPoint:
+    """One frontier point: its plan and its size and predicted error under the proxy model."""
+
+    index: int
+    planned_bytes: int
+    total_bytes: int
+    bpw: float
+    predicted_error: float
+    choice: dict[str, str]
+
+
+@dataclass
+class Frontier:
+    """The Pareto set, sorted by ``bytes`` ascending (``error`` then strictly descends).
+
+    ``bytes`` are planned bytes; total bytes add ``problem.unplanned_bytes``. ``exact`` is False
+    when the set was thinned (see the module docstring).
+    """
+
+    problem: Problem
+    bytes: np.ndarray  # int64 (n_points,)
+    error: np.ndarray  # float64 (n_points,)
+    exact: bool
+    _order: list[int] = field(repr=False)  # group index merged at each step
+    _parents: list[np.ndarray] = field(repr=False)  # per step: index into the previous set
+    _options: list[np.ndarray] = field(repr=False)  # per step: option index of that group
+
+    def __len__(self) -> int:
+        return len(self.bytes)
+
+    def options(self, index: int) -> list[int]:
+        """Option index per group (in ``problem.groups`` order) of point ``index``."""
+        chosen = [0] * len(self.problem.groups)
+        at = index
+        for step in range(len(self._order) - 1, -1, -1):
+            chosen[self._order[step]] = int(self._options[step][at])
+            at = int(self._parents[step][at])
+        return chosen
+
+    def point(self, index: int) -> ProxyPoint:
+        """Point ``index`` with its plan (``{group key: format}``)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"frontier has {len(self)} points, no point {index}")
+        planned = int(self.bytes[index])
+        numel = self.problem.planned_numel
+        return ProxyPoint(index=index, planned_bytes=planned,
+                          total_bytes=planned + self.problem.unplanned_bytes,
+                          bpw=8 * planned / numel, predicted_error=float(self.error[index]),
+                          choice=self.problem.choice_of(self.options(index)))
+
+    def spread(self, n: int) -> list[int]:
+        """Up to ``n`` point indices evenly spaced in bytes, both ends included."""
+        if n < 1 or len(self) == 0:
+            return []
+        if len(self) <= n:
+            return list(range(len(self)))
+        targets = np.linspace(self.bytes[0], self.bytes[-1], num=n)
+        picks = np.searchsorted(self.bytes, targets, side="left").clip(0, len(self) - 1)
+        return sorted({int(i) for i in picks})
+
+
+def _prune(group: Group) -> np.ndarray:
+    """Indices of the group's options no other option beats on both bytes and error (a plan
+    using a beaten option is dominated by the same plan with the better one)."""
+    order = np.lexsort((group.error, group.bytes))  # by bytes, then error
+    err = group.error[order]
+    best = np.minimum.accumulate(err)
+    keep = np.r_[True, err[1:] < best[:-1]]
+    return order[keep]
+
+
+def _candidates(cur_bytes: np.ndarray, cur_err: np.ndarray, opt_bytes: np.ndarray,
+                opt_err: np.ndarray) -> np.ndarray:
+    """Ids ``option * n + point`` of the sums not already beaten by the next cheaper option.
+
+    Options are sorted by bytes (error falling). Point p with option j is beaten when point q
+    with option j-1 has no more bytes (q = the last with ``b_q <= b_p + Δbytes``) and no more
+    error; the current set is a chain, so that q is the best such point. This cheap pass drops
+    most sums before the sort in :func:`_pareto` and never drops a Pareto-optimal one.
+    """
+    n = len(cur_bytes)
+    ids = [np.arange(n, dtype=np.int64)]
+    for j in range(1, len(opt_bytes)):
+        q = np.searchsorted(cur_bytes, cur_bytes + (opt_bytes[j] - opt_bytes[j - 1]),
+                            side="right") - 1
+        alive = cur_err + opt_err[j] < cur_err[q] + opt_err[j - 1]
+        ids.append(np.flatnonzero(alive) + j * n)
+    return np.concatenate(ids)
+
+
+def _pareto(cand_bytes: np.ndarray, cand_err: np.ndarray) -> np.ndarray:
+    """Indices of the Pareto-optimal candidates, sorted by bytes ascending."""
+    # The candidates are k runs each sorted by bytes: a stable sort merges them in O(m log k)
+    # and keeps equal-bytes candidates in their run order.
+    order = np.argsort(cand_bytes, kind="stable")
+    err = cand_err[order]
+    running = np.minimum.accumulate(err)
+    keep = np.r_[True, err[1:] < running[:-1]]  # strictly better than everything cheaper
+    order = order[keep]
+    # Survivors have strictly falling error; of equal-bytes survivors the last is the best.
+    b = cand_bytes[order]
+    return order[np.r_[b[1:] != b[:-1], True]]
+
+
+def _thin(err: np.ndarray, max_points: int) -> np.ndarray:
+    """Mask keeping the cheapest point of each cell of an error grid with max_points/2 cells,
+    and the lowest-error point, so both ends of the frontier stay exact."""
+    span = float(err[0] - err[-1])
+    cells = np.floor((err[0] - err) / span * (max_points // 2)).astype(np.int64)
+    return np.r_[True, cells[1:] != cells[:-1]] | (np.arange(len(err)) == len(err) - 1)
+
+
+def exact_frontier(problem: Problem, *, max_points: int = DEFAULT_MAX_POINTS,
+                   progress: ProgressFn | None = None,
+                   should_cancel: CancelFn | None = None) -> Frontier:
+    """Every Pareto-optimal plan of ``problem`` (thinned past ``max_points``, see module doc)."""
+    if max_points < 2:
+        raise InputError(f"max_points must be at least 2, got {max_points}")
+    kept = [_prune(g) for g in problem.groups]
+    # Merging narrow groups first keeps the intermediate sets small for longer.
+    order = sorted(range(len(problem.groups)),
+                   key=lambda i: int(np.ptp(problem.groups[i].bytes[kept[i]])))
+    cur_bytes = np.zeros(1, dtype=np.int64)
+    cur_err = np.zeros(1, dtype=np.float64)
+    parents: list[np.ndarray] = []
+    options: list[np.ndarray] = []
+    exact = True
+    for step, gi in enumerate(order):
+        check_cancel(should_cancel)
+        group, opts = problem.groups[gi], kept[gi]
+        n = len(cur_bytes)
+        ids = _candidates(cur_bytes, cur_err, group.bytes[opts], group.error[opts])
+        cand_bytes = group.bytes[opts][ids // n] + cur_bytes[ids % n]
+        cand_err = group.error[opts][ids // n] + cur_err[ids % n]
+        sel = _pareto(cand_bytes, cand_err)
+        parent, option = ids[sel] % n, opts[ids[sel] // n]
+        cur_bytes, cur_err = cand_bytes[sel], cand_err[sel]
+        if len(cur_bytes) > max_points:
+            mask = _thin(cur_err, max_points)
+            if exact:
+                log.warning("the Pareto set passed %d points at group %d of %d; thinning it to "
+                            "an error grid, so the frontier is no longer exact", max_points,
+                            step + 1, len(order))
+            exact = False
+            parent, option = parent[mask], option[mask]
+            cur_bytes, cur_err = cur_bytes[mask], cur_err[mask]
+        parents.append(parent.astype(np.int32))
+        options.append(option.astype(np.min_scalar_type(len(group.formats))))
+        report(progress, "frontier", step + 1, len(order))
+    return Frontier(problem=problem, bytes=cur_bytes, error=cur_err, exact=exact,
+                    _order=order, _parents=parents, _options=options)
+
+
+def best_under(frontier: Frontier, cap: int) -> ProxyPoint | None:
+    """The lowest-error point with planned bytes <= ``cap``; None when none fits."""
+    index = int(np.searchsorted(frontier.bytes, cap, side="right")) - 1
+    return frontier.point(index) if index >= 0 else None
+
+
+def _bound_text(problem: Problem) -> str:
+    """What makes the smallest plan as large as it is, largest contributions first."""
+    parts = []
+    if problem.unplanned_bytes:
+        parts.append(f"{problem.unplanned_bytes} bytes of unplanned parameters (biases, norms, "
+                     "excluded layers)")
+    smallest = sorted(((int(g.bytes.min()), g) for g in problem.groups),
+                      key=lambda pair: -pair[0])
+    pinned = [f"{g.key}={g.pinned} ({b} bytes)" for b, g in smallest if g.pinned][:3]
+    if pinned:
+        parts.append("pinned " + ", ".join(pinned))
+    ties = [f"{g.key} ({len(g.members)} layers, {b} bytes once)" for b, g in smallest
+            if len(g.members) > 1][:3]
+    if ties:
+        parts.append("tie groups " + ", ".join(ties))
+    largest = [f"{g.key} ({b} bytes in {g.formats[int(np.argmin(g.bytes))]})"
+               for b, g in smallest[:3]]
+    parts.append("largest minimum-size layers " + ", ".join(largest))
+    return "; ".join(parts)
+
+
+def planned_cap(problem: Problem, budget: Budget) -> int:
+    """The planned-bytes cap of ``budget``, or an InputError naming the smallest reachable size
+    (in bytes and in the budget's unit) and what bounds it when even that does not fit."""
+    cap = budget.planned_cap(planned_numel=problem.planned_numel,
+                             unplanned_bytes=problem.unplanned_bytes,
+                             fp16_bytes=problem.fp16_bytes)
+    floor = sum(int(g.bytes.min()) for g in problem.groups)
+    if cap < floor:
+        own = budget.describe(planned_bytes=floor, planned_numel=problem.planned_numel,
+                              unplanned_bytes=problem.unplanned_bytes,
+                              fp16_bytes=problem.fp16_bytes)
+        raise InputError(f"budget {budget.text} is infeasible: the smallest reachable size is "
+                         f"{floor + problem.unplanned_bytes} bytes in total ({own}); bound by "
+                         f"{_bound_text(problem)}")
+    return cap
+

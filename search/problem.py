@@ -1,0 +1,269 @@
+"""The planning problem as a multiple-choice knapsack, built from a sensitivity table.
+
+Under the additive proxy model a plan's predicted error is the sum of its layers' errors and
+its size the sum of its tensors' bytes. Each *group* (a layer, or a tie group of layers that
+share one tensor) picks exactly one format: a multiple-choice knapsack. A tie group's bytes
+count once (its members store one tensor) and its error is the sum of its members' errors for
+that format; a pinned group has one option; excluded layers are not in the problem at all and
+count with the unplanned bytes.
+
+A table may come with the model's layers (shapes known: bytes follow from
+:func:`sensitivity.formats.tensor_bytes`) or alone, as a user CSV (bytes come from its
+``bytes`` column, or are estimated from ``numel`` when it has none).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from sensitivity.errors import InputError
+from sensitivity.formats import QuantFormat, parse_format, tensor_bytes
+from sensitivity.layers import QuantLayer
+
+__all__ = [
+    "Group",
+    "LayerRow",
+    "Problem",
+    "as_layer_rows",
+    "build_problem",
+    "estimated_bytes",
+    "rows_from_table",
+]
+
+log = logging.getLogger(__name__)
+
+# Without shapes, a per-row format's scale overhead is unknown; 4096 columns is the typical
+# hidden size of the models these tables come from (the overhead is 16/4096 bits a weight).
+_ASSUMED_COLS = 4096
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One planned layer as a plan needs it. ``kind``/``shape`` are None for a table without a
+    model; ``table_bytes`` then gives each format's bytes."""
+
+    name: str
+    param: str
+    numel: int
+    tie: str | None = None
+    kind: str | None = None
+    shape: tuple[int, int] | None = None
+    pinned: str | None = None
+    table_bytes: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        """The unit a plan decides on: the tie group, or the layer itself."""
+        return self.tie or self.name
+
+    @classmethod
+    def from_quant_layer(cls, layer: QuantLayer) -> LayerRow:
+        return cls(name=layer.name, param=layer.param, numel=layer.numel, tie=layer.tie,
+                   kind=layer.kind, shape=tuple(layer.shape), pinned=layer.pinned)
+
+    def bytes_for(self, fmt: QuantFormat | str) -> int:
+        """Exact bytes of this layer's tensor in ``fmt`` (from the shape, else the table)."""
+        fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
+        if self.shape is not None:
+            return tensor_bytes(fmt, *self.shape)
+        if fmt.name not in self.table_bytes:
+            raise InputError(f"no bytes known for layer {self.name} in {fmt.name}; "
+                             "add a row for it to the table")
+        return int(self.table_bytes[fmt.name])
+
+
+def as_layer_rows(layers: Sequence[QuantLayer | LayerRow]) -> list[LayerRow]:
+    """Normalise a mix of :class:`QuantLayer` and :class:`LayerRow` to rows."""
+    return [lay if isinstance(lay, LayerRow) else LayerRow.from_quant_layer(lay)
+            for lay in layers]
+
+
+def estimated_bytes(fmt: QuantFormat, numel: int) -> int:
+    """Bytes of ``numel`` weights in ``fmt`` when the shape is unknown: exact for grouped
+    formats whose group divides the row, per-row overhead assuming 4096 columns otherwise."""
+    if fmt.kind == "float":
+        return numel * fmt.bits // 8
+    if fmt.kind == "fp8":
+        return numel + 2 * math.ceil(numel / _ASSUMED_COLS)
+    n_groups = math.ceil(numel / (fmt.group_size or _ASSUMED_COLS))
+    bits = numel * fmt.bits + n_groups * 16 + (0 if fmt.symmetric else n_groups * fmt.bits)
+    return math.ceil(bits / 8)
+
+
+@dataclass
+class Group:
+    """One decision: the layers that share a tensor, and their options.
+
+    ``formats[i]`` costs ``bytes[i]`` and predicts ``error[i]`` (summed over ``members``).
+    """
+
+    key: str
+    members: list[str]
+    numel: int
+    formats: list[str]
+    bytes: np.ndarray  # int64 (n_options,)
+    error: np.ndarray  # float64 (n_options,)
+    pinned: str | None = None
+
+
+@dataclass
+class Problem:
+    """Groups plus the model-level byte accounting a budget needs."""
+
+    groups: list[Group]
+    layers: list[LayerRow]
+    unplanned_bytes: int
+    fp16_bytes: int
+
+    @property
+    def planned_numel(self) -> int:
+        """Weights in planned tensors, each tie group counted once."""
+        return sum(g.numel for g in self.groups)
+
+    def choice_of(self, option: Sequence[int]) -> dict[str, str]:
+        """``{group key: format}`` for one option index per group."""
+        return {g.key: g.formats[i] for g, i in zip(self.groups, option, strict=True)}
+
+    def uniform_choice(self, fmt: str) -> dict[str, str] | None:
+        """Every group in ``fmt`` (pinned groups keep their pin); None when some group has no
+        ``fmt`` option in the table."""
+        choice = {}
+        for g in self.groups:
+            want = g.pinned or fmt
+            if want not in g.formats:
+                return None
+            choice[g.key] = want
+        return choice
+
+    def cost(self, choice: Mapping[str, str]) -> tuple[int, float]:
+        """``(planned_bytes, predicted_error)`` of a choice under the additive model."""
+        nbytes, error = 0, 0.0
+        for g in self.groups:
+            i = g.formats.index(choice[g.key])
+            nbytes += int(g.bytes[i])
+            error += float(g.error[i])
+        return nbytes, error
+
+
+def _group_options(key: str, members: list[LayerRow], errors: dict[str, dict[str, float]]
+                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Formats every member has a row for, with the tie's bytes (once) and summed error."""
+    per_member = [errors.get(m.name, {}) for m in members]
+    pinned = members[0].pinned
+    if pinned is not None:
+        formats = [parse_format(pinned).name]
+    else:
+        formats = sorted(set.intersection(*(set(e) for e in per_member)))
+    if not formats:
+        raise InputError(f"{key}: no format has a table row for every member "
+                         f"({', '.join(m.name for m in members)})")
+    nbytes, error = [], []
+    for fmt in formats:
+        sizes = {m.bytes_for(fmt) for m in members}
+        if len(sizes) > 1:
+            raise InputError(f"tie group {key} members disagree on bytes in {fmt}: "
+                             f"{sorted(sizes)}; tied layers share one tensor")
+        nbytes.append(sizes.pop())
+        if all(fmt in e for e in per_member):
+            error.append(sum(e[fmt] for e in per_member))
+        else:
+            log.warning("%s is pinned to %s, which the table does not measure; its error "
+                        "counts as 0 (a constant offset: the frontier's plans are unchanged)",
+                        key, fmt)
+            error.append(0.0)
+    return formats, np.asarray(nbytes, dtype=np.int64), np.asarray(error, dtype=np.float64)
+
+
+def _tie_of(value: object) -> str | None:
+    """A tie cell: a group name, or None for empty / NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def rows_from_table(table: pd.DataFrame) -> list[LayerRow]:
+    """Layer rows of a table that comes without a model (a user CSV).
+
+    Bytes come from the ``bytes`` column; without one they are estimated from ``numel`` (see
+    :func:`estimated_bytes`) and a warning says so. ``numel`` may be left out when the table
+    has a plain-float row (fp16/bf16/fp32) for every layer to derive it from. ``param`` defaults
+    to ``<layer>.weight``: every plannable module keeps its matrix in ``weight``.
+    """
+    has_bytes, has_numel = "bytes" in table.columns, "numel" in table.columns
+    if not has_bytes and not has_numel:
+        raise InputError("the table needs a bytes or a numel column to size its layers; "
+                         "columns accepted: layer, format, error[, bytes][, numel][, tie]")
+    if not has_bytes:
+        log.warning("the table has no bytes column: bytes are estimated from numel (exact "
+                    "for grouped formats whose group divides the row)")
+    rows = []
+    for name, part in table.groupby("layer", sort=False):
+        formats = [parse_format(f) for f in part["format"]]
+        if has_numel:
+            numel = int(part["numel"].iloc[0])
+        else:
+            floats = [(f, b) for f, b in zip(formats, part["bytes"], strict=True)
+                      if f.kind == "float"]
+            if not floats:
+                raise InputError(f"layer {name}: no numel column and no fp16/bf16/fp32 row to "
+                                 "derive the weight count from; add a numel column")
+            numel = int(floats[0][1]) * 8 // floats[0][0].bits
+        sizes = (part["bytes"] if has_bytes else [estimated_bytes(f, numel) for f in formats])
+        param = part["param"].iloc[0] if "param" in part.columns else None
+        tie = _tie_of(part["tie"].iloc[0]) if "tie" in part.columns else None
+        rows.append(LayerRow(
+            name=str(name), param=str(param) if _tie_of(param) else f"{name}.weight",
+            numel=numel, tie=tie,
+            table_bytes={f.name: int(b) for f, b in zip(formats, sizes, strict=True)}))
+    return rows
+
+
+def build_problem(table: pd.DataFrame, layers: Sequence[QuantLayer | LayerRow], *,
+                  unplanned_bytes: int, fp16_bytes: int) -> Problem:
+    """The knapsack for ``layers`` from a sensitivity table (columns layer, format, error).
+
+    Table rows for layers that are not in ``layers`` (excluded since the table was measured)
+    are ignored; a planned layer without rows is an error unless it is pinned.
+    """
+    rows = as_layer_rows(layers)
+    bad = table[~np.isfinite(table["error"].to_numpy(dtype=np.float64))]
+    if len(bad):
+        raise InputError(f"table error for {bad['layer'].iloc[0]} in {bad['format'].iloc[0]} "
+                         "is not a finite number")
+    if not rows:
+        raise InputError("nothing to plan: every layer is excluded")
+    planned = {r.name for r in rows}
+    extra = set(table["layer"]) - planned
+    if extra:
+        log.info("ignoring %d table layers that are not planned (excluded): %s", len(extra),
+                 ", ".join(sorted(extra)[:5]))
+    canonical = {f: parse_format(f).name for f in table["format"].unique()}
+    errors: dict[str, dict[str, float]] = {}
+    for layer, fmt, err in zip(table["layer"], table["format"], table["error"], strict=True):
+        cell = errors.setdefault(layer, {})
+        if canonical[fmt] in cell:
+            raise InputError(f"the table has two rows for layer {layer} in {canonical[fmt]}; "
+                             "keep one row per (layer, format)")
+        cell[canonical[fmt]] = float(err)
+    by_group: dict[str, list[LayerRow]] = {}
+    for r in rows:
+        by_group.setdefault(r.group, []).append(r)
+    groups = []
+    for key, members in by_group.items():
+        pins = {m.pinned for m in members}
+        if len(pins) > 1:
+            raise InputError(f"tie group {key} has members pinned differently: "
+                             f"{sorted(map(str, pins))}")
+        formats, nbytes, error = _group_options(key, members, errors)
+        groups.append(Group(key=key, members=[m.name for m in members], numel=members[0].numel,
+                            formats=formats, bytes=nbytes, error=error,
+                            pinned=members[0].pinned))
+    return Problem(groups=groups, layers=rows, unplanned_bytes=unplanned_bytes,
+                   fp16_bytes=fp16_bytes)
