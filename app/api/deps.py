@@ -1,0 +1,61 @@
+"""FastAPI dependencies shared by the routes: settings, a database session, the caller's key.
+
+The app keeps its settings and session factory on ``app.state`` (set by
+:func:`app.main.create_app`), so every app instance — one per test — has its own database.
+Sessions are only ever obtained through :data:`SessionDep`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth import authenticate
+from app.models import ApiKey
+from app.settings import Settings
+
+__all__ = ["CurrentKeyDep", "OwnerDep", "SessionDep", "SettingsDep"]
+
+# auto_error=False: a missing header must become our problem+json 401 (or pass when auth is off),
+# not FastAPI's own 403.
+_bearer = HTTPBearer(auto_error=False, description="an API key from `bitplan keys create NAME`")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def get_current_key(
+    session: SessionDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey | None:
+    return authenticate(
+        session, settings=settings, token=credentials.credentials if credentials else None
+    )
+
+
+CurrentKeyDep = Annotated[ApiKey | None, Depends(get_current_key)]
+
+
+def get_owner_id(key: CurrentKeyDep) -> str | None:
+    """The id every resource of this request belongs to (None when keys are off)."""
+    return key.id if key is not None else None
+
+
+OwnerDep = Annotated[str | None, Depends(get_owner_id)]

@@ -1,0 +1,145 @@
+"""Routes shared by uploaded resources (models, datasets): upload, list, get, delete.
+
+Models and datasets behave identically except for how an upload is validated and which schema
+describes them, so :func:`blob_router` builds both routers from those two differences.
+
+Upload answers 201 with ``Location`` for new bytes and 200 with the existing resource when the
+same owner uploads the same bytes again (content addressing by sha256). Files are stored per
+owner under ``upload_dir/<kind>s/<owner>/<sha256><suffix>``, so deleting one owner's resource
+never touches another owner's file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Query, Request, Response, status
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from app import crud
+from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.models import Blob
+from app.problems import ProblemError, problem_responses
+from app.settings import Settings
+from app.uploads import UPLOAD_FIELD, StoredUpload, receive_upload
+from sensitivity.errors import InputError
+
+__all__ = ["Validator", "blob_router"]
+
+log = logging.getLogger(__name__)
+
+# validate(stored_upload, settings) raises InputError for a file that is not acceptable.
+Validator = Callable[[StoredUpload, Settings], None]
+
+_LOCATION = {"Location": {"description": "the resource's URL", "schema": {"type": "string"}}}
+
+
+def _multipart_body(kind: str) -> dict[str, Any]:
+    """OpenAPI request body of an upload (the route reads the raw stream, so FastAPI cannot
+    infer it)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {
+                "type": "object",
+                "required": [UPLOAD_FIELD],
+                "properties": {UPLOAD_FIELD: {
+                    "type": "string", "format": "binary", "description": f"the {kind} file",
+                }},
+            }}},
+        }
+    }
+
+
+def _owner_dir(settings: Settings, kind: str, owner_id: str | None) -> Path:
+    return settings.upload_dir / f"{kind}s" / (owner_id or "public")
+
+
+def _remove_if_unused(session: Session, path: str) -> None:
+    if not crud.blob_path_in_use(session, path=path):
+        Path(path).unlink(missing_ok=True)
+
+
+def blob_router(
+    *, kind: str, read_schema: type[BaseModel], list_schema: type[BaseModel],
+    validate: Validator,
+) -> APIRouter:
+    """The ``/v1/<kind>s`` router: POST (upload), GET list, GET one, DELETE."""
+    plural = f"{kind}s"
+    router = APIRouter(prefix=f"/v1/{plural}", tags=[plural])
+
+    @router.post(
+        "",
+        response_model=read_schema,
+        status_code=status.HTTP_201_CREATED,
+        summary=f"Upload a {kind}",
+        openapi_extra=_multipart_body(kind),
+        responses={
+            200: {"description": "the same bytes were uploaded before: the existing resource",
+                  "model": read_schema},
+            201: {"description": f"a new {kind}", "headers": _LOCATION},
+            **problem_responses(401, 413, 415),
+        },
+    )
+    async def upload(
+        request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+        owner_id: OwnerDep,
+    ) -> Blob:
+        stored = await receive_upload(
+            request, dest_dir=_owner_dir(settings, kind, owner_id),
+            max_bytes=settings.max_upload_bytes,
+        )
+        try:
+            await anyio.to_thread.run_sync(validate, stored, settings)
+        except InputError:
+            await anyio.to_thread.run_sync(_remove_if_unused, session, str(stored.path))
+            raise
+        blob, created = await anyio.to_thread.run_sync(partial(
+            crud.create_or_get_blob, session, owner_id=owner_id, kind=kind,
+            sha256=stored.sha256, filename=stored.filename, size_bytes=stored.size_bytes,
+            path=str(stored.path.resolve()),
+        ))
+        response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        response.headers["Location"] = f"/v1/{plural}/{blob.id}"
+        log.info("%s %s %s (%s)", kind, blob.id, "created" if created else "exists", blob.filename)
+        return blob
+
+    @router.get("", response_model=list_schema, summary=f"List {plural}",
+                responses=problem_responses(401))
+    def list_(
+        session: SessionDep, owner_id: OwnerDep,
+        limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 50,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> dict[str, Any]:
+        blobs, next_cursor = crud.list_blobs(
+            session, owner_id=owner_id, kind=kind, limit=limit, cursor=cursor
+        )
+        return {"data": blobs, "next_cursor": next_cursor}
+
+    @router.get("/{blob_id}", response_model=read_schema, summary=f"Get one {kind}",
+                responses=problem_responses(401, 404))
+    def get(blob_id: str, session: SessionDep, owner_id: OwnerDep) -> Blob:
+        blob = crud.get_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)
+        if blob is None:
+            raise ProblemError(404, f"no {kind} with id {blob_id!r}", slug="not-found")
+        return blob
+
+    @router.delete("/{blob_id}", status_code=status.HTTP_204_NO_CONTENT,
+                   summary=f"Delete a {kind}", responses=problem_responses(401, 404, 409))
+    def delete(blob_id: str, session: SessionDep, owner_id: OwnerDep) -> Response:
+        try:
+            blob = crud.delete_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)
+        except crud.BlobInUse as exc:
+            raise ProblemError(409, str(exc), slug="in-use") from None
+        if blob is None:
+            raise ProblemError(404, f"no {kind} with id {blob_id!r}", slug="not-found")
+        _remove_if_unused(session, blob.path)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return router

@@ -1,0 +1,288 @@
+"""``/v1/jobs``: submit, inspect, list and cancel planning jobs, and fetch their results.
+
+- ``POST /v1/jobs`` answers **202** with ``Location`` and the queued job. With an
+  ``Idempotency-Key`` header, the same key and the same body answer 202 again with the same job
+  (in its current state); the same key with another body is a 422 problem. A worker
+  process runs the job; the API never runs jobs itself.
+- ``GET /v1/jobs/{id}`` carries a strong ``ETag`` over the job's representation, so a poller
+  sending ``If-None-Match`` gets **304** until something changes.
+- ``GET /v1/jobs`` pages newest first with an opaque ``cursor``.
+- ``POST /v1/jobs/{id}:cancel``: a queued job is cancelled at once, a running one stops at its
+  next check (between layers or trials); a job that already succeeded or failed is a 409.
+- Results (``/frontier``, ``/plans/{plan_id}``, ``/sensitivity``, ``/report``) are read from
+  ``artifact_dir/<id>/``, which a worker fills only when the job succeeds: 409 until then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from sqlalchemy.orm import Session
+
+from app import crud
+from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.models import JOB_STATES, Job
+from app.problems import ProblemError, problem_responses
+from app.schemas import BUILTIN_PREFIX, FrontierRead, JobCreate, JobRead, JobsRead
+from app.settings import Settings
+from search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
+from search.plans import read_frontier, read_plan
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobStateFilter = Literal[JOB_STATES]  # type: ignore[valid-type]
+PlanFormat = Literal["json", "csv", "torchao", "llamacpp"]
+# Plan ids name files under plans/: letters, digits, '.', '_', '-', never a path separator.
+_PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
+_ETAG = {"ETag": {"description": "validator for If-None-Match", "schema": {"type": "string"}}}
+
+
+def _links(job: Job) -> dict[str, str]:
+    base = f"/v1/jobs/{job.id}"
+    return {
+        "self": base, "cancel": f"{base}:cancel", "frontier": f"{base}/frontier",
+        "sensitivity": f"{base}/sensitivity", "report": f"{base}/report",
+    }
+
+
+def _request_of(job: Job) -> JobCreate:
+    """The request as submitted: resource ids, not the server paths the worker uses."""
+    builtin = str(job.spec.get("model", ""))
+    model = job.model_id or (builtin if builtin.startswith(BUILTIN_PREFIX) else "deleted")
+    calib = job.dataset_id or ("builtin" if job.spec.get("calib") == "builtin" else "deleted")
+    fields = {name: job.spec[name] for name in JobCreate.model_fields if name in job.spec}
+    # model_construct: the stored spec was validated on submission; a deleted resource shows as
+    # "deleted" rather than failing the read.
+    return JobCreate.model_construct(**{**fields, "model": model, "calib": calib})
+
+
+def _job_read(job: Job) -> JobRead:
+    plans = (job.result or {}).get("plan_ids", []) if job.state == "succeeded" else []
+    return JobRead(
+        id=job.id, state=job.state, stage=job.stage, progress=job.progress, eta_s=job.eta_s,
+        attempts=job.attempts, error=job.error, cancel_requested=job.cancel_requested,
+        request=_request_of(job), plans=plans, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
+        links=_links(job),
+    )
+
+
+def _etag(body: JobRead) -> str:
+    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    return f'"{digest[:32]}"'  # 128 bits tell versions apart; the full hash adds nothing
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 §13.1.2: weak comparison against a list of tags or ``*``."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _owned_job(session: Session, owner_id: str | None, job_id: str) -> Job:
+    job = crud.get_job(session, job_id=job_id, owner_id=owner_id)
+    if job is None:
+        raise ProblemError(404, f"no job with id {job_id!r}", slug="not-found")
+    return job
+
+
+def _resolve(
+    session: Session, owner_id: str | None, *, kind: str, ref: str
+) -> tuple[str, str | None]:
+    """(reference the worker opens, blob id) for an uploaded resource id."""
+    blob = crud.get_blob(session, blob_id=ref, owner_id=owner_id, kind=kind)
+    if blob is None:
+        builtin = "'builtin:<name>'" if kind == "model" else "'builtin'"
+        raise ProblemError(
+            422, f"no {kind} with id {ref!r}; upload it with POST /v1/{kind}s or use {builtin}",
+            slug="unknown-resource",
+        )
+    return blob.path, blob.id
+
+
+def _request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@router.post(
+    "",
+    response_model=JobRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Submit a planning job",
+    responses={202: {"description": "queued (or replayed)", "headers": _LOCATION},
+               **problem_responses(401)},
+)
+def create_job(
+    body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
+    owner_id: OwnerDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> JobRead:
+    if body.model.startswith(BUILTIN_PREFIX):
+        model_ref, model_id = body.model, None
+    else:
+        model_ref, model_id = _resolve(session, owner_id, kind="model", ref=body.model)
+    if body.calib == "builtin":
+        calib_ref, dataset_id = "builtin", None
+    else:
+        calib_ref, dataset_id = _resolve(session, owner_id, kind="dataset", ref=body.calib)
+    spec = body.to_spec(model_ref=model_ref, calib_ref=calib_ref)
+    request_hash = _request_hash(body)
+    try:
+        job = crud.create_job(
+            session, owner_id=owner_id, spec=spec.to_dict(), model_id=model_id,
+            dataset_id=dataset_id, idempotency_key=idempotency_key, request_hash=request_hash,
+            max_attempts=settings.max_attempts,
+        )
+    except crud.IdempotencyMismatch as exc:
+        raise ProblemError(422, str(exc), slug="idempotency-key-reused") from None
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    log.info("job %s queued (%s, %s)", job.id, body.model, body.method)
+    return _job_read(job)
+
+
+@router.get("", response_model=JobsRead, summary="List jobs, newest first",
+            responses=problem_responses(401))
+def list_jobs(
+    session: SessionDep, owner_id: OwnerDep,
+    state: JobStateFilter | None = None,  # type: ignore[valid-type]
+    limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobsRead:
+    jobs, next_cursor = crud.list_jobs(
+        session, owner_id=owner_id, state=state, limit=limit, cursor=cursor
+    )
+    return JobsRead(data=[_job_read(job) for job in jobs], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobRead,
+    summary="Get a job's state, progress and links",
+    responses={200: {"headers": _ETAG}, 304: {"description": "Not Modified (If-None-Match)"},
+               **problem_responses(401, 404)},
+)
+def get_job(
+    job_id: str, session: SessionDep, owner_id: OwnerDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = _job_read(_owned_job(session, owner_id, job_id))
+    etag = _etag(body)
+    # no-cache: caches may keep the body but must revalidate, so pollers always see news.
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+@router.post(
+    "/{job_id}:cancel",
+    response_model=JobRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Cancel a job",
+    responses=problem_responses(401, 404, 409),
+)
+def cancel_job(job_id: str, session: SessionDep, owner_id: OwnerDep) -> JobRead:
+    job = _owned_job(session, owner_id, job_id)
+    if job.state in ("succeeded", "failed"):
+        raise ProblemError(409, f"job {job_id} already {job.state}; nothing to cancel",
+                           slug="job-finished", state=job.state)
+    job = crud.request_cancel(session, job_id=job_id, owner_id=owner_id)
+    assert job is not None  # it existed a statement ago and jobs are never deleted
+    log.info("job %s: cancel requested (state %s)", job_id, job.state)
+    return _job_read(job)
+
+
+def _artifact(
+    settings: Settings, job: Job, name: str, *, what: str, missing_status: int = 404
+) -> Path:
+    """A result file of a succeeded job; 409 before it succeeded, ``missing_status`` when the
+    job has no such file."""
+    if job.state != "succeeded":
+        raise ProblemError(
+            409, f"job {job.id} is {job.state}; its {what} is ready once it has succeeded",
+            slug="not-ready", state=job.state,
+        )
+    path = settings.artifact_dir / job.id / name
+    if not path.is_file():
+        slug = "not-ready" if missing_status == 409 else "not-found"
+        raise ProblemError(missing_status, f"job {job.id} has no {what} (yet)", slug=slug,
+                           state=job.state)
+    return path
+
+
+@router.get("/{job_id}/frontier", response_model=FrontierRead,
+            summary="The size/quality frontier", responses=problem_responses(401, 404, 409))
+def get_frontier(
+    job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
+) -> FrontierRead:
+    job = _owned_job(session, owner_id, job_id)
+    frontier = read_frontier(_artifact(settings, job, "frontier.json", what="frontier")).to_dict()
+    for point in (*frontier["points"], *frontier["uniform"]):
+        point["href"] = f"/v1/jobs/{job.id}/plans/{point['plan_id']}"
+    return FrontierRead.model_validate(frontier)
+
+
+_PLAN_MEDIA = {"json": "application/json", "csv": "text/csv", "torchao": "application/json",
+               "llamacpp": "text/plain"}
+
+
+@router.get(
+    "/{job_id}/plans/{plan_id}",
+    summary="One plan of the frontier, as JSON or an export",
+    responses={200: {"description": "the plan", "content": {
+        media: {} for media in sorted(set(_PLAN_MEDIA.values()))}},
+        **problem_responses(401, 404, 409)},
+)
+def get_plan(
+    job_id: str, plan_id: Annotated[str, PathParam(pattern=_PLAN_ID)], session: SessionDep,
+    settings: SettingsDep, owner_id: OwnerDep, format: PlanFormat = "json",
+) -> Response:
+    job = _owned_job(session, owner_id, job_id)
+    path = _artifact(settings, job, f"plans/{plan_id}.json", what=f"plan {plan_id!r}")
+    if format == "json":
+        return FileResponse(path, media_type=_PLAN_MEDIA["json"])
+    plan = read_plan(path)
+    exporters = {"csv": plan_to_csv, "torchao": plan_to_torchao, "llamacpp": plan_to_llamacpp}
+    text = exporters[format](plan)
+    return PlainTextResponse(text, media_type=_PLAN_MEDIA[format])
+
+
+class _CSVFile(FileResponse):
+    media_type = "text/csv"
+
+
+class _HTMLFile(FileResponse):
+    media_type = "text/html"
+
+
+@router.get("/{job_id}/sensitivity", summary="The sensitivity table (CSV)",
+            response_class=_CSVFile, responses=problem_responses(401, 404, 409))
+def get_sensitivity(
+    job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
+) -> _CSVFile:
+    job = _owned_job(session, owner_id, job_id)
+    return _CSVFile(_artifact(settings, job, "sensitivity.csv", what="sensitivity table"))
+
+
+@router.get("/{job_id}/report", summary="The HTML report", response_class=_HTMLFile,
+            responses=problem_responses(401, 404, 409))
+def get_report(
+    job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
+) -> _HTMLFile:
+    job = _owned_job(session, owner_id, job_id)
+    # The report is written after the job's other results, so its absence means "not yet".
+    return _HTMLFile(_artifact(settings, job, "report.html", what="report", missing_status=409))

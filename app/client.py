@@ -1,0 +1,156 @@
+"""A small Python client for the bitplan REST API (httpx).
+
+>>> client = BitplanClient("http://127.0.0.1:8000", api_key="bp_...")
+>>> model = client.upload_model("model.zip")
+>>> job = client.submit_job(model=model["id"], budget="4.5bpw")
+>>> job = client.wait_job(job["id"], progress=lambda j: print(j["stage"], j["progress"]))
+>>> frontier = client.frontier(job["id"])
+
+Every non-2xx answer raises :class:`ApiError` carrying the server's problem+json. Polling uses
+the job's ``ETag``: an unchanged job costs a 304 with no body. Any ``httpx.Client`` can be
+passed in (tests pass FastAPI's ``TestClient``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from app.models import TERMINAL_STATES
+
+__all__ = ["ApiError", "BitplanClient"]
+
+log = logging.getLogger(__name__)
+
+# Uploads can be gigabytes and model validation takes a while: no read timeout by default for
+# them; other calls fail after 30 s.
+_DEFAULT_TIMEOUT = httpx.Timeout(30.0)
+_UPLOAD_TIMEOUT = httpx.Timeout(30.0, read=None, write=None)
+
+
+class ApiError(Exception):
+    """A non-2xx answer: ``status`` and the problem+json ``problem`` (or a minimal one)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}")
+
+
+class BitplanClient:
+    """Talks to one bitplan server; usable as a context manager (closes its own connection)."""
+
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._owns_http = http is None
+        self.http = http or httpx.Client(base_url=base_url, timeout=_DEFAULT_TIMEOUT)
+        self.http.headers.update(headers)
+
+    def close(self) -> None:
+        if self._owns_http:
+            self.http.close()
+
+    def __enter__(self) -> BitplanClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = self.http.request(method, url, **kwargs)
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = {"status": response.status_code, "detail": response.text[:500]}
+            raise ApiError(response.status_code, problem)
+        return response
+
+    def _upload(self, kind: str, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        with path.open("rb") as handle:  # httpx streams the file in chunks
+            # A client passed in keeps its own timeouts; ours waits as long as the upload takes.
+            extra = {"timeout": _UPLOAD_TIMEOUT} if self._owns_http else {}
+            response = self._request("POST", f"/v1/{kind}", files={"file": (path.name, handle)},
+                                     **extra)
+        return response.json()
+
+    def upload_model(self, path: str | Path) -> dict[str, Any]:
+        """Upload a model file; the same bytes again return the existing model."""
+        return self._upload("models", path)
+
+    def upload_dataset(self, path: str | Path) -> dict[str, Any]:
+        """Upload a calibration dataset (.txt, .jsonl or .safetensors)."""
+        return self._upload("datasets", path)
+
+    def submit_job(self, *, idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Queue a job; ``fields`` are those of ``JobCreate`` (model, budget, calib, ...)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._request("POST", "/v1/jobs", json=fields, headers=headers).json()
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def list_jobs(self, *, state: str | None = None, limit: int = 50,
+                  cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        params.update({k: v for k, v in (("state", state), ("cursor", cursor)) if v is not None})
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}:cancel").json()
+
+    def wait_job(
+        self, job_id: str, *, poll_s: float = 1.0, timeout: float | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job is succeeded, failed or cancelled and return it.
+
+        ``progress(job)`` is called whenever the job changed. Raises :class:`TimeoutError`
+        after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job: dict[str, Any] | None = None
+        etag: str | None = None
+        while True:
+            headers = {"If-None-Match": etag} if etag and job is not None else {}
+            response = self._request("GET", f"/v1/jobs/{job_id}", headers=headers)
+            if response.status_code != 304:
+                job, etag = response.json(), response.headers.get("ETag")
+                if progress is not None:
+                    progress(job)
+            assert job is not None  # the first answer has no If-None-Match, so it has a body
+            if job["state"] in TERMINAL_STATES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(poll_s)
+
+    def frontier(self, job_id: str) -> dict[str, Any]:
+        """The job's frontier (``bitplan.frontier/v1``) with a download link on every point."""
+        return self._request("GET", f"/v1/jobs/{job_id}/frontier").json()
+
+    def plan(self, job_id: str, plan_id: str, *, format: str = "json") -> str:
+        """One plan as text: ``json``, ``csv``, ``torchao`` or ``llamacpp``."""
+        url = f"/v1/jobs/{job_id}/plans/{plan_id}"
+        return self._request("GET", url, params={"format": format}).text
+
+    def sensitivity(self, job_id: str) -> str:
+        """The sensitivity table as CSV text."""
+        return self._request("GET", f"/v1/jobs/{job_id}/sensitivity").text
+
+    def download_report(self, job_id: str, dest: str | Path) -> Path:
+        """Save the job's HTML report to ``dest`` and return the path."""
+        dest = Path(dest)
+        dest.write_bytes(self._request("GET", f"/v1/jobs/{job_id}/report").content)
+        return dest

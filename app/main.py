@@ -1,0 +1,54 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds one self-contained app: its own engine and session factory on
+``app.state`` (so tests run many apps side by side, each on its own database), problem+json
+for every error, and the ``/v1`` routers. It does not migrate the database — ``bitplan db
+upgrade`` and ``bitplan serve`` do that before the app starts — and it never runs jobs: worker
+processes claim them from the database queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import api_router
+from app.auth import auth_required
+from app.db import make_engine, make_sessionmaker
+from app.problems import install_problems
+from app.settings import Settings, get_settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTION = (
+    "Mixed-precision quantization planning: upload a model and calibration data, submit a job "
+    "with a memory budget, and download the size/quality frontier and per-layer plans. Errors "
+    "are RFC 9457 application/problem+json."
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for ``settings`` (default: the environment's ``BITPLAN_*`` settings)."""
+    settings = settings or get_settings()
+    keys = auth_required(settings)  # refuses auth=off on a non-loopback host before serving
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        log.info("bitplan API on %s (API keys %s)", engine.url.render_as_string(),
+                 "required" if keys else "off")
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="bitplan", description=_DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    install_problems(app)
+    app.include_router(api_router)
+    return app

@@ -1,0 +1,63 @@
+"""The httpx client library against the real app (FastAPI's TestClient as transport)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.client import ApiError, BitplanClient
+from app.settings import Settings
+from tests.app._api_fixtures import api_client, finish_job, job_body
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with api_client(settings) as client:
+        yield client
+
+
+def test_client_round_trip(client: TestClient, tmp_path: Path) -> None:
+    api = BitplanClient(http=client)
+    data_file = tmp_path / "calib.txt"
+    data_file.write_text("one sample\nanother sample\n")
+    dataset = api.upload_dataset(data_file)
+    assert api.upload_dataset(data_file)["id"] == dataset["id"]
+    job = api.submit_job(**job_body(calib=dataset["id"]), idempotency_key="k1")
+    assert api.submit_job(**job_body(calib=dataset["id"]), idempotency_key="k1")["id"] == job["id"]
+    assert [j["id"] for j in api.list_jobs(state="queued")["data"]] == [job["id"]]
+
+    seen: list[dict[str, Any]] = []
+
+    def on_progress(update: dict[str, Any]) -> None:
+        seen.append(update)
+        if len(seen) == 1:  # a worker would finish the job some time after the first poll
+            finish_job(client.app, job["id"])  # type: ignore[arg-type]
+
+    done = api.wait_job(job["id"], poll_s=0.0, progress=on_progress)
+    assert done["state"] == "succeeded"
+    assert [update["state"] for update in seen] == ["queued", "succeeded"]
+    frontier = api.frontier(job["id"])
+    plan_id = frontier["points"][0]["plan_id"]
+    assert '"bitplan.plan/v1"' in api.plan(job["id"], plan_id)
+    assert api.plan(job["id"], plan_id, format="csv").startswith("name,")
+    assert api.sensitivity(job["id"]).startswith("layer,")
+    report = api.download_report(job["id"], tmp_path / "report.html")
+    assert report.read_text().startswith("<html>")
+
+
+def test_client_raises_problems_and_times_out(client: TestClient) -> None:
+    api = BitplanClient(http=client)
+    with pytest.raises(ApiError) as caught:
+        api.get_job("missing")
+    assert caught.value.status == 404 and caught.value.problem["status"] == 404
+    job = api.submit_job(**job_body())
+    with pytest.raises(TimeoutError):
+        api.wait_job(job["id"], poll_s=0.0, timeout=0.0)
+    assert api.cancel_job(job["id"])["state"] == "cancelled"
+    with pytest.raises(ApiError) as caught:
+        api.frontier(job["id"])
+    assert caught.value.status == 409

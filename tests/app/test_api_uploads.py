@@ -1,0 +1,149 @@
+"""HTTP tests of /v1/models and /v1/datasets: streaming upload, limits, dedup, validation."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save as save_safetensors
+
+from app.settings import Settings
+from tests.app._api_fixtures import api_client, assert_problem, job_body
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with api_client(settings) as client:
+        yield client
+
+
+def _upload(client: TestClient, kind: str, name: str, data: bytes) -> httpx.Response:
+    return client.post(f"/v1/{kind}", files={"file": (name, data)})
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_zip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A zipped Hugging Face folder of a 1-layer BERT with random weights (no download)."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    archive = folder.parent / "bert.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in folder.iterdir():
+            zf.write(path, path.name)
+    return archive.read_bytes()
+
+
+def test_model_upload_is_validated_content_addressed_and_deletable(
+    client: TestClient, tiny_bert_zip: bytes, settings: Settings
+) -> None:
+    first = _upload(client, "models", "bert.zip", tiny_bert_zip)
+    assert first.status_code == 201, first.text
+    model = first.json()
+    assert first.headers["location"] == f"/v1/models/{model['id']}"
+    assert model["filename"] == "bert.zip" and model["size_bytes"] == len(tiny_bert_zip)
+    again = _upload(client, "models", "renamed.zip", tiny_bert_zip)
+    assert again.status_code == 200 and again.json()["id"] == model["id"]
+    assert client.get(f"/v1/models/{model['id']}").json()["sha256"] == model["sha256"]
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [model["id"]]
+    stored = list(settings.upload_dir.rglob(f"{model['sha256']}.zip"))
+    assert len(stored) == 1
+    job = client.post("/v1/jobs", json=job_body(model=model["id"], calib="builtin"))
+    assert job.status_code == 202 and job.json()["request"]["model"] == model["id"]
+    assert_problem(client.delete(f"/v1/models/{model['id']}"), 409)  # a queued job needs it
+    client.post(f"/v1/jobs/{job.json()['id']}:cancel")
+    assert client.delete(f"/v1/models/{model['id']}").status_code == 204
+    assert not stored[0].exists()
+    assert_problem(client.get(f"/v1/models/{model['id']}"), 404)
+    assert client.get(f"/v1/jobs/{job.json()['id']}").json()["request"]["model"] == "deleted"
+
+
+def test_unloadable_model_is_refused_with_the_loaders_message(
+    client: TestClient, settings: Settings
+) -> None:
+    folder = settings.data_dir / "scratch"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("no model here")
+    with zipfile.ZipFile(folder / "empty.zip", "w") as zf:
+        zf.write(folder / "notes.txt", "notes.txt")
+    archive = (folder / "empty.zip").read_bytes()
+    body = assert_problem(_upload(client, "models", "mine.zip", archive), 422)
+    assert "config.json" in body["detail"] and "mine.zip" in body["detail"]
+    assert str(settings.upload_dir) not in body["detail"]  # no server paths leak
+    body = assert_problem(_upload(client, "models", "weights.pt", b"\x80\x02}q\x00."), 422)
+    assert "weights.pt" in body["detail"]
+    assert client.get("/v1/models").json()["data"] == []
+    assert [p for p in settings.upload_dir.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize(("name", "data"), [
+    ("calib.txt", b"the cat sat\non the mat\n"),
+    ("calib.jsonl", b'{"text": "hello", "label": 1}\n{"text": "world", "label": 0}\n'),
+    ("calib.safetensors", save_safetensors({"pixel_values": torch.zeros(2, 1, 8, 8)})),
+])
+def test_dataset_formats_are_accepted(client: TestClient, name: str, data: bytes) -> None:
+    response = _upload(client, "datasets", name, data)
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert client.get(f"/v1/datasets/{dataset['id']}").json()["filename"] == name
+    job = client.post("/v1/jobs", json=job_body(calib=dataset["id"]))
+    assert job.status_code == 202 and job.json()["request"]["calib"] == dataset["id"]
+
+
+@pytest.mark.parametrize(("name", "data", "needle"), [
+    ("calib.csv", b"a,b\n1,2\n", ".jsonl"),
+    ("calib.txt", b"", "empty"),
+    ("calib.txt", b"\xff\xfe\x00bad", "UTF-8"),
+    ("calib.jsonl", b'{"text": "ok"}\nnot json\n', "line 2"),
+    ("calib.safetensors", b"garbage-bytes", "safetensors"),
+])
+def test_bad_datasets_are_422(client: TestClient, name: str, data: bytes, needle: str) -> None:
+    body = assert_problem(_upload(client, "datasets", name, data), 422)
+    assert needle in body["detail"]
+
+
+def test_upload_over_the_limit_is_413_and_leaves_nothing(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 1000})
+    with api_client(small) as client:
+        body = assert_problem(_upload(client, "datasets", "big.txt", b"x\n" * 600), 413)
+        assert body["max_bytes"] == 1000
+        exact = _upload(client, "datasets", "fits.txt", b"y\n" * 500)
+        assert exact.status_code == 201 and exact.json()["size_bytes"] == 1000
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the running count must catch it
+            yield b"--B\r\nContent-Disposition: form-data; name=file; filename=s.txt\r\n\r\n"
+            for _ in range(20):
+                yield b"z\n" * 100
+            yield b"\r\n--B--\r\n"
+
+        streamed = client.post("/v1/datasets", content=chunks(),
+                               headers={"content-type": "multipart/form-data; boundary=B"})
+        assert_problem(streamed, 413)
+    leftovers = [p.name for p in small.upload_dir.rglob("*") if p.is_file()]
+    assert leftovers == [f"{exact.json()['sha256']}.txt"]
+
+
+def test_upload_needs_multipart_with_a_file_field(client: TestClient) -> None:
+    assert_problem(client.post("/v1/datasets", content=b"raw",
+                               headers={"content-type": "text/plain"}), 415)
+    body = assert_problem(client.post("/v1/datasets", data={"other": "x"},
+                                      files={"not_file": ("a.txt", b"abc")}), 422)
+    assert "'file'" in body["detail"]
+
+
+def test_list_pages_uploads(client: TestClient) -> None:
+    ids = [_upload(client, "datasets", f"d{i}.txt", f"sample {i}\n".encode()).json()["id"]
+           for i in range(3)]
+    first = client.get("/v1/datasets", params={"limit": 2}).json()
+    second = client.get("/v1/datasets", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [d["id"] for d in first["data"] + second["data"]] == ids[::-1]
+    assert second["next_cursor"] is None
+    assert first["data"][0]["filename"] == "d2.txt"
