@@ -38,6 +38,7 @@ class JobSpec:
     holdout: float = 0.25
     max_length: int = 128
     max_samples: int | None = None
+    batch_size: int = 32
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class JobSpec:
             raise InputError(f"trials must be >= 0, got {self.trials}")
         if self.timeout is not None and self.timeout <= 0:
             raise InputError(f"timeout must be positive seconds, got {self.timeout}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.holdout < 1.0:
             raise InputError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
         self.formats = [f.name for f in parse_formats(self.formats)]

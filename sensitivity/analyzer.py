@@ -1,0 +1,144 @@
+"""Sensitivity analysis of a loaded model: ``error[layer, format]`` by one of four methods.
+
+:func:`analyze` adapts a :class:`~sensitivity.models.LoadedModel` and its
+:class:`~sensitivity.data.CalibData` to the method functions of :mod:`sensitivity.methods`
+(which work on plain modules), builds the table of :mod:`sensitivity.table` and caches it by
+content, so a second job on the same model, data, method and formats re-solves a new budget
+without touching the model. Methods (DESIGN §6; names are part of the CLI and REST contract):
+
+- ``weight``: data-free relative weight error ``‖ΔW‖² / ‖W‖²``;
+- ``layer``: relative layer-output error ``‖ΔW·X‖² / ‖W·X‖²`` from one forward pass;
+- ``fisher``: ``½ Σ F ⊙ ΔW²`` with the true Fisher, from one backward pass per batch;
+- ``e2e``: the model-level metric with one layer quantized, one evaluation per (layer, format).
+
+Every method runs on ``model.device`` in the model's dtype and touches one layer's weights at a
+time. A user-supplied table is read with :func:`read_table` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+
+from sensitivity.errors import InputError
+from sensitivity.formats import QuantFormat, parse_format
+from sensitivity.methods import (
+    Scores,
+    e2e_errors,
+    fisher_errors,
+    layer_errors,
+    weight_errors,
+)
+from sensitivity.metrics import collect_reference, forward_output, measure, output_kind
+from sensitivity.progress import CancelFn, ProgressFn, report
+from sensitivity.table import (
+    build_table,
+    cache_key,
+    load_cached,
+    read_table,
+    store_cached,
+    write_table,
+)
+
+if TYPE_CHECKING:
+    from sensitivity.data import CalibData
+    from sensitivity.models import LoadedModel
+
+__all__ = ["METHODS", "analyze", "read_table", "write_table"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("weight", "layer", "fisher", "e2e")
+
+
+def _formats(formats: Sequence[QuantFormat | str]) -> list[QuantFormat]:
+    parsed = [parse_format(f) if isinstance(f, str) else f for f in formats]
+    if not parsed:
+        raise InputError("no formats to analyze; give at least one, e.g. int8,int4-g128")
+    names = [f.name for f in parsed]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"format listed twice: {', '.join(dupes)}")
+    return parsed
+
+
+def _settings(method: str, *, batch_size: int, seed: int) -> dict[str, int]:
+    """Options that change a method's numbers (and so its cache key)."""
+    # fisher draws labels / projections per batch, so its numbers depend on both.
+    return {"batch_size": batch_size, "seed": seed} if method == "fisher" else {}
+
+
+def _measure_scores(model: LoadedModel, calib: CalibData, method: str,
+                    formats: list[QuantFormat], *, batch_size: int, seed: int,
+                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Scores:
+    module, layers = model.module, model.layers
+    if method == "weight":
+        return weight_errors(module, layers, formats, progress=progress,
+                             should_cancel=should_cancel)
+    if len(calib) == 0:
+        raise InputError(f"the calibration data is empty; method {method} needs samples")
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        return calib.batches(batch_size, device=model.device)
+
+    n_batches = math.ceil(len(calib) / batch_size)
+    if method == "layer":
+        return layer_errors(module, layers, formats, batches=batches, n_batches=n_batches,
+                            progress=progress, should_cancel=should_cancel)
+    if method == "fisher":
+        kind = output_kind(model.task)
+        return fisher_errors(module, layers, formats, batches=batches,
+                             output_fn=lambda batch: forward_output(model, batch),
+                             target="categorical" if kind in ("classification", "lm")
+                             else "projection",
+                             seed=seed, n_batches=n_batches, progress=progress,
+                             should_cancel=should_cancel)
+    reference = collect_reference(model, calib, batch_size=batch_size)
+    return e2e_errors(module, layers, formats,
+                      evaluate=lambda: measure(model, calib, reference)["error"],
+                      progress=progress, should_cancel=should_cancel)
+
+
+def analyze(model: LoadedModel, calib: CalibData, *, method: str,
+            formats: Sequence[QuantFormat | str], batch_size: int = 16,
+            cache_dir: Path | None = None, progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None, seed: int = 0) -> pd.DataFrame:
+    """The sensitivity table of ``model.layers`` in ``formats`` (pinned layers: their format).
+
+    Returns a DataFrame with columns ``layer, param, format, error, numel, bytes, tie``. With
+    ``cache_dir`` the table is looked up first and stored after (``<cache_dir>/sensitivity``).
+    ``seed`` seeds the fisher method's sampling. Progress: stage ``"analyze"`` per layer, and
+    ``"collect"`` per batch of the data pass of ``layer`` and ``fisher``; ``should_cancel`` is
+    polled between layers and batches.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown sensitivity method {method!r}; accepted: {', '.join(METHODS)}")
+    if batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size}")
+    fmts = _formats(formats)
+    if not model.layers:
+        raise InputError("nothing to analyze: every quantizable layer is excluded")
+    key = cache_key(model_sha256=model.sha256,
+                    calib_sha256=None if method == "weight" else calib.sha256,
+                    method=method, formats=fmts, layers=model.layers,
+                    settings=_settings(method, batch_size=batch_size, seed=seed))
+    if cache_dir is not None:
+        cached = load_cached(cache_dir, key)
+        if cached is not None:
+            logger.info("sensitivity table (%s) from cache, key %s", method, key[:12])
+            report(progress, "analyze", len(model.layers), len(model.layers))
+            return cached
+    logger.info("analyzing %d layers x %d formats with method %s on %s", len(model.layers),
+                len(fmts), method, model.device)
+    scores = _measure_scores(model, calib, method, fmts, batch_size=batch_size, seed=seed,
+                             progress=progress, should_cancel=should_cancel)
+    table = build_table(model.layers, scores)
+    if cache_dir is not None:
+        store_cached(cache_dir, key, table)
+    return table

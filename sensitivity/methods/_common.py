@@ -1,0 +1,81 @@
+"""Pieces every sensitivity method shares: candidate formats, tie groups, and weight deltas.
+
+All methods score a weight matrix ``W`` (its ``[rows, cols]`` view, DESIGN §3) against its
+fake-quantized ``Q(W)`` through ``ΔW = Q(W) − W``. :func:`iter_deltas` walks ``ΔW`` a chunk of
+rows at a time, so no method ever holds a full float32 copy of a large weight: every format in
+DESIGN §3 quantizes rows independently, so a chunk of rows quantizes exactly like those rows of
+the whole matrix. ``Q(W)`` is rounded to the weight's own dtype first, because that is what the
+quantized model computes with.
+
+Scores are returned as ``{layer name: {format name: error}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from sensitivity.layers import QuantLayer, get_weight, weight_matrix
+
+__all__ = ["Scores", "candidates", "iter_deltas", "layer_matrix", "spread_over_ties",
+           "tie_groups"]
+
+Scores = dict[str, dict[str, float]]
+
+# Rows are scored in chunks of at most this many elements: three float32 buffers of this size
+# (W, ΔW and one product) stay near 48 MiB whatever the layer's size.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def candidates(layer: QuantLayer, formats: Sequence[QuantFormat]) -> list[QuantFormat]:
+    """The formats a layer gets rows for: only its pinned format when pinned, else all."""
+    if layer.pinned is not None:
+        return [parse_format(layer.pinned)]
+    return list(formats)
+
+
+def tie_groups(layers: Sequence[QuantLayer]) -> list[list[QuantLayer]]:
+    """Layers grouped by the tensor they store (tie group), in order of first appearance."""
+    groups: dict[str, list[QuantLayer]] = {}
+    for lay in layers:
+        groups.setdefault(lay.group, []).append(lay)
+    return list(groups.values())
+
+
+def spread_over_ties(group: Sequence[QuantLayer], errors: dict[str, float], scores: Scores) -> None:
+    """Record a per-tensor score for every member of its tie group.
+
+    Convention (shared by the tensor-level methods ``weight``, ``fisher`` and ``e2e``): a tie
+    group's error is the sum of its members' rows, so a tensor's score is split evenly over the
+    modules that share it. An untied layer is a group of one and keeps its score whole.
+    """
+    share = 1.0 / len(group)
+    for lay in group:
+        scores[lay.name] = {name: err * share for name, err in errors.items()}
+
+
+def layer_matrix(module: nn.Module, layer: QuantLayer) -> torch.Tensor:
+    """The ``[rows, cols]`` view of ``layer``'s weight (no copy, no autograd history)."""
+    return weight_matrix(get_weight(module, layer).detach(), layer.kind)
+
+
+def iter_deltas(matrix: torch.Tensor, fmt: QuantFormat, *, block: int | None = None
+                ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(start, stop, W, ΔW)`` float32 chunks of rows ``start:stop`` of ``matrix``.
+
+    ``block`` keeps every chunk inside one block of that many rows (grouped convolutions score
+    each group of output channels against its own input statistics).
+    """
+    rows, cols = matrix.shape
+    block = rows if block is None else block
+    step = max(1, min(block, _CHUNK_ELEMENTS // max(cols, 1)))
+    for first in range(0, rows, block):
+        for start in range(first, min(first + block, rows), step):
+            stop = min(start + step, first + block, rows)
+            chunk = matrix[start:stop]
+            q = fake_quantize(chunk, fmt)  # in the weight's dtype, as the model would see it
+            w = chunk.to(torch.float32)
+            yield start, stop, w, q.to(torch.float32) - w

@@ -1,0 +1,167 @@
+"""``fisher``: Fisher-weighted weight error ``½ Σ F ⊙ ΔW²`` from a few backward passes (DESIGN §6).
+
+Why not the gradient of a distance to the full-precision outputs: at the full-precision point
+that distance is at its minimum, so its gradient is exactly zero and the score would be all
+zeros (every budget would get the same plan). We use the *true* Fisher instead, whose diagonal
+is estimated from gradients of a pseudo-loss with zero-mean per-sample gradients:
+
+- ``categorical`` (classifiers, causal LMs): labels are *sampled* from the model's own
+  predictive distribution, ``y ~ softmax(logits)`` (logits ``[B, C]``, or ``[B, T, V]`` for a
+  causal LM, whose position ``t`` predicts token ``t + 1`` and counts when both are real tokens,
+  as in :mod:`sensitivity.metrics`), loss = cross-entropy with those labels. This is the
+  Fisher information of the predictive distribution (Martens, "New insights and perspectives
+  on the natural gradient method", 2020, §5; Kirkpatrick et al., EWC, 2017).
+- ``projection`` (embeddings, any tensor output): loss = ``⟨r, f(x)⟩`` with ``r ~ N(0, I)``;
+  ``E[g gᵀ] = JᵀJ``, the Gauss–Newton matrix of the squared output error.
+
+With a summed loss, the cross terms between predictions vanish in expectation, so
+``F̂ = Σ_batches g² / n_predictions`` estimates the per-prediction Fisher diagonal.
+
+Normalisation (chosen so the sum over layers is meaningful): no per-layer division. ``½ ΔWᵀ F
+ΔW`` is the second-order increase of the expected loss, i.e. the expected KL divergence between
+the full-precision and quantized predictive distributions in nats per prediction
+(``categorical``), or half the mean squared output change per sample (``projection``). Scores of
+different layers are on one scale and add up to a model-level estimate, as the additive
+frontier assumes.
+
+Memory: the model stays in its dtype and only the planned weights get gradients; the Fisher
+diagonal is accumulated in float32 (one float32 tensor per planned weight) and gradients are
+freed after every batch. A tied tensor has one Fisher, so its score is split over its modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sensitivity.errors import InputError
+from sensitivity.formats import QuantFormat
+from sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from sensitivity.methods._common import (
+    Scores,
+    candidates,
+    iter_deltas,
+    layer_matrix,
+    spread_over_ties,
+    tie_groups,
+)
+from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+
+__all__ = ["FISHER_TARGETS", "FisherTarget", "fisher_errors"]
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+FisherTarget = Literal["categorical", "projection"]
+FISHER_TARGETS = ("categorical", "projection")
+
+
+def _pseudo_loss(out: torch.Tensor, target: FisherTarget, mask: torch.Tensor | None,
+                 gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Summed pseudo-loss of one batch and the number of predictions it covers."""
+    if target == "projection":
+        r = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32)
+        return (r * out.to(torch.float32)).sum(), out.shape[0]
+    logits = out.to(torch.float32)
+    if logits.dim() == 3:  # a causal LM: position t predicts token t + 1
+        real = (torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+                if mask is None else mask.to(torch.bool))
+        # Count the positions the metrics count: t and t + 1 both real tokens.
+        logits = logits[:, :-1][real[:, :-1] & real[:, 1:]]  # (n_predictions, V)
+    logits = logits.reshape(-1, logits.shape[-1])  # (n_predictions, V)
+    with torch.no_grad():
+        labels = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)
+    return F.cross_entropy(logits, labels, reduction="sum"), logits.shape[0]
+
+
+def _accumulate(module: nn.Module, groups: list[list[QuantLayer]],
+                batches: Callable[[], Iterable[Batch]],
+                output_fn: Callable[[Batch], torch.Tensor], target: FisherTarget, seed: int,
+                on_batch: Callable[[], None], should_cancel: CancelFn | None
+                ) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum of squared pseudo-loss gradients per tied tensor, and the prediction count."""
+    weights = {g[0].group: get_weight(module, g[0]) for g in groups}
+    fisher = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
+    gen: torch.Generator | None = None
+    n_predictions = 0
+    for batch in batches():
+        check_cancel(should_cancel)
+        with torch.enable_grad():
+            out = output_fn(batch)
+            if not out.requires_grad:
+                raise RuntimeError("the model output has no autograd history; fisher needs "
+                                   "an output_fn that runs with gradients enabled")
+            if gen is None:
+                gen = torch.Generator(device=out.device).manual_seed(seed)
+            loss, n = _pseudo_loss(out, target, batch.get("attention_mask"), gen)
+            loss.backward()
+        n_predictions += n
+        for key, w in weights.items():
+            if w.grad is not None:
+                fisher[key] += w.grad.to(torch.float32).square()
+                w.grad = None
+        on_batch()
+    return fisher, n_predictions
+
+
+def fisher_errors(module: nn.Module, layers: Sequence[QuantLayer],
+                  formats: Sequence[QuantFormat], *, batches: Callable[[], Iterable[Batch]],
+                  output_fn: Callable[[Batch], torch.Tensor], target: FisherTarget,
+                  seed: int = 0, n_batches: int | None = None,
+                  progress: ProgressFn | None = None, should_cancel: CancelFn | None = None
+                  ) -> Scores:
+    """Fisher-weighted error of every layer in every candidate format.
+
+    ``output_fn(batch)`` returns the model output (logits for ``categorical``) with autograd
+    history. Progress: stage ``"collect"`` per backward pass (when ``n_batches`` is known) and
+    ``"analyze"`` per layer. Requires-grad flags and gradients are restored afterwards.
+    """
+    if target not in FISHER_TARGETS:
+        raise ValueError(f"unknown fisher target {target!r}; accepted: {FISHER_TARGETS}")
+    groups = tie_groups(layers)
+    params = list(module.parameters())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    done = [0]
+
+    def on_batch() -> None:
+        done[0] += 1
+        if n_batches is not None:
+            report(progress, "collect", done[0], n_batches)
+
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for g in groups:
+            get_weight(module, g[0]).requires_grad_(True)
+        fisher, n_predictions = _accumulate(module, groups, batches, output_fn, target, seed,
+                                            on_batch, should_cancel)
+    finally:
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad
+    if n_predictions == 0:
+        raise InputError("the calibration data is empty; fisher needs at least one sample")
+
+    scores: Scores = {}
+    for g in groups:
+        check_cancel(should_cancel)
+        lay = g[0]
+        f = weight_matrix(fisher.pop(lay.group), lay.kind)  # (rows, cols) like the weight view
+        if not f.any():
+            logger.warning("no gradient reached %s; its fisher error is scored 0", lay.name)
+        errors = {}
+        for fmt in candidates(lay, formats):
+            total = 0.0
+            for start, stop, _, dw in iter_deltas(layer_matrix(module, lay), fmt):
+                total += float((f[start:stop] * dw.square()).sum())
+            # ½ ΔWᵀ F ΔW, F per prediction: the expected loss (KL) increase, see module doc.
+            errors[fmt.name] = 0.5 * total / n_predictions
+        spread_over_ties(g, errors, scores)
+        report(progress, "analyze", len(scores), len(layers))
+    return scores

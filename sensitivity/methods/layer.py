@@ -1,0 +1,136 @@
+"""``layer``: relative layer-output error ``‖ΔW·X‖² / ‖W·X‖²`` on calibration inputs (DESIGN §6).
+
+Forward pre-hooks accumulate every planned layer's input Gram matrix ``H = X·Xᵀ`` during one pass
+over the calibration data (see :mod:`sensitivity.methods._gram`); then every format is scored as
+``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` with no further forwards, and each ``H`` is freed as soon as its
+layer is scored. The ratio is scale-free, so layers of different sizes compare on one scale.
+
+Memory: ``H`` is float32 ``[cols, cols]`` (480 MB for ``cols = 11008``). When the statistics of
+all layers together would exceed ``max_stats_bytes`` the layers are split into consecutive
+passes, each a full forward over the data; a small model takes one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensitivity.formats import QuantFormat
+from sensitivity.layers import QuantLayer
+from sensitivity.methods._common import Scores, candidates, iter_deltas, layer_matrix
+from sensitivity.methods._gram import InputStats, stats_bytes
+from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+
+__all__ = ["DEFAULT_STATS_BYTES", "layer_errors"]
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+
+# Statistics held at once by default: 4 GiB holds the Gram matrices of several decoder blocks
+# of a 7B model (≈0.9 GiB each), so such a model needs ≈8 passes while anything small needs 1.
+DEFAULT_STATS_BYTES = 4 << 30
+
+
+def _plan_passes(module: nn.Module, layers: Sequence[QuantLayer], budget: int
+                 ) -> list[list[QuantLayer]]:
+    """Consecutive runs of layers whose statistics fit ``budget`` (a larger one runs alone)."""
+    passes: list[list[QuantLayer]] = [[]]
+    used = 0
+    for lay in layers:
+        size = stats_bytes(module.get_submodule(lay.name), lay)
+        if passes[-1] and used + size > budget:
+            passes.append([])
+            used = 0
+        passes[-1].append(lay)
+        used += size
+    return passes
+
+
+def _collect(module: nn.Module, layers: Sequence[QuantLayer],
+             batches: Callable[[], Iterable[Batch]], forward: Callable[[Batch], Any],
+             on_batch: Callable[[], None], should_cancel: CancelFn | None
+             ) -> dict[str, InputStats]:
+    """One forward pass over the data with hooks on ``layers``; returns their statistics."""
+    stats: dict[str, InputStats] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+    handles = []
+
+    def make_hook(st: InputStats) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            st.add(args[0] if args else kwargs["input"], current_mask[0])
+        return hook
+
+    for lay in layers:
+        sub = module.get_submodule(lay.name)
+        st = stats[lay.name] = InputStats(sub, lay, layer_matrix(module, lay).device)
+        handles.append(sub.register_forward_pre_hook(make_hook(st), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for batch in batches():
+                check_cancel(should_cancel)
+                current_mask[0] = batch.get("attention_mask")
+                forward(batch)
+                on_batch()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _score(matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat]
+           ) -> dict[str, float]:
+    errors: dict[str, float] = {}
+    den: float | None = None
+    for fmt in formats:
+        num = total = 0.0
+        for start, stop, w, dw in iter_deltas(matrix, fmt, block=st.block):
+            num += st.energy(start, stop, dw)
+            if den is None:
+                total += st.energy(start, stop, w)
+        den = total if den is None else den
+        errors[fmt.name] = num / den if den > 0 else 0.0
+    if not den:
+        seen = "only zero inputs" if st.samples else "no calibration input (it never ran)"
+        logger.warning("layer %s saw %s; its output error is scored 0", st.layer.name, seen)
+    return errors
+
+
+def layer_errors(module: nn.Module, layers: Sequence[QuantLayer],
+                 formats: Sequence[QuantFormat], *, batches: Callable[[], Iterable[Batch]],
+                 forward: Callable[[Batch], Any] | None = None, n_batches: int | None = None,
+                 max_stats_bytes: int = DEFAULT_STATS_BYTES,
+                 progress: ProgressFn | None = None, should_cancel: CancelFn | None = None
+                 ) -> Scores:
+    """Relative output error of every layer in every candidate format.
+
+    ``batches()`` returns a fresh iterable of input dicts on the module's device each call;
+    ``forward(batch)`` runs the model (default ``module(**batch)``). Progress: stage
+    ``"collect"`` per batch (when ``n_batches`` is known) and ``"analyze"`` per layer.
+    """
+    forward = forward or (lambda batch: module(**batch))
+    passes = _plan_passes(module, layers, max_stats_bytes)
+    if len(passes) > 1:
+        logger.info("layer statistics exceed %d bytes: %d forward passes", max_stats_bytes,
+                    len(passes))
+    collected = [0]
+    total_batches = (n_batches or 0) * len(passes)
+
+    def on_batch() -> None:
+        collected[0] += 1
+        if n_batches is not None:
+            report(progress, "collect", collected[0], total_batches)
+
+    scores: Scores = {}
+    for group in passes:
+        stats = _collect(module, group, batches, forward, on_batch, should_cancel)
+        for lay in group:
+            check_cancel(should_cancel)
+            st = stats.pop(lay.name)  # dropped from the dict: H is freed once scored
+            scores[lay.name] = _score(layer_matrix(module, lay), st, candidates(lay, formats))
+            report(progress, "analyze", len(scores), len(layers))
+    return scores

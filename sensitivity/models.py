@@ -1,0 +1,187 @@
+"""Model references → a loaded, verified ``nn.Module`` plus the layers a plan will decide on.
+
+One entry point, :func:`load_model`, serves the CLI, the worker and the tests. It accepts
+``builtin:<name>``, a Hugging Face model folder, or a ``.zip`` of one (DESIGN §8), refuses
+anything unsafe or inconsistent with one :class:`~sensitivity.errors.InputError` line, checks
+that every weight is finite, moves the model to the requested device in its checkpoint dtype,
+and lists its quantizable layers after the user's exclusions and pins.
+
+Every loaded model is called as ``module(**batch)`` with a dict of batch-first input tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensitivity.builtin import BUILTIN_MODELS, load_builtin
+from sensitivity.errors import InputError
+from sensitivity.hf import load_hf_folder, unpack_model_zip
+from sensitivity.layers import QuantLayer, apply_pins, find_quant_layers
+from sensitivity.safety import check_finite
+
+__all__ = ["TASKS", "LoadedModel", "load_model", "resolve_cache_dir", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("image-classification", "feature-extraction", "text-classification", "text-generation")
+DEVICES = ("auto", "cpu", "cuda")
+_ENV_CACHE = "BITPLAN_CACHE_DIR"
+_TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".bin", ".ts", ".jit")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis.
+
+    ``sha256`` is a stable content hash of the weights and config (keys caches); ``module`` is
+    in eval mode on ``device`` in its checkpoint dtype; ``layers`` are its quantizable weights
+    after exclusions and pins; ``tokenizer`` encodes text for it (a transformers tokenizer, or
+    :class:`~sensitivity.builtin_nets.ByteTokenizer` for ``builtin:tiny-lm``) or is None;
+    ``builtin_data`` names the dataset ``--calib builtin`` loads for it, or is None.
+    """
+
+    ref: str
+    sha256: str
+    module: nn.Module
+    task: str
+    layers: list[QuantLayer]
+    tokenizer: Any | None
+    device: torch.device
+    builtin_data: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a CUDA device is an error."""
+    if name not in DEVICES:
+        raise InputError(f"unknown device {name!r}; accepted: {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA device is available; use auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_cache_dir(cache_dir: Path | None = None) -> Path:
+    """The cache root: ``cache_dir``, else env ``BITPLAN_CACHE_DIR``, else the user cache dir."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get(_ENV_CACHE)
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("bitplan"))
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips with a ``code/`` folder; ``torch.save`` zips have none."""
+    if path.suffix in (".ts", ".jit"):
+        return True
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _torch_file_error(path: Path, *, trusted: bool) -> InputError:
+    """Why a torch archive is not loaded: code-carrying formats need trust, and none is planned yet.
+
+    ``.pt2`` (torch.export) and TorchScript archives drop the module types that layer discovery
+    relies on, and a pickled state dict has no architecture at all.
+    """
+    if path.suffix == ".pt2" or _is_torchscript(path):
+        kind = "torch.export (.pt2)" if path.suffix == ".pt2" else "TorchScript"
+        if not trusted:
+            return InputError(f"{path.name} is a {kind} archive, which runs code from the file; "
+                              "enable trusted mode (trusted=True, CLI --trusted) to accept it")
+        return InputError(f"{path.name}: {kind} archives do not keep layer types, so bitplan "
+                          "cannot plan them; provide a Hugging Face folder (config.json + "
+                          "*.safetensors) instead")
+    return InputError(f"{path.name} looks like a pickled state dict, which has no architecture; "
+                      "save the model as a Hugging Face folder (config.json + *.safetensors)")
+
+
+def _select_layers(
+    module: nn.Module, *, ref: str, exclude: Sequence[str], pins: dict[str, str]
+) -> list[QuantLayer]:
+    """Quantizable layers after exclusions and pins; a pattern that matches nothing is an error."""
+    names = [lay.name for lay in find_quant_layers(module)]
+    if not names:
+        raise InputError(f"{ref}: the model has no quantizable layers (Linear, Conv1d/2d, "
+                         "Embedding)")
+    for pattern in exclude:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise InputError(f"exclude pattern {pattern!r} matches no quantizable layer "
+                             f"(names look like {names[0]!r})")
+    layers = find_quant_layers(module, exclude=tuple(exclude))
+    if not layers:
+        raise InputError(f"{ref}: the exclude patterns leave no layer to plan")
+    try:
+        return apply_pins(layers, pins)
+    except ValueError as exc:  # layers.py raises ValueError for unmatched or conflicting pins
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(str(exc)) from None
+
+
+def load_model(
+    ref: str,
+    *,
+    task: str | None = None,
+    device: str = "auto",
+    exclude: Sequence[str] = (),
+    pins: dict[str, str] | None = None,
+    trusted: bool = False,
+    cache_dir: Path | None = None,
+    max_unzip_bytes: int | None = None,
+) -> LoadedModel:
+    """Load ``ref`` (``builtin:<name>``, a Hugging Face folder, or a ``.zip`` of one).
+
+    ``task`` is one of :data:`TASKS` or None to infer it. ``exclude`` holds fnmatch patterns
+    over layer names to leave unplanned; ``pins`` maps patterns to format names the plan must
+    use. ``cache_dir`` overrides where builtin weights and unzipped models are cached;
+    ``max_unzip_bytes`` the extraction limit (env ``BITPLAN_MAX_UNZIP_BYTES``, default 4 GiB).
+    """
+    if task is not None and task not in TASKS:
+        raise InputError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    target = resolve_device(device)
+    cache = resolve_cache_dir(cache_dir)
+    builtin_data = None
+    if ref.startswith("builtin:"):
+        loaded = load_builtin(ref.removeprefix("builtin:"), cache_dir=cache)
+        if task is not None and task != loaded.task:
+            raise InputError(f"{ref} is a {loaded.task} model; drop --task or pass {loaded.task}")
+        builtin_data = loaded.data
+    else:
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            loaded = load_hf_folder(path, task=task, label=ref)
+        elif path.is_file() and path.suffix == ".zip":
+            root = unpack_model_zip(path, cache_dir=cache, max_bytes=max_unzip_bytes)
+            loaded = load_hf_folder(root, task=task, label=ref)
+        elif path.is_file() and path.suffix in _TORCH_SUFFIXES:
+            raise _torch_file_error(path, trusted=trusted)
+        else:
+            raise InputError(
+                f"model {ref!r} is not a model: pass builtin:<name> ("
+                + ", ".join(BUILTIN_MODELS)
+                + "), a Hugging Face folder (config.json + *.safetensors) or a .zip of one"
+            )
+    module = loaded.module
+    check_finite(module, label=ref)
+    module.to(target).eval()
+    layers = _select_layers(module, ref=ref, exclude=exclude, pins=dict(pins or {}))
+    logger.info("loaded %s: %s, %d quantizable layers on %s", ref, loaded.task, len(layers), target)
+    return LoadedModel(ref=ref, sha256=loaded.sha256, module=module, task=loaded.task,
+                       layers=layers, tokenizer=loaded.tokenizer, device=target,
+                       builtin_data=builtin_data)

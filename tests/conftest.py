@@ -1,0 +1,65 @@
+"""Fixtures shared by every test package: an isolated model cache and tiny models.
+
+The session's ``BITPLAN_CACHE_DIR`` points into pytest's own cache folder, so tests never touch
+the user's cache, and the builtin models are trained once per checkout rather than once per run
+(a trained model is keyed by its recipe version, so a changed recipe retrains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from sensitivity.models import LoadedModel, load_model
+from tests.helpers import write_tiny_hf_model
+
+
+@pytest.fixture(scope="session")
+def bitplan_cache_dir(request: pytest.FixtureRequest,
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache that survives between runs (pytest's cache), or a temp dir without one."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("bitplan-models"))
+    return tmp_path_factory.mktemp("bitplan-models")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(bitplan_cache_dir: Path) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITPLAN_CACHE_DIR", str(bitplan_cache_dir))
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_model(bitplan_cache_dir: Path) -> LoadedModel:
+    """``builtin:digits-cnn`` on the CPU; shared, so restore anything you change in place."""
+    return load_model("builtin:digits-cnn", device="cpu", cache_dir=bitplan_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_model(bitplan_cache_dir: Path) -> LoadedModel:
+    """``builtin:tiny-lm`` on the CPU; shared, so restore anything you change in place."""
+    return load_model("builtin:tiny-lm", device="cpu", cache_dir=bitplan_cache_dir)
+
+
+@pytest.fixture
+def tiny_hf_model(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``tiny_hf_model("gpt2", task="text-generation", dtype=torch.bfloat16)`` → folder.
+
+    Each call writes a fresh folder under the test's ``tmp_path``; keyword arguments go to
+    :func:`tests.helpers.write_tiny_hf_model`.
+    """
+    count = 0
+
+    def make(model_type: str = "bert", *, task: str = "feature-extraction",
+             dtype: torch.dtype = torch.float32, **kwargs) -> Path:
+        nonlocal count
+        count += 1
+        folder = tmp_path / f"hf-{model_type}-{count}"
+        return write_tiny_hf_model(folder, model_type, task=task, dtype=dtype, **kwargs)
+
+    return make
