@@ -78,7 +78,8 @@ def _table(spec: JobSpec, model: LoadedModel, calib: CalibData, *, out_dir: Path
            cache_dir: Path | None, progress: ProgressFn | None,
            should_cancel: CancelFn | None) -> pd.DataFrame:
     table = analyze(model, calib, method=spec.method, formats=parse_formats(spec.formats),
-                    batch_size=spec.batch_size, cache_dir=cache_dir, progress=progress,
+                    batch_size=spec.batch_size, seed=spec.seed, cache_dir=cache_dir,
+                    progress=progress,
                     should_cancel=should_cancel)
     write_table(table, out_dir, model.layers)
     return table

@@ -96,7 +96,8 @@ def _verify_loading(info: dict[str, Any], *, label: str, own_architecture: bool)
         raise InputError(f"{label}: safetensors do not match config.json: missing weights "
                          f"{_quote(info['missing_keys'])}")
     if info.get("unexpected_keys"):
-        message = f"{label}: checkpoint weights unused by the model: {_quote(info['unexpected_keys'])}"
+        unused = _quote(info["unexpected_keys"])
+        message = f"{label}: checkpoint weights unused by the model: {unused}"
         if own_architecture:
             raise InputError(f"{message}; safetensors do not match config.json")
         logger.warning("%s (expected when loading a checkpoint for another task)", message)
@@ -136,9 +137,9 @@ def load_hf_folder(folder: Path, *, task: str | None = None, label: str | None =
     except (ValueError, KeyError, OSError) as exc:
         model_type = raw.get("model_type")
         if model_type is not None:
-            raise InputError(f"{label}: unknown model_type {model_type!r} in config.json; accepted: "
-                             "a model type of the installed transformers (e.g. bert, gpt2, "
-                             "llama)") from None
+            raise InputError(f"{label}: unknown model_type {model_type!r} in config.json; "
+                             "accepted: a model type of the installed transformers (e.g. bert, "
+                             "gpt2, llama)") from None
         raise InputError(f"{label}: config.json cannot be read ({_one_line(exc)})") from None
     task = task or infer_task(getattr(config, "architectures", None))
     if task not in HF_TASKS:
@@ -154,10 +155,11 @@ def load_hf_folder(folder: Path, *, task: str | None = None, label: str | None =
         raise InputError(f"{label}: cannot build a {task} model ({_one_line(exc)})") from None
     own = type(module).__name__ in (getattr(config, "architectures", None) or [])
     _verify_loading(info, label=label, own_architecture=own)
+    # The task is hashed too: one checkpoint loaded as encoder or classifier is two models.
     hashed = [folder / "config.json", *sorted(folder.glob("*.safetensors.index.json")), *weights]
     return HFModel(
         module=module.eval(),
-        sha256=files_sha256(hashed, root=folder, salt="hf"),
+        sha256=files_sha256(hashed, root=folder, salt=f"hf:{task}"),
         task=task,
         tokenizer=_load_tokenizer(folder, label=label),
     )

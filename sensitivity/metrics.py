@@ -217,7 +217,9 @@ def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     num = gap.square() - (na - nb).square()
     den = 2 * na * nb
     degenerate = torch.where(gap == 0, 0.0, 1.0).to(num)  # a zero row: cos 0 unless both are
-    return torch.where(den > 0, num / den.clamp_min(1e-300), degenerate).clamp(0.0, 2.0)
+    # torch.where evaluates both branches: the clamp only keeps the unused one free of 0/0.
+    safe_den = den.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(den > 0, num / safe_den, degenerate).clamp(0.0, 2.0)
 
 
 def measure(model: LoadedModel, data: CalibData, reference: Reference, *,

@@ -115,6 +115,8 @@ def _select_layers(
     module: nn.Module, *, ref: str, exclude: Sequence[str], pins: dict[str, str]
 ) -> list[QuantLayer]:
     """Quantizable layers after exclusions and pins; a pattern that matches nothing is an error."""
+    if isinstance(exclude, str):
+        raise InputError(f"exclude must be a list of patterns, got the string {exclude!r}")
     names = [lay.name for lay in find_quant_layers(module)]
     if not names:
         raise InputError(f"{ref}: the model has no quantizable layers (Linear, Conv1d/2d, "

@@ -45,7 +45,7 @@ _ENV_MAX_UNZIP = "BITPLAN_MAX_UNZIP_BYTES"
 
 
 def max_unzip_bytes(value: int | None = None) -> int:
-    """The extraction limit: ``value`` if given, else env ``BITPLAN_MAX_UNZIP_BYTES``, else 4 GiB."""
+    """The unzip limit: ``value`` if given, else env ``BITPLAN_MAX_UNZIP_BYTES``, else 4 GiB."""
     if value is None:
         raw = os.environ.get(_ENV_MAX_UNZIP)
         if raw is None:
@@ -53,7 +53,8 @@ def max_unzip_bytes(value: int | None = None) -> int:
         try:
             value = int(raw)
         except ValueError:
-            raise InputError(f"{_ENV_MAX_UNZIP}={raw!r} is not an integer number of bytes") from None
+            raise InputError(
+                f"{_ENV_MAX_UNZIP}={raw!r} must be an integer number of bytes") from None
     if value <= 0:
         raise InputError(f"the unzip limit must be a positive number of bytes, got {value}")
     return value
@@ -100,7 +101,8 @@ def extract_zip(path: Path, dest: Path, *, max_bytes: int | None = None) -> Path
             for info in members:
                 problem = _member_problem(info)
                 if problem is not None:
-                    raise InputError(f"refusing zip {path.name}: member {info.filename!r} {problem}")
+                    raise InputError(
+                        f"refusing zip {path.name}: member {info.filename!r} {problem}")
             declared = sum(info.file_size for info in members)
             if declared > limit:
                 raise InputError(

@@ -24,9 +24,12 @@ the full-precision and quantized predictive distributions in nats per prediction
 different layers are on one scale and add up to a model-level estimate, as the additive
 frontier assumes.
 
-Memory: the model stays in its dtype and only the planned weights get gradients; the Fisher
-diagonal is accumulated in float32 (one float32 tensor per planned weight) and gradients are
-freed after every batch. A tied tensor has one Fisher, so its score is split over its modules.
+Memory: the model stays in its dtype and only the planned weights get gradients, each freed as
+soon as it is folded into the Fisher sum. The sums take the weights' size (float32 for float32
+weights, bfloat16 for half ones: rounding of a few summed terms is far below the Monte Carlo
+noise of one sampled label per prediction), so the whole method needs about twice the
+checkpoint's memory plus activations. A tied tensor has one Fisher, so its score is split over
+its modules.
 """
 
 from __future__ import annotations
@@ -79,33 +82,52 @@ def _pseudo_loss(out: torch.Tensor, target: FisherTarget, mask: torch.Tensor | N
     return F.cross_entropy(logits, labels, reduction="sum"), logits.shape[0]
 
 
+def _fisher_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32 for float32 weights; bfloat16 for half ones: float32's exponent range (g² of a
+    float16 gradient would underflow in float16) at the weight's own size."""
+    return torch.float32 if weight.dtype == torch.float32 else torch.bfloat16
+
+
 def _accumulate(module: nn.Module, groups: list[list[QuantLayer]],
                 batches: Callable[[], Iterable[Batch]],
                 output_fn: Callable[[Batch], torch.Tensor], target: FisherTarget, seed: int,
                 on_batch: Callable[[], None], should_cancel: CancelFn | None
                 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Sum of squared pseudo-loss gradients per tied tensor, and the prediction count."""
+    """Sum of squared pseudo-loss gradients per tied tensor, and the prediction count.
+
+    Each gradient is folded into its Fisher sum and freed as soon as backward has accumulated
+    it, so the gradients of all planned weights never exist at once.
+    """
     weights = {g[0].group: get_weight(module, g[0]) for g in groups}
-    fisher = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
+    fisher = {key: torch.zeros_like(w, dtype=_fisher_dtype(w)) for key, w in weights.items()}
+
+    def make_hook(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            acc.add_(param.grad.to(acc.dtype).square())
+            param.grad = None
+        return hook
+
+    handles = [w.register_post_accumulate_grad_hook(make_hook(fisher[key]))
+               for key, w in weights.items()]
     gen: torch.Generator | None = None
     n_predictions = 0
-    for batch in batches():
-        check_cancel(should_cancel)
-        with torch.enable_grad():
-            out = output_fn(batch)
-            if not out.requires_grad:
-                raise RuntimeError("the model output has no autograd history; fisher needs "
-                                   "an output_fn that runs with gradients enabled")
-            if gen is None:
-                gen = torch.Generator(device=out.device).manual_seed(seed)
-            loss, n = _pseudo_loss(out, target, batch.get("attention_mask"), gen)
-            loss.backward()
-        n_predictions += n
-        for key, w in weights.items():
-            if w.grad is not None:
-                fisher[key] += w.grad.to(torch.float32).square()
-                w.grad = None
-        on_batch()
+    try:
+        for batch in batches():
+            check_cancel(should_cancel)
+            with torch.enable_grad():
+                out = output_fn(batch)
+                if not out.requires_grad:
+                    raise RuntimeError("the model output has no autograd history; fisher needs "
+                                       "an output_fn that runs with gradients enabled")
+                if gen is None:
+                    gen = torch.Generator(device=out.device).manual_seed(seed)
+                loss, n = _pseudo_loss(out, target, batch.get("attention_mask"), gen)
+                loss.backward()
+            n_predictions += n
+            on_batch()
+    finally:
+        for handle in handles:
+            handle.remove()
     return fisher, n_predictions
 
 
@@ -146,7 +168,8 @@ def fisher_errors(module: nn.Module, layers: Sequence[QuantLayer],
             p.requires_grad_(flag)
             p.grad = grad
     if n_predictions == 0:
-        raise InputError("the calibration data is empty; fisher needs at least one sample")
+        raise InputError("no predictions to weigh: the calibration data is empty (or every "
+                         "text is a single token); fisher needs at least one")
 
     scores: Scores = {}
     for g in groups:
@@ -159,7 +182,7 @@ def fisher_errors(module: nn.Module, layers: Sequence[QuantLayer],
         for fmt in candidates(lay, formats):
             total = 0.0
             for start, stop, _, dw in iter_deltas(layer_matrix(module, lay), fmt):
-                total += float((f[start:stop] * dw.square()).sum())
+                total += float((f[start:stop].to(torch.float32) * dw.square()).sum())
             # ½ ΔWᵀ F ΔW, F per prediction: the expected loss (KL) increase, see module doc.
             errors[fmt.name] = 0.5 * total / n_predictions
         spread_over_ties(g, errors, scores)

@@ -84,6 +84,7 @@ def _collect(module: nn.Module, layers: Sequence[QuantLayer],
 
 def _score(matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat]
            ) -> dict[str, float]:
+    """``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` per format; the denominator is computed once."""
     errors: dict[str, float] = {}
     den: float | None = None
     for fmt in formats:

@@ -76,6 +76,10 @@ def test_classifier_checkpoint_loads_as_encoder(tiny_hf_model, tmp_path):
     model = _load(folder, tmp_path, task="feature-extraction")
     assert model.task == "feature-extraction"
     assert not any(lay.name.startswith("classifier") for lay in model.layers)
+    classifier = _load(folder, tmp_path)
+    assert classifier.task == "text-classification"
+    assert "classifier" in {lay.name for lay in classifier.layers}
+    assert classifier.sha256 != model.sha256  # caches must not mix the two models
 
 
 def test_sha256_is_content_hash_shared_by_folder_and_zip(tiny_hf_model, tmp_path):

@@ -252,6 +252,30 @@ def test_fisher_is_nonzero_rises_with_fewer_bits_and_is_seeded() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_fisher_equals_the_hand_computed_true_fisher_of_a_linear_classifier() -> None:
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 4, bias=False))
+    xs = [torch.randn(5, 6) for _ in range(2)]
+    scores = fisher_errors(seq, find_quant_layers(seq), FORMATS,
+                           batches=lambda: [{"input": x} for x in xs],
+                           output_fn=lambda b: seq(b["input"]), target="categorical", seed=3)
+    w = seq[0].weight.detach()
+    gen = torch.Generator().manual_seed(3)
+    fisher = torch.zeros_like(w)
+    with torch.no_grad():
+        for x in xs:
+            p = seq(x).softmax(dim=-1)  # (5, 4)
+            y = torch.multinomial(p, 1, generator=gen).squeeze(1)  # labels from the model
+            # d(Σ cross-entropy)/dW for a linear layer: (softmax − onehot)ᵀ · X
+            g = (p - nn.functional.one_hot(y, 4)).T @ x  # (4, 6)
+            fisher += g.square()
+    fisher /= 10  # two batches of five predictions
+    for fmt in FORMATS:
+        dw = fake_quantize(w, fmt) - w
+        assert scores["0"][fmt.name] == pytest.approx(0.5 * float((fisher * dw.square()).sum()),
+                                                      rel=1e-4)
+
+
 def test_fisher_projection_for_tensor_outputs() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
