@@ -111,6 +111,8 @@ class _Axis:
             pad = (hi - lo) * 0.06 or abs(hi) * 0.1 or 1.0  # room so no point sits on a border
             step = _nice_step(hi - lo + 2 * pad, 6)
             self.lo = math.floor((lo - (0 if from_zero else pad)) / step) * step
+            if min(values) >= 0:  # sizes and errors: no axis into negative values
+                self.lo = max(self.lo, 0.0)
             self.hi, self.step = math.ceil((hi + pad) / step) * step, step
 
     def __call__(self, value: float) -> float:
@@ -195,13 +197,7 @@ def _plot_svg(job: _Job) -> str:
             out.append(f'<g class="pt point" data-plan="{_esc(p.plan_id)}"><title>'
                        f'{_esc(_tooltip(p))}</title><circle cx="{px:.1f}" cy="{py:.1f}" '
                        'r="6"/></g>')
-    out.append(f'<g class="legend" transform="translate({_W - _RIGHT - 190} {_TOP + 10})">'
-               '<rect class="legend-box" width="180" height="48" rx="4"/>'
-               '<circle class="frontier-dot" cx="16" cy="16" r="5"/>'
-               '<text x="30" y="20">mixed-precision frontier</text>'
-               '<rect class="uniform-mark" x="11" y="29" width="9" height="9" '
-               'transform="rotate(45 15.5 33.5)"/><text x="30" y="38">uniform format</text>'
-               '</g></svg>')
+    out.append("</svg>")
     return "".join(out)
 
 
@@ -369,7 +365,9 @@ their measured size/quality frontier</p></header><main>
 {_cards_html(job, data)}
 <section id="frontier"><h2>Size/quality frontier</h2>
 <p class="hint">Held-out error (lower is better; data the search never saw) against total
-size. Click a point to inspect its plan.</p>{_plot_svg(job)}</section>
+size. Click a point to inspect its plan.</p><p class="plot-legend"><span class="dot"></span>
+mixed-precision frontier <span class="diamond"></span> uniform format <span class="dash"></span>
+budget</p>{_plot_svg(job)}</section>
 <section id="plan"><h2>Per-layer precision</h2>
 <p class="hint">Rows are layers, columns the frontier's plans (smallest first); colour is
 bits per weight. <label>Plan <select id="plan-select"></select></label></p>
@@ -425,12 +423,16 @@ svg{width:100%;height:auto;font-size:12px;display:block}
 .uniform text{fill:var(--muted);font-size:11px}.pt{cursor:pointer}
 .pt.selected circle{fill:var(--hot);r:8px}.pt.selected rect{fill:var(--hot)}
 .budget{stroke:#cf222e;stroke-dasharray:5 4;stroke-width:1.5}.budget-label{fill:#cf222e}
-.legend-box{fill:#fff;stroke:var(--line)}.legend text{fill:var(--fg)}
+.plot-legend{color:var(--muted);margin:0 0 4px}.plot-legend span{display:inline-block;
+margin:0 6px 0 14px;vertical-align:middle}.plot-legend .dot{width:10px;height:10px;
+border-radius:50%;background:var(--accent);margin-left:0}.plot-legend .diamond{width:9px;
+height:9px;background:#8c959f;transform:rotate(45deg)}.plot-legend .dash{width:18px;
+border-top:2px dashed #cf222e}
 select{font:inherit;padding:2px 6px;margin-left:4px}
 .legend-bits{margin:0 0 10px;color:var(--muted)}
 .chip{display:inline-block;min-width:26px;text-align:center;border-radius:3px;
 padding:0 5px;margin-left:4px;font-size:12px;font-weight:600}
-.split{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:20px;
+.split{display:grid;grid-template-columns:minmax(0,auto) minmax(0,1fr);gap:24px;
 align-items:start}
 .scroll{overflow:auto;max-height:600px}
 .grid-table{border-collapse:collapse;width:100%;font-size:13px}#heatmap{width:auto}
@@ -441,6 +443,8 @@ z-index:1}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.dark{color:#fff}
 td.chosen{outline:2px solid var(--fg);outline-offset:-2px;font-weight:700}
 tr.selected td{background:#fff8c5}
+#plan-detail td:first-child,.grid-table tbody th{max-width:260px;overflow:hidden;
+text-overflow:ellipsis}
 #heatmap td.cell{text-align:center;font-size:11px;font-weight:600;cursor:pointer;
 min-width:34px;border:1px solid #fff}
 #heatmap th.col{font-size:11px;font-weight:500;color:var(--muted);cursor:pointer;

@@ -43,6 +43,7 @@ from app.queue import (
     release_job,
     set_progress,
 )
+from app.report import render_report
 from app.settings import Settings, get_settings
 from search.spec import JobSpec
 from sensitivity.errors import InputError
@@ -122,6 +123,7 @@ class _JobRun:
                         progress=self.progress, should_cancel=self.should_cancel,
                         optuna_storage=self.settings.optuna_storage,
                         study_name=f"bitplan-{self.job.id}")
+            self._render_report()
             self.outcome = ("ok", "")
         except Cancelled:
             self.outcome = ("cancelled", "")
@@ -130,6 +132,14 @@ class _JobRun:
         except Exception as error:  # noqa: BLE001 -- any crash fails the job, with its reason
             logger.exception("job %s crashed", self.job.id)
             self.outcome = ("error", f"internal error: {type(error).__name__}: {error}")
+
+    def _render_report(self) -> None:
+        """The HTML report, linking to the API's download routes. A job whose report cannot be
+        drawn keeps its results (the API answers 409 for the report)."""
+        try:
+            render_report(self.staging, links_base=f"/v1/jobs/{self.job.id}")
+        except Exception:  # noqa: BLE001 -- the results stand without their report
+            logger.exception("job %s: could not render the report", self.job.id)
 
     def _supervise(self, thread: threading.Thread) -> None:
         next_beat = time.monotonic() + self.settings.heartbeat_seconds

@@ -162,7 +162,7 @@ def load_model(
     if ref.startswith("builtin:"):
         loaded = load_builtin(ref.removeprefix("builtin:"), cache_dir=cache)
         if task is not None and task != loaded.task:
-            raise InputError(f"{ref} is a {loaded.task} model; drop --task or pass {loaded.task}")
+            raise InputError(f"{ref} has task {loaded.task}; drop the task or pass {loaded.task}")
         builtin_data = loaded.data
     else:
         path = Path(ref).expanduser()

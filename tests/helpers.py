@@ -56,7 +56,8 @@ def _write_tokenizer(folder: Path) -> None:
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS)))
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS))
+    tok.train_from_iterator(SENTENCES, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", eos_token="[EOS]")
     fast.save_pretrained(folder)
