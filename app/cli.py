@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from app.console import console, exit_on_input_error, progress_bars, setup_logging
+from app.service_cli import register as register_service_commands
 from sensitivity.errors import InputError
 from sensitivity.formats import ALLOWED_BITS, DEFAULT_FORMATS, parse_format
 from search.spec import METHODS, JobSpec
@@ -96,7 +97,8 @@ def analyze_cmd(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
 ) -> None:
     """Measure each layer's sensitivity to each format; write sensitivity.csv and layers.json."""
-    from search.pipeline import analyze_spec, sensitivity_summary
+    from app.summary import sensitivity_table
+    from search.pipeline import analyze_spec
 
     def run() -> None:
         spec = _spec(model=model, budget="16bpw", calib=calib, task=task,
@@ -105,7 +107,7 @@ def analyze_cmd(
                      max_samples=max_samples, holdout=holdout, batch_size=batch_size)
         with progress_bars() as progress:
             table = analyze_spec(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
-        console.print(sensitivity_summary(table))
+        console.print(sensitivity_table(table))
         console.print(f"wrote {out / 'sensitivity.csv'} and {out / 'layers.json'}")
 
     exit_on_input_error(run)
@@ -135,8 +137,9 @@ def search_cmd(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
 ) -> None:
     """Find the size/quality Pareto frontier under BUDGET and write a plan for every point."""
-    from search.pipeline import run_job
+    from app.report import render_report
     from app.summary import frontier_table
+    from search.pipeline import run_job
 
     def run() -> None:
         spec = _spec(model=model, budget=budget, calib=calib, task=task,
@@ -150,8 +153,9 @@ def search_cmd(
         if result.interrupted:
             console.print("[yellow]search stopped early: the frontier holds the trials that "
                           "finished[/yellow]")
-        console.print(f"wrote {result.frontier_path} and {len(result.plan_ids)} plans in "
-                      f"{out / 'plans'}")
+        report = render_report(out)
+        console.print(f"wrote {result.frontier_path}, {len(result.plan_ids)} plans in "
+                      f"{out / 'plans'} and the report {report}")
 
     exit_on_input_error(run)
 
@@ -206,6 +210,9 @@ def apply_cmd(
                       f"(plan total_bytes {parsed.totals.total_bytes})")
 
     exit_on_input_error(run)
+
+
+register_service_commands(app)
 
 
 def main() -> None:

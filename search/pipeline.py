@@ -33,7 +33,7 @@ from sensitivity.metrics import Reference, collect_reference, measure
 from sensitivity.models import LoadedModel, load_model
 from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
-__all__ = ["JobResult", "analyze_spec", "load_inputs", "run_job", "sensitivity_summary"]
+__all__ = ["JobResult", "analyze_spec", "load_inputs", "run_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +92,6 @@ def analyze_spec(spec: JobSpec, *, out_dir: Path, cache_dir: Path | None = None,
     model, calib, _ = load_inputs(spec, cache_dir=cache_dir, progress=progress)
     return _table(spec, model, calib, out_dir=out_dir, cache_dir=cache_dir, progress=progress,
                   should_cancel=should_cancel)
-
-
-def sensitivity_summary(table: pd.DataFrame, *, top: int = 5) -> pd.DataFrame:
-    """The most and least sensitive layers, ranked by their error in the smallest format."""
-    smallest = table.loc[table.groupby("layer")["bytes"].idxmin()]
-    ranked = smallest.sort_values("error", ascending=False)
-    picked = pd.concat([ranked.head(top), ranked.tail(top)]).drop_duplicates("layer")
-    return picked[["layer", "format", "error", "numel"]].reset_index(drop=True)
 
 
 def _check_budget(model: LoadedModel, spec: JobSpec, budget: Budget) -> None:

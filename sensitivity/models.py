@@ -103,7 +103,9 @@ def _torch_file_error(path: Path, *, trusted: bool) -> InputError:
         kind = "torch.export (.pt2)" if path.suffix == ".pt2" else "TorchScript"
         if not trusted:
             return InputError(f"{path.name} is a {kind} archive, which runs code from the file; "
-                              "enable trusted mode (trusted=True, CLI --trusted) to accept it")
+                              "it is refused unless the operator enables trusted mode, and even "
+                              "then bitplan cannot plan it (no layer types): provide a Hugging "
+                              "Face folder (config.json + *.safetensors) instead")
         return InputError(f"{path.name}: {kind} archives do not keep layer types, so bitplan "
                           "cannot plan them; provide a Hugging Face folder (config.json + "
                           "*.safetensors) instead")
