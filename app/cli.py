@@ -61,7 +61,8 @@ def formats_cmd(cols: Annotated[int, typer.Option(help="Row length used for bits
                 names.append(f"int{bits}{suffix}-asym")
     for name in names:
         fmt = parse_format(name)
-        table.add_row(name, str(fmt.bits), str(fmt.group_size or "row"),
+        group = "-" if fmt.kind == "float" else str(fmt.group_size or "row")
+        table.add_row(name, str(fmt.bits), group,
                       "yes" if fmt.symmetric else "no", f"{fmt.bits_per_weight(cols):.3f}")
     console.print(table)
     console.print("Any group size G ≥ 1 works: int{b}-g{G}[-asym], b in "
