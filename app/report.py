@@ -217,7 +217,8 @@ def _sensitivity_html(job: _Job, layer_order: list[str]) -> str:
     formats = (list(ranked.sort_values(ascending=False).index) if ranked is not None
                else sorted(table["format"].unique()))
     grid = table.pivot_table(index="layer", columns="format", values="error", aggfunc="first")
-    layers = [n for n in layer_order if n in grid.index] + sorted(set(grid.index) - set(layer_order))
+    layers = ([n for n in layer_order if n in grid.index]
+              + sorted(set(grid.index) - set(layer_order)))
     positive = grid.to_numpy()[grid.to_numpy() > 0]
     lo, hi = (math.log10(positive.min()), math.log10(positive.max())) if positive.size else (0, 1)
     head = "".join(f"<th>{_esc(f)}</th>" for f in formats)
@@ -472,7 +473,9 @@ _JS = """
   function colour(bits) { return data.colours[String(bits)] || ["#cccccc", "#1b1f24"]; }
   function fmt(v) { return v === null || v === undefined ? "\\u2013" : Number(v).toPrecision(3); }
   function size(b) { return b < 1e6 ? (b / 1e3).toFixed(1) + " kB" : (b / 1e6).toFixed(2) + " MB"; }
-  function paint(td, bits) { var c = colour(bits); td.style.background = c[0]; td.style.color = c[1]; }
+  function paint(td, bits) {
+    var c = colour(bits); td.style.background = c[0]; td.style.color = c[1];
+  }
 
   var columns = data.plans.filter(function (p) { return !p.uniform; });
   var layers = data.plans.length ? data.plans[0].layers.map(function (l) { return l[0]; }) : [];

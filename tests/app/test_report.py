@@ -15,7 +15,7 @@ import pytest
 
 from app.report import render_report
 from search.budgets import parse_budget
-from search.plans import make_plan, write_frontier
+from search.plans import Plan, make_plan, write_frontier
 from search.problem import LayerRow
 from sensitivity.errors import InputError
 from sensitivity.formats import parse_format, tensor_bytes
@@ -35,7 +35,7 @@ MIXED = [(["int2-g32-asym", "int4-g32", "int4-g32"], 0.2),
          (["int4-g32", "int8", "int8"], 0.004)]
 
 
-def _plan(formats: list[str], error: float, budget: str | None):
+def _plan(formats: list[str], error: float, budget: str | None) -> Plan:
     return make_plan(model_ref=f"model {EVIL}", model_sha256="ab" * 32, layers=LAYERS,
                      choice=dict(zip([lay.name for lay in LAYERS], formats, strict=True)),
                      budget=parse_budget(budget) if budget else None, unplanned_bytes=1000,
@@ -137,7 +137,8 @@ def test_plot_places_points_by_size_and_error(tmp_path: Path) -> None:
     assert "held-out error (log)" in page and ">1e-5</text>" in page
     # The polyline joins the frontier points from the smallest to the largest.
     line = re.search(r'<polyline class="frontier" points="([^"]+)"', page).group(1)
-    assert [tuple(map(float, pair.split(","))) for pair in line.split()] == list(zip(xs, ys))
+    drawn = [tuple(map(float, pair.split(","))) for pair in line.split()]
+    assert drawn == list(zip(xs, ys, strict=True))
 
 
 def test_budget_line_sits_at_the_budget_size(tmp_path: Path) -> None:
