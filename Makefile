@@ -26,9 +26,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sensitivity search app tests benchmarks
 
+# Each script records its own section of benchmarks/RESULTS.md with the machine and date.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sensitivity.py
 	$(BIN)/python benchmarks/frontier.py
+	$(BIN)/python benchmarks/frontier_speed.py
+	$(BIN)/python benchmarks/api_load.py
 
 clean:
 	rm -rf $(VENV) .bitplan bitplan-demo
