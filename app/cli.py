@@ -14,9 +14,9 @@ from rich.table import Table
 
 from app.console import console, exit_on_input_error, progress_bars, setup_logging
 from app.service_cli import register as register_service_commands
+from search.spec import METHODS, JobSpec
 from sensitivity.errors import InputError
 from sensitivity.formats import ALLOWED_BITS, DEFAULT_FORMATS, parse_format
-from search.spec import METHODS, JobSpec
 
 app = typer.Typer(name="bitplan", no_args_is_help=True, add_completion=False,
                   help="Mixed-precision quantization planning: per-layer sensitivity, "

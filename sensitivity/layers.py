@@ -1,4 +1,4 @@
-"""Quantizable layers of a model: discovery, tie groups, exclusions, pins, and in-place quantization.
+"""Quantizable layers of a model: discovery, tie groups, exclusions, pins, in-place quantization.
 
 A *layer* here is one weight matrix that a plan assigns a format to: the weight of a Linear,
 Conv1d/Conv2d, Embedding or transformers' Conv1D. Every weight is viewed as ``[rows, cols]``
