@@ -26,12 +26,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sensitivity search app tests benchmarks
 
+# Run as modules: benchmarks/sensitivity.py would otherwise shadow the sensitivity package.
 # Each script records its own section of benchmarks/RESULTS.md with the machine and date.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/sensitivity.py
-	$(BIN)/python benchmarks/frontier.py
-	$(BIN)/python benchmarks/frontier_speed.py
-	$(BIN)/python benchmarks/api_load.py
+	$(BIN)/python -m benchmarks.sensitivity
+	$(BIN)/python -m benchmarks.frontier
+	$(BIN)/python -m benchmarks.frontier_speed
+	$(BIN)/python -m benchmarks.api_load
 
 clean:
 	rm -rf $(VENV) .bitplan bitplan-demo
