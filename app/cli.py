@@ -29,6 +29,15 @@ ExcludeOpt = Annotated[list[str] | None, typer.Option(
 PinOpt = Annotated[list[str] | None, typer.Option(
     "--pin", help="PATTERN=FORMAT: force matching layers to a format (repeatable).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+ModelArg = Annotated[str, typer.Argument(help="builtin:NAME, a Hugging Face folder or .zip.")]
+CalibOpt = Annotated[str, typer.Option(help="builtin, or a .txt/.jsonl/.safetensors file.")]
+TaskOpt = Annotated[str | None, typer.Option(help="Override the inferred task.")]
+MethodOpt = Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+MaxLengthOpt = Annotated[int, typer.Option(help="Max tokens per text sample.")]
+MaxSamplesOpt = Annotated[int | None, typer.Option(help="Use at most N samples.")]
+HoldoutOpt = Annotated[float, typer.Option(help="Fraction held out for validation.")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Samples per forward pass.")]
 
 
 def parse_pins(pins: list[str] | None) -> dict[str, str]:
@@ -82,20 +91,19 @@ def _spec(**kwargs: object) -> JobSpec:
 
 @app.command("analyze")
 def analyze_cmd(
-    model: Annotated[str, typer.Argument(help="builtin:NAME, a Hugging Face folder or .zip.")],
+    model: ModelArg,
     out: OutOpt,
-    calib: Annotated[str, typer.Option(help="builtin, or a .txt/.jsonl/.safetensors file.")]
-    = "builtin",
-    task: Annotated[str | None, typer.Option(help="Override the inferred task.")] = None,
+    calib: CalibOpt = "builtin",
+    task: TaskOpt = None,
     formats: FormatsOpt = ",".join(DEFAULT_FORMATS),
-    method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "layer",
+    method: MethodOpt = "layer",
     exclude: ExcludeOpt = None,
     pin: PinOpt = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Max tokens per text sample.")] = 128,
-    max_samples: Annotated[int | None, typer.Option(help="Use at most N samples.")] = None,
-    holdout: Annotated[float, typer.Option(help="Fraction held out for validation.")] = 0.25,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+    max_length: MaxLengthOpt = 128,
+    max_samples: MaxSamplesOpt = None,
+    holdout: HoldoutOpt = 0.25,
+    batch_size: BatchSizeOpt = 32,
 ) -> None:
     """Measure each layer's sensitivity to each format; write sensitivity.csv and layers.json."""
     from app.summary import sensitivity_table
@@ -116,14 +124,13 @@ def analyze_cmd(
 
 @app.command("search")
 def search_cmd(
-    model: Annotated[str, typer.Argument(help="builtin:NAME, a Hugging Face folder or .zip.")],
+    model: ModelArg,
     budget: Annotated[str, typer.Option(help="4.5bpw, 60MB, 58MiB or 0.3x (of fp16 size).")],
     out: OutOpt,
-    calib: Annotated[str, typer.Option(help="builtin, or a .txt/.jsonl/.safetensors file.")]
-    = "builtin",
-    task: Annotated[str | None, typer.Option(help="Override the inferred task.")] = None,
+    calib: CalibOpt = "builtin",
+    task: TaskOpt = None,
     formats: FormatsOpt = ",".join(DEFAULT_FORMATS),
-    method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "layer",
+    method: MethodOpt = "layer",
     trials: Annotated[int, typer.Option(help="Measured trials (seeds included).")] = 40,
     timeout: Annotated[float | None, typer.Option(help="Stop the search after S seconds.")]
     = None,
@@ -131,11 +138,11 @@ def search_cmd(
     sampler: Annotated[str, typer.Option(help="nsga2 or tpe.")] = "nsga2",
     exclude: ExcludeOpt = None,
     pin: PinOpt = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Max tokens per text sample.")] = 128,
-    max_samples: Annotated[int | None, typer.Option(help="Use at most N samples.")] = None,
-    holdout: Annotated[float, typer.Option(help="Fraction held out for validation.")] = 0.25,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+    max_length: MaxLengthOpt = 128,
+    max_samples: MaxSamplesOpt = None,
+    holdout: HoldoutOpt = 0.25,
+    batch_size: BatchSizeOpt = 32,
 ) -> None:
     """Find the size/quality Pareto frontier under BUDGET and write a plan for every point."""
     from app.report import render_report
@@ -192,7 +199,7 @@ def apply_cmd(
     model: Annotated[str, typer.Argument(help="The model the plan was made for.")],
     plan: Annotated[Path, typer.Argument(help="A bitplan.plan/v1 JSON file.")],
     out: OutOpt,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Write MODEL quantized per PLAN as bit-packed safetensors (bytes equal the plan's)."""
     from dataclasses import replace
