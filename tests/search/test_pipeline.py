@@ -106,3 +106,10 @@ def test_pins_hold_in_every_plan(tmp_path: Path) -> None:
     for plan_id in result.plan_ids:
         layers = json.loads((tmp_path / "plans" / f"{plan_id}.json").read_text())["layers"]
         assert {lay["format"] for lay in layers if lay["name"] == "fc2"} == {"int8"}
+
+
+def test_timeout_keeps_finished_trials_and_writes_the_frontier(tmp_path: Path) -> None:
+    result = run_job(_spec(trials=100_000, timeout=1.5), out_dir=tmp_path)
+    assert result.interrupted
+    frontier = read_frontier(tmp_path / "frontier.json")
+    assert frontier.points and [p.plan_id for p in frontier.points] == result.plan_ids
