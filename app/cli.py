@@ -96,7 +96,7 @@ def analyze_cmd(
     calib: CalibOpt = "builtin",
     task: TaskOpt = None,
     formats: FormatsOpt = ",".join(DEFAULT_FORMATS),
-    method: MethodOpt = "layer",
+    method: MethodOpt = "fisher",
     exclude: ExcludeOpt = None,
     pin: PinOpt = None,
     device: DeviceOpt = "auto",
@@ -130,7 +130,7 @@ def search_cmd(
     calib: CalibOpt = "builtin",
     task: TaskOpt = None,
     formats: FormatsOpt = ",".join(DEFAULT_FORMATS),
-    method: MethodOpt = "layer",
+    method: MethodOpt = "fisher",
     trials: Annotated[int, typer.Option(help="Measured trials (seeds included).")] = 40,
     timeout: Annotated[float | None, typer.Option(help="Stop the search after S seconds.")]
     = None,

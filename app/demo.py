@@ -32,7 +32,7 @@ _DEMO_TIMEOUT_S = 600.0  # a stuck demo stops by itself instead of hanging a ter
 
 
 def run_demo(*, out_dir: Path = Path("bitplan-demo"), model: str = "builtin:digits-cnn",
-             budget: str = "4bpw", method: str = "layer", trials: int = _DEMO_TRIALS,
+             budget: str = "4bpw", method: str = "fisher", trials: int = _DEMO_TRIALS,
              data_dir: Path = DEMO_DATA_DIR) -> dict[str, Any]:
     """Run the demo and return the finished job (its ``state`` says whether it succeeded).
 

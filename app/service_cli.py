@@ -330,7 +330,7 @@ def register(app: typer.Typer) -> None:
         budget: Annotated[str, typer.Option(help="4.5bpw, 60MB, 58MiB or 0.3x.")],
         calib: Annotated[str, typer.Option(help="builtin, an uploaded dataset id, or a "
                                                 ".txt/.jsonl/.safetensors file.")] = "builtin",
-        method: Annotated[str, typer.Option(help="weight, layer, fisher or e2e.")] = "layer",
+        method: Annotated[str, typer.Option(help="weight, layer, fisher or e2e.")] = "fisher",
         trials: Annotated[int, typer.Option(min=0, help="Measured trials.")] = 40,
         formats: Annotated[str | None, typer.Option(help="Comma-separated formats.")] = None,
         timeout: Annotated[float | None, typer.Option(help="Search seconds.")] = None,

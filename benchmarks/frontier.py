@@ -226,7 +226,8 @@ def render(results: Sequence[ModelResult], *, trials: int, formats: Sequence[str
     comps = [(r, c) for r in results for c in r.comparisons]
     lines = [
         f"Machine: {machine_info()}", "",
-        f"Formats {', '.join(formats)}; sensitivity method `layer`; {trials} NSGA-II trials "
+        f"Formats {', '.join(formats)}; sensitivity method `{JobSpec.method}`; {trials} NSGA-II "
+        "trials "
         "per budget; 25 % of the calibration data held out. Every error is the held-out "
         "`error` (KL divergence to the full-precision model); budget = the uniform format's "
         "total size.", "",

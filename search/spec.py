@@ -27,7 +27,7 @@ class JobSpec:
     budget: str
     calib: str = "builtin"
     formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
-    method: str = "layer"
+    method: str = "fisher"
     task: str | None = None
     trials: int = 40
     timeout: float | None = None
