@@ -58,15 +58,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
     """Sessions whose objects stay readable after commit (the API serialises them afterwards).
 
     On SQLite every session transaction begins IMMEDIATE: a request reads (auth, a lookup) and
     then writes, and in WAL mode a deferred reader that tries to write after a worker committed
     fails at once with "database is locked" instead of waiting. Taking the lock first makes it
     wait its turn (``busy_timeout``); requests are short, so the cost is small.
+
+    ``read_only`` sessions (GET requests: job polling) begin deferred instead, so a hundred
+    pollers never queue for the write lock that the worker's heartbeats and progress need.
     """
-    if engine.dialect.name == "sqlite":
+    if engine.dialect.name == "sqlite" and not read_only:
         engine = engine.execution_options(sqlite_immediate=True)
     return sessionmaker(bind=engine, expire_on_commit=False)
 

@@ -81,6 +81,10 @@ def _guarded(fn: Callable[[], T]) -> T:
 # --- running the service -------------------------------------------------------------------------
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def stop_workers(processes: Sequence[subprocess.Popen[bytes]]) -> None:
     """SIGTERM every worker (each releases its job to the queue), then kill stragglers."""
     for process in processes:
@@ -309,6 +313,9 @@ def register(app: typer.Typer) -> None:
         processes = spawn_workers(settings, count=settings.workers)
         err_console.print(f"bitplan API on http://{settings.host}:{settings.port} with "
                           f"{settings.workers} worker(s); Ctrl-C stops everything")
+        # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+        # SIGTERM action that would end the process before the workers are stopped.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
             uvicorn.run(api, host=settings.host, port=settings.port)
         finally:

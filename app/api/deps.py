@@ -25,15 +25,21 @@ __all__ = ["CurrentKeyDep", "OwnerDep", "SessionDep", "SettingsDep"]
 _bearer = HTTPBearer(auto_error=False, description="an API key from `bitplan keys create NAME`")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+# Methods that never write: their sessions skip SQLite's write lock (see make_sessionmaker).
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
 def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+    state = request.app.state
+    factory = state.read_sessionmaker if request.method in _READ_METHODS else state.sessionmaker
+    with factory() as session:
         yield session
 
 
@@ -53,7 +59,7 @@ def get_current_key(
 CurrentKeyDep = Annotated[ApiKey | None, Depends(get_current_key)]
 
 
-def get_owner_id(key: CurrentKeyDep) -> str | None:
+async def get_owner_id(key: CurrentKeyDep) -> str | None:
     """The id every resource of this request belongs to (None when keys are off)."""
     return key.id if key is not None else None
 

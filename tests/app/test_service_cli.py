@@ -182,7 +182,9 @@ _SERVE = ("import typer; from app.service_cli import register; app = typer.Typer
           "app.callback()(lambda: None); register(app); app()")
 
 
-def test_serve_runs_the_api_and_workers_and_stops_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, 128 + 15)])
+def test_serve_runs_the_api_and_workers_and_stops_them(tmp_path: Path, stop: signal.Signals,
+                                                       code: int) -> None:
     env = {**os.environ, "BITPLAN_DATA_DIR": str(tmp_path / "data"),
            "BITPLAN_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'bitplan.db'}",
            "BITPLAN_WORKER_RUNNER": "test_service_cli:fake_runner",
@@ -206,8 +208,8 @@ def test_serve_runs_the_api_and_workers_and_stops_them(tmp_path: Path) -> None:
             job = client.submit_job(model="builtin:digits-cnn", budget="4kB")
             assert client.wait_job(job["id"], poll_s=0.2, timeout=60)["state"] == "succeeded"
     finally:
-        serve.send_signal(signal.SIGINT)
-        assert serve.wait(30) == 0
+        serve.send_signal(stop)
+        assert serve.wait(30) == code
     for pid in workers:  # stopped and reaped by serve, not left running
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
