@@ -86,6 +86,7 @@ class _JobRun:
         self.final_dir = settings.artifact_dir / job.id
         self.staging = settings.artifact_dir / f".{job.id}.{job.lease_version}.partial"
         self._last_write = 0.0
+        self._written: tuple[str, float, float | None] | None = None
         self._stage: tuple[str, float] | None = None  # (name, monotonic start)
 
     def _halt(self, reason: str) -> None:
@@ -105,9 +106,13 @@ class _JobRun:
         if not (new_stage or done >= total or now - self._last_write >= PROGRESS_INTERVAL_S):
             return
         self._last_write = now
-        fraction = done / total if total > 0 else 0.0
+        # Rounded (0.1 %, whole seconds) so an unchanged job keeps its ETag and pollers get 304s.
+        fraction = round(done / total, 3) if total > 0 else 0.0
         elapsed = now - self._stage[1]
-        eta = elapsed / done * (total - done) if 0 < done <= total else None
+        eta = float(round(elapsed / done * (total - done))) if 0 < done <= total else None
+        if (stage, fraction, eta) == self._written:
+            return
+        self._written = (stage, fraction, eta)
         if not set_progress(self.engine, job_id=self.job.id, lease_version=self.job.lease_version,
                             stage=stage, progress=fraction, eta_s=eta):
             self._halt("lease lost")

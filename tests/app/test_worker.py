@@ -162,7 +162,7 @@ def test_progress_writes_are_throttled(settings: Settings, engine_sqlite: Engine
     started = time.monotonic()
     worker.run_worker(settings, once=True, runner=chatty_runner)
     allowed = 2 + (time.monotonic() - started) / worker.PROGRESS_INTERVAL_S
-    assert writes[0] == ("analyze", 1 / 2000) and writes[-1] == ("analyze", 1.0)
+    assert writes[0] == ("analyze", round(1 / 2000, 3)) and writes[-1] == ("analyze", 1.0)
     assert len(writes) <= allowed
 
 
