@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from benchmarks._common import machine_info, update_results_section
 from search.frontier import DEFAULT_MAX_POINTS, exact_frontier
 from search.problem import LayerRow, Problem, build_problem
 from sensitivity.formats import parse_format
@@ -45,14 +46,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=500)
     parser.add_argument("--max-points", type=int, default=DEFAULT_MAX_POINTS)
+    parser.add_argument("--no-record", dest="record", action="store_false",
+                        help="Do not write benchmarks/RESULTS.md.")
     args = parser.parse_args()
     problem = synthetic_problem(args.layers)
     start = time.perf_counter()
     frontier = exact_frontier(problem, max_points=args.max_points)
     seconds = time.perf_counter() - start
-    print(f"frontier_speed: {args.layers} layers x {len(FORMATS)} formats -> "
-          f"{len(frontier)} Pareto points (exact={frontier.exact}, "
-          f"max_points={args.max_points}) in {seconds:.2f} s")
+    line = (f"{args.layers} layers x {len(FORMATS)} formats -> {len(frontier)} Pareto points "
+            f"(exact={frontier.exact}, max_points={args.max_points}) in {seconds:.2f} s")
+    print(f"frontier_speed: {line}")
+    if args.record:
+        update_results_section("Exact frontier speed", (
+            f"Machine: {machine_info()}\n\n`python -m benchmarks.frontier_speed`: a synthetic "
+            "LLaMA-shaped table (7 matrix shapes repeating, log-normal sensitivities), one "
+            f"process.\n\n- {line}\n- target: 500 layers x 8 formats under 1 s"
+            f" — {'met' if seconds < 1 else 'missed'}\n"))
 
 
 if __name__ == "__main__":
