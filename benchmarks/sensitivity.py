@@ -154,7 +154,7 @@ def _train_tiny_llama(folder: Path, *, steps: int, seed: int = 0) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-    logger.info("tiny-llama trained %d steps, final loss %.3f", steps, float(loss))
+    logger.info("tiny-llama trained %d steps, final loss %.3f", steps, float(loss.detach()))
     model.eval().save_pretrained(folder)
 
 
