@@ -42,9 +42,11 @@ def test_quick_run_polls_a_running_job_and_the_baseline_without_errors(tmp_path:
         assert phase["server_cpu_ms"] > 0 and phase["client_cpu_ms"] > 0
     # The worker burns CPU on the job while the pollers run.
     assert max(p["worker_cores"] for p in phases.values()) > 0
-    # Pollers of the job revalidate with If-None-Match: an unchanged job answers 304.
+    # Pollers revalidate with If-None-Match, so the job answers 200 or 304 and nothing else.
+    # How many are 304 depends on how often the running job's progress and ETA change, so it
+    # is not asserted here; tests/app/test_api_jobs.py checks ETag/304 deterministically.
     for mode in MODES:
-        assert phases[("bitplan", mode)]["statuses"].get("304", 0) > 0
+        assert set(phases[("bitplan", mode)]["statuses"]) <= {"200", "304"}
     # Paced clients never poll faster than their interval; saturated ones do far more.
     clients, seconds = report["clients"], report["seconds"]
     most_paced = clients * (seconds / POLL_INTERVAL_S + 1)
