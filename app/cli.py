@@ -148,6 +148,7 @@ def search_cmd(
     from app.report import render_report
     from app.summary import frontier_table
     from search.pipeline import run_job
+    from search.plans import read_frontier
 
     def run() -> None:
         spec = _spec(model=model, budget=budget, calib=calib, task=task,
@@ -157,7 +158,7 @@ def search_cmd(
                      max_samples=max_samples, holdout=holdout, batch_size=batch_size)
         with progress_bars() as progress:
             result = run_job(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
-        console.print(frontier_table(result.points, result.uniform))
+        console.print(frontier_table(read_frontier(result.frontier_path)))
         if result.interrupted:
             console.print("[yellow]search stopped early: the frontier holds the trials that "
                           "finished[/yellow]")

@@ -16,8 +16,10 @@ from typing import Any
 
 from app.client import BitplanClient
 from app.console import console, err_console
-from app.service_cli import download_job, embedded_service, frontier_table, wait_with_progress
+from app.service_cli import download_job, embedded_service, wait_with_progress
 from app.settings import Settings
+from app.summary import frontier_table
+from search.plans import read_frontier
 from sensitivity.models import resolve_cache_dir
 
 __all__ = ["DEMO_DATA_DIR", "run_demo"]
@@ -59,8 +61,8 @@ def run_demo(*, out_dir: Path = Path("bitplan-demo"), model: str = "builtin:digi
                 raise
             if job["state"] != "succeeded":
                 return job
-            console.print(frontier_table(client.frontier(job["id"])))
             files = download_job(client, job["id"], out_dir)
+    console.print(frontier_table(read_frontier(out_dir / "frontier.json")))
     console.print(f"downloaded {len(files)} files into {out_dir}/: frontier.json, "
                   f"frontier.csv, sensitivity.csv, plans/*.json")
     console.print(f"open [bold]{out_dir / 'report.html'}[/bold] in a browser")

@@ -35,7 +35,6 @@ import httpx
 import typer
 import uvicorn
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from app.client import ApiError, BitplanClient
@@ -44,7 +43,7 @@ from app.settings import Settings, get_settings
 from search.plans import FrontierFile
 from sensitivity.errors import InputError
 
-__all__ = ["download_job", "embedded_service", "frontier_table", "register", "stop_workers",
+__all__ = ["download_job", "embedded_service", "local_frontier", "register", "stop_workers",
            "wait_with_progress"]
 
 logger = logging.getLogger(__name__)
@@ -193,25 +192,13 @@ def wait_with_progress(client: BitplanClient, job_id: str, *,
         return client.wait_job(job_id, poll_s=_POLL_S, timeout=timeout, progress=show)
 
 
-def frontier_table(frontier: dict[str, Any]) -> Table:
-    """A job's frontier (the API's ``/frontier`` answer) as a terminal table."""
-    points = [*frontier["points"], *frontier["uniform"]]
-    table = Table(title="Pareto frontier (held-out = data the search never saw)")
-    # Plan ids are what `download` and the API take: never truncated, whatever the width.
-    widest = max((len(p["plan_id"]) for p in points), default=4)
-    table.add_column("plan", no_wrap=True, min_width=widest)
-    for name in ("source", "total MB", "bpw", "held-out error", "held-out metrics"):
-        table.add_column(name)
-    for point in points:
-        holdout = point["metrics"].get("holdout", {})
-        # Two task metrics fit a terminal; *_ref values are the full-precision model's own.
-        shown = ", ".join([f"{k}={v:.4g}" for k, v in holdout.items()
-                           if k != "error" and not k.endswith("_ref")][:2])
-        table.add_row(point["plan_id"], point["source"].partition(":")[0],
-                      f"{point['total_bytes'] / 1e6:.3f}",
-                      f"{point['bpw']:.2f}", f"{holdout.get('error', float('nan')):.4g}", shown,
-                      style="dim" if point in frontier["uniform"] else None)
-    return table
+def local_frontier(api_frontier: dict[str, Any]) -> FrontierFile:
+    """The API's ``/frontier`` answer as a frontier file of a downloaded folder: the API names
+    each plan by its URL (``href``), a folder by its relative path (``plans/<id>.json``)."""
+    return FrontierFile.from_dict({**api_frontier, **{
+        key: [{**{k: v for k, v in p.items() if k != "href"},
+               "plan": f"plans/{p['plan_id']}.json"} for p in api_frontier[key]]
+        for key in ("points", "uniform")}})
 
 
 def download_job(client: BitplanClient, job_id: str, dest: Path) -> list[Path]:
@@ -226,11 +213,7 @@ def download_job(client: BitplanClient, job_id: str, dest: Path) -> list[Path]:
         path = dest / "plans" / f"{point['plan_id']}.json"
         path.write_text(client.plan(job_id, point["plan_id"]), encoding="utf-8")
         written.append(path)
-    # The API names each plan by its URL (href); a folder names it by its relative path.
-    local = {**frontier, **{key: [{**{k: v for k, v in p.items() if k != "href"},
-                                   "plan": f"plans/{p['plan_id']}.json"} for p in frontier[key]]
-                            for key in ("points", "uniform")}}
-    document = FrontierFile.from_dict(local)
+    document = local_frontier(frontier)
     (dest / "frontier.json").write_text(json.dumps(document.to_dict(), indent=1) + "\n",
                                         encoding="utf-8")
     (dest / "frontier.csv").write_text(document.csv_text(), encoding="utf-8")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pandas as pd
 from rich.table import Table
 
-from search.outputs import PointRecord
+from search.plans import FrontierFile
 
 __all__ = ["frontier_table", "sensitivity_table"]
 
@@ -22,18 +20,21 @@ def _headline(metrics: dict[str, float]) -> str:
     return ""
 
 
-def frontier_table(points: Sequence[PointRecord], uniform: Sequence[PointRecord]) -> Table:
+def frontier_table(frontier: FrontierFile) -> Table:
     """Frontier points (smallest first), then the uniform-format baselines, dimmed."""
-    table = Table("plan", "MB", "bpw", "calib err", "held-out err", "held-out",
-                  title="Pareto frontier (held-out: data the search never saw)")
-    for p in points:
-        table.add_row(p.plan_id or "", f"{p.total_bytes / 1e6:.3f}", f"{p.bpw:.3f}",
-                      f"{p.calibration['error']:.4g}", f"{p.holdout['error']:.4g}",
-                      _headline(p.holdout))
-    for p in uniform:
-        table.add_row(p.plan_id or p.source, f"{p.total_bytes / 1e6:.3f}", f"{p.bpw:.3f}",
-                      f"{p.calibration['error']:.4g}", f"{p.holdout['error']:.4g}",
-                      _headline(p.holdout), style="dim")
+    table = Table(title="Pareto frontier (held-out: data the search never saw)")
+    # Plan ids are what `download`, `apply` and the API take: never truncated.
+    table.add_column("plan", no_wrap=True)
+    for name in ("source", "MB", "bpw", "calib err", "held-out err", "held-out"):
+        table.add_column(name)
+    for point in [*frontier.points, *frontier.uniform]:
+        calib = point.metrics.get("calibration", {})
+        holdout = point.metrics.get("holdout", {})
+        table.add_row(point.plan_id, point.source.partition(":")[0],
+                      f"{point.total_bytes / 1e6:.3f}", f"{point.bpw:.3f}",
+                      f"{calib.get('error', float('nan')):.4g}",
+                      f"{holdout.get('error', float('nan')):.4g}", _headline(holdout),
+                      style="dim" if point in frontier.uniform else None)
     return table
 
 

@@ -51,7 +51,6 @@ class JobResult:
     out_dir: Path
     frontier_path: Path
     plan_ids: list[str]
-    best_plan_id: str | None
     interrupted: bool
     points: list[PointRecord] = field(default_factory=list)
     uniform: list[PointRecord] = field(default_factory=list)
@@ -190,7 +189,6 @@ def run_job(spec: JobSpec, *, out_dir: Path, cache_dir: Path | None = None,
     paths = write_job_outputs(out_dir=out_dir, model=model, problem=problem, budget=budget,
                               points=points, uniform=uniform)
     return JobResult(out_dir=out_dir, frontier_path=paths.frontier, plan_ids=paths.plan_ids,
-                     best_plan_id=paths.plan_ids[-1] if paths.plan_ids else None,
                      interrupted=result.interrupted, points=points, uniform=uniform)
 
 
