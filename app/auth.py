@@ -45,8 +45,10 @@ def auth_required(settings: Settings) -> bool:
 
 def authenticate(session: Session, *, settings: Settings, token: str | None) -> ApiKey | None:
     """The API key whose plaintext is ``token`` (from ``Authorization: Bearer``), None when
-    auth is off; 401 when a key is required and ``token`` is missing, unknown or revoked."""
-    if not auth_required(settings):
+    auth is off; 401 when a key is required and ``token`` is missing, unknown or revoked.
+    ``settings`` passed :func:`auth_required` when the app was created, so this per-request
+    check reads the mode without validating it again."""
+    if not settings.keys_required:
         return None
     if not token:
         raise ProblemError(

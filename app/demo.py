@@ -10,7 +10,6 @@ interrupted by Ctrl-C is cancelled on the server first.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from search.plans import read_frontier
 from sensitivity.models import resolve_cache_dir
 
 __all__ = ["DEMO_DATA_DIR", "run_demo"]
-
-logger = logging.getLogger(__name__)
 
 DEMO_DATA_DIR = Path(".bitplan") / "demo"
 # The demo's job must finish on a 2-core laptop in well under two minutes: a dozen measured

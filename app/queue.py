@@ -51,10 +51,8 @@ class ClaimedJob:
 
     id: str
     spec: dict[str, Any]
-    owner_id: str | None
     lease_version: int
     attempts: int
-    max_attempts: int
 
 
 def _fenced(job_id: str, lease_version: int) -> Update:
@@ -97,17 +95,15 @@ def claim_job(
             lease_version=Job.lease_version + 1, attempts=Job.attempts + 1,
             started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
         )
-        .returning(Job.id, Job.spec, Job.owner_id, Job.lease_version, Job.attempts,
-                   Job.max_attempts)
+        .returning(Job.id, Job.spec, Job.lease_version, Job.attempts)
     )
     with _writing(engine) as connection:
         row = connection.execute(statement).first()
     if row is None:
         return None
     logger.info("worker %s claimed job %s (attempt %d)", worker_id, row.id, row.attempts)
-    return ClaimedJob(id=row.id, spec=row.spec, owner_id=row.owner_id,
-                      lease_version=row.lease_version, attempts=row.attempts,
-                      max_attempts=row.max_attempts)
+    return ClaimedJob(id=row.id, spec=row.spec, lease_version=row.lease_version,
+                      attempts=row.attempts)
 
 
 def heartbeat(

@@ -47,14 +47,16 @@ _LOG_SPAN = 100.0
 class _Job:
     """What the report shows, read from a job folder."""
 
-    frontier: FrontierFile
+    frontier: FrontierFile  # its points smallest first: the plot's line and the tables' order
     plans: dict[str, Plan]  # plan_id -> plan, for the points whose plan file exists
+    budget: tuple[float, str] | None  # the budget in total bytes and its label, when placeable
     sensitivity: pd.DataFrame | None
     extra_files: list[str]  # downloadable files present besides the plans
 
 
 def _load(job_dir: Path) -> _Job:
     frontier = read_frontier(job_dir / "frontier.json")
+    frontier.points = sorted(frontier.points, key=lambda p: p.total_bytes)
     plans = {}
     for point in frontier.points + frontier.uniform:
         if point.plan and (job_dir / point.plan).is_file():
@@ -65,7 +67,9 @@ def _load(job_dir: Path) -> _Job:
         raise InputError(f"{sens_path} needs the columns layer, format, error")
     extra = [name for name in ("frontier.json", "frontier.csv", "sensitivity.csv", "layers.json")
              if (job_dir / name).is_file()]
-    return _Job(frontier=frontier, plans=plans, sensitivity=sensitivity, extra_files=extra)
+    budget = _budget_total(frontier.budget, next(iter(plans.values()), None))
+    return _Job(frontier=frontier, plans=plans, budget=budget, sensitivity=sensitivity,
+                extra_files=extra)
 
 
 def _esc(value: object) -> str:
@@ -141,12 +145,10 @@ def _budget_total(budget: dict[str, Any] | None, plan: Plan | None) -> tuple[flo
 
 
 def _plot_svg(job: _Job) -> str:
-    points = sorted(job.frontier.points, key=lambda p: p.total_bytes)
-    every = points + job.frontier.uniform
-    shown = [p for p in every if not math.isnan(_holdout_error(p))]
+    points, budget = job.frontier.points, job.budget
+    shown = [p for p in points + job.frontier.uniform if not math.isnan(_holdout_error(p))]
     if not shown:
         return '<p class="empty">No measured points to plot.</p>'
-    budget = _budget_total(job.frontier.budget, next(iter(job.plans.values()), None))
     xs = [_mb(p.total_bytes) for p in shown] + ([_mb(budget[0])] if budget else [])
     ys = [_holdout_error(p) for p in shown]
     positive = [y for y in ys if y > 0]
@@ -251,7 +253,7 @@ def _downloads_html(job: _Job, links_base: str | None) -> str:
     file_links = " ".join(f'<a class="file" href="{_esc(h)}">{_esc(n)}</a>'
                           for n, h in files if h)
     rows = []
-    for p in sorted(job.frontier.points, key=lambda q: q.total_bytes) + job.frontier.uniform:
+    for p in job.frontier.points + job.frontier.uniform:
         if p.plan_id not in job.plans:
             continue
         if links_base is None:
@@ -282,9 +284,8 @@ def _text_colour(hex_colour: str) -> str:
 
 
 def _embedded(job: _Job) -> dict[str, Any]:
-    order = sorted(job.frontier.points, key=lambda p: p.total_bytes) + job.frontier.uniform
     plans = []
-    for p in order:
+    for p in job.frontier.points + job.frontier.uniform:
         plan = job.plans.get(p.plan_id)
         if plan is None:
             continue
@@ -324,8 +325,7 @@ def _finite(data: Any) -> Any:
 def _cards_html(job: _Job, data: dict[str, Any]) -> str:
     model = job.frontier.model
     best = next((p for p in data["plans"] if p["id"] == data["selected"]), None)
-    any_plan = next(iter(job.plans.values()), None)
-    budget = _budget_total(job.frontier.budget, any_plan)
+    budget = job.budget
     cards = [("model", model.get("ref", "?"), f"sha256 {model.get('sha256', '')[:12]}"),
              ("budget", budget[1].removeprefix("budget ") if budget else "none",
               f"at most {_size(budget[0])} in total" if budget else "")]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.models import JOB_STATES
 from search.budgets import parse_budget
 from search.spec import METHODS, SAMPLERS, JobSpec
 from sensitivity.builtin import BUILTIN_MODELS
@@ -28,6 +29,7 @@ __all__ = [
     "FrontierRead",
     "JobCreate",
     "JobRead",
+    "JobState",
     "JobsRead",
     "ModelRead",
     "ModelsRead",
@@ -40,7 +42,7 @@ _NEXT_CURSOR = "pass as ?cursor= for the next page; null on the last page"
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Sampler = Literal[SAMPLERS]  # type: ignore[valid-type]
 Task = Literal[TASKS]  # type: ignore[valid-type]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
 
 
 class _BlobRead(BaseModel):

@@ -335,7 +335,8 @@ def register(app: typer.Typer) -> None:
             with BitplanClient(url, api_key=api_key) as client:
                 fields: dict[str, Any] = {"budget": budget, "method": method, "trials": trials,
                                           "seed": seed}
-                fields.update({k: v for k, v in (("timeout", timeout),) if v is not None})
+                if timeout is not None:
+                    fields["timeout"] = timeout
                 if formats:
                     fields["formats"] = [f.strip() for f in formats.split(",") if f.strip()]
                 job = client.submit_job(model=_upload_ref(client, model, kind="model"),

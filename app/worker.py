@@ -101,7 +101,7 @@ class _JobRun:
     def progress(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
         new_stage = self._stage is None or self._stage[0] != stage
-        if self._stage is None or new_stage:
+        if self._stage is None or new_stage:  # the None test narrows the type for mypy
             self._stage = (stage, now)
         if not (new_stage or done >= total or now - self._last_write >= PROGRESS_INTERVAL_S):
             return

@@ -107,9 +107,19 @@ def _raw(t: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
+def _row_step(cols: int) -> int:
+    """Rows a chunk: at most ``_CHUNK_ELEMENTS`` weights, at least one row."""
+    return max(1, _CHUNK_ELEMENTS // max(cols, 1))
+
+
+def _n_codes(fmt: QuantFormat, rows: int, cols: int, groups_per_row: int) -> int:
+    """Values in an integer ``qdata`` stream: every code, then a zero point a group (asym)."""
+    return rows * cols + (0 if fmt.symmetric else rows * groups_per_row)
+
+
 def _row_chunks(matrix: torch.Tensor) -> Iterator[torch.Tensor]:
     rows, cols = matrix.shape
-    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    step = _row_step(cols)
     for start in range(0, rows, step):
         yield matrix[start:start + step]
 
@@ -162,8 +172,7 @@ def _quantized(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> list[_Tens
     if fmt.kind == "fp8":
         qdata = _Tensor(f"{param}.qdata", torch.float8_e4m3fn, (rows, cols), rows * cols, write_fp8)
     else:
-        n_values = rows * cols + (0 if fmt.symmetric else rows * groups_per_row)
-        nbytes = packed_size(n_values, fmt.bits)
+        nbytes = packed_size(_n_codes(fmt, rows, cols, groups_per_row), fmt.bits)
         qdata = _Tensor(f"{param}.qdata", torch.uint8, (nbytes,), nbytes, write_int)
     n_scales = rows * groups_per_row
     return [qdata, _Tensor(f"{param}.scales", torch.float16, (rows, groups_per_row),
@@ -367,7 +376,7 @@ def _codes(f: Any, name: str, fmt: QuantFormat, rows: int, cols: int) -> QuantCo
     if fmt.kind == "fp8":
         want_q: tuple[int, ...] = (rows, cols)
     else:
-        n_values = rows * cols + (0 if fmt.symmetric else rows * groups)
+        n_values = _n_codes(fmt, rows, cols, groups)
         want_q = (packed_size(n_values, fmt.bits),)
     if tuple(scale.shape) != (rows, groups) or tuple(qdata.shape) != want_q:
         raise InputError(f"{name} is stored with shapes {list(qdata.shape)}/{list(scale.shape)}, "
@@ -392,7 +401,7 @@ def _load_planned(f: Any, name: str, param: torch.Tensor, info: dict[str, Any]) 
     matrix = weight_matrix(param, info["kind"])
     rows, cols = matrix.shape
     codes = _codes(f, name, fmt, rows, cols)
-    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    step = _row_step(cols)
     for s in range(0, rows, step):  # the same row chunks as fake_quantize: same float32 values
         zero = None if codes.zero is None else codes.zero[s:s + step]
         part = QuantCodes(q=codes.q[s:s + step], scale=codes.scale[s:s + step], zero=zero)

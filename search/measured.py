@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from search.spec import SAMPLERS
 from sensitivity.errors import InputError
 from sensitivity.progress import CancelFn, Cancelled, ProgressFn, report
 
@@ -63,7 +64,6 @@ __all__ = ["SAMPLERS", "Candidate", "SearchResult", "measured_search", "pareto_f
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("nsga2", "tpe")
 _CAP_CONSTRAINT = "bytes_over_cap"
 # NSGA-II improves on random sampling only from its second generation on: a quarter of the trial
 # budget per generation gives at least four generations; 8 keeps crossover from inbreeding a tiny

@@ -93,7 +93,8 @@ def analyze_spec(spec: JobSpec, *, out_dir: Path, cache_dir: Path | None = None,
                   should_cancel=should_cancel)
 
 
-def _check_budget(model: LoadedModel, spec: JobSpec, budget: Budget) -> None:
+def _check_budget(model: LoadedModel, spec: JobSpec, budget: Budget, *, unplanned_bytes: int,
+                  fp16_bytes: int) -> None:
     """Fail before any measurement when even the smallest formats miss the budget."""
     rows = []
     for lay in model.layers:
@@ -101,9 +102,8 @@ def _check_budget(model: LoadedModel, spec: JobSpec, budget: Budget) -> None:
         rows += [{"layer": lay.name, "format": n, "error": 0.0,
                   "bytes": tensor_bytes(f, *lay.shape)} for n, f in
                  zip(names, parse_formats(names), strict=True)]
-    unplanned, fp16 = parameter_bytes(model.module, model.layers)
-    planned_cap(build_problem(pd.DataFrame(rows), model.layers, unplanned_bytes=unplanned,
-                              fp16_bytes=fp16), budget)
+    planned_cap(build_problem(pd.DataFrame(rows), model.layers, unplanned_bytes=unplanned_bytes,
+                              fp16_bytes=fp16_bytes), budget)
 
 
 def _seeds(problem: Problem, frontier: Frontier, cap: int, formats: list[str]
@@ -158,11 +158,11 @@ def run_job(spec: JobSpec, *, out_dir: Path, cache_dir: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = parse_budget(spec.budget)
     model, calib, holdout = load_inputs(spec, cache_dir=cache_dir, progress=progress)
-    _check_budget(model, spec, budget)
+    unplanned, fp16 = parameter_bytes(model.module, model.layers)
+    _check_budget(model, spec, budget, unplanned_bytes=unplanned, fp16_bytes=fp16)
     table = _table(spec, model, calib, out_dir=out_dir, cache_dir=cache_dir, progress=progress,
                    should_cancel=should_cancel)
 
-    unplanned, fp16 = parameter_bytes(model.module, model.layers)
     problem = build_problem(table, model.layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
     cap = planned_cap(problem, budget)
     frontier = exact_frontier(problem, progress=progress, should_cancel=should_cancel)

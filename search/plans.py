@@ -46,8 +46,8 @@ __all__ = [
 PLAN_SCHEMA = "bitplan.plan/v1"
 FRONTIER_SCHEMA = "bitplan.frontier/v1"
 SOURCES = ("exact", "search", "uniform")
-# Float totals are recomputed from integers, so only float rounding can differ; 1e-9 relative
-# is far above that (1e-16) and far below any real inconsistency (one byte in a terabyte).
+# Float totals are recomputed from integers, so only float rounding can differ; 1e-12 relative
+# is far above that (1e-16) and at most one byte in a terabyte, below any real inconsistency.
 _REL_TOL = 1e-12
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from sensitivity.errors import InputError
-from sensitivity.formats import QuantFormat, parse_format
+from sensitivity.formats import QuantFormat, parse_formats
 from sensitivity.methods import (
     Scores,
     e2e_errors,
@@ -59,14 +59,9 @@ METHODS = ("weight", "layer", "fisher", "e2e")
 
 
 def _formats(formats: Sequence[QuantFormat | str]) -> list[QuantFormat]:
-    parsed = [parse_format(f) if isinstance(f, str) else f for f in formats]
-    if not parsed:
+    if not formats:
         raise InputError("no formats to analyze; give at least one, e.g. int8,int4-g128")
-    names = [f.name for f in parsed]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise InputError(f"format listed twice: {', '.join(dupes)}")
-    return parsed
+    return parse_formats(formats)  # rejects duplicates
 
 
 # fisher backpropagates through this share of the calibration batches: a backward pass costs

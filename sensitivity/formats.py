@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,10 +120,14 @@ def parse_format(name: str) -> QuantFormat:
                        symmetric=match["asym"] is None)
 
 
-def parse_formats(names: str | list[str] | tuple[str, ...]) -> list[QuantFormat]:
-    """Parse a comma-separated list (or a sequence) of names, rejecting duplicates."""
+def parse_formats(names: str | Sequence[str | QuantFormat]) -> list[QuantFormat]:
+    """Parse a comma-separated list (or a sequence) of names, rejecting duplicates.
+
+    Items of a sequence that are already :class:`QuantFormat` are kept as they are.
+    """
     items = names.split(",") if isinstance(names, str) else list(names)
-    formats = [parse_format(item) for item in items if item.strip()]
+    formats = [item if isinstance(item, QuantFormat) else parse_format(item)
+               for item in items if isinstance(item, QuantFormat) or item.strip()]
     if not formats:
         raise FormatError(f"no format given; accepted: {_ACCEPTED}")
     seen = [f.name for f in formats]
@@ -132,12 +137,8 @@ def parse_formats(names: str | list[str] | tuple[str, ...]) -> list[QuantFormat]
     return formats
 
 
-def tensor_bytes(fmt: QuantFormat, rows: int, cols: int, *, float_bytes: int = 2) -> int:
-    """Exact stored bytes of a ``[rows, cols]`` matrix in ``fmt`` (DESIGN §3).
-
-    ``float_bytes`` is unused for quantized formats; it is kept for symmetry with unplanned
-    parameters whose size depends on their stored dtype.
-    """
+def tensor_bytes(fmt: QuantFormat, rows: int, cols: int) -> int:
+    """Exact stored bytes of a ``[rows, cols]`` matrix in ``fmt`` (DESIGN §3)."""
     numel = rows * cols
     if fmt.kind == "float":
         return numel * FLOAT_BYTES[fmt.name]

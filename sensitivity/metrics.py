@@ -43,8 +43,8 @@ from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 if TYPE_CHECKING:
     from sensitivity.models import LoadedModel
 
-__all__ = ["OutputKind", "Reference", "collect_reference", "forward_output", "measure",
-           "output_kind"]
+__all__ = ["OutputKind", "Reference", "collect_reference", "counted_positions",
+           "forward_output", "measure", "output_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,18 @@ def _rows(kind: OutputKind, model: LoadedModel, batch: dict[str, torch.Tensor],
     if ids is None or out.dim() != 3 or out.shape[:2] != ids.shape:
         raise InputError(f"text-generation needs input_ids [B, T] and logits [B, T, V]; got "
                          f"inputs {sorted(batch)} and output shape {list(out.shape)}")
-    mask = batch.get("attention_mask")
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    counted = real[:, :-1] & real[:, 1:]  # (B, T-1): both the input and its next token real
+    counted = counted_positions(batch.get("attention_mask"), ids.shape, ids.device)  # (B, T-1)
     return out[:, :-1][counted], ids[:, 1:][counted]  # (M, V), (M,)
+
+
+def counted_positions(mask: torch.Tensor | None, shape: tuple[int, int],
+                      device: torch.device) -> torch.Tensor:
+    """``[B, T-1]`` bool: LM position ``t`` counts when tokens ``t`` and ``t + 1`` are both real.
+
+    ``mask`` is the batch's ``attention_mask`` ``[B, T]`` (None: every token is real).
+    """
+    real = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
+    return real[:, :-1] & real[:, 1:]  # (B, T-1)
 
 
 def _labels(labels: torch.Tensor, start: int, n: int, classes: int) -> torch.Tensor:

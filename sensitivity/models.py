@@ -130,12 +130,7 @@ def _select_layers(
     layers = find_quant_layers(module, exclude=tuple(exclude))
     if not layers:
         raise InputError(f"{ref}: the exclude patterns leave no layer to plan")
-    try:
-        return apply_pins(layers, pins)
-    except ValueError as exc:  # layers.py raises ValueError for unmatched or conflicting pins
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(str(exc)) from None
+    return apply_pins(layers, pins)  # raises InputError for bad, unmatched or clashing pins
 
 
 def load_model(

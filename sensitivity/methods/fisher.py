@@ -53,6 +53,7 @@ from sensitivity.methods._common import (
     spread_over_ties,
     tie_groups,
 )
+from sensitivity.metrics import counted_positions
 from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = ["FISHER_TARGETS", "FisherTarget", "fisher_errors"]
@@ -72,10 +73,9 @@ def _pseudo_loss(out: torch.Tensor, target: FisherTarget, mask: torch.Tensor | N
         return (r * out.to(torch.float32)).sum(), out.shape[0]
     logits = out.to(torch.float32)
     if logits.dim() == 3:  # a causal LM: position t predicts token t + 1
-        real = (torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-                if mask is None else mask.to(torch.bool))
         # Count the positions the metrics count: t and t + 1 both real tokens.
-        logits = logits[:, :-1][real[:, :-1] & real[:, 1:]]  # (n_predictions, V)
+        counted = counted_positions(mask, logits.shape[:2], logits.device)  # (B, T-1)
+        logits = logits[:, :-1][counted]  # (n_predictions, V)
     logits = logits.reshape(-1, logits.shape[-1])  # (n_predictions, V)
     with torch.no_grad():
         labels = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)
@@ -178,10 +178,11 @@ def fisher_errors(module: nn.Module, layers: Sequence[QuantLayer],
         f = weight_matrix(fisher.pop(lay.group), lay.kind)  # (rows, cols) like the weight view
         if not f.any():
             logger.warning("no gradient reached %s; its fisher error is scored 0", lay.name)
+        matrix = layer_matrix(module, lay)
         errors = {}
         for fmt in candidates(lay, formats):
             total = 0.0
-            for start, stop, _, dw in iter_deltas(layer_matrix(module, lay), fmt):
+            for start, stop, _, dw in iter_deltas(matrix, fmt):
                 total += float((f[start:stop].to(torch.float32) * dw.square()).sum())
             # ½ ΔWᵀ F ΔW, F per prediction: the expected loss (KL) increase, see module doc.
             errors[fmt.name] = 0.5 * total / n_predictions

@@ -37,7 +37,6 @@ def weight_errors(module: nn.Module, layers: Sequence[QuantLayer],
     Tied layers share one tensor, so its score is split over them (see ``spread_over_ties``).
     """
     scores: Scores = {}
-    done = 0
     for group in tie_groups(layers):
         check_cancel(should_cancel)
         matrix = layer_matrix(module, group[0])
@@ -49,7 +48,6 @@ def weight_errors(module: nn.Module, layers: Sequence[QuantLayer],
                 den += float(w.square().sum())
             errors[fmt.name] = num / den if den > 0 else 0.0
         spread_over_ties(group, errors, scores)
-        done += len(group)
-        report(progress, "analyze", done, len(layers))
+        report(progress, "analyze", len(scores), len(layers))
         logger.debug("weight errors of %s: %s", group[0].name, errors)
     return scores

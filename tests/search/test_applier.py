@@ -49,5 +49,6 @@ def test_restores_on_error_and_refuses_use_outside_block() -> None:
         applier.apply({"1": "int8"})
     with pytest.raises(KeyError), applier:
         applier.apply({"1": "int2"})
+        assert not torch.equal(model[1].weight, before)  # the restore below has work to do
         raise KeyError("trial failed")
     assert torch.equal(model[1].weight, before)

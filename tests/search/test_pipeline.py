@@ -57,9 +57,9 @@ def test_frontier_respects_budget_and_is_pareto(job: tuple) -> None:
 
 def test_frontier_beats_or_matches_uniform_at_equal_size(job: tuple) -> None:
     _, result, _ = job
-    for uni in result.uniform:
-        if uni.bpw > 4.0:
-            continue
+    under_budget = [uni for uni in result.uniform if uni.bpw <= 4.0]
+    assert under_budget  # int3-g64 and int2-g32-asym fit 4bpw: the loop below checks something
+    for uni in under_budget:
         fits = [p for p in result.points if p.total_bytes <= uni.total_bytes]
         assert fits, f"no frontier point at or below {uni.plan_id}"
         assert min(p.calibration["error"] for p in fits) <= uni.calibration["error"]

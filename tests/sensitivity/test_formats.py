@@ -59,6 +59,10 @@ def test_parse_formats_rejects_duplicates_and_empty() -> None:
     assert [f.name for f in parse_formats("int8, int4-g128")] == ["int8", "int4-g128"]
     with pytest.raises(FormatError, match="listed twice: int8"):
         parse_formats("int8,int8")
+    int8 = parse_format("int8")
+    assert parse_formats([int8, "INT4"]) == [int8, parse_format("int4")]
+    with pytest.raises(FormatError, match="listed twice: int8"):
+        parse_formats([int8, "int8"])
     with pytest.raises(FormatError, match="no format"):
         parse_formats(" , ")
 

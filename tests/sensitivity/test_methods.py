@@ -76,6 +76,7 @@ def test_weight_matches_definition_and_rises_as_bits_fall() -> None:
     model = _model()
     layers = find_quant_layers(model)
     scores = weight_errors(model, layers, FORMATS)
+    _rising(scores)
     w = model.up.weight.detach()
     q = fake_quantize(w, parse_format("int4"))
     expected = float((q - w).square().sum() / w.square().sum())

@@ -23,14 +23,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
 from app import crud
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
-from app.models import JOB_STATES, Job
+from app.models import Job
 from app.problems import ProblemError, problem_responses
-from app.schemas import BUILTIN_PREFIX, FrontierRead, JobCreate, JobRead, JobsRead
+from app.schemas import BUILTIN_PREFIX, FrontierRead, JobCreate, JobRead, JobsRead, JobState
 from app.settings import Settings
 from search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
 from search.plans import read_frontier, read_plan
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JobStateFilter = Literal[JOB_STATES]  # type: ignore[valid-type]
 PlanFormat = Literal["json", "csv", "torchao", "llamacpp"]
 # Plan ids name files under plans/: letters, digits, '.', '_', '-', never a path separator.
 _PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -79,8 +78,8 @@ def _job_read(job: Job) -> JobRead:
     )
 
 
-def _etag(body: JobRead) -> str:
-    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+def _etag(payload: bytes) -> str:
+    digest = hashlib.sha256(payload).hexdigest()
     return f'"{digest[:32]}"'  # 128 bits tell versions apart; the full hash adds nothing
 
 
@@ -158,7 +157,7 @@ def create_job(
             responses=problem_responses(401))
 def list_jobs(
     session: SessionDep, owner_id: OwnerDep,
-    state: JobStateFilter | None = None,  # type: ignore[valid-type]
+    state: JobState | None = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobsRead:
@@ -179,13 +178,14 @@ def get_job(
     job_id: str, session: SessionDep, owner_id: OwnerDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    body = _job_read(_owned_job(session, owner_id, job_id))
-    etag = _etag(body)
+    # Serialised once: the same bytes are hashed for the ETag and sent as the body.
+    payload = _job_read(_owned_job(session, owner_id, job_id)).model_dump_json().encode()
+    etag = _etag(payload)
     # no-cache: caches may keep the body but must revalidate, so pollers always see news.
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _etag_matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+    return Response(payload, media_type="application/json", headers=headers)
 
 
 @router.post(
