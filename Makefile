@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check sensitivity search app tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Run as modules: benchmarks/sensitivity.py would otherwise shadow the sensitivity package.
 # Each script records its own section of benchmarks/RESULTS.md with the machine and date.

@@ -15,11 +15,11 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from app import crud
-from app.models import ApiKey
-from app.problems import ProblemError
-from app.settings import Settings
-from sensitivity.errors import InputError
+from bitplan.app import crud
+from bitplan.app.models import ApiKey
+from bitplan.app.problems import ProblemError
+from bitplan.app.settings import Settings
+from bitplan.sensitivity.errors import InputError
 
 __all__ = ["auth_required", "authenticate"]
 
@@ -52,14 +52,18 @@ def authenticate(session: Session, *, settings: Settings, token: str | None) -> 
         return None
     if not token:
         raise ProblemError(
-            401, "this server needs an API key: send 'Authorization: Bearer <key>'",
-            slug="unauthenticated", headers=_CHALLENGE,
+            401,
+            "this server needs an API key: send 'Authorization: Bearer <key>'",
+            slug="unauthenticated",
+            headers=_CHALLENGE,
         )
     key = crud.find_api_key(session, plaintext=token)
     if key is None or key.revoked_at is not None:
         log.info("rejected an unknown or revoked API key")
         raise ProblemError(
-            401, "the API key is unknown or revoked; create one with `bitplan keys create NAME`",
-            slug="unauthenticated", headers=_CHALLENGE,
+            401,
+            "the API key is unknown or revoked; create one with `bitplan keys create NAME`",
+            slug="unauthenticated",
+            headers=_CHALLENGE,
         )
     return key

@@ -12,22 +12,33 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app.console import console, exit_on_input_error, progress_bars, setup_logging
-from app.service_cli import register as register_service_commands
-from search.spec import METHODS, JobSpec
-from sensitivity.errors import InputError
-from sensitivity.formats import ALLOWED_BITS, DEFAULT_FORMATS, parse_format
+from bitplan.app.console import console, exit_on_input_error, progress_bars, setup_logging
+from bitplan.app.service_cli import register as register_service_commands
+from bitplan.search.spec import METHODS, JobSpec
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import ALLOWED_BITS, DEFAULT_FORMATS, parse_format
 
-app = typer.Typer(name="bitplan", no_args_is_help=True, add_completion=False,
-                  help="Mixed-precision quantization planning: per-layer sensitivity, "
-                       "exact size/quality frontiers, per-layer plans.")
+app = typer.Typer(
+    name="bitplan",
+    no_args_is_help=True,
+    add_completion=False,
+    help="Mixed-precision quantization planning: per-layer sensitivity, "
+    "exact size/quality frontiers, per-layer plans.",
+)
 
-FormatsOpt = Annotated[str, typer.Option("--formats", "-f",
-                                         help="Comma-separated candidate formats.")]
-ExcludeOpt = Annotated[list[str] | None, typer.Option(
-    "--exclude", help="fnmatch pattern of layer names to leave unquantized (repeatable).")]
-PinOpt = Annotated[list[str] | None, typer.Option(
-    "--pin", help="PATTERN=FORMAT: force matching layers to a format (repeatable).")]
+FormatsOpt = Annotated[
+    str, typer.Option("--formats", "-f", help="Comma-separated candidate formats.")
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude", help="fnmatch pattern of layer names to leave unquantized (repeatable)."
+    ),
+]
+PinOpt = Annotated[
+    list[str] | None,
+    typer.Option("--pin", help="PATTERN=FORMAT: force matching layers to a format (repeatable)."),
+]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 ModelArg = Annotated[str, typer.Argument(help="builtin:NAME, a Hugging Face folder or .zip.")]
 CalibOpt = Annotated[str, typer.Option(help="builtin, or a .txt/.jsonl/.safetensors file.")]
@@ -52,14 +63,16 @@ def parse_pins(pins: list[str] | None) -> dict[str, str]:
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
-          = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
     setup_logging(verbose)
 
 
 @app.command("formats")
-def formats_cmd(cols: Annotated[int, typer.Option(help="Row length used for bits per weight.")]
-                = 4096) -> None:
+def formats_cmd(
+    cols: Annotated[int, typer.Option(help="Row length used for bits per weight.")] = 4096,
+) -> None:
     """List the formats bitplan accepts, with bits per weight (scales included)."""
     table = Table("format", "bits", "group", "symmetric", f"bpw (cols={cols})")
     names = ["fp32", "bf16", "fp16", "fp8-e4m3"]
@@ -71,16 +84,23 @@ def formats_cmd(cols: Annotated[int, typer.Option(help="Row length used for bits
     for name in names:
         fmt = parse_format(name)
         group = "-" if fmt.kind == "float" else str(fmt.group_size or "row")
-        table.add_row(name, str(fmt.bits), group,
-                      "yes" if fmt.symmetric else "no", f"{fmt.bits_per_weight(cols):.3f}")
+        table.add_row(
+            name,
+            str(fmt.bits),
+            group,
+            "yes" if fmt.symmetric else "no",
+            f"{fmt.bits_per_weight(cols):.3f}",
+        )
     console.print(table)
-    console.print("Any group size G ≥ 1 works: int{b}-g{G}[-asym], b in "
-                  f"{{{','.join(map(str, ALLOWED_BITS))}}}.")
+    console.print(
+        "Any group size G ≥ 1 works: int{b}-g{G}[-asym], b in "
+        f"{{{','.join(map(str, ALLOWED_BITS))}}}."
+    )
 
 
 def _cache_dir() -> Path:
     """The sensitivity cache shared by CLI runs (BITPLAN_CACHE_DIR overrides)."""
-    from sensitivity.models import resolve_cache_dir
+    from bitplan.sensitivity.models import resolve_cache_dir
 
     return resolve_cache_dir()
 
@@ -106,14 +126,25 @@ def analyze_cmd(
     batch_size: BatchSizeOpt = 32,
 ) -> None:
     """Measure each layer's sensitivity to each format; write sensitivity.csv and layers.json."""
-    from app.summary import sensitivity_table
-    from search.pipeline import analyze_spec
+    from bitplan.app.summary import sensitivity_table
+    from bitplan.search.pipeline import analyze_spec
 
     def run() -> None:
-        spec = _spec(model=model, budget="16bpw", calib=calib, task=task,
-                     formats=formats.split(","), method=method, exclude=list(exclude or []),
-                     pins=parse_pins(pin), device=device, max_length=max_length,
-                     max_samples=max_samples, holdout=holdout, batch_size=batch_size)
+        spec = _spec(
+            model=model,
+            budget="16bpw",
+            calib=calib,
+            task=task,
+            formats=formats.split(","),
+            method=method,
+            exclude=list(exclude or []),
+            pins=parse_pins(pin),
+            device=device,
+            max_length=max_length,
+            max_samples=max_samples,
+            holdout=holdout,
+            batch_size=batch_size,
+        )
         with progress_bars() as progress:
             table = analyze_spec(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
         console.print(sensitivity_table(table))
@@ -132,8 +163,7 @@ def search_cmd(
     formats: FormatsOpt = ",".join(DEFAULT_FORMATS),
     method: MethodOpt = "fisher",
     trials: Annotated[int, typer.Option(help="Measured trials (seeds included).")] = 40,
-    timeout: Annotated[float | None, typer.Option(help="Stop the search after S seconds.")]
-    = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop the search after S seconds.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split and the sampler.")] = 0,
     sampler: Annotated[str, typer.Option(help="nsga2 or tpe.")] = "nsga2",
     exclude: ExcludeOpt = None,
@@ -145,52 +175,75 @@ def search_cmd(
     batch_size: BatchSizeOpt = 32,
 ) -> None:
     """Find the size/quality Pareto frontier under BUDGET and write a plan for every point."""
-    from app.report import render_report
-    from app.summary import frontier_table
-    from search.pipeline import run_job
-    from search.plans import read_frontier
+    from bitplan.app.report import render_report
+    from bitplan.app.summary import frontier_table
+    from bitplan.search.pipeline import run_job
+    from bitplan.search.plans import read_frontier
 
     def run() -> None:
-        spec = _spec(model=model, budget=budget, calib=calib, task=task,
-                     formats=formats.split(","), method=method, trials=trials, timeout=timeout,
-                     seed=seed, sampler=sampler, exclude=list(exclude or []),
-                     pins=parse_pins(pin), device=device, max_length=max_length,
-                     max_samples=max_samples, holdout=holdout, batch_size=batch_size)
+        spec = _spec(
+            model=model,
+            budget=budget,
+            calib=calib,
+            task=task,
+            formats=formats.split(","),
+            method=method,
+            trials=trials,
+            timeout=timeout,
+            seed=seed,
+            sampler=sampler,
+            exclude=list(exclude or []),
+            pins=parse_pins(pin),
+            device=device,
+            max_length=max_length,
+            max_samples=max_samples,
+            holdout=holdout,
+            batch_size=batch_size,
+        )
         with progress_bars() as progress:
             result = run_job(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
         console.print(frontier_table(read_frontier(result.frontier_path)))
         if result.interrupted:
-            console.print("[yellow]search stopped early: the frontier holds the trials that "
-                          "finished[/yellow]")
+            console.print(
+                "[yellow]search stopped early: the frontier holds the trials that finished[/yellow]"
+            )
         report = render_report(out)
-        console.print(f"wrote {result.frontier_path}, {len(result.plan_ids)} plans in "
-                      f"{out / 'plans'} and the report {report}")
+        console.print(
+            f"wrote {result.frontier_path}, {len(result.plan_ids)} plans in "
+            f"{out / 'plans'} and the report {report}"
+        )
 
     exit_on_input_error(run)
 
 
 @app.command("solve")
 def solve_cmd(
-    table: Annotated[Path, typer.Argument(help="Sensitivity CSV: layer, format, error"
-                                          "[, bytes][, numel][, tie].")],
+    table: Annotated[
+        Path, typer.Argument(help="Sensitivity CSV: layer, format, error[, bytes][, numel][, tie].")
+    ],
     out: OutOpt,
     budget: Annotated[str | None, typer.Option(help="4.5bpw, 60MB, 58MiB or 0.3x.")] = None,
     points: Annotated[int, typer.Option(help="Frontier points to write as plans.")] = 32,
 ) -> None:
     """Exact proxy frontier of a sensitivity table (no model needed), with a plan per point."""
-    from search.solve import solve_table
+    from bitplan.search.solve import solve_table
 
     def run() -> None:
         with progress_bars(transient=True) as progress:
-            result = solve_table(table, budget=budget, out_dir=out, points=points,
-                                 progress=progress)
-        console.print(f"{len(result.frontier)} Pareto-optimal plans "
-                      f"({'exact' if result.frontier.exact else 'thinned'}); "
-                      f"wrote {len(result.file.points)} to {out / 'plans'}")
+            result = solve_table(
+                table, budget=budget, out_dir=out, points=points, progress=progress
+            )
+        console.print(
+            f"{len(result.frontier)} Pareto-optimal plans "
+            f"({'exact' if result.frontier.exact else 'thinned'}); "
+            f"wrote {len(result.file.points)} to {out / 'plans'}"
+        )
         if result.best_plan_id is not None:
             best = next(p for p in result.file.points if p.plan_id == result.best_plan_id)
-            console.print(f"best under {budget}: {best.plan_id} ({best.total_bytes} bytes, "
-                          f"{best.bpw:.3f} bpw, predicted error {best.predicted_error:.4g})")
+            console.print(
+                f"best under {budget}: {best.plan_id} ({best.total_bytes} bytes, "
+                f"{best.bpw:.3f} bpw, predicted error {best.predicted_error:.4g})"
+            )
 
     exit_on_input_error(run)
 
@@ -205,9 +258,9 @@ def apply_cmd(
     """Write MODEL quantized per PLAN as bit-packed safetensors (bytes equal the plan's)."""
     from dataclasses import replace
 
-    from search.artifact import apply_plan
-    from search.plans import read_plan
-    from sensitivity.models import load_model
+    from bitplan.search.artifact import apply_plan
+    from bitplan.search.plans import read_plan
+    from bitplan.sensitivity.models import load_model
 
     def run() -> None:
         parsed = read_plan(plan)
@@ -215,8 +268,10 @@ def apply_cmd(
         planned = {lay.name for lay in parsed.layers}
         loaded = replace(loaded, layers=[lay for lay in loaded.layers if lay.name in planned])
         report = apply_plan(model=loaded, plan=parsed.to_dict(), out_dir=out)
-        console.print(f"wrote {report.path}: {report.total_bytes} tensor bytes "
-                      f"(plan total_bytes {parsed.totals.total_bytes})")
+        console.print(
+            f"wrote {report.path}: {report.total_bytes} tensor bytes "
+            f"(plan total_bytes {parsed.totals.total_bytes})"
+        )
 
     exit_on_input_error(run)
 

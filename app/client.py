@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from app.models import TERMINAL_STATES
+from bitplan.app.models import TERMINAL_STATES
 
 __all__ = ["ApiError", "BitplanClient"]
 
@@ -47,7 +47,10 @@ class BitplanClient:
     """Talks to one bitplan server; usable as a context manager (closes its own connection)."""
 
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
         http: httpx.Client | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -62,8 +65,12 @@ class BitplanClient:
     def __enter__(self) -> BitplanClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -81,8 +88,9 @@ class BitplanClient:
         with path.open("rb") as handle:  # httpx streams the file in chunks
             # A client passed in keeps its own timeouts; ours waits as long as the upload takes.
             extra = {"timeout": _UPLOAD_TIMEOUT} if self._owns_http else {}
-            response = self._request("POST", f"/v1/{kind}", files={"file": (path.name, handle)},
-                                     **extra)
+            response = self._request(
+                "POST", f"/v1/{kind}", files={"file": (path.name, handle)}, **extra
+            )
         return response.json()
 
     def upload_model(self, path: str | Path) -> dict[str, Any]:
@@ -101,8 +109,9 @@ class BitplanClient:
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 
-    def list_jobs(self, *, state: str | None = None, limit: int = 50,
-                  cursor: str | None = None) -> dict[str, Any]:
+    def list_jobs(
+        self, *, state: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         params.update({k: v for k, v in (("state", state), ("cursor", cursor)) if v is not None})
         return self._request("GET", "/v1/jobs", params=params).json()
@@ -111,7 +120,11 @@ class BitplanClient:
         return self._request("POST", f"/v1/jobs/{job_id}:cancel").json()
 
     def wait_job(
-        self, job_id: str, *, poll_s: float = 1.0, timeout: float | None = None,
+        self,
+        job_id: str,
+        *,
+        poll_s: float = 1.0,
+        timeout: float | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or cancelled and return it.

@@ -21,8 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sensitivity.errors import InputError
-from sensitivity.progress import ProgressFn
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import ProgressFn
 
 __all__ = ["console", "err_console", "exit_on_input_error", "progress_bars", "setup_logging"]
 
@@ -33,8 +33,12 @@ T = TypeVar("T")
 
 def setup_logging(verbose: bool) -> None:
     """Library modules log; the CLI shows warnings (or everything with --verbose)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+        force=True,
+    )
 
 
 def exit_on_input_error(fn: Callable[[], T]) -> T:
@@ -50,9 +54,15 @@ def exit_on_input_error(fn: Callable[[], T]) -> T:
 def progress_bars(*, transient: bool = False) -> Iterator[ProgressFn]:
     """A ``ProgressFn`` that draws one rich bar per stage (``analyze``, ``search``, …)."""
     tasks: dict[str, TaskID] = {}
-    with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
-                  transient=transient) as bars:
+    with Progress(
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=transient,
+    ) as bars:
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:

@@ -20,8 +20,8 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from app.models import BLOB_KINDS, JOB_STATES, ApiKey, Blob, Job, utcnow
-from sensitivity.errors import InputError
+from bitplan.app.models import BLOB_KINDS, JOB_STATES, ApiKey, Blob, Job, utcnow
+from bitplan.sensitivity.errors import InputError
 
 __all__ = [
     "BlobInUse",
@@ -117,21 +117,30 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def _page(
-    session: Session, model: type[_Row], conditions: list[ColumnElement[bool]], *,
-    limit: int, cursor: str | None,
+    session: Session,
+    model: type[_Row],
+    conditions: list[ColumnElement[bool]],
+    *,
+    limit: int,
+    cursor: str | None,
 ) -> tuple[list[_Row], str | None]:
     """One page, newest first, plus the cursor of the next page (None on the last page)."""
     if not 1 <= limit <= MAX_PAGE:
         raise InputError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
     if cursor is not None:
         created, row_id = _decode_cursor(cursor)
-        conditions = [*conditions, or_(
-            model.created_at < created, and_(model.created_at == created, model.id < row_id)
-        )]
-    rows = list(session.scalars(
-        select(model).where(*conditions)
-        .order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
-    ))
+        conditions = [
+            *conditions,
+            or_(model.created_at < created, and_(model.created_at == created, model.id < row_id)),
+        ]
+    rows = list(
+        session.scalars(
+            select(model)
+            .where(*conditions)
+            .order_by(model.created_at.desc(), model.id.desc())
+            .limit(limit + 1)
+        )
+    )
     if len(rows) <= limit:
         return rows, None
     return rows[:limit], _encode_cursor(rows[limit - 1])
@@ -141,8 +150,14 @@ def _page(
 
 
 def create_job(
-    session: Session, *, owner_id: str | None, spec: dict[str, Any], model_id: str | None,
-    dataset_id: str | None, idempotency_key: str | None, request_hash: str | None,
+    session: Session,
+    *,
+    owner_id: str | None,
+    spec: dict[str, Any],
+    model_id: str | None,
+    dataset_id: str | None,
+    idempotency_key: str | None,
+    request_hash: str | None,
     max_attempts: int,
 ) -> Job:
     """Queue a job. With an ``idempotency_key`` already used by this owner, returns that job
@@ -152,8 +167,13 @@ def create_job(
         if previous is not None:
             return _replay(previous, request_hash)
     job = Job(
-        owner_id=owner_id, spec=spec, model_id=model_id, dataset_id=dataset_id,
-        idempotency_key=idempotency_key, request_hash=request_hash, max_attempts=max_attempts,
+        owner_id=owner_id,
+        spec=spec,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        max_attempts=max_attempts,
     )
     session.add(job)
     try:
@@ -189,7 +209,11 @@ def get_job(session: Session, *, job_id: str, owner_id: str | None) -> Job | Non
 
 
 def list_jobs(
-    session: Session, *, owner_id: str | None, state: str | None = None, limit: int = 50,
+    session: Session,
+    *,
+    owner_id: str | None,
+    state: str | None = None,
+    limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """The owner's jobs, newest first, optionally in one ``state``; returns (page, next_cursor)."""
@@ -211,7 +235,8 @@ def request_cancel(session: Session, *, job_id: str, owner_id: str | None) -> Jo
     # Two conditional statements, each atomic against a worker's claim: whichever state the
     # job is in when a statement runs decides what it does.
     session.execute(
-        update(Job).where(Job.id == job_id, Job.state == "queued")
+        update(Job)
+        .where(Job.id == job_id, Job.state == "queued")
         .values(state="cancelled", stage="cancelled", cancel_requested=True, finished_at=now)
     )
     session.execute(
@@ -231,8 +256,14 @@ def _check_kind(kind: str) -> None:
 
 
 def create_or_get_blob(
-    session: Session, *, owner_id: str | None, kind: str, sha256: str, filename: str,
-    size_bytes: int, path: str,
+    session: Session,
+    *,
+    owner_id: str | None,
+    kind: str,
+    sha256: str,
+    filename: str,
+    size_bytes: int,
+    path: str,
 ) -> tuple[Blob, bool]:
     """Record an upload; the same bytes uploaded again by the same owner return the existing
     row. Returns (blob, created)."""
@@ -243,8 +274,14 @@ def create_or_get_blob(
     existing = session.scalar(query)
     if existing is not None:
         return existing, False
-    blob = Blob(owner_id=owner_id, kind=kind, sha256=sha256, filename=filename,
-                size_bytes=size_bytes, path=path)
+    blob = Blob(
+        owner_id=owner_id,
+        kind=kind,
+        sha256=sha256,
+        filename=filename,
+        size_bytes=size_bytes,
+        path=path,
+    )
     session.add(blob)
     try:
         session.commit()
@@ -268,7 +305,11 @@ def get_blob(
 
 
 def list_blobs(
-    session: Session, *, owner_id: str | None, kind: str, limit: int = 50,
+    session: Session,
+    *,
+    owner_id: str | None,
+    kind: str,
+    limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Blob], str | None]:
     """The owner's models or datasets, newest first; returns (page, next_cursor)."""
@@ -285,10 +326,14 @@ def delete_blob(
     blob = get_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)
     if blob is None:
         return None
-    active = session.scalar(select(exists().where(
-        or_(Job.model_id == blob_id, Job.dataset_id == blob_id),
-        Job.state.in_(("queued", "running")),
-    )))
+    active = session.scalar(
+        select(
+            exists().where(
+                or_(Job.model_id == blob_id, Job.dataset_id == blob_id),
+                Job.state.in_(("queued", "running")),
+            )
+        )
+    )
     if active:
         raise BlobInUse(
             f"{blob.kind} {blob_id} is used by a queued or running job; cancel the job first"

@@ -22,6 +22,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+import bitplan.migrations
+
 __all__ = ["alembic_config", "make_engine", "make_sessionmaker", "upgrade_database"]
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,6 @@ logger = logging.getLogger(__name__)
 # Milliseconds a SQLite writer waits for the lock before "database is locked": long enough for
 # a job-progress write to wait out a concurrent claim or upload commit.
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
-_ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -76,8 +77,9 @@ def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmake
 
 def alembic_config(url: str) -> Config:
     """The project's Alembic configuration pointed at ``url``."""
-    config = Config(str(_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(_ROOT / "migrations"))
+    migrations = Path(bitplan.migrations.__file__).resolve().parent  # package data, installed
+    config = Config(str(migrations / "alembic.ini"))
+    config.set_main_option("script_location", str(migrations))
     # ConfigParser interpolation would eat a "%" in a password; escape it.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["configure_logger"] = False  # keep the host application's logging

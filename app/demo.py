@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.client import BitplanClient
-from app.console import console, err_console
-from app.service_cli import download_job, embedded_service, wait_with_progress
-from app.settings import Settings
-from app.summary import frontier_table
-from search.plans import read_frontier
-from sensitivity.models import resolve_cache_dir
+from bitplan.app.client import BitplanClient
+from bitplan.app.console import console, err_console
+from bitplan.app.service_cli import download_job, embedded_service, wait_with_progress
+from bitplan.app.settings import Settings
+from bitplan.app.summary import frontier_table
+from bitplan.search.plans import read_frontier
+from bitplan.sensitivity.models import resolve_cache_dir
 
 __all__ = ["DEMO_DATA_DIR", "run_demo"]
 
@@ -30,26 +30,43 @@ _DEMO_TRIALS = 16
 _DEMO_TIMEOUT_S = 600.0  # a stuck demo stops by itself instead of hanging a terminal
 
 
-def run_demo(*, out_dir: Path = Path("bitplan-demo"), model: str = "builtin:digits-cnn",
-             budget: str = "4bpw", method: str = "fisher", trials: int = _DEMO_TRIALS,
-             data_dir: Path = DEMO_DATA_DIR) -> dict[str, Any]:
+def run_demo(
+    *,
+    out_dir: Path = Path("bitplan-demo"),
+    model: str = "builtin:digits-cnn",
+    budget: str = "4bpw",
+    method: str = "fisher",
+    trials: int = _DEMO_TRIALS,
+    data_dir: Path = DEMO_DATA_DIR,
+) -> dict[str, Any]:
     """Run the demo and return the finished job (its ``state`` says whether it succeeded).
 
     The service's database, uploads and artifacts live in ``data_dir``; trained builtin models
     come from the same cache as the CLI's (``BITPLAN_CACHE_DIR`` or the user cache).
     """
-    settings = Settings(database_url=f"sqlite:///{data_dir / 'bitplan.db'}", data_dir=data_dir,
-                        cache_dir=resolve_cache_dir(), host="127.0.0.1", port=0, auth="off",
-                        optuna_storage=f"sqlite:///{data_dir / 'optuna.db'}", workers=1)
+    settings = Settings(
+        database_url=f"sqlite:///{data_dir / 'bitplan.db'}",
+        data_dir=data_dir,
+        cache_dir=resolve_cache_dir(),
+        host="127.0.0.1",
+        port=0,
+        auth="off",
+        optuna_storage=f"sqlite:///{data_dir / 'optuna.db'}",
+        workers=1,
+    )
     worker_log = data_dir / "worker.log"
     console.rule("[bold]bitplan demo")
     with embedded_service(settings, workers=1, worker_log=worker_log) as url:
-        console.print(f"service: API on {url} (docs at {url}/docs), one worker process "
-                      f"(log: {worker_log}), database {data_dir / 'bitplan.db'}")
+        console.print(
+            f"service: API on {url} (docs at {url}/docs), one worker process "
+            f"(log: {worker_log}), database {data_dir / 'bitplan.db'}"
+        )
         with BitplanClient(url) as client:
             job = client.submit_job(model=model, budget=budget, method=method, trials=trials)
-            console.print(f"submitted job {job['id']}: {model}, budget {budget}, "
-                          f"method {method}, {trials} trials")
+            console.print(
+                f"submitted job {job['id']}: {model}, budget {budget}, "
+                f"method {method}, {trials} trials"
+            )
             try:
                 job = wait_with_progress(client, job["id"], timeout=_DEMO_TIMEOUT_S)
             except (KeyboardInterrupt, TimeoutError):
@@ -60,7 +77,9 @@ def run_demo(*, out_dir: Path = Path("bitplan-demo"), model: str = "builtin:digi
                 return job
             files = download_job(client, job["id"], out_dir)
     console.print(frontier_table(read_frontier(out_dir / "frontier.json")))
-    console.print(f"downloaded {len(files)} files into {out_dir}/: frontier.json, "
-                  f"frontier.csv, sensitivity.csv, plans/*.json")
+    console.print(
+        f"downloaded {len(files)} files into {out_dir}/: frontier.json, "
+        f"frontier.csv, sensitivity.csv, plans/*.json"
+    )
     console.print(f"open [bold]{out_dir / 'report.html'}[/bold] in a browser")
     return job

@@ -1,7 +1,7 @@
 """The FastAPI application factory.
 
 ``create_app(settings)`` builds one self-contained app: its own engine and session factory on
-``app.state`` (so tests run many apps side by side, each on its own database), problem+json
+``bitplan.app.state`` (so tests run many apps side by side, each on its own database), problem+json
 for every error, and the ``/v1`` routers. It does not migrate the database — ``bitplan db
 upgrade`` and ``bitplan serve`` do that before the app starts — and it never runs jobs: worker
 processes claim them from the database queue.
@@ -15,11 +15,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import api_router
-from app.auth import auth_required
-from app.db import make_engine, make_sessionmaker
-from app.problems import install_problems
-from app.settings import Settings, get_settings
+from bitplan.app.api import api_router
+from bitplan.app.auth import auth_required
+from bitplan.app.db import make_engine, make_sessionmaker
+from bitplan.app.problems import install_problems
+from bitplan.app.settings import Settings, get_settings
 
 __all__ = ["create_app"]
 
@@ -40,8 +40,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        log.info("bitplan API on %s (API keys %s)", engine.url.render_as_string(),
-                 "required" if keys else "off")
+        log.info(
+            "bitplan API on %s (API keys %s)",
+            engine.url.render_as_string(),
+            "required" if keys else "off",
+        )
         yield
         engine.dispose()
 

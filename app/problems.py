@@ -3,8 +3,9 @@
 Clients get ``application/problem+json`` bodies with ``type``, ``title``, ``status``, ``detail``
 and ``instance`` for every failure: our own errors (:class:`ProblemError`), Starlette's HTTP
 errors (404 for an unknown route, 405), FastAPI's request validation errors (with an extra
-``errors`` list that points at the offending fields), :class:`~sensitivity.errors.InputError`
-raised anywhere below the API (422), and unhandled exceptions (500, logged, details withheld).
+``errors`` list that points at the offending fields),
+:class:`~bitplan.sensitivity.errors.InputError` raised anywhere below the API (422), and unhandled
+exceptions (500, logged, details withheld).
 
 ``type`` is ``about:blank`` when the status code says it all (RFC 9457 §4.2.1); problems a client
 may want to tell apart carry a ``tag:`` URI (RFC 4151), which names a kind without pretending to
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sensitivity.errors import InputError
+from bitplan.sensitivity.errors import InputError
 
 __all__ = [
     "PROBLEM_MEDIA_TYPE",
@@ -98,7 +99,11 @@ def problem_response(
 ) -> JSONResponse:
     """A problem+json response; ``extensions`` become extra top-level members."""
     body = Problem(
-        type=type_, title=_title(status), status=status, detail=detail, instance=instance,
+        type=type_,
+        title=_title(status),
+        status=status,
+        detail=detail,
+        instance=instance,
         **extensions,
     )
     return JSONResponse(
@@ -116,15 +121,21 @@ def _instance(request: Request) -> str:
 async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
     return problem_response(
-        exc.status, exc.detail, instance=_instance(request), type_=exc.type,
-        headers=exc.headers, **exc.extensions,
+        exc.status,
+        exc.detail,
+        instance=_instance(request),
+        type_=exc.type,
+        headers=exc.headers,
+        **exc.extensions,
     )
 
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return problem_response(
-        exc.status_code, str(exc.detail), instance=_instance(request),
+        exc.status_code,
+        str(exc.detail),
+        instance=_instance(request),
         headers=dict(exc.headers) if exc.headers else None,
     )
 
@@ -142,8 +153,11 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {"loc": "request", "msg": "invalid"}
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return problem_response(
-        422, f"{first['loc']}: {first['msg']}{more}", instance=_instance(request),
-        type_=problem_type("validation"), errors=errors,
+        422,
+        f"{first['loc']}: {first['msg']}{more}",
+        instance=_instance(request),
+        type_=problem_type("validation"),
+        errors=errors,
     )
 
 

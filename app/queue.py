@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, literal, select, update
 from sqlalchemy.sql.dml import Update
 
-from app.models import TERMINAL_STATES, Job, UTCDateTime, utcnow
+from bitplan.app.models import TERMINAL_STATES, Job, UTCDateTime, utcnow
 
 __all__ = [
     "ClaimedJob",
@@ -82,17 +82,23 @@ def claim_job(
     """Lease the oldest queued job to ``worker_id`` for ``lease_s`` seconds; None when idle."""
     now = now or utcnow()
     oldest = (
-        select(Job.id).where(Job.state == "queued")
-        .order_by(Job.created_at, Job.id).limit(1)
+        select(Job.id)
+        .where(Job.state == "queued")
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
         .with_for_update(skip_locked=True)  # PostgreSQL; dropped on SQLite (BEGIN IMMEDIATE)
         .scalar_subquery()
     )
     statement = (
-        update(Job).where(Job.id == oldest, Job.state == "queued")
+        update(Job)
+        .where(Job.id == oldest, Job.state == "queued")
         .values(
-            state="running", stage="starting", lease_owner=worker_id,
+            state="running",
+            stage="starting",
+            lease_owner=worker_id,
             lease_expires_at=now + timedelta(seconds=lease_s),
-            lease_version=Job.lease_version + 1, attempts=Job.attempts + 1,
+            lease_version=Job.lease_version + 1,
+            attempts=Job.attempts + 1,
             started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
         )
         .returning(Job.id, Job.spec, Job.lease_version, Job.attempts)
@@ -102,12 +108,18 @@ def claim_job(
     if row is None:
         return None
     logger.info("worker %s claimed job %s (attempt %d)", worker_id, row.id, row.attempts)
-    return ClaimedJob(id=row.id, spec=row.spec, lease_version=row.lease_version,
-                      attempts=row.attempts)
+    return ClaimedJob(
+        id=row.id, spec=row.spec, lease_version=row.lease_version, attempts=row.attempts
+    )
 
 
 def heartbeat(
-    engine: Engine, *, job_id: str, worker_id: str, lease_version: int, lease_s: float,
+    engine: Engine,
+    *,
+    job_id: str,
+    worker_id: str,
+    lease_version: int,
+    lease_s: float,
     now: datetime | None = None,
 ) -> bool:
     """Extend the lease; False when it was lost (reaped, reclaimed, or the job finished)."""
@@ -117,7 +129,12 @@ def heartbeat(
 
 
 def set_progress(
-    engine: Engine, *, job_id: str, lease_version: int, stage: str, progress: float,
+    engine: Engine,
+    *,
+    job_id: str,
+    lease_version: int,
+    stage: str,
+    progress: float,
     eta_s: float | None = None,
 ) -> bool:
     """Record the stage, the fraction done (0..1) and the ETA; fenced like every holder write."""
@@ -128,15 +145,26 @@ def set_progress(
 
 
 def finish_job(
-    engine: Engine, *, job_id: str, lease_version: int, state: str,
-    result: dict[str, Any] | None = None, error: str | None = None,
+    engine: Engine,
+    *,
+    job_id: str,
+    lease_version: int,
+    state: str,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
 ) -> bool:
     """Move a running job to a terminal state; False when the caller no longer holds it."""
     if state not in TERMINAL_STATES:
         raise ValueError(f"finish_job needs one of {TERMINAL_STATES}, got {state!r}")
     values: dict[str, Any] = {
-        "state": state, "stage": state, "result": result, "error": error, "eta_s": None,
-        "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
+        "state": state,
+        "stage": state,
+        "result": result,
+        "error": error,
+        "eta_s": None,
+        "finished_at": utcnow(),
+        "lease_owner": None,
+        "lease_expires_at": None,
     }
     if state == "succeeded":
         values["progress"] = 1.0
@@ -146,8 +174,12 @@ def finish_job(
 def release_job(engine: Engine, *, job_id: str, lease_version: int) -> bool:
     """Give a job back to the queue unfinished (graceful shutdown); the attempt is not counted."""
     statement = _fenced(job_id, lease_version).values(
-        state="queued", stage="queued", lease_owner=None, lease_expires_at=None,
-        attempts=Job.attempts - 1, eta_s=None,
+        state="queued",
+        stage="queued",
+        lease_owner=None,
+        lease_expires_at=None,
+        attempts=Job.attempts - 1,
+        eta_s=None,
     )
     return _write(engine, statement) == 1
 
@@ -164,9 +196,14 @@ def reap_expired(engine: Engine, *, now: datetime | None = None) -> int:
     now = now or utcnow()
     with engine.connect() as connection:
         expired = connection.execute(
-            select(Job.id, Job.lease_version, Job.lease_owner, Job.attempts, Job.max_attempts,
-                   Job.cancel_requested)
-            .where(Job.state == "running", Job.lease_expires_at < now)
+            select(
+                Job.id,
+                Job.lease_version,
+                Job.lease_owner,
+                Job.attempts,
+                Job.max_attempts,
+                Job.cancel_requested,
+            ).where(Job.state == "running", Job.lease_expires_at < now)
         ).all()
     changed = 0
     for row in expired:
@@ -176,14 +213,27 @@ def reap_expired(engine: Engine, *, now: datetime | None = None) -> int:
         if row.cancel_requested:
             values = {"state": "cancelled", "stage": "cancelled", "finished_at": now, **gone}
         elif row.attempts >= row.max_attempts:
-            reason = (f"worker lost: the lease of {row.lease_owner} expired on attempt "
-                      f"{row.attempts} of {row.max_attempts}; not retried")
-            values = {"state": "failed", "stage": "failed", "error": reason,
-                      "finished_at": now, **gone}
+            reason = (
+                f"worker lost: the lease of {row.lease_owner} expired on attempt "
+                f"{row.attempts} of {row.max_attempts}; not retried"
+            )
+            values = {
+                "state": "failed",
+                "stage": "failed",
+                "error": reason,
+                "finished_at": now,
+                **gone,
+            }
         else:
             values = {"state": "queued", "stage": "queued", **gone}
         if _write(engine, statement.values(**values)) == 1:
             changed += 1
-            logger.warning("reaped job %s of worker %s (attempt %d of %d): now %s", row.id,
-                           row.lease_owner, row.attempts, row.max_attempts, values["state"])
+            logger.warning(
+                "reaped job %s of worker %s (attempt %d of %d): now %s",
+                row.id,
+                row.lease_owner,
+                row.attempts,
+                row.max_attempts,
+                values["state"],
+            )
     return changed

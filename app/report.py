@@ -23,9 +23,9 @@ from typing import Any
 
 import pandas as pd
 
-from search.budgets import Budget
-from search.plans import FrontierFile, FrontierPoint, Plan, read_frontier, read_plan
-from sensitivity.errors import InputError
+from bitplan.search.budgets import Budget
+from bitplan.search.plans import FrontierFile, FrontierPoint, Plan, read_frontier, read_plan
+from bitplan.sensitivity.errors import InputError
 
 __all__ = ["REPORT_NAME", "render_report"]
 
@@ -34,8 +34,16 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
 # One colour per bit width, warm = aggressive (few bits) to cool = safe (many bits), from
 # ColorBrewer's colour-blind-safe RdYlBu scheme.
-BIT_COLOURS = {2: "#d73027", 3: "#f46d43", 4: "#fdae61", 5: "#fee090", 6: "#e0f3f8",
-               8: "#abd9e9", 16: "#74add1", 32: "#4575b4"}
+BIT_COLOURS = {
+    2: "#d73027",
+    3: "#f46d43",
+    4: "#fdae61",
+    5: "#fee090",
+    6: "#e0f3f8",
+    8: "#abd9e9",
+    16: "#74add1",
+    32: "#4575b4",
+}
 # Plot geometry in SVG user units; the SVG scales to the page width.
 _W, _H = 820, 440
 _LEFT, _RIGHT, _TOP, _BOTTOM = 78, 24, 20, 56
@@ -65,11 +73,15 @@ def _load(job_dir: Path) -> _Job:
     sensitivity = pd.read_csv(sens_path) if sens_path.is_file() else None
     if sensitivity is not None and not {"layer", "format", "error"} <= set(sensitivity.columns):
         raise InputError(f"{sens_path} needs the columns layer, format, error")
-    extra = [name for name in ("frontier.json", "frontier.csv", "sensitivity.csv", "layers.json")
-             if (job_dir / name).is_file()]
+    extra = [
+        name
+        for name in ("frontier.json", "frontier.csv", "sensitivity.csv", "layers.json")
+        if (job_dir / name).is_file()
+    ]
     budget = _budget_total(frontier.budget, next(iter(plans.values()), None))
-    return _Job(frontier=frontier, plans=plans, budget=budget, sensitivity=sensitivity,
-                extra_files=extra)
+    return _Job(
+        frontier=frontier, plans=plans, budget=budget, sensitivity=sensitivity, extra_files=extra
+    )
 
 
 def _esc(value: object) -> str:
@@ -104,8 +116,9 @@ def _nice_step(span: float, count: int) -> float:
 class _Axis:
     """Maps data values to SVG coordinates, linear or log10, and picks readable ticks."""
 
-    def __init__(self, values: list[float], lo_px: float, hi_px: float, *, log: bool,
-                 from_zero: bool = False) -> None:
+    def __init__(
+        self, values: list[float], lo_px: float, hi_px: float, *, log: bool, from_zero: bool = False
+    ) -> None:
         self.log, self.lo_px, self.hi_px = log, lo_px, hi_px
         if log:
             lo, hi = math.log10(min(values)), math.log10(max(values))
@@ -127,8 +140,9 @@ class _Axis:
         if self.log:
             return [(10.0**e, f"1e{e}") for e in range(int(self.lo), int(self.hi) + 1)]
         count = round((self.hi - self.lo) / self.step)
-        return [(self.lo + i * self.step, f"{self.lo + i * self.step:.4g}")
-                for i in range(count + 1)]
+        return [
+            (self.lo + i * self.step, f"{self.lo + i * self.step:.4g}") for i in range(count + 1)
+        ]
 
 
 def _budget_total(budget: dict[str, Any] | None, plan: Plan | None) -> tuple[float, str] | None:
@@ -138,8 +152,11 @@ def _budget_total(budget: dict[str, Any] | None, plan: Plan | None) -> tuple[flo
     kind, value = budget["kind"], float(budget["value"])
     numel = sum({lay.group: lay.numel for lay in plan.layers}.values())
     parsed = Budget(kind=kind, value=value, text=str(value))
-    cap = parsed.planned_cap(planned_numel=numel, unplanned_bytes=plan.totals.unplanned_bytes,
-                             fp16_bytes=plan.totals.fp16_bytes)
+    cap = parsed.planned_cap(
+        planned_numel=numel,
+        unplanned_bytes=plan.totals.unplanned_bytes,
+        fp16_bytes=plan.totals.fp16_bytes,
+    )
     label = {"bpw": f"{value:g} bpw", "bytes": _size(value), "ratio": f"{value:g}x fp16"}[kind]
     return cap + plan.totals.unplanned_bytes, f"budget {label}"
 
@@ -160,28 +177,38 @@ def _plot_svg(job: _Job) -> str:
     def xy(p: FrontierPoint) -> tuple[float, float]:
         return x(_mb(p.total_bytes)), y(max(_holdout_error(p), floor))
 
-    out = [f'<svg id="frontier-plot" viewBox="0 0 {_W} {_H}" role="img" '
-           'aria-label="Pareto frontier: total size against held-out error">']
+    out = [
+        f'<svg id="frontier-plot" viewBox="0 0 {_W} {_H}" role="img" '
+        'aria-label="Pareto frontier: total size against held-out error">'
+    ]
     for value, label in x.ticks():
         px = x(value)
-        out.append(f'<line class="grid" x1="{px:.1f}" x2="{px:.1f}" y1="{_TOP}" '
-                   f'y2="{_H - _BOTTOM}"/><text class="tick" x="{px:.1f}" '
-                   f'y="{_H - _BOTTOM + 18}" text-anchor="middle">{_esc(label)}</text>')
+        out.append(
+            f'<line class="grid" x1="{px:.1f}" x2="{px:.1f}" y1="{_TOP}" '
+            f'y2="{_H - _BOTTOM}"/><text class="tick" x="{px:.1f}" '
+            f'y="{_H - _BOTTOM + 18}" text-anchor="middle">{_esc(label)}</text>'
+        )
     for value, label in y.ticks():
         py = y(value)
-        out.append(f'<line class="grid" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{py:.1f}" '
-                   f'y2="{py:.1f}"/><text class="tick" x="{_LEFT - 8}" y="{py + 4:.1f}" '
-                   f'text-anchor="end">{_esc(label)}</text>')
-    out.append(f'<text class="axis" x="{(_LEFT + _W - _RIGHT) / 2}" y="{_H - 12}" '
-               'text-anchor="middle">total size (MB)</text>'
-               f'<text class="axis" transform="translate(18 {(_TOP + _H - _BOTTOM) / 2}) '
-               f'rotate(-90)" text-anchor="middle">held-out error{" (log)" if log else ""}'
-               '</text>')
+        out.append(
+            f'<line class="grid" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{py:.1f}" '
+            f'y2="{py:.1f}"/><text class="tick" x="{_LEFT - 8}" y="{py + 4:.1f}" '
+            f'text-anchor="end">{_esc(label)}</text>'
+        )
+    out.append(
+        f'<text class="axis" x="{(_LEFT + _W - _RIGHT) / 2}" y="{_H - 12}" '
+        'text-anchor="middle">total size (MB)</text>'
+        f'<text class="axis" transform="translate(18 {(_TOP + _H - _BOTTOM) / 2}) '
+        f'rotate(-90)" text-anchor="middle">held-out error{" (log)" if log else ""}'
+        "</text>"
+    )
     if budget is not None:
         bx = x(_mb(budget[0]))
-        out.append(f'<line class="budget" x1="{bx:.1f}" x2="{bx:.1f}" y1="{_TOP}" '
-                   f'y2="{_H - _BOTTOM}"/><text class="budget-label" x="{bx - 6:.1f}" '
-                   f'y="{_TOP + 14}" text-anchor="end">{_esc(budget[1])}</text>')
+        out.append(
+            f'<line class="budget" x1="{bx:.1f}" x2="{bx:.1f}" y1="{_TOP}" '
+            f'y2="{_H - _BOTTOM}"/><text class="budget-label" x="{bx - 6:.1f}" '
+            f'y="{_TOP + 14}" text-anchor="end">{_esc(budget[1])}</text>'
+        )
     line = " ".join(f"{a:.1f},{b:.1f}" for a, b in map(xy, points) if not math.isnan(b))
     out.append(f'<polyline class="frontier" points="{line}"/>')
     for p in job.frontier.uniform:
@@ -189,16 +216,20 @@ def _plot_svg(job: _Job) -> str:
             continue
         px, py = xy(p)
         name = p.source.partition(":")[2] or p.plan_id
-        out.append(f'<g class="pt uniform" data-plan="{_esc(p.plan_id)}"><title>'
-                   f'{_esc(_tooltip(p))}</title><rect x="{px - 5:.1f}" y="{py - 5:.1f}" '
-                   f'width="10" height="10" transform="rotate(45 {px:.1f} {py:.1f})"/>'
-                   f'<text x="{px + 9:.1f}" y="{py - 8:.1f}">{_esc(name)}</text></g>')
+        out.append(
+            f'<g class="pt uniform" data-plan="{_esc(p.plan_id)}"><title>'
+            f'{_esc(_tooltip(p))}</title><rect x="{px - 5:.1f}" y="{py - 5:.1f}" '
+            f'width="10" height="10" transform="rotate(45 {px:.1f} {py:.1f})"/>'
+            f'<text x="{px + 9:.1f}" y="{py - 8:.1f}">{_esc(name)}</text></g>'
+        )
     for p in points:
         if not math.isnan(_holdout_error(p)):
             px, py = xy(p)
-            out.append(f'<g class="pt point" data-plan="{_esc(p.plan_id)}"><title>'
-                       f'{_esc(_tooltip(p))}</title><circle cx="{px:.1f}" cy="{py:.1f}" '
-                       'r="6"/></g>')
+            out.append(
+                f'<g class="pt point" data-plan="{_esc(p.plan_id)}"><title>'
+                f'{_esc(_tooltip(p))}</title><circle cx="{px:.1f}" cy="{py:.1f}" '
+                'r="6"/></g>'
+            )
     out.append("</svg>")
     return "".join(out)
 
@@ -216,11 +247,15 @@ def _sensitivity_html(job: _Job, layer_order: list[str]) -> str:
     if table is None or table.empty:
         return '<p class="empty">This job has no sensitivity table.</p>'
     ranked = table.groupby("format")["bytes"].sum() if "bytes" in table else None
-    formats = (list(ranked.sort_values(ascending=False).index) if ranked is not None
-               else sorted(table["format"].unique()))
+    formats = (
+        list(ranked.sort_values(ascending=False).index)
+        if ranked is not None
+        else sorted(table["format"].unique())
+    )
     grid = table.pivot_table(index="layer", columns="format", values="error", aggfunc="first")
-    layers = ([n for n in layer_order if n in grid.index]
-              + sorted(set(grid.index) - set(layer_order)))
+    layers = [n for n in layer_order if n in grid.index] + sorted(
+        set(grid.index) - set(layer_order)
+    )
     positive = grid.to_numpy()[grid.to_numpy() > 0]
     lo, hi = (math.log10(positive.min()), math.log10(positive.max())) if positive.size else (0, 1)
     head = "".join(f"<th>{_esc(f)}</th>" for f in formats)
@@ -233,11 +268,15 @@ def _sensitivity_html(job: _Job, layer_order: list[str]) -> str:
             share = 0.0 if not err > 0 else (math.log10(err) - lo) / ((hi - lo) or 1.0)
             style = f"background:rgba(215,48,39,{0.06 + 0.8 * share:.2f})" if err > 0 else ""
             dark = " dark" if share > 0.6 else ""
-            cells.append(f'<td class="num{dark}" style="{style}" data-layer="{_esc(layer)}" '
-                         f'data-format="{_esc(fmt)}">{_num(err)}</td>')
+            cells.append(
+                f'<td class="num{dark}" style="{style}" data-layer="{_esc(layer)}" '
+                f'data-format="{_esc(fmt)}">{_num(err)}</td>'
+            )
         rows.append(f"<tr><th>{_esc(layer)}</th>{''.join(cells)}</tr>")
-    return (f'<table id="sensitivity" class="grid-table"><thead><tr><th>layer</th>{head}</tr>'
-            f"</thead><tbody>{''.join(rows)}</tbody></table>")
+    return (
+        f'<table id="sensitivity" class="grid-table"><thead><tr><th>layer</th>{head}</tr>'
+        f"</thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _href(links_base: str | None, file_name: str, api_path: str) -> str | None:
@@ -250,8 +289,7 @@ def _href(links_base: str | None, file_name: str, api_path: str) -> str | None:
 def _downloads_html(job: _Job, links_base: str | None) -> str:
     api = {"frontier.json": "/frontier", "sensitivity.csv": "/sensitivity"}
     files = [(name, _href(links_base, name, api.get(name, ""))) for name in job.extra_files]
-    file_links = " ".join(f'<a class="file" href="{_esc(h)}">{_esc(n)}</a>'
-                          for n, h in files if h)
+    file_links = " ".join(f'<a class="file" href="{_esc(h)}">{_esc(n)}</a>' for n, h in files if h)
     rows = []
     for p in job.frontier.points + job.frontier.uniform:
         if p.plan_id not in job.plans:
@@ -260,25 +298,35 @@ def _downloads_html(job: _Job, links_base: str | None) -> str:
             links = [("JSON", p.plan)]
         else:
             base = f"{links_base.rstrip('/')}/plans/{p.plan_id}"
-            links = [(label, f"{base}?format={fmt}") for label, fmt in
-                     (("JSON", "json"), ("CSV", "csv"), ("torchao", "torchao"),
-                      ("llama.cpp", "llamacpp"))]
+            links = [
+                (label, f"{base}?format={fmt}")
+                for label, fmt in (
+                    ("JSON", "json"),
+                    ("CSV", "csv"),
+                    ("torchao", "torchao"),
+                    ("llama.cpp", "llamacpp"),
+                )
+            ]
         anchors = " ".join(f'<a href="{_esc(h)}">{_esc(label)}</a>' for label, h in links)
-        rows.append(f'<tr data-plan="{_esc(p.plan_id)}"><td><code>{_esc(p.plan_id)}</code></td>'
-                    f"<td>{_esc(p.source)}</td><td class=num>{_size(p.total_bytes)}</td>"
-                    f"<td class=num>{p.bpw:.2f}</td>"
-                    f"<td class=num>{_num(_holdout_error(p))}</td><td>{anchors}</td></tr>")
-    return (f'<p class="files">{file_links}</p><table id="downloads" class="grid-table">'
-            "<thead><tr><th>plan</th><th>source</th><th>total size</th><th>bpw</th>"
-            "<th>held-out error</th><th>download</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+        rows.append(
+            f'<tr data-plan="{_esc(p.plan_id)}"><td><code>{_esc(p.plan_id)}</code></td>'
+            f"<td>{_esc(p.source)}</td><td class=num>{_size(p.total_bytes)}</td>"
+            f"<td class=num>{p.bpw:.2f}</td>"
+            f"<td class=num>{_num(_holdout_error(p))}</td><td>{anchors}</td></tr>"
+        )
+    return (
+        f'<p class="files">{file_links}</p><table id="downloads" class="grid-table">'
+        "<thead><tr><th>plan</th><th>source</th><th>total size</th><th>bpw</th>"
+        "<th>held-out error</th><th>download</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 # --- the embedded data and the page -------------------------------------------------------------
 
 
 def _text_colour(hex_colour: str) -> str:
-    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
     # Rec. 709 luma: dark text on light cells, white on dark ones.
     return "#1b1f24" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 140 else "#ffffff"
 
@@ -289,11 +337,19 @@ def _embedded(job: _Job) -> dict[str, Any]:
         plan = job.plans.get(p.plan_id)
         if plan is None:
             continue
-        plans.append({"id": p.plan_id, "source": p.source, "total_bytes": p.total_bytes,
-                      "bpw": p.bpw, "uniform": p in job.frontier.uniform,
-                      "holdout": p.metrics.get("holdout", {}),
-                      "layers": [[lay.name, lay.format, lay.bits, lay.bytes, lay.numel]
-                                 for lay in plan.layers]})
+        plans.append(
+            {
+                "id": p.plan_id,
+                "source": p.source,
+                "total_bytes": p.total_bytes,
+                "bpw": p.bpw,
+                "uniform": p in job.frontier.uniform,
+                "holdout": p.metrics.get("holdout", {}),
+                "layers": [
+                    [lay.name, lay.format, lay.bits, lay.bytes, lay.numel] for lay in plan.layers
+                ],
+            }
+        )
     frontier = [p for p in plans if not p["uniform"]]
     best = min(frontier or plans, key=lambda p: p["holdout"].get("error", math.inf), default=None)
     sens: dict[str, dict[str, float]] = {}
@@ -301,14 +357,22 @@ def _embedded(job: _Job) -> dict[str, Any]:
         for row in job.sensitivity.itertuples(index=False):
             sens.setdefault(str(row.layer), {})[str(row.format)] = float(row.error)
     colours = {str(b): [c, _text_colour(c)] for b, c in BIT_COLOURS.items()}
-    return {"plans": plans, "selected": best["id"] if best else None, "colours": colours,
-            "sensitivity": sens}
+    return {
+        "plans": plans,
+        "selected": best["id"] if best else None,
+        "colours": colours,
+        "sensitivity": sens,
+    }
 
 
 def _json_for_script(data: Any) -> str:
     # "<" and ">" as JSON escapes so no layer name can end the script element early.
-    return json.dumps(data, allow_nan=False, default=str).replace("<", "\\u003c").replace(
-        ">", "\\u003e").replace("&", "\\u0026")
+    return (
+        json.dumps(data, allow_nan=False, default=str)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
 
 
 def _finite(data: Any) -> Any:
@@ -326,31 +390,62 @@ def _cards_html(job: _Job, data: dict[str, Any]) -> str:
     model = job.frontier.model
     best = next((p for p in data["plans"] if p["id"] == data["selected"]), None)
     budget = job.budget
-    cards = [("model", model.get("ref", "?"), f"sha256 {model.get('sha256', '')[:12]}"),
-             ("budget", budget[1].removeprefix("budget ") if budget else "none",
-              f"at most {_size(budget[0])} in total" if budget else "")]
+    cards = [
+        ("model", model.get("ref", "?"), f"sha256 {model.get('sha256', '')[:12]}"),
+        (
+            "budget",
+            budget[1].removeprefix("budget ") if budget else "none",
+            f"at most {_size(budget[0])} in total" if budget else "",
+        ),
+    ]
     if best is not None:
         plan = job.plans[best["id"]]
         holdout = best["holdout"]
         # Two task metrics say enough on a card; the *_ref values are the fp model's own.
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in holdout.items()
-                          if k != "error" and not k.endswith("_ref"))
-        cards += [("best plan (held-out)", best["id"],
-                   f"error {_num(holdout.get('error', math.nan))}; {shown}"),
-                  ("size", _size(best["total_bytes"]),
-                   f"{best['bpw']:.2f} bpw, {plan.totals.ratio_vs_fp16:.1%} of fp16")]
-    cards.append(("frontier", f"{len(job.frontier.points)} points",
-                  f"{len(job.frontier.uniform)} uniform baselines"))
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="k">{_esc(k)}</div><div class="v">{_esc(v)}</div>'
-        f'<div class="s">{_esc(s)}</div></div>' for k, v, s in cards) + "</div>"
+        shown = ", ".join(
+            f"{k} {v:.4g}" for k, v in holdout.items() if k != "error" and not k.endswith("_ref")
+        )
+        cards += [
+            (
+                "best plan (held-out)",
+                best["id"],
+                f"error {_num(holdout.get('error', math.nan))}; {shown}",
+            ),
+            (
+                "size",
+                _size(best["total_bytes"]),
+                f"{best['bpw']:.2f} bpw, {plan.totals.ratio_vs_fp16:.1%} of fp16",
+            ),
+        ]
+    cards.append(
+        (
+            "frontier",
+            f"{len(job.frontier.points)} points",
+            f"{len(job.frontier.uniform)} uniform baselines",
+        )
+    )
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="k">{_esc(k)}</div><div class="v">{_esc(v)}</div>'
+            f'<div class="s">{_esc(s)}</div></div>'
+            for k, v, s in cards
+        )
+        + "</div>"
+    )
 
 
 def _bits_legend(job: _Job) -> str:
     used = sorted({lay.bits for plan in job.plans.values() for lay in plan.layers})
-    return '<div class="legend-bits">bits: ' + "".join(
-        f'<span class="chip" style="background:{BIT_COLOURS.get(b, "#cccccc")};color:'
-        f'{_text_colour(BIT_COLOURS.get(b, "#cccccc"))}">{b}</span>' for b in used) + "</div>"
+    return (
+        '<div class="legend-bits">bits: '
+        + "".join(
+            f'<span class="chip" style="background:{BIT_COLOURS.get(b, "#cccccc")};color:'
+            f'{_text_colour(BIT_COLOURS.get(b, "#cccccc"))}">{b}</span>'
+            for b in used
+        )
+        + "</div>"
+    )
 
 
 def _page(job: _Job, links_base: str | None) -> str:

@@ -1,6 +1,6 @@
 """HTTP schemas (pydantic v2) of the REST API, separate from the ORM models in ``app/models.py``.
 
-``JobCreate`` is what a client posts: the fields of :class:`search.spec.JobSpec` that a user
+``JobCreate`` is what a client posts: the fields of :class:`bitplan.search.spec.JobSpec` that a user
 chooses, with ``model`` / ``calib`` naming an uploaded resource by id (or a builtin) instead of
 a path on the server. Validation reuses the library's own parsers (formats, budgets, methods)
 so the API accepts exactly what the CLI accepts, with the same messages. ``*Read`` schemas are
@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.models import JOB_STATES
-from search.budgets import parse_budget
-from search.spec import METHODS, SAMPLERS, JobSpec
-from sensitivity.builtin import BUILTIN_MODELS
-from sensitivity.formats import DEFAULT_FORMATS, parse_format, parse_formats
-from sensitivity.models import TASKS
+from bitplan.app.models import JOB_STATES
+from bitplan.search.budgets import parse_budget
+from bitplan.search.spec import METHODS, SAMPLERS, JobSpec
+from bitplan.sensitivity.builtin import BUILTIN_MODELS
+from bitplan.sensitivity.formats import DEFAULT_FORMATS, parse_format, parse_formats
+from bitplan.sensitivity.models import TASKS
 
 __all__ = [
     "BUILTIN_PREFIX",
@@ -84,7 +84,8 @@ class JobCreate(BaseModel):
         examples=["builtin:digits-cnn"],
     )
     calib: str = Field(
-        "builtin", min_length=1,
+        "builtin",
+        min_length=1,
         description="the id of an uploaded dataset, or 'builtin' for the model's builtin data",
     )
     budget: str = Field(description="'4.5bpw', '60MB', '58MiB' or '0.3x'", examples=["4.5bpw"])

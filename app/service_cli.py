@@ -4,10 +4,10 @@
 
 - operator commands, on this machine's settings (``BITPLAN_*``): ``db upgrade``, ``serve``
   (migrations, worker processes, the API), ``worker``, ``keys create NAME``;
-- client commands, over HTTP with :class:`app.client.BitplanClient`: ``submit``, ``status``,
+- client commands, over HTTP with :class:`bitplan.app.client.BitplanClient`: ``submit``, ``status``,
   ``wait`` (a live progress bar), ``download``; ``--url``/``--api-key`` or ``BITPLAN_URL`` /
   ``BITPLAN_API_KEY``;
-- ``demo`` (see :mod:`app.demo`).
+- ``demo`` (see :mod:`bitplan.app.demo`).
 
 Bad input, API errors and an unreachable server print one line and exit 2; a job that ends
 failed or cancelled exits 1. :func:`embedded_service` runs the API on a background thread with
@@ -37,14 +37,20 @@ import uvicorn
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from app.client import ApiError, BitplanClient
-from app.console import console, err_console, exit_on_input_error
-from app.settings import Settings, get_settings
-from search.plans import FrontierFile
-from sensitivity.errors import InputError
+from bitplan.app.client import ApiError, BitplanClient
+from bitplan.app.console import console, err_console, exit_on_input_error
+from bitplan.app.settings import Settings, get_settings
+from bitplan.search.plans import FrontierFile
+from bitplan.sensitivity.errors import InputError
 
-__all__ = ["download_job", "embedded_service", "local_frontier", "register", "stop_workers",
-           "wait_with_progress"]
+__all__ = [
+    "download_job",
+    "embedded_service",
+    "local_frontier",
+    "register",
+    "stop_workers",
+    "wait_with_progress",
+]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,8 +62,12 @@ _STARTUP_TIMEOUT_S = 30.0  # the API thread must be listening by then
 _POLL_S = 0.5  # the API answers an unchanged job with a body-less 304, so polling is cheap
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="BITPLAN_URL", help="The server's URL.")]
-KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="BITPLAN_API_KEY",
-                                            help="An API key from `bitplan keys create`.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="BITPLAN_API_KEY", help="An API key from `bitplan keys create`."
+    ),
+]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -71,8 +81,10 @@ def _guarded(fn: Callable[[], T]) -> T:
             detail = exc.problem.get("detail") or exc.problem.get("title") or ""
             raise InputError(f"the server answered {exc.status}: {detail}") from None
         except httpx.TransportError as exc:
-            raise InputError(f"cannot reach the bitplan server ({exc}); start one with "
-                             "`bitplan serve` or pass --url") from None
+            raise InputError(
+                f"cannot reach the bitplan server ({exc}); start one with "
+                "`bitplan serve` or pass --url"
+            ) from None
 
     return exit_on_input_error(call)
 
@@ -100,21 +112,27 @@ def stop_workers(processes: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 @contextmanager
-def embedded_service(settings: Settings, *, workers: int = 1,
-                     worker_log: Path | None = None) -> Iterator[str]:
+def embedded_service(
+    settings: Settings, *, workers: int = 1, worker_log: Path | None = None
+) -> Iterator[str]:
     """Migrate, serve the API on a background thread and start ``workers`` worker processes;
     yields the API's base URL and stops everything on exit (Ctrl-C and errors included).
 
     ``settings.port`` 0 picks a free port. ``worker_log`` receives the workers' output, so it
     does not tear through a progress bar on this terminal.
     """
-    from app.db import upgrade_database
-    from app.main import create_app
-    from app.worker import spawn_workers
+    from bitplan.app.db import upgrade_database
+    from bitplan.app.main import create_app
+    from bitplan.app.worker import spawn_workers
 
     upgrade_database(settings.database_url)
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level="warning", timeout_graceful_shutdown=int(_STOP_GRACE_S))
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(_STOP_GRACE_S),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="bitplan-api", daemon=True)
     thread.start()
@@ -163,8 +181,9 @@ def _upload_ref(client: BitplanClient, ref: str, *, kind: str) -> str:
         return ref
     if path.is_dir():
         if kind != "model":
-            raise InputError(f"{ref} is a folder; a dataset is one .txt, .jsonl or "
-                             ".safetensors file")
+            raise InputError(
+                f"{ref} is a folder; a dataset is one .txt, .jsonl or .safetensors file"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             archive = Path(tmp) / f"{path.resolve().name}.zip"
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
@@ -177,11 +196,17 @@ def _upload_ref(client: BitplanClient, ref: str, *, kind: str) -> str:
     return str(upload(path)["id"])
 
 
-def wait_with_progress(client: BitplanClient, job_id: str, *,
-                       timeout: float | None = None) -> dict[str, Any]:
+def wait_with_progress(
+    client: BitplanClient, job_id: str, *, timeout: float | None = None
+) -> dict[str, Any]:
     """Poll a job until it ends, drawing its stage and progress; returns the final job."""
-    columns = (TextColumn("[bold]{task.fields[stage]:<10}"), BarColumn(), TaskProgressColumn(),
-               TimeElapsedColumn(), TextColumn("{task.fields[eta]}"))
+    columns = (
+        TextColumn("[bold]{task.fields[stage]:<10}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
+    )
     with Progress(*columns, console=err_console) as bars:
         task = bars.add_task(job_id, total=1.0, stage="queued", eta="")
 
@@ -195,16 +220,27 @@ def wait_with_progress(client: BitplanClient, job_id: str, *,
 def local_frontier(api_frontier: dict[str, Any]) -> FrontierFile:
     """The API's ``/frontier`` answer as a frontier file of a downloaded folder: the API names
     each plan by its URL (``href``), a folder by its relative path (``plans/<id>.json``)."""
-    return FrontierFile.from_dict({**api_frontier, **{
-        key: [{**{k: v for k, v in p.items() if k != "href"},
-               "plan": f"plans/{p['plan_id']}.json"} for p in api_frontier[key]]
-        for key in ("points", "uniform")}})
+    return FrontierFile.from_dict(
+        {
+            **api_frontier,
+            **{
+                key: [
+                    {
+                        **{k: v for k, v in p.items() if k != "href"},
+                        "plan": f"plans/{p['plan_id']}.json",
+                    }
+                    for p in api_frontier[key]
+                ]
+                for key in ("points", "uniform")
+            },
+        }
+    )
 
 
 def download_job(client: BitplanClient, job_id: str, dest: Path) -> list[Path]:
     """Save a succeeded job's frontier (``frontier.json``/``.csv``), every plan, the sensitivity
     table and an offline ``report.html`` (links relative to ``dest``) into ``dest``."""
-    from app.report import render_report
+    from bitplan.app.report import render_report
 
     frontier = client.frontier(job_id)
     (dest / "plans").mkdir(parents=True, exist_ok=True)
@@ -214,8 +250,9 @@ def download_job(client: BitplanClient, job_id: str, dest: Path) -> list[Path]:
         path.write_text(client.plan(job_id, point["plan_id"]), encoding="utf-8")
         written.append(path)
     document = local_frontier(frontier)
-    (dest / "frontier.json").write_text(json.dumps(document.to_dict(), indent=1) + "\n",
-                                        encoding="utf-8")
+    (dest / "frontier.json").write_text(
+        json.dumps(document.to_dict(), indent=1) + "\n", encoding="utf-8"
+    )
     (dest / "frontier.csv").write_text(document.csv_text(), encoding="utf-8")
     (dest / "sensitivity.csv").write_text(client.sensitivity(job_id), encoding="utf-8")
     written += [dest / "frontier.json", dest / "frontier.csv", dest / "sensitivity.csv"]
@@ -245,7 +282,7 @@ def register(app: typer.Typer) -> None:
     @db.command("upgrade")
     def db_upgrade() -> None:
         """Apply the database migrations (BITPLAN_DATABASE_URL) up to the newest."""
-        from app.db import upgrade_database
+        from bitplan.app.db import upgrade_database
 
         url = get_settings().database_url
         upgrade_database(url)
@@ -254,8 +291,8 @@ def register(app: typer.Typer) -> None:
     @keys.command("create")
     def keys_create(name: Annotated[str, typer.Argument(help="Who the key is for.")]) -> None:
         """Create an API key and print it once; only its hash is stored."""
-        from app import crud
-        from app.db import make_engine, make_sessionmaker
+        from bitplan.app import crud
+        from bitplan.app.db import make_engine, make_sessionmaker
 
         def create() -> str:
             url = get_settings().database_url
@@ -264,8 +301,10 @@ def register(app: typer.Typer) -> None:
                 with make_sessionmaker(engine)() as session:
                     return crud.create_api_key(session, name=name)[1]
             except (OperationalError, ProgrammingError):
-                raise InputError(f"the database {_safe_url(url)} has no bitplan tables; run "
-                                 "`bitplan db upgrade` first") from None
+                raise InputError(
+                    f"the database {_safe_url(url)} has no bitplan tables; run "
+                    "`bitplan db upgrade` first"
+                ) from None
             finally:
                 engine.dispose()
 
@@ -280,13 +319,14 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int | None, typer.Option(min=0, help="Worker processes.")] = None,
     ) -> None:
         """Run the REST API with worker processes (migrates the database first)."""
-        from app.db import upgrade_database
-        from app.main import create_app
-        from app.worker import spawn_workers
+        from bitplan.app.db import upgrade_database
+        from bitplan.app.main import create_app
+        from bitplan.app.worker import spawn_workers
 
         changes = {"host": host, "port": port, "workers": workers}
         settings = get_settings().model_copy(
-            update={k: v for k, v in changes.items() if v is not None})
+            update={k: v for k, v in changes.items() if v is not None}
+        )
 
         def prepare() -> Any:
             upgrade_database(settings.database_url)
@@ -294,8 +334,10 @@ def register(app: typer.Typer) -> None:
 
         api = exit_on_input_error(prepare)
         processes = spawn_workers(settings, count=settings.workers)
-        err_console.print(f"bitplan API on http://{settings.host}:{settings.port} with "
-                          f"{settings.workers} worker(s); Ctrl-C stops everything")
+        err_console.print(
+            f"bitplan API on http://{settings.host}:{settings.port} with "
+            f"{settings.workers} worker(s); Ctrl-C stops everything"
+        )
         # uvicorn re-raises the signal that stopped it once it has shut down; with the default
         # SIGTERM action that would end the process before the workers are stopped.
         signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -305,21 +347,30 @@ def register(app: typer.Typer) -> None:
             stop_workers(processes)
 
     @app.command("worker")
-    def worker(once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")]
-               = False) -> None:
+    def worker(
+        once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+    ) -> None:
         """Run one worker: claim queued jobs and run them (SIGTERM releases the current one)."""
-        from app.worker import run_worker
+        from bitplan.app.worker import run_worker
 
         ran = run_worker(get_settings(), once=once)
         err_console.print(f"worker stopped after {ran} job(s)")
 
     @app.command("submit")
     def submit(
-        model: Annotated[str, typer.Argument(help="builtin:NAME, an uploaded model id, or a "
-                                                  "model file/folder to upload.")],
+        model: Annotated[
+            str,
+            typer.Argument(
+                help="builtin:NAME, an uploaded model id, or a model file/folder to upload."
+            ),
+        ],
         budget: Annotated[str, typer.Option(help="4.5bpw, 60MB, 58MiB or 0.3x.")],
-        calib: Annotated[str, typer.Option(help="builtin, an uploaded dataset id, or a "
-                                                ".txt/.jsonl/.safetensors file.")] = "builtin",
+        calib: Annotated[
+            str,
+            typer.Option(
+                help="builtin, an uploaded dataset id, or a .txt/.jsonl/.safetensors file."
+            ),
+        ] = "builtin",
         method: Annotated[str, typer.Option(help="weight, layer, fisher or e2e.")] = "fisher",
         trials: Annotated[int, typer.Option(min=0, help="Measured trials.")] = 40,
         formats: Annotated[str | None, typer.Option(help="Comma-separated formats.")] = None,
@@ -333,15 +384,21 @@ def register(app: typer.Typer) -> None:
 
         def run() -> dict[str, Any]:
             with BitplanClient(url, api_key=api_key) as client:
-                fields: dict[str, Any] = {"budget": budget, "method": method, "trials": trials,
-                                          "seed": seed}
+                fields: dict[str, Any] = {
+                    "budget": budget,
+                    "method": method,
+                    "trials": trials,
+                    "seed": seed,
+                }
                 if timeout is not None:
                     fields["timeout"] = timeout
                 if formats:
                     fields["formats"] = [f.strip() for f in formats.split(",") if f.strip()]
-                job = client.submit_job(model=_upload_ref(client, model, kind="model"),
-                                        calib=_upload_ref(client, calib, kind="dataset"),
-                                        **fields)
+                job = client.submit_job(
+                    model=_upload_ref(client, model, kind="model"),
+                    calib=_upload_ref(client, calib, kind="dataset"),
+                    **fields,
+                )
                 typer.echo(job["id"])
                 return wait_with_progress(client, job["id"]) if wait else job
 
@@ -350,26 +407,34 @@ def register(app: typer.Typer) -> None:
             _finished(job)
 
     @app.command("status")
-    def status(job_id: Annotated[str, typer.Argument(help="The job id.")],
-               as_json: Annotated[bool, typer.Option("--json", help="Print the job's JSON.")]
-               = False, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    def status(
+        job_id: Annotated[str, typer.Argument(help="The job id.")],
+        as_json: Annotated[bool, typer.Option("--json", help="Print the job's JSON.")] = False,
+        url: UrlOpt = DEFAULT_URL,
+        api_key: KeyOpt = None,
+    ) -> None:
         """Show a job's state, stage and progress."""
         job = _guarded(lambda: _get(url, api_key, job_id))
         if as_json:
             typer.echo(json.dumps(job, indent=1))
             return
         eta = f", ~{job['eta_s']:.0f}s left in stage" if job.get("eta_s") else ""
-        console.print(f"{job['id']}: {job['state']} (stage {job['stage']}, "
-                      f"{job['progress']:.0%}{eta})", highlight=False)
+        console.print(
+            f"{job['id']}: {job['state']} (stage {job['stage']}, {job['progress']:.0%}{eta})",
+            highlight=False,
+        )
         if job.get("error"):
             console.print(f"error: {job['error']}", highlight=False)
         if job["plans"]:
             console.print(f"plans: {', '.join(job['plans'])}", highlight=False)
 
     @app.command("wait")
-    def wait_cmd(job_id: Annotated[str, typer.Argument(help="The job id.")],
-                 timeout: Annotated[float | None, typer.Option(help="Give up after S seconds.")]
-                 = None, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    def wait_cmd(
+        job_id: Annotated[str, typer.Argument(help="The job id.")],
+        timeout: Annotated[float | None, typer.Option(help="Give up after S seconds.")] = None,
+        url: UrlOpt = DEFAULT_URL,
+        api_key: KeyOpt = None,
+    ) -> None:
         """Wait for a job with a progress bar; exit 1 unless it succeeded."""
 
         def run() -> dict[str, Any]:
@@ -382,9 +447,12 @@ def register(app: typer.Typer) -> None:
         _finished(_guarded(run))
 
     @app.command("download")
-    def download(job_id: Annotated[str, typer.Argument(help="The job id.")],
-                 out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-                 url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    def download(
+        job_id: Annotated[str, typer.Argument(help="The job id.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        url: UrlOpt = DEFAULT_URL,
+        api_key: KeyOpt = None,
+    ) -> None:
         """Save a succeeded job's frontier, plans, sensitivity table and report."""
 
         def run() -> list[Path]:
@@ -396,17 +464,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-        = Path("bitplan-demo"),
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+            "bitplan-demo"
+        ),
         model: Annotated[str, typer.Option(help="A builtin model.")] = "builtin:digits-cnn",
         budget: Annotated[str, typer.Option(help="The memory budget.")] = "4bpw",
         trials: Annotated[int, typer.Option(min=1, help="Measured trials.")] = 16,
     ) -> None:
         """Run the whole service locally on a builtin model and download its results."""
-        from app.demo import run_demo
+        from bitplan.app.demo import run_demo
 
-        job = _guarded(lambda: run_demo(out_dir=out, model=model, budget=budget,
-                                        trials=trials))
+        job = _guarded(lambda: run_demo(out_dir=out, model=model, budget=budget, trials=trials))
         _finished(job)
 
 

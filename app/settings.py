@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     )
     trusted_models: bool = False
     # "module:function" the worker calls for each job; tests point it at a small double.
-    worker_runner: str = "search.pipeline:run_job"
+    worker_runner: str = "bitplan.search.pipeline:run_job"
     # How often an idle worker looks for work (seconds).
     poll_seconds: float = Field(default=1.0, gt=0)
 

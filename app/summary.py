@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from rich.table import Table
 
-from search.plans import FrontierFile
+from bitplan.search.plans import FrontierFile
 
 __all__ = ["frontier_table", "sensitivity_table"]
 
@@ -30,31 +30,45 @@ def frontier_table(frontier: FrontierFile) -> Table:
     for point in [*frontier.points, *frontier.uniform]:
         calib = point.metrics.get("calibration", {})
         holdout = point.metrics.get("holdout", {})
-        table.add_row(point.plan_id, point.source.partition(":")[0],
-                      f"{point.total_bytes / 1e6:.3f}", f"{point.bpw:.3f}",
-                      f"{calib.get('error', float('nan')):.4g}",
-                      f"{holdout.get('error', float('nan')):.4g}", _headline(holdout),
-                      style="dim" if point in frontier.uniform else None)
+        table.add_row(
+            point.plan_id,
+            point.source.partition(":")[0],
+            f"{point.total_bytes / 1e6:.3f}",
+            f"{point.bpw:.3f}",
+            f"{calib.get('error', float('nan')):.4g}",
+            f"{holdout.get('error', float('nan')):.4g}",
+            _headline(holdout),
+            style="dim" if point in frontier.uniform else None,
+        )
     return table
 
 
 def sensitivity_table(table: pd.DataFrame, *, top: int = 5) -> Table:
     """The most and least sensitive layers, ranked by their error in the smallest format,
     with their error in every format (columns from smallest to largest)."""
-    formats = (table.groupby("format")["bytes"].sum().sort_values().index.tolist())
+    formats = table.groupby("format")["bytes"].sum().sort_values().index.tolist()
     wide = table.pivot_table(index="layer", columns="format", values="error", aggfunc="first")
     ranked = wide.sort_values(formats[0], ascending=False, na_position="last")
     shown = ranked.index.tolist()
     if len(shown) > 2 * top:
         shown = shown[:top] + [None] + shown[-top:]
-    out = Table("rank", "layer", *formats,
-                title=f"Layer sensitivity (error; ranked by {formats[0]}, most sensitive first)")
+    out = Table(
+        "rank",
+        "layer",
+        *formats,
+        title=f"Layer sensitivity (error; ranked by {formats[0]}, most sensitive first)",
+    )
     for name in shown:
         if name is None:
             out.add_row("…", "…", *["" for _ in formats])
             continue
         rank = ranked.index.get_loc(name) + 1
-        out.add_row(str(rank), str(name),
-                    *[("" if pd.isna(ranked.at[name, f]) else f"{ranked.at[name, f]:.3g}")
-                      for f in formats])
+        out.add_row(
+            str(rank),
+            str(name),
+            *[
+                ("" if pd.isna(ranked.at[name, f]) else f"{ranked.at[name, f]:.3g}")
+                for f in formats
+            ],
+        )
     return out

@@ -8,7 +8,7 @@ partial file is deleted. A complete file is renamed atomically to ``<sha256><suf
 readers never see half a file and equal bytes land on the same path.
 
 Validation happens before a resource is recorded: a model must load with
-:func:`sensitivity.models.load_model` (its message is the 422 detail); a dataset must be a
+:func:`bitplan.sensitivity.models.load_model` (its message is the 422 detail); a dataset must be a
 non-empty ``.txt``, ``.jsonl`` or ``.safetensors`` file that reads as that format.
 """
 
@@ -28,10 +28,10 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 from safetensors import safe_open
 
-from app.problems import ProblemError
-from sensitivity.errors import InputError
-from sensitivity.models import load_model
-from sensitivity.textdata import read_jsonl, read_txt
+from bitplan.app.problems import ProblemError
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.models import load_model
+from bitplan.sensitivity.textdata import read_jsonl, read_txt
 
 __all__ = [
     "DATASET_SUFFIXES",
@@ -79,8 +79,10 @@ def _suffix(filename: str) -> str:
 
 def _too_large(max_bytes: int) -> ProblemError:
     return ProblemError(
-        413, f"upload exceeds the limit of {max_bytes} bytes (BITPLAN_MAX_UPLOAD_BYTES)",
-        slug="upload-too-large", max_bytes=max_bytes,
+        413,
+        f"upload exceeds the limit of {max_bytes} bytes (BITPLAN_MAX_UPLOAD_BYTES)",
+        slug="upload-too-large",
+        max_bytes=max_bytes,
     )
 
 
@@ -153,7 +155,8 @@ def _boundary(request: Request) -> bytes:
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise ProblemError(
-            415, f"send the file as multipart/form-data in a field named {UPLOAD_FIELD!r}",
+            415,
+            f"send the file as multipart/form-data in a field named {UPLOAD_FIELD!r}",
             slug="unsupported-media-type",
         )
     return options[b"boundary"]
@@ -166,8 +169,9 @@ async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) ->
     if declared is not None and declared.isdigit() and int(declared) > max_bytes + _FRAMING_SLACK:
         raise _too_large(max_bytes)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest_dir, prefix=".upload-", suffix=".part",
-                                     delete=False) as sink:
+    with tempfile.NamedTemporaryFile(
+        dir=dest_dir, prefix=".upload-", suffix=".part", delete=False
+    ) as sink:
         tmp = Path(sink.name)
         try:
             writer = _FilePartWriter(sink, max_bytes)
@@ -234,5 +238,7 @@ def validate_dataset(path: Path, *, filename: str) -> None:
         except Exception as exc:  # safetensors raises its own error types for bad headers
             raise InputError(f"{filename} is not a valid safetensors file ({exc})") from None
         if not names:
-            raise InputError(f"{filename} holds no input tensors; name them after the model's "
-                             "forward arguments (e.g. pixel_values, input_ids)")
+            raise InputError(
+                f"{filename} holds no input tensors; name them after the model's "
+                "forward arguments (e.g. pixel_values, input_ids)"
+            )

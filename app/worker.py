@@ -9,7 +9,7 @@ most every :data:`PROGRESS_INTERVAL_S`, fenced by the lease like every other wri
 
 Artifacts are written to a private staging folder and moved to ``artifact_dir/<job_id>/`` only
 by the lease holder, right before it marks the job succeeded; a crashed attempt leaves nothing
-the API would serve. Run a standalone worker with ``python -m app.worker`` (or
+the API would serve. Run a standalone worker with ``python -m bitplan.app.worker`` (or
 ``bitplan worker``); :func:`spawn_workers` starts several as processes for ``bitplan serve``.
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from app.db import make_engine
-from app.queue import (
+from bitplan.app.db import make_engine
+from bitplan.app.queue import (
     ClaimedJob,
     claim_job,
     finish_job,
@@ -43,11 +43,11 @@ from app.queue import (
     release_job,
     set_progress,
 )
-from app.report import render_report
-from app.settings import Settings, get_settings
-from search.spec import JobSpec
-from sensitivity.errors import InputError
-from sensitivity.progress import Cancelled
+from bitplan.app.report import render_report
+from bitplan.app.settings import Settings, get_settings
+from bitplan.search.spec import JobSpec
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import Cancelled
 
 __all__ = ["PROGRESS_INTERVAL_S", "Runner", "load_runner", "run_worker", "spawn_workers"]
 
@@ -63,7 +63,7 @@ Runner = Callable[..., Any]
 
 
 def load_runner(dotted: str) -> Runner:
-    """Import a ``"module:function"`` job runner (default: ``search.pipeline:run_job``)."""
+    """Import a ``"module:function"`` job runner (default: ``bitplan.search.pipeline:run_job``)."""
     module_name, _, attribute = dotted.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"worker runner {dotted!r} must look like 'package.module:function'")
@@ -76,8 +76,16 @@ def load_runner(dotted: str) -> Runner:
 class _JobRun:
     """One claimed job: the job thread runs the runner, the caller's thread supervises."""
 
-    def __init__(self, *, engine: Engine, settings: Settings, worker_id: str, job: ClaimedJob,
-                 runner: Runner, shutdown: threading.Event) -> None:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        settings: Settings,
+        worker_id: str,
+        job: ClaimedJob,
+        runner: Runner,
+        shutdown: threading.Event,
+    ) -> None:
         self.engine, self.settings, self.worker_id = engine, settings, worker_id
         self.job, self.runner, self.shutdown = job, runner, shutdown
         self.stop = threading.Event()
@@ -113,8 +121,14 @@ class _JobRun:
         if (stage, fraction, eta) == self._written:
             return
         self._written = (stage, fraction, eta)
-        if not set_progress(self.engine, job_id=self.job.id, lease_version=self.job.lease_version,
-                            stage=stage, progress=fraction, eta_s=eta):
+        if not set_progress(
+            self.engine,
+            job_id=self.job.id,
+            lease_version=self.job.lease_version,
+            stage=stage,
+            progress=fraction,
+            eta_s=eta,
+        ):
             self._halt("lease lost")
 
     def _target(self) -> None:
@@ -124,10 +138,15 @@ class _JobRun:
             self.outcome = ("error", f"invalid job spec: {error}")
             return
         try:
-            self.runner(spec, out_dir=self.staging, cache_dir=self.settings.cache_dir,
-                        progress=self.progress, should_cancel=self.should_cancel,
-                        optuna_storage=self.settings.optuna_storage,
-                        study_name=f"bitplan-{self.job.id}")
+            self.runner(
+                spec,
+                out_dir=self.staging,
+                cache_dir=self.settings.cache_dir,
+                progress=self.progress,
+                should_cancel=self.should_cancel,
+                optuna_storage=self.settings.optuna_storage,
+                study_name=f"bitplan-{self.job.id}",
+            )
             self._render_report()
             self.outcome = ("ok", "")
         except Cancelled:
@@ -155,9 +174,13 @@ class _JobRun:
             if time.monotonic() < next_beat or self.reason == "lease lost":
                 continue
             next_beat = time.monotonic() + self.settings.heartbeat_seconds
-            if not heartbeat(self.engine, job_id=self.job.id, worker_id=self.worker_id,
-                             lease_version=self.job.lease_version,
-                             lease_s=self.settings.lease_seconds):
+            if not heartbeat(
+                self.engine,
+                job_id=self.job.id,
+                worker_id=self.worker_id,
+                lease_version=self.job.lease_version,
+                lease_s=self.settings.lease_seconds,
+            ):
                 self._halt("lease lost")
             elif is_cancel_requested(self.engine, job_id=self.job.id):
                 self._halt("cancel")
@@ -186,21 +209,31 @@ class _JobRun:
         elif kind == "cancelled":
             finish_job(self.engine, job_id=job_id, lease_version=version, state="cancelled")
         else:
-            finish_job(self.engine, job_id=job_id, lease_version=version, state="failed",
-                       error=message)
+            finish_job(
+                self.engine, job_id=job_id, lease_version=version, state="failed", error=message
+            )
 
     def _publish(self) -> None:
-        if not heartbeat(self.engine, job_id=self.job.id, worker_id=self.worker_id,
-                         lease_version=self.job.lease_version,
-                         lease_s=self.settings.lease_seconds):
+        if not heartbeat(
+            self.engine,
+            job_id=self.job.id,
+            worker_id=self.worker_id,
+            lease_version=self.job.lease_version,
+            lease_s=self.settings.lease_seconds,
+        ):
             logger.warning("job %s: lease lost before publishing; discarding", self.job.id)
             return
         shutil.rmtree(self.final_dir, ignore_errors=True)  # a crashed attempt's leftovers
         self.staging.rename(self.final_dir)
         plan_ids = sorted(path.stem for path in (self.final_dir / "plans").glob("*.json"))
         result = {"artifact_dir": str(self.final_dir), "plan_ids": plan_ids}
-        finish_job(self.engine, job_id=self.job.id, lease_version=self.job.lease_version,
-                   state="succeeded", result=result)
+        finish_job(
+            self.engine,
+            job_id=self.job.id,
+            lease_version=self.job.lease_version,
+            state="succeeded",
+            result=result,
+        )
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -212,9 +245,14 @@ def _install_signal_handlers(stop: threading.Event) -> None:
         signal.signal(signum, _handle)
 
 
-def run_worker(settings: Settings, *, worker_id: str | None = None,
-               stop_event: threading.Event | None = None, once: bool = False,
-               runner: Runner | None = None) -> int:
+def run_worker(
+    settings: Settings,
+    *,
+    worker_id: str | None = None,
+    stop_event: threading.Event | None = None,
+    once: bool = False,
+    runner: Runner | None = None,
+) -> int:
     """Claim and run jobs until ``stop_event`` is set (SIGTERM/SIGINT when none is given and
     this is the main thread). With ``once``, return as soon as the queue is empty. Returns the
     number of jobs this worker ran."""
@@ -240,8 +278,14 @@ def run_worker(settings: Settings, *, worker_id: str | None = None,
                     break
                 stop_event.wait(settings.poll_seconds)
                 continue
-            _JobRun(engine=engine, settings=settings, worker_id=worker_id, job=job,
-                    runner=runner, shutdown=stop_event).run()
+            _JobRun(
+                engine=engine,
+                settings=settings,
+                worker_id=worker_id,
+                job=job,
+                runner=runner,
+                shutdown=stop_event,
+            ).run()
             ran += 1
     finally:
         engine.dispose()
@@ -252,19 +296,21 @@ def run_worker(settings: Settings, *, worker_id: str | None = None,
 def _settings_env(settings: Settings) -> dict[str, str]:
     """``settings`` as BITPLAN_* variables, so a child process rebuilds the same settings."""
     values = settings.model_dump(mode="json")
-    return {f"BITPLAN_{name.upper()}": "" if value is None else str(value)
-            for name, value in values.items()}
+    return {
+        f"BITPLAN_{name.upper()}": "" if value is None else str(value)
+        for name, value in values.items()
+    }
 
 
 def spawn_workers(settings: Settings, *, count: int) -> list[subprocess.Popen[bytes]]:
-    """Start ``count`` worker processes (``python -m app.worker``) with these settings."""
+    """Start ``count`` worker processes (``python -m bitplan.app.worker``) with these settings."""
     env = {**os.environ, **_settings_env(settings)}
-    command = [sys.executable, "-m", "app.worker"]
+    command = [sys.executable, "-m", "bitplan.app.worker"]
     return [subprocess.Popen(command, env=env) for _ in range(count)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bitplan.app.worker", description=__doc__)
     parser.add_argument("--once", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--worker-id", default=None, help="name shown in the job's lease")
     args = parser.parse_args(argv)

@@ -82,8 +82,12 @@ class Timer:
         self._start = time.perf_counter()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.seconds = time.perf_counter() - self._start
 
 
@@ -96,8 +100,9 @@ def update_results_section(title: str, markdown: str, path: Path = RESULTS_PATH)
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else _HEADER
     section = f"## {title}\n\n{markdown.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)",
-                         flags=re.MULTILINE | re.DOTALL)
+    pattern = re.compile(
+        rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
     else:

@@ -18,7 +18,8 @@ What runs, all on 127.0.0.1 and bounded in time:
   ``saturated`` (no pause between requests: the most requests/s, where latency is mostly queue,
   Little's law latency ~ clients / throughput) and ``paced`` (each client polls every
   :data:`POLL_INTERVAL_S`, like ``bitplan wait``: the latency a poller sees). Pollers of the
-  job send ``If-None-Match`` like :class:`app.client.BitplanClient`, so most answers are 304s.
+  job send ``If-None-Match`` like :class:`bitplan.app.client.BitplanClient`, so most answers are
+  304s.
 
 An error is any answer other than 200/304, or an exception (timeouts included). Latency is
 measured by the client, so it includes the client's own event-loop delays: the load generator,
@@ -73,8 +74,12 @@ REQUEST_TIMEOUT_S = 10.0
 STARTUP_TIMEOUT_S = 90.0
 STOP_GRACE_S = 15.0  # `bitplan serve` gives its worker 10 s to release the job when stopped
 # The job: more trials than it can run in the benchmark, so the worker stays busy throughout.
-JOB_REQUEST = {"model": "builtin:digits-cnn", "budget": "4bpw", "method": "layer",
-               "trials": 100_000}
+JOB_REQUEST = {
+    "model": "builtin:digits-cnn",
+    "budget": "4bpw",
+    "method": "layer",
+    "trials": 100_000,
+}
 MODES = ("saturated", "paced")
 
 
@@ -106,9 +111,14 @@ class LoadResult:
         """Everything but the raw latencies, for ``--json`` and the results table."""
         data = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
         data["statuses"] = dict(self.statuses)
-        data.update(requests=self.requests, rps=self.rps, p50_ms=self.percentile_ms(50),
-                    p95_ms=self.percentile_ms(95), p99_ms=self.percentile_ms(99),
-                    max_ms=max(self.latencies_ms, default=float("nan")))
+        data.update(
+            requests=self.requests,
+            rps=self.rps,
+            p50_ms=self.percentile_ms(50),
+            p95_ms=self.percentile_ms(95),
+            p99_ms=self.percentile_ms(99),
+            max_ms=max(self.latencies_ms, default=float("nan")),
+        )
         return data
 
 
@@ -127,8 +137,16 @@ def bare_app() -> FastAPI:
 # --- load ------------------------------------------------------------------------------------
 
 
-async def _poller(http: httpx.AsyncClient, url: str, result: LoadResult, *, deadline: float,
-                  interval: float, offset: float, conditional: bool) -> None:
+async def _poller(
+    http: httpx.AsyncClient,
+    url: str,
+    result: LoadResult,
+    *,
+    deadline: float,
+    interval: float,
+    offset: float,
+    conditional: bool,
+) -> None:
     """One client: GET ``url`` until ``deadline``, every ``interval`` s (0: back to back)."""
     etag: str | None = None
     next_at = time.perf_counter() + offset
@@ -158,8 +176,9 @@ async def _poller(http: httpx.AsyncClient, url: str, result: LoadResult, *, dead
         next_at = max(next_at + interval, time.perf_counter())
 
 
-async def run_load(url: str, *, target: str, mode: str, clients: int, seconds: float,
-                   conditional: bool) -> LoadResult:
+async def run_load(
+    url: str, *, target: str, mode: str, clients: int, seconds: float, conditional: bool
+) -> LoadResult:
     """``clients`` concurrent pollers of ``url`` for ``seconds`` on this event loop. The
     result's ``seconds`` is the phase's real length, until the last answer came back."""
     if mode not in MODES:
@@ -170,10 +189,20 @@ async def run_load(url: str, *, target: str, mode: str, clients: int, seconds: f
     async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as http:
         start = time.perf_counter()
         # Paced clients start spread over one interval, as independent pollers would be.
-        await asyncio.gather(*(
-            _poller(http, url, result, deadline=start + seconds, interval=interval,
-                    offset=interval * i / clients, conditional=conditional)
-            for i in range(clients)))
+        await asyncio.gather(
+            *(
+                _poller(
+                    http,
+                    url,
+                    result,
+                    deadline=start + seconds,
+                    interval=interval,
+                    offset=interval * i / clients,
+                    conditional=conditional,
+                )
+                for i in range(clients)
+            )
+        )
         result.seconds = time.perf_counter() - start
     return result
 
@@ -187,13 +216,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_listening(base_url: str, path: str, process: subprocess.Popen[bytes],
-                    log: Path) -> None:
+def _wait_listening(base_url: str, path: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see {log}:\n"
-                               + log.read_text(errors="replace")[-2000:])
+            raise RuntimeError(
+                f"server exited with {process.returncode}; see {log}:\n"
+                + log.read_text(errors="replace")[-2000:]
+            )
         try:
             if httpx.get(base_url + path, timeout=2.0).status_code == 200:
                 return
@@ -212,8 +242,9 @@ class Server:
 
 
 @contextmanager
-def _server(command: list[str], *, env: dict[str, str], log: Path, health: str,
-            port: int) -> Iterator[Server]:
+def _server(
+    command: list[str], *, env: dict[str, str], log: Path, health: str, port: int
+) -> Iterator[Server]:
     """Run ``command`` (a server on ``port``) in its own process group and yield it once
     ``health`` answers 200.
 
@@ -223,8 +254,9 @@ def _server(command: list[str], *, env: dict[str, str], log: Path, health: str,
     """
     base_url = f"http://{HOST}:{port}"
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         _wait_listening(base_url, health, process, log)
         yield Server(base_url, process.pid)
@@ -283,28 +315,32 @@ class CpuSnapshot:
         return cls(servers=own, others=others, client=time.process_time())
 
 
-def _cpu_columns(before: CpuSnapshot, after: CpuSnapshot, server: Server,
-                 result: LoadResult) -> dict[str, float]:
+def _cpu_columns(
+    before: CpuSnapshot, after: CpuSnapshot, server: Server, result: LoadResult
+) -> dict[str, float]:
     """Per-phase CPU: milliseconds per request of the polled server and of the load
     generator, and the cores the job's worker used meanwhile."""
     per_request = 1000.0 / max(result.requests, 1)
-    return {"server_cpu_ms": (after.servers[server.pid] - before.servers[server.pid])
-            * per_request,
-            "client_cpu_ms": (after.client - before.client) * per_request,
-            "worker_cores": (after.others - before.others) / result.seconds}
+    return {
+        "server_cpu_ms": (after.servers[server.pid] - before.servers[server.pid]) * per_request,
+        "client_cpu_ms": (after.client - before.client) * per_request,
+        "worker_cores": (after.others - before.others) / result.seconds,
+    }
 
 
 def _service_env(data_dir: Path) -> dict[str, str]:
     """``BITPLAN_*`` for an embedded service in ``data_dir``; builtin models come from the
     usual cache (so the worker does not retrain them)."""
-    from sensitivity.models import resolve_cache_dir
+    from bitplan.sensitivity.models import resolve_cache_dir
 
-    return {**os.environ,
-            "BITPLAN_DATA_DIR": str(data_dir),
-            "BITPLAN_DATABASE_URL": f"sqlite:///{data_dir / 'bitplan.db'}",
-            "BITPLAN_OPTUNA_STORAGE": f"sqlite:///{data_dir / 'optuna.db'}",
-            "BITPLAN_CACHE_DIR": str(resolve_cache_dir()),
-            "BITPLAN_AUTH": "off"}
+    return {
+        **os.environ,
+        "BITPLAN_DATA_DIR": str(data_dir),
+        "BITPLAN_DATABASE_URL": f"sqlite:///{data_dir / 'bitplan.db'}",
+        "BITPLAN_OPTUNA_STORAGE": f"sqlite:///{data_dir / 'optuna.db'}",
+        "BITPLAN_CACHE_DIR": str(resolve_cache_dir()),
+        "BITPLAN_AUTH": "off",
+    }
 
 
 def _start_job(base_url: str, *, timeout_s: float) -> str:
@@ -332,41 +368,85 @@ def _job_view(base_url: str, path: str) -> str:
 # --- the benchmark ---------------------------------------------------------------------------
 
 
-def run_benchmark(*, clients: int, seconds: float, modes: tuple[str, ...] = MODES,
-                  workdir: Path) -> dict[str, Any]:
+def run_benchmark(
+    *, clients: int, seconds: float, modes: tuple[str, ...] = MODES, workdir: Path
+) -> dict[str, Any]:
     """Both servers, the job, and every (mode, target) phase; returns a JSON-ready dict."""
     python = sys.executable
-    uvicorn_bare = [python, "-m", "uvicorn", "--factory", "benchmarks.api_load:bare_app",
-                    "--host", HOST]
+    uvicorn_bare = [
+        python,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "benchmarks.api_load:bare_app",
+        "--host",
+        HOST,
+    ]
     phases: list[dict[str, Any]] = []
     job_seen: list[str] = []
     with ExitStack() as stack:
         port = _free_port()
-        service = stack.enter_context(_server(
-            [python, "-m", "app.cli", "serve", "--host", HOST, "--port", str(port),
-             "--workers", "1"],
-            env=_service_env(workdir / "service"), log=workdir / "service.log",
-            health="/v1/health", port=port))
+        service = stack.enter_context(
+            _server(
+                [
+                    python,
+                    "-m",
+                    "bitplan.app.cli",
+                    "serve",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                ],
+                env=_service_env(workdir / "service"),
+                log=workdir / "service.log",
+                health="/v1/health",
+                port=port,
+            )
+        )
         # The job outlives every phase (plus startup slack), then stops by itself.
         job_path = _start_job(service.url, timeout_s=len(modes) * 2 * seconds + 120.0)
         bare_port = _free_port()
-        bare = stack.enter_context(_server(
-            [*uvicorn_bare, "--port", str(bare_port)], env=dict(os.environ),
-            log=workdir / "bare.log", health="/status", port=bare_port))
+        bare = stack.enter_context(
+            _server(
+                [*uvicorn_bare, "--port", str(bare_port)],
+                env=dict(os.environ),
+                log=workdir / "bare.log",
+                health="/status",
+                port=bare_port,
+            )
+        )
         for mode in modes:
-            for target, server, path, conditional in (("bitplan", service, job_path, True),
-                                                      ("bare", bare, "/status", False)):
+            for target, server, path, conditional in (
+                ("bitplan", service, job_path, True),
+                ("bare", bare, "/status", False),
+            ):
                 logger.info("%s, %s: %d clients for %.0f s", target, mode, clients, seconds)
                 before = CpuSnapshot.take([service, bare])
-                result = asyncio.run(run_load(server.url + path, target=target, mode=mode,
-                                              clients=clients, seconds=seconds,
-                                              conditional=conditional))
+                result = asyncio.run(
+                    run_load(
+                        server.url + path,
+                        target=target,
+                        mode=mode,
+                        clients=clients,
+                        seconds=seconds,
+                        conditional=conditional,
+                    )
+                )
                 after = CpuSnapshot.take([service, bare])
                 phases.append({**result.summary(), **_cpu_columns(before, after, server, result)})
                 job_seen.append(_job_view(service.url, job_path))
         httpx.post(f"{service.url}{job_path}:cancel", timeout=REQUEST_TIMEOUT_S)
-    return {"machine": machine_info(), "clients": clients, "seconds": seconds,
-            "job": JOB_REQUEST["model"], "job_seen": job_seen, "phases": phases}
+    return {
+        "machine": machine_info(),
+        "clients": clients,
+        "seconds": seconds,
+        "job": JOB_REQUEST["model"],
+        "job_seen": job_seen,
+        "phases": phases,
+    }
 
 
 def _ratio(numerator: float, denominator: float) -> str:
@@ -375,57 +455,70 @@ def _ratio(numerator: float, denominator: float) -> str:
 
 def to_markdown(report: dict[str, Any]) -> str:
     """The "API load" section: machine, setup, one row per phase, the ratios and the verdict."""
-    rows = ["| target | mode | requests | req/s | p50 ms | p95 ms | p99 ms | max ms | errors | "
-            "server CPU ms/req | client CPU ms/req | worker cores | answers |",
-            "|---|---|" + "---:|" * 10 + "---|"]
+    rows = [
+        "| target | mode | requests | req/s | p50 ms | p95 ms | p99 ms | max ms | errors | "
+        "server CPU ms/req | client CPU ms/req | worker cores | answers |",
+        "|---|---|" + "---:|" * 10 + "---|",
+    ]
     by_key = {(p["target"], p["mode"]): p for p in report["phases"]}
     for p in report["phases"]:
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(p["statuses"].items()))
-        rows.append(f"| {p['target']} | {p['mode']} | {p['requests']} | {p['rps']:.0f} | "
-                    f"{p['p50_ms']:.1f} | {p['p95_ms']:.1f} | {p['p99_ms']:.1f} | "
-                    f"{p['max_ms']:.1f} | {p['errors']} | {p['server_cpu_ms']:.2f} | "
-                    f"{p['client_cpu_ms']:.2f} | {p['worker_cores']:.2f} | {answers} |")
+        rows.append(
+            f"| {p['target']} | {p['mode']} | {p['requests']} | {p['rps']:.0f} | "
+            f"{p['p50_ms']:.1f} | {p['p95_ms']:.1f} | {p['p99_ms']:.1f} | "
+            f"{p['max_ms']:.1f} | {p['errors']} | {p['server_cpu_ms']:.2f} | "
+            f"{p['client_cpu_ms']:.2f} | {p['worker_cores']:.2f} | {answers} |"
+        )
     lines = []
     for mode in dict.fromkeys(p["mode"] for p in report["phases"]):
         ours, bare = by_key[("bitplan", mode)], by_key[("bare", mode)]
         verdict = "meets" if ours["errors"] == 0 and ours["p99_ms"] < TARGET_P99_MS else "misses"
-        lines.append(f"- {mode}: bitplan/bare requests/s {_ratio(ours['rps'], bare['rps'])}, "
-                     f"p99 {_ratio(ours['p99_ms'], bare['p99_ms'])}x, server CPU per request "
-                     f"{_ratio(ours['server_cpu_ms'], bare['server_cpu_ms'])}x; bitplan "
-                     f"{verdict} the target (0 errors, p99 < {TARGET_P99_MS:.0f} ms)")
+        lines.append(
+            f"- {mode}: bitplan/bare requests/s {_ratio(ours['rps'], bare['rps'])}, "
+            f"p99 {_ratio(ours['p99_ms'], bare['p99_ms'])}x, server CPU per request "
+            f"{_ratio(ours['server_cpu_ms'], bare['server_cpu_ms'])}x; bitplan "
+            f"{verdict} the target (0 errors, p99 < {TARGET_P99_MS:.0f} ms)"
+        )
     paced = by_key.get(("bitplan", "paced"), by_key[("bitplan", report["phases"][0]["mode"])])
     offered = report["clients"] / POLL_INTERVAL_S
-    lines.append(f"- capacity: at {paced['server_cpu_ms']:.2f} ms of CPU per poll, one whole "
-                 f"core serves ~{1000.0 / paced['server_cpu_ms']:.0f} polls/s; "
-                 f"{report['clients']} pollers every {POLL_INTERVAL_S} s offer {offered:.0f}/s")
-    return "\n".join([
-        f"Machine: {report['machine']}",
-        "",
-        f"`python benchmarks/api_load.py --clients {report['clients']} --seconds "
-        f"{report['seconds']:g}`: {report['clients']} concurrent httpx clients on one event "
-        f"loop poll `GET /v1/jobs/{{id}}` of `bitplan serve` (SQLite, one worker running a "
-        f"{report['job']} job, keys off) with `If-None-Match`, and a bare FastAPI endpoint "
-        "served by uvicorn the same way, for "
-        f"{report['seconds']:g} s per phase. *saturated*: no pause between requests (latency "
-        f"is mostly queueing: ~clients / throughput); *paced*: every client polls every "
-        f"{POLL_INTERVAL_S} s like `bitplan wait`. The load generator, both servers and the "
-        "worker share this machine's cores, so the client-measured latency includes the load "
-        "generator's own scheduling delays; CPU per request (from /proc) does not depend on "
-        "that sharing. *worker cores*: CPU the job's worker used meanwhile.",
-        "",
-        *rows,
-        "",
-        *lines,
-        f"- job state after each phase: {', '.join(report['job_seen'])}",
-    ])
+    lines.append(
+        f"- capacity: at {paced['server_cpu_ms']:.2f} ms of CPU per poll, one whole "
+        f"core serves ~{1000.0 / paced['server_cpu_ms']:.0f} polls/s; "
+        f"{report['clients']} pollers every {POLL_INTERVAL_S} s offer {offered:.0f}/s"
+    )
+    return "\n".join(
+        [
+            f"Machine: {report['machine']}",
+            "",
+            f"`python benchmarks/api_load.py --clients {report['clients']} --seconds "
+            f"{report['seconds']:g}`: {report['clients']} concurrent httpx clients on one event "
+            f"loop poll `GET /v1/jobs/{{id}}` of `bitplan serve` (SQLite, one worker running a "
+            f"{report['job']} job, keys off) with `If-None-Match`, and a bare FastAPI endpoint "
+            "served by uvicorn the same way, for "
+            f"{report['seconds']:g} s per phase. *saturated*: no pause between requests (latency "
+            f"is mostly queueing: ~clients / throughput); *paced*: every client polls every "
+            f"{POLL_INTERVAL_S} s like `bitplan wait`. The load generator, both servers and the "
+            "worker share this machine's cores, so the client-measured latency includes the load "
+            "generator's own scheduling delays; CPU per request (from /proc) does not depend on "
+            "that sharing. *worker cores*: CPU the job's worker used meanwhile.",
+            "",
+            *rows,
+            "",
+            *lines,
+            f"- job state after each phase: {', '.join(report['job_seen'])}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=100, help="concurrent pollers")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 10 clients, 2 s phases, RESULTS.md left alone")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 10 clients, 2 s phases, RESULTS.md left alone",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     args = parser.parse_args(argv)

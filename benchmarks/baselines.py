@@ -2,7 +2,8 @@
 
 bitplan claims its frontier beats the allocators people already use. To make that claim
 checkable, this module implements two of them on the same planning problem
-(:class:`search.problem.Problem`: one format per layer or tie group, exact bytes per option):
+(:class:`bitplan.search.problem.Problem`: one format per layer or tie group, exact bytes per
+option):
 
 * **Greedy sensitivity-ordered promotion** — the "Pareto-curve greedy" of Qualcomm AIMET's
   *Automatic Mixed Precision* (AIMET documentation, "Automatic Mixed Precision (AMP)"). AIMET
@@ -34,16 +35,15 @@ import torch.nn.functional as F
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from search.problem import Group, Problem
-from sensitivity.data import CLASSIFICATION_TASKS, CalibData
-from sensitivity.errors import InputError
-from sensitivity.formats import fake_quantize, parse_format
-from sensitivity.layers import get_weight, weight_matrix
-from sensitivity.metrics import forward_output
-from sensitivity.models import LoadedModel
+from bitplan.search.problem import Group, Problem
+from bitplan.sensitivity.data import CLASSIFICATION_TASKS, CalibData
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import fake_quantize, parse_format
+from bitplan.sensitivity.layers import get_weight, weight_matrix
+from bitplan.sensitivity.metrics import forward_output
+from bitplan.sensitivity.models import LoadedModel
 
-__all__ = ["calibration_loss", "greedy_promotion", "hawq_table", "hessian_traces",
-           "ilp_allocation"]
+__all__ = ["calibration_loss", "greedy_promotion", "hawq_table", "hessian_traces", "ilp_allocation"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ def _floor(problem: Problem) -> int:
 def _check_cap(problem: Problem, cap: int) -> None:
     floor = _floor(problem)
     if cap < floor:
-        raise InputError(f"cap of {cap} planned bytes is below the smallest reachable "
-                         f"{floor}; give a cap of at least {floor}")
+        raise InputError(
+            f"cap of {cap} planned bytes is below the smallest reachable "
+            f"{floor}; give a cap of at least {floor}"
+        )
 
 
 def _chain(group: Group) -> list[int]:
@@ -111,13 +113,20 @@ def ilp_allocation(problem: Problem, cap: int) -> dict[str, str]:
     # Errors can be ~1e-9 (int8 on a robust layer): scaled to at most 1 so that HiGHS's
     # absolute optimality tolerances do not treat them all as equal.
     scale = float(np.abs(error).max()) or 1.0
-    result = milp(c=error / scale, integrality=np.ones(len(error)), bounds=Bounds(0, 1),
-                  constraints=[LinearConstraint(one_each, 1, 1),
-                               LinearConstraint(nbytes[None, :], -np.inf, cap)])  # (1, vars)
+    result = milp(
+        c=error / scale,
+        integrality=np.ones(len(error)),
+        bounds=Bounds(0, 1),
+        constraints=[
+            LinearConstraint(one_each, 1, 1),
+            LinearConstraint(nbytes[None, :], -np.inf, cap),
+        ],
+    )  # (1, vars)
     if result.x is None:
         raise RuntimeError(f"the ILP solver found no plan under {cap} bytes: {result.message}")
-    picked = [int(np.argmax(result.x[lo:hi])) for lo, hi in zip(starts[:-1], starts[1:],
-                                                                  strict=True)]
+    picked = [
+        int(np.argmax(result.x[lo:hi])) for lo, hi in zip(starts[:-1], starts[1:], strict=True)
+    ]
     choice = problem.choice_of(picked)
     used = problem.cost(choice)[0]
     if used > cap:  # the solver's feasibility tolerance let a rounded plan overshoot
@@ -125,8 +134,9 @@ def ilp_allocation(problem: Problem, cap: int) -> dict[str, str]:
     return choice
 
 
-def calibration_loss(model: LoadedModel, batch: dict[str, torch.Tensor],
-                     labels: torch.Tensor | None) -> torch.Tensor:
+def calibration_loss(
+    model: LoadedModel, batch: dict[str, torch.Tensor], labels: torch.Tensor | None
+) -> torch.Tensor:
     """The loss whose Hessian HAWQ-V3 weighs errors by: cross-entropy against ``labels`` for
     classifiers (the model's own top-1 when there are none), next-token cross-entropy over the
     real tokens for causal LMs."""
@@ -140,23 +150,32 @@ def calibration_loss(model: LoadedModel, batch: dict[str, torch.Tensor],
         real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         counted = real[:, :-1] & real[:, 1:]  # (B, T-1): the input and its next token real
         return F.cross_entropy(logits[:, :-1][counted], ids[:, 1:][counted])  # (M, V), (M,)
-    raise InputError(f"HAWQ-V3 needs a loss; task {model.task!r} has none here (accepted: "
-                     f"{', '.join((*CLASSIFICATION_TASKS, 'text-generation'))})")
+    raise InputError(
+        f"HAWQ-V3 needs a loss; task {model.task!r} has none here (accepted: "
+        f"{', '.join((*CLASSIFICATION_TASKS, 'text-generation'))})"
+    )
 
 
-def _labelled_batches(data: CalibData, batch_size: int, device: torch.device
-                      ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+def _labelled_batches(
+    data: CalibData, batch_size: int, device: torch.device
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
     start = 0
     for batch in data.batches(batch_size, device=device):
         n = next(iter(batch.values())).shape[0]
-        labels = None if data.labels is None else data.labels[start:start + n].to(device)
+        labels = None if data.labels is None else data.labels[start : start + n].to(device)
         yield batch, labels
         start += n
 
 
-def hessian_traces(model: LoadedModel, calib: CalibData, *, probes: int = 4,
-                   batch_size: int = 32, max_batches: int = 2, seed: int = 0
-                   ) -> dict[str, float]:
+def hessian_traces(
+    model: LoadedModel,
+    calib: CalibData,
+    *,
+    probes: int = 4,
+    batch_size: int = 32,
+    max_batches: int = 2,
+    seed: int = 0,
+) -> dict[str, float]:
     """Hutchinson estimate of ``Tr(H)`` of :func:`calibration_loss` for every planned weight,
     keyed by parameter name (a tied weight once): ``probes`` Rademacher vectors on each of the
     first ``max_batches`` batches, Hessian-vector products by double backpropagation."""
@@ -173,15 +192,16 @@ def hessian_traces(model: LoadedModel, calib: CalibData, *, probes: int = 4,
             w.requires_grad_(True)
         # The fused CPU attention kernels have no double backward; the math one is plain ops.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            for (batch, labels), _ in zip(_labelled_batches(calib, batch_size, model.device),
-                                          range(max_batches), strict=False):
+            for (batch, labels), _ in zip(
+                _labelled_batches(calib, batch_size, model.device), range(max_batches), strict=False
+            ):
                 loss = calibration_loss(model, batch, labels)
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
                 for _ in range(probes):
-                    vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w)
-                          for w in weights]
-                    hvs = torch.autograd.grad(grads, weights, grad_outputs=vs,
-                                              retain_graph=True)
+                    vs = [
+                        (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights
+                    ]
+                    hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
                     for name, v, hv in zip(names, vs, hvs, strict=True):
                         totals[name] += float((v * hv).sum())
                 seen += probes
@@ -191,8 +211,7 @@ def hessian_traces(model: LoadedModel, calib: CalibData, *, probes: int = 4,
     return {name: total / seen for name, total in totals.items()}
 
 
-def hawq_table(model: LoadedModel, traces: dict[str, float], formats: list[str]
-               ) -> pd.DataFrame:
+def hawq_table(model: LoadedModel, traces: dict[str, float], formats: list[str]) -> pd.DataFrame:
     """HAWQ-V3 sensitivities ``Tr(H)/n · ‖Q(W) − W‖²`` as a table (layer, format, error).
 
     A negative trace estimate (a direction of negative curvature, or noise around zero) counts
@@ -207,6 +226,11 @@ def hawq_table(model: LoadedModel, traces: dict[str, float], formats: list[str]
         counted.add(lay.param)
         for name in formats:
             delta = fake_quantize(weight, parse_format(name)) - weight  # (rows, cols)
-            rows.append({"layer": lay.name, "format": name,
-                         "error": factor * float(delta.double().square().sum())})
+            rows.append(
+                {
+                    "layer": lay.name,
+                    "format": name,
+                    "error": factor * float(delta.double().square().sum()),
+                }
+            )
     return pd.DataFrame(rows)

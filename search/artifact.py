@@ -1,13 +1,14 @@
 """``bitplan apply``: write a model as a really bit-packed safetensors file, and load it back.
 
 The artifact is the proof of the byte accounting (DESIGN §3): its tensor bytes equal the plan's
-``total_bytes``. Per planned weight (viewed as ``[rows, cols]``, see :mod:`sensitivity.layers`):
+``total_bytes``. Per planned weight (viewed as ``[rows, cols]``, see
+:mod:`bitplan.sensitivity.layers`):
 
 - ``int{b}…``: ``<param>.qdata`` — one uint8 stream per tensor holding the codes (row-major)
-  followed by the zero points (asym only), ``b`` bits each (:mod:`search.packing`); symmetric
-  codes are stored offset by ``2^(b-1)``. ``<param>.scales`` — float16 ``[rows, groups/row]``.
-  So bytes = ``ceil((numel·b + [asym] n_groups·b)/8) + 2·n_groups``, which is the formula's
-  single ceiling because ``n_groups·16`` is a whole number of bytes.
+  followed by the zero points (asym only), ``b`` bits each (:mod:`bitplan.search.packing`);
+  symmetric codes are stored offset by ``2^(b-1)``. ``<param>.scales`` — float16
+  ``[rows, groups/row]``. So bytes = ``ceil((numel·b + [asym] n_groups·b)/8) + 2·n_groups``,
+  which is the formula's single ceiling because ``n_groups·16`` is a whole number of bytes.
 - ``fp8-e4m3``: ``<param>.qdata`` float8_e4m3fn ``[rows, cols]`` and float16 scales ``[rows, 1]``.
 - ``fp16``/``bf16``/``fp32``: ``<param>`` cast to that dtype, in the parameter's own shape.
 
@@ -33,9 +34,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from search.packing import BitPacker, packed_size, unpack_bits
-from sensitivity.errors import InputError
-from sensitivity.formats import (
+from bitplan.search.packing import BitPacker, packed_size, unpack_bits
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import (
     FLOAT_DTYPES,
     QuantCodes,
     QuantFormat,
@@ -43,10 +44,10 @@ from sensitivity.formats import (
     parse_format,
     quantize_codes,
 )
-from sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
 
 if TYPE_CHECKING:
-    from sensitivity.models import LoadedModel
+    from bitplan.sensitivity.models import LoadedModel
 
 __all__ = [
     "ARTIFACT_SCHEMA",
@@ -71,11 +72,20 @@ _CHUNK_ELEMENTS = 1 << 22
 # safetensors aligns the start of the data section to 8 bytes by padding the header with spaces.
 _HEADER_ALIGN = 8
 _ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
 
 @dataclass(frozen=True)
 class _Tensor:
@@ -121,7 +131,7 @@ def _row_chunks(matrix: torch.Tensor) -> Iterator[torch.Tensor]:
     rows, cols = matrix.shape
     step = _row_step(cols)
     for start in range(0, rows, step):
-        yield matrix[start:start + step]
+        yield matrix[start : start + step]
 
 
 def _plain(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> _Tensor:
@@ -131,8 +141,10 @@ def _plain(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> _Tensor:
 
     def write(f: BinaryIO) -> int:
         flat = tensor.detach().reshape(-1)  # (numel,)
-        return sum(f.write(_raw(flat[s:s + _CHUNK_ELEMENTS].to(dtype)))
-                   for s in range(0, flat.numel(), _CHUNK_ELEMENTS))
+        return sum(
+            f.write(_raw(flat[s : s + _CHUNK_ELEMENTS].to(dtype)))
+            for s in range(0, flat.numel(), _CHUNK_ELEMENTS)
+        )
 
     return _Tensor(name, dtype, tuple(tensor.shape), tensor.numel() * dtype.itemsize, write)
 
@@ -175,12 +187,17 @@ def _quantized(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> list[_Tens
         nbytes = packed_size(_n_codes(fmt, rows, cols, groups_per_row), fmt.bits)
         qdata = _Tensor(f"{param}.qdata", torch.uint8, (nbytes,), nbytes, write_int)
     n_scales = rows * groups_per_row
-    return [qdata, _Tensor(f"{param}.scales", torch.float16, (rows, groups_per_row),
-                           2 * n_scales, write_scales)]
+    return [
+        qdata,
+        _Tensor(
+            f"{param}.scales", torch.float16, (rows, groups_per_row), 2 * n_scales, write_scales
+        ),
+    ]
 
 
-def _resolve_formats(layers: list[QuantLayer], formats: Mapping[str, str]
-                     ) -> dict[str, tuple[QuantLayer, QuantFormat]]:
+def _resolve_formats(
+    layers: list[QuantLayer], formats: Mapping[str, str]
+) -> dict[str, tuple[QuantLayer, QuantFormat]]:
     """``param -> (layer, format)``, one entry per stored tensor (a tie group once)."""
     unknown = sorted(set(formats) - {lay.name for lay in layers})
     if unknown:
@@ -194,14 +211,17 @@ def _resolve_formats(layers: list[QuantLayer], formats: Mapping[str, str]
         if not chosen:
             raise InputError(f"no format for layer {members[0].name}; give every planned layer one")
         if len(chosen) > 1:
-            raise InputError(f"tied layers of {param} have different formats "
-                             f"{sorted(chosen)}; a shared tensor takes one format")
+            raise InputError(
+                f"tied layers of {param} have different formats "
+                f"{sorted(chosen)}; a shared tensor takes one format"
+            )
         resolved[param] = (members[0], parse_format(chosen.pop()))
     return resolved
 
 
-def _layout(model: nn.Module, layers: list[QuantLayer], formats: Mapping[str, str]
-            ) -> tuple[list[_Tensor], dict[str, str]]:
+def _layout(
+    model: nn.Module, layers: list[QuantLayer], formats: Mapping[str, str]
+) -> tuple[list[_Tensor], dict[str, str]]:
     """Every tensor of ``model.safetensors`` in file order, and the per-parameter metadata."""
     resolved = _resolve_formats(layers, formats)
     planned_ids = {id(get_weight(model, lay)): param for param, (lay, _) in resolved.items()}
@@ -215,9 +235,16 @@ def _layout(model: nn.Module, layers: list[QuantLayer], formats: Mapping[str, st
         lay, fmt = resolved[param]
         matrix = weight_matrix(p.detach(), lay.kind)
         rows, cols = matrix.shape
-        meta[name] = json.dumps({"format": fmt.name, "kind": lay.kind, "shape": list(p.shape),
-                                 "rows": rows, "cols": cols,
-                                 "dtype": str(p.dtype).removeprefix("torch.")})
+        meta[name] = json.dumps(
+            {
+                "format": fmt.name,
+                "kind": lay.kind,
+                "shape": list(p.shape),
+                "rows": rows,
+                "cols": cols,
+                "dtype": str(p.dtype).removeprefix("torch."),
+            }
+        )
         if fmt.kind == "float":
             tensors.append(_plain(name, p, FLOAT_DTYPES[fmt.name]))
         else:
@@ -230,8 +257,11 @@ def _write_safetensors(path: Path, tensors: list[_Tensor], metadata: dict[str, s
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % _HEADER_ALIGN)
@@ -249,9 +279,15 @@ def _write_safetensors(path: Path, tensors: list[_Tensor], metadata: dict[str, s
         partial.unlink(missing_ok=True)
 
 
-def write_artifact(*, model: nn.Module, layers: list[QuantLayer], formats: Mapping[str, str],
-                   out_dir: Path, plan: Mapping[str, Any] | None = None,
-                   model_ref: str | None = None) -> ArtifactReport:
+def write_artifact(
+    *,
+    model: nn.Module,
+    layers: list[QuantLayer],
+    formats: Mapping[str, str],
+    out_dir: Path,
+    plan: Mapping[str, Any] | None = None,
+    model_ref: str | None = None,
+) -> ArtifactReport:
     """Write ``out_dir/model.safetensors`` (+ ``buffers.safetensors``, ``plan.json``).
 
     ``formats`` maps layer FQNs to format names; members of a tie group may each be listed
@@ -267,8 +303,9 @@ def write_artifact(*, model: nn.Module, layers: list[QuantLayer], formats: Mappi
     buffers = _persistent_buffers(model)
     (out_dir / BUFFERS_FILE).unlink(missing_ok=True)  # never pair a stale file with new weights
     if buffers:
-        _write_safetensors(out_dir / BUFFERS_FILE,
-                           [_plain(n, b, b.dtype) for n, b in buffers.items()], {})
+        _write_safetensors(
+            out_dir / BUFFERS_FILE, [_plain(n, b, b.dtype) for n, b in buffers.items()], {}
+        )
     plan_path = out_dir / PLAN_FILE
     plan_path.unlink(missing_ok=True)
     if plan is not None:
@@ -276,8 +313,12 @@ def write_artifact(*, model: nn.Module, layers: list[QuantLayer], formats: Mappi
     sizes = {t.name: t.nbytes for t in tensors}
     total = sum(sizes.values())
     log.info("wrote %s: %d tensors, %d tensor bytes", path, len(sizes), total)
-    return ArtifactReport(path=path, tensor_bytes=sizes, total_bytes=total,
-                          plan_path=plan_path if plan is not None else None)
+    return ArtifactReport(
+        path=path,
+        tensor_bytes=sizes,
+        total_bytes=total,
+        plan_path=plan_path if plan is not None else None,
+    )
 
 
 def apply_plan(*, model: LoadedModel, plan: Mapping[str, Any], out_dir: Path) -> ArtifactReport:
@@ -291,18 +332,30 @@ def apply_plan(*, model: LoadedModel, plan: Mapping[str, Any], out_dir: Path) ->
         formats = {entry["name"]: entry["format"] for entry in plan["layers"]}
         expected = int(plan["totals"]["total_bytes"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise InputError(f"not a bitplan.plan/v1 file (bad or missing {err}); "
-                         "pass a plan JSON that bitplan wrote") from None
+        raise InputError(
+            f"not a bitplan.plan/v1 file (bad or missing {err}); "
+            "pass a plan JSON that bitplan wrote"
+        ) from None
     if want and want != model.sha256:
-        raise InputError(f"the plan was made for model sha256 {want[:12]}…, this model is "
-                         f"{model.sha256[:12]}…; apply it to the model it was made for")
+        raise InputError(
+            f"the plan was made for model sha256 {want[:12]}…, this model is "
+            f"{model.sha256[:12]}…; apply it to the model it was made for"
+        )
     tensors, _ = _layout(model.module, model.layers, formats)
     actual = sum(t.nbytes for t in tensors)
     if actual != expected:
-        raise InputError(f"the plan says {expected} bytes but this model packs to {actual}; "
-                         "was it made with other --exclude patterns?")
-    return write_artifact(model=model.module, layers=model.layers, formats=formats,
-                          out_dir=out_dir, plan=plan, model_ref=model.ref)
+        raise InputError(
+            f"the plan says {expected} bytes but this model packs to {actual}; "
+            "was it made with other --exclude patterns?"
+        )
+    return write_artifact(
+        model=model.module,
+        layers=model.layers,
+        formats=formats,
+        out_dir=out_dir,
+        plan=plan,
+        model_ref=model.ref,
+    )
 
 
 def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -333,8 +386,11 @@ def tensor_bytes_of(path: Path) -> int:
     """Sum of the tensor data bytes of a safetensors file (file size minus its header)."""
     header = _header(Path(path))
     try:
-        return sum(e["data_offsets"][1] - e["data_offsets"][0]
-                   for k, e in header.items() if k != "__metadata__")
+        return sum(
+            e["data_offsets"][1] - e["data_offsets"][0]
+            for k, e in header.items()
+            if k != "__metadata__"
+        )
     except (KeyError, TypeError, IndexError):
         raise InputError(f"{Path(path).name} has a malformed safetensors header") from None
 
@@ -353,18 +409,23 @@ def _open(path: Path) -> Any:
 def _check_names(path: Path, found: set[str], expected: set[str]) -> None:
     unknown, missing = sorted(found - expected), sorted(expected - found)
     if unknown:
-        raise InputError(f"{path.name} has tensors the model does not have: "
-                         f"{', '.join(unknown[:5])}; {_SAME_ARCH}")
+        raise InputError(
+            f"{path.name} has tensors the model does not have: "
+            f"{', '.join(unknown[:5])}; {_SAME_ARCH}"
+        )
     if missing:
-        raise InputError(f"{path.name} lacks tensors the model needs: "
-                         f"{', '.join(missing[:5])}; {_SAME_ARCH}")
+        raise InputError(
+            f"{path.name} lacks tensors the model needs: {', '.join(missing[:5])}; {_SAME_ARCH}"
+        )
 
 
 def _load_plain(f: Any, name: str, target: torch.Tensor) -> None:
     shape = tuple(f.get_slice(name).get_shape())
     if shape != tuple(target.shape):
-        raise InputError(f"{name} has shape {list(shape)} in the artifact but "
-                         f"{list(target.shape)} in the model; {_SAME_ARCH}")
+        raise InputError(
+            f"{name} has shape {list(shape)} in the artifact but "
+            f"{list(target.shape)} in the model; {_SAME_ARCH}"
+        )
     target.copy_(f.get_tensor(name))
 
 
@@ -379,21 +440,25 @@ def _codes(f: Any, name: str, fmt: QuantFormat, rows: int, cols: int) -> QuantCo
         n_values = _n_codes(fmt, rows, cols, groups)
         want_q = (packed_size(n_values, fmt.bits),)
     if tuple(scale.shape) != (rows, groups) or tuple(qdata.shape) != want_q:
-        raise InputError(f"{name} is stored with shapes {list(qdata.shape)}/{list(scale.shape)}, "
-                         f"{fmt.name} of [{rows}, {cols}] needs {list(want_q)}/[{rows}, {groups}]")
+        raise InputError(
+            f"{name} is stored with shapes {list(qdata.shape)}/{list(scale.shape)}, "
+            f"{fmt.name} of [{rows}, {cols}] needs {list(want_q)}/[{rows}, {groups}]"
+        )
     if fmt.kind == "fp8":
         return QuantCodes(q=qdata, scale=scale, zero=None)
     values = unpack_bits(qdata, fmt.bits, n_values)
-    q = values[:rows * cols].view(rows, cols)  # (rows, cols)
+    q = values[: rows * cols].view(rows, cols)  # (rows, cols)
     if fmt.symmetric:
         return QuantCodes(q=q - (1 << (fmt.bits - 1)), scale=scale, zero=None)
-    return QuantCodes(q=q, scale=scale, zero=values[rows * cols:].view(rows, groups))  # (rows, G)
+    return QuantCodes(q=q, scale=scale, zero=values[rows * cols :].view(rows, groups))  # (rows, G)
 
 
 def _load_planned(f: Any, name: str, param: torch.Tensor, info: dict[str, Any]) -> None:
     if list(info["shape"]) != list(param.shape):
-        raise InputError(f"{name} has shape {info['shape']} in the artifact but "
-                         f"{list(param.shape)} in the model; {_SAME_ARCH}")
+        raise InputError(
+            f"{name} has shape {info['shape']} in the artifact but "
+            f"{list(param.shape)} in the model; {_SAME_ARCH}"
+        )
     fmt = parse_format(info["format"])
     if fmt.kind == "float":
         _load_plain(f, name, param)
@@ -403,9 +468,9 @@ def _load_planned(f: Any, name: str, param: torch.Tensor, info: dict[str, Any]) 
     codes = _codes(f, name, fmt, rows, cols)
     step = _row_step(cols)
     for s in range(0, rows, step):  # the same row chunks as fake_quantize: same float32 values
-        zero = None if codes.zero is None else codes.zero[s:s + step]
-        part = QuantCodes(q=codes.q[s:s + step], scale=codes.scale[s:s + step], zero=zero)
-        matrix[s:s + step].copy_(dequantize(part, fmt, cols))
+        zero = None if codes.zero is None else codes.zero[s : s + step]
+        part = QuantCodes(q=codes.q[s : s + step], scale=codes.scale[s : s + step], zero=zero)
+        matrix[s : s + step].copy_(dequantize(part, fmt, cols))
 
 
 def load_artifact(out_dir: Path, module: nn.Module) -> nn.Module:
@@ -425,10 +490,13 @@ def load_artifact(out_dir: Path, module: nn.Module) -> nn.Module:
         except ValueError:
             raise InputError(f"{path.name} has unreadable bitplan metadata") from None
         if info.get("schema") != ARTIFACT_SCHEMA:
-            raise InputError(f"{path.name} is not a bitplan artifact (schema "
-                             f"{info.get('schema')!r}, expected {ARTIFACT_SCHEMA})")
-        quantized = {n for n, i in planned.items()
-                     if n in params and parse_format(i["format"]).is_quantized}
+            raise InputError(
+                f"{path.name} is not a bitplan artifact (schema "
+                f"{info.get('schema')!r}, expected {ARTIFACT_SCHEMA})"
+            )
+        quantized = {
+            n for n, i in planned.items() if n in params and parse_format(i["format"]).is_quantized
+        }
         expected = {n for n in params if n not in quantized}
         expected |= {f"{n}.{part}" for n in quantized for part in ("qdata", "scales")}
         _check_names(path, set(f.keys()), expected)

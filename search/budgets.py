@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
-from sensitivity.errors import InputError
+from bitplan.sensitivity.errors import InputError
 
 __all__ = ["BYTE_UNITS", "Budget", "BudgetKind", "parse_budget"]
 
@@ -28,14 +28,31 @@ BudgetKind = Literal["bpw", "bytes", "ratio"]
 # `ls -h --si` use them; the lookup is case-insensitive except that a lone "b" means bytes.
 BYTE_UNITS: dict[str, int] = {
     "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
-_UNIT_SPELLING = {"b": "B", "kb": "kB", "mb": "MB", "gb": "GB", "tb": "TB",
-                  "kib": "KiB", "mib": "MiB", "gib": "GiB", "tib": "TiB"}
-_ACCEPTED = ("accepted: <bits>bpw (e.g. 4.5bpw), <size><unit> with unit B, kB, MB, GB, TB, "
-             "KiB, MiB, GiB, TiB (e.g. 60MB, 58MiB, 1.2GB), or <fraction>x of the fp16 size "
-             "(e.g. 0.3x)")
+_UNIT_SPELLING = {
+    "b": "B",
+    "kb": "kB",
+    "mb": "MB",
+    "gb": "GB",
+    "tb": "TB",
+    "kib": "KiB",
+    "mib": "MiB",
+    "gib": "GiB",
+    "tib": "TiB",
+}
+_ACCEPTED = (
+    "accepted: <bits>bpw (e.g. 4.5bpw), <size><unit> with unit B, kB, MB, GB, TB, "
+    "KiB, MiB, GiB, TiB (e.g. 60MB, 58MiB, 1.2GB), or <fraction>x of the fp16 size "
+    "(e.g. 0.3x)"
+)
 _BUDGET_RE = re.compile(r"^(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-z]+)$")
 
 
@@ -65,8 +82,9 @@ class Budget:
             return int(self.value) - unplanned_bytes
         return math.floor(self._exact * fp16_bytes) - unplanned_bytes
 
-    def describe(self, *, planned_bytes: int, planned_numel: int, unplanned_bytes: int,
-                 fp16_bytes: int) -> str:
+    def describe(
+        self, *, planned_bytes: int, planned_numel: int, unplanned_bytes: int, fp16_bytes: int
+    ) -> str:
         """A size in this budget's own unit, e.g. ``4.31bpw``, ``57.20MiB`` or ``0.287x``."""
         if self.kind == "bpw":
             return f"{8 * planned_bytes / max(planned_numel, 1):.3f}bpw"

@@ -21,9 +21,9 @@ import re
 import shlex
 from typing import Any
 
-from search.plans import Plan, PlanLayer
-from sensitivity.errors import InputError
-from sensitivity.formats import QuantFormat, parse_format
+from bitplan.search.plans import Plan, PlanLayer
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import QuantFormat, parse_format
 
 __all__ = [
     "gguf_name",
@@ -37,8 +37,20 @@ __all__ = [
     "torchao_config_of",
 ]
 
-_CSV_FIELDS = ("name", "param", "kind", "rows", "cols", "numel", "tie", "format", "bits",
-               "group_size", "symmetric", "bytes")
+_CSV_FIELDS = (
+    "name",
+    "param",
+    "kind",
+    "rows",
+    "cols",
+    "numel",
+    "tie",
+    "format",
+    "bits",
+    "group_size",
+    "symmetric",
+    "bytes",
+)
 
 
 def plan_to_csv(plan: Plan) -> str:
@@ -48,11 +60,22 @@ def plan_to_csv(plan: Plan) -> str:
     writer.writeheader()
     for lay in plan.layers:
         rows, cols = lay.shape if lay.shape is not None else ("", "")
-        writer.writerow({"name": lay.name, "param": lay.param, "kind": lay.kind or "",
-                         "rows": rows, "cols": cols, "numel": lay.numel, "tie": lay.tie or "",
-                         "format": lay.format, "bits": lay.bits,
-                         "group_size": lay.group_size or "", "symmetric": lay.symmetric,
-                         "bytes": lay.bytes})
+        writer.writerow(
+            {
+                "name": lay.name,
+                "param": lay.param,
+                "kind": lay.kind or "",
+                "rows": rows,
+                "cols": cols,
+                "numel": lay.numel,
+                "tie": lay.tie or "",
+                "format": lay.format,
+                "bits": lay.bits,
+                "group_size": lay.group_size or "",
+                "symmetric": lay.symmetric,
+                "bytes": lay.bytes,
+            }
+        )
     return out.getvalue()
 
 
@@ -76,8 +99,11 @@ def torchao_config_of(fmt: QuantFormat, kind: str | None) -> tuple[str, dict[str
         return "Int4WeightOnlyConfig", {"group_size": str(fmt.group_size)}
     granularity = f"PerGroup({fmt.group_size})" if fmt.group_size else "PerAxis(0)"
     mapping = "MappingType.SYMMETRIC" if fmt.symmetric else "MappingType.ASYMMETRIC"
-    return "IntxWeightOnlyConfig", {"weight_dtype": f"torch.int{fmt.bits}",
-                                    "granularity": granularity, "mapping_type": mapping}
+    return "IntxWeightOnlyConfig", {
+        "weight_dtype": f"torch.int{fmt.bits}",
+        "granularity": granularity,
+        "mapping_type": mapping,
+    }
 
 
 def torchao_config(plan: Plan) -> dict[str, dict[str, Any] | None]:
@@ -93,15 +119,17 @@ def torchao_code(plan: Plan) -> str:
     """Python source that builds the plan's ``FqnToConfig`` and applies it with ``quantize_``."""
     mapping = torchao_config(plan)
     classes = sorted({e["config"] for e in mapping.values() if e is not None})
-    lines = ["import torch",
-             "from torchao.quantization import FqnToConfig, quantize_"
-             + "".join(f", {c}" for c in classes),
-             "from torchao.quantization.granularity import PerAxis, PerGroup",
-             "from torchao.quantization.quant_primitives import MappingType",
-             "",
-             f"# bitplan plan for {plan.model_ref}: {plan.totals.bpw:.3f} bpw, "
-             f"{plan.totals.total_bytes} bytes",
-             "config = FqnToConfig({"]
+    lines = [
+        "import torch",
+        "from torchao.quantization import FqnToConfig, quantize_"
+        + "".join(f", {c}" for c in classes),
+        "from torchao.quantization.granularity import PerAxis, PerGroup",
+        "from torchao.quantization.quant_primitives import MappingType",
+        "",
+        f"# bitplan plan for {plan.model_ref}: {plan.totals.bpw:.3f} bpw, "
+        f"{plan.totals.total_bytes} bytes",
+        "config = FqnToConfig({",
+    ]
     for fqn, entry in mapping.items():
         if entry is None:
             value = "None"
@@ -115,13 +143,16 @@ def torchao_code(plan: Plan) -> str:
 
 def plan_to_torchao(plan: Plan) -> str:
     """JSON text holding both forms: ``{"fqn_to_config": {...}, "code": "..."}``."""
-    return json.dumps({"fqn_to_config": torchao_config(plan), "code": torchao_code(plan)},
-                      indent=1) + "\n"
+    return (
+        json.dumps({"fqn_to_config": torchao_config(plan), "code": torchao_code(plan)}, indent=1)
+        + "\n"
+    )
 
 
 # Model module name -> GGUF tensor name (without ".weight"); {n} is the block number.
 _GGUF_NAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern), name) for pattern, name in (
+    (re.compile(pattern), name)
+    for pattern, name in (
         # LLaMA-style (Llama, Mistral, Qwen2, ...)
         (r"(?:^|\.)layers\.(\d+)\.self_attn\.q_proj$", "blk.{n}.attn_q"),
         (r"(?:^|\.)layers\.(\d+)\.self_attn\.k_proj$", "blk.{n}.attn_k"),
@@ -139,7 +170,8 @@ _GGUF_NAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"(?:^|\.)h\.(\d+)\.mlp\.c_proj$", "blk.{n}.ffn_down"),
         (r"(?:^|\.)wte$", "token_embd"),
         (r"(?:^|\.)wpe$", "position_embd"),
-    ))
+    )
+)
 
 # bitplan integer width -> the llama.cpp type of that width; plain floats map to themselves.
 _GGML_INT = {8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
@@ -160,8 +192,10 @@ def llamacpp_type(fmt: QuantFormat) -> str:
     if fmt.kind == "float":
         return _GGML_FLOAT[fmt.name]
     if fmt.kind == "fp8":
-        raise InputError(f"llama.cpp has no {fmt.name} type; pick a plan without fp8 layers "
-                         "or use the torchao export")
+        raise InputError(
+            f"llama.cpp has no {fmt.name} type; pick a plan without fp8 layers "
+            "or use the torchao export"
+        )
     return _GGML_INT[fmt.bits]
 
 
@@ -172,8 +206,10 @@ def _one_per_tensor(plan: Plan) -> list[tuple[PlanLayer, str]]:
     for lay in plan.layers:
         name = gguf_name(lay.name)
         if name is None:
-            raise InputError(f"cannot name tensor {lay.name} in GGUF: the llama.cpp export "
-                             "knows LLaMA-style and GPT-2-style module names only")
+            raise InputError(
+                f"cannot name tensor {lay.name} in GGUF: the llama.cpp export "
+                "knows LLaMA-style and GPT-2-style module names only"
+            )
         if lay.group not in chosen or name == "token_embd":
             chosen[lay.group] = (lay, name)
     return list(chosen.values())
@@ -191,5 +227,5 @@ def llamacpp_args(plan: Plan) -> list[str]:
 def plan_to_llamacpp(plan: Plan) -> str:
     """The arguments as shell text, one ``--tensor-type`` a line."""
     args = llamacpp_args(plan)
-    pairs = [shlex.join(args[i:i + 2]) for i in range(0, len(args), 2)]
+    pairs = [shlex.join(args[i : i + 2]) for i in range(0, len(args), 2)]
     return " \\\n".join(pairs) + "\n"

@@ -1,6 +1,6 @@
 """The exact proxy frontier: every Pareto-optimal (planned bytes, predicted error) plan.
 
-Under the additive model (:mod:`search.problem`) the set of Pareto-optimal plans of a
+Under the additive model (:mod:`bitplan.search.problem`) the set of Pareto-optimal plans of a
 multiple-choice knapsack can be built one group at a time: the Pareto set of the first ``t``
 groups, plus each option of group ``t+1`` (a Minkowski sum of sorted chains), filtered back to
 its Pareto set. Every Pareto-optimal plan of ``t+1`` groups restricts to a Pareto-optimal plan
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from search.budgets import Budget
-from search.problem import Group, Problem
-from sensitivity.errors import InputError
-from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.search.budgets import Budget
+from bitplan.search.problem import Group, Problem
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = ["Frontier", "ProxyPoint", "best_under", "exact_frontier", "planned_cap"]
 
@@ -85,10 +85,14 @@ class Frontier:
             raise IndexError(f"frontier has {len(self)} points, no point {index}")
         planned = int(self.bytes[index])
         numel = self.problem.planned_numel
-        return ProxyPoint(index=index, planned_bytes=planned,
-                          total_bytes=planned + self.problem.unplanned_bytes,
-                          bpw=8 * planned / numel, predicted_error=float(self.error[index]),
-                          choice=self.problem.choice_of(self.options(index)))
+        return ProxyPoint(
+            index=index,
+            planned_bytes=planned,
+            total_bytes=planned + self.problem.unplanned_bytes,
+            bpw=8 * planned / numel,
+            predicted_error=float(self.error[index]),
+            choice=self.problem.choice_of(self.options(index)),
+        )
 
     def spread(self, n: int) -> list[int]:
         """Up to ``n`` point indices evenly spaced in bytes, both ends included."""
@@ -111,8 +115,9 @@ def _prune(group: Group) -> np.ndarray:
     return order[keep]
 
 
-def _candidates(cur_bytes: np.ndarray, cur_err: np.ndarray, opt_bytes: np.ndarray,
-                opt_err: np.ndarray) -> np.ndarray:
+def _candidates(
+    cur_bytes: np.ndarray, cur_err: np.ndarray, opt_bytes: np.ndarray, opt_err: np.ndarray
+) -> np.ndarray:
     """Ids ``option * n + point`` of the sums not already beaten by the next cheaper option.
 
     Options are sorted by bytes (error falling). Point p with option j is beaten when point q
@@ -123,8 +128,10 @@ def _candidates(cur_bytes: np.ndarray, cur_err: np.ndarray, opt_bytes: np.ndarra
     n = len(cur_bytes)
     ids = [np.arange(n, dtype=np.int64)]
     for j in range(1, len(opt_bytes)):
-        q = np.searchsorted(cur_bytes, cur_bytes + (opt_bytes[j] - opt_bytes[j - 1]),
-                            side="right") - 1
+        q = (
+            np.searchsorted(cur_bytes, cur_bytes + (opt_bytes[j] - opt_bytes[j - 1]), side="right")
+            - 1
+        )
         alive = cur_err + opt_err[j] < cur_err[q] + opt_err[j - 1]
         ids.append(np.flatnonzero(alive) + j * n)
     return np.concatenate(ids)
@@ -152,16 +159,21 @@ def _thin(err: np.ndarray, max_points: int) -> np.ndarray:
     return np.r_[True, cells[1:] != cells[:-1]] | (np.arange(len(err)) == len(err) - 1)
 
 
-def exact_frontier(problem: Problem, *, max_points: int = DEFAULT_MAX_POINTS,
-                   progress: ProgressFn | None = None,
-                   should_cancel: CancelFn | None = None) -> Frontier:
+def exact_frontier(
+    problem: Problem,
+    *,
+    max_points: int = DEFAULT_MAX_POINTS,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> Frontier:
     """Every Pareto-optimal plan of ``problem`` (thinned past ``max_points``, see module doc)."""
     if max_points < 2:
         raise InputError(f"max_points must be at least 2, got {max_points}")
     kept = [_prune(g) for g in problem.groups]
     # Merging narrow groups first keeps the intermediate sets small for longer.
-    order = sorted(range(len(problem.groups)),
-                   key=lambda i: int(np.ptp(problem.groups[i].bytes[kept[i]])))
+    order = sorted(
+        range(len(problem.groups)), key=lambda i: int(np.ptp(problem.groups[i].bytes[kept[i]]))
+    )
     cur_bytes = np.zeros(1, dtype=np.int64)
     cur_err = np.zeros(1, dtype=np.float64)
     parents: list[np.ndarray] = []
@@ -180,17 +192,28 @@ def exact_frontier(problem: Problem, *, max_points: int = DEFAULT_MAX_POINTS,
         if len(cur_bytes) > max_points:
             mask = _thin(cur_err, max_points)
             if exact:
-                log.warning("the Pareto set passed %d points at group %d of %d; thinning it to "
-                            "an error grid, so the frontier is no longer exact", max_points,
-                            step + 1, len(order))
+                log.warning(
+                    "the Pareto set passed %d points at group %d of %d; thinning it to "
+                    "an error grid, so the frontier is no longer exact",
+                    max_points,
+                    step + 1,
+                    len(order),
+                )
             exact = False
             parent, option = parent[mask], option[mask]
             cur_bytes, cur_err = cur_bytes[mask], cur_err[mask]
         parents.append(parent.astype(np.int32))
         options.append(option.astype(np.min_scalar_type(len(group.formats))))
         report(progress, "frontier", step + 1, len(order))
-    return Frontier(problem=problem, bytes=cur_bytes, error=cur_err, exact=exact,
-                    _order=order, _parents=parents, _options=options)
+    return Frontier(
+        problem=problem,
+        bytes=cur_bytes,
+        error=cur_err,
+        exact=exact,
+        _order=order,
+        _parents=parents,
+        _options=options,
+    )
 
 
 def best_under(frontier: Frontier, cap: int) -> ProxyPoint | None:
@@ -203,19 +226,24 @@ def _bound_text(problem: Problem) -> str:
     """What makes the smallest plan as large as it is, largest contributions first."""
     parts = []
     if problem.unplanned_bytes:
-        parts.append(f"{problem.unplanned_bytes} bytes of unplanned parameters (biases, norms, "
-                     "excluded layers)")
-    smallest = sorted(((int(g.bytes.min()), g) for g in problem.groups),
-                      key=lambda pair: -pair[0])
+        parts.append(
+            f"{problem.unplanned_bytes} bytes of unplanned parameters (biases, norms, "
+            "excluded layers)"
+        )
+    smallest = sorted(((int(g.bytes.min()), g) for g in problem.groups), key=lambda pair: -pair[0])
     pinned = [f"{g.key}={g.pinned} ({b} bytes)" for b, g in smallest if g.pinned][:3]
     if pinned:
         parts.append("pinned " + ", ".join(pinned))
-    ties = [f"{g.key} ({len(g.members)} layers, {b} bytes once)" for b, g in smallest
-            if len(g.members) > 1][:3]
+    ties = [
+        f"{g.key} ({len(g.members)} layers, {b} bytes once)"
+        for b, g in smallest
+        if len(g.members) > 1
+    ][:3]
     if ties:
         parts.append("tie groups " + ", ".join(ties))
-    largest = [f"{g.key} ({b} bytes in {g.formats[int(np.argmin(g.bytes))]})"
-               for b, g in smallest[:3]]
+    largest = [
+        f"{g.key} ({b} bytes in {g.formats[int(np.argmin(g.bytes))]})" for b, g in smallest[:3]
+    ]
     parts.append("largest minimum-size layers " + ", ".join(largest))
     return "; ".join(parts)
 
@@ -223,16 +251,22 @@ def _bound_text(problem: Problem) -> str:
 def planned_cap(problem: Problem, budget: Budget) -> int:
     """The planned-bytes cap of ``budget``, or an InputError naming the smallest reachable size
     (in bytes and in the budget's unit) and what bounds it when even that does not fit."""
-    cap = budget.planned_cap(planned_numel=problem.planned_numel,
-                             unplanned_bytes=problem.unplanned_bytes,
-                             fp16_bytes=problem.fp16_bytes)
+    cap = budget.planned_cap(
+        planned_numel=problem.planned_numel,
+        unplanned_bytes=problem.unplanned_bytes,
+        fp16_bytes=problem.fp16_bytes,
+    )
     floor = sum(int(g.bytes.min()) for g in problem.groups)
     if cap < floor:
-        own = budget.describe(planned_bytes=floor, planned_numel=problem.planned_numel,
-                              unplanned_bytes=problem.unplanned_bytes,
-                              fp16_bytes=problem.fp16_bytes)
-        raise InputError(f"budget {budget.text} is infeasible: the smallest reachable size is "
-                         f"{floor + problem.unplanned_bytes} bytes in total ({own}); bound by "
-                         f"{_bound_text(problem)}")
+        own = budget.describe(
+            planned_bytes=floor,
+            planned_numel=problem.planned_numel,
+            unplanned_bytes=problem.unplanned_bytes,
+            fp16_bytes=problem.fp16_bytes,
+        )
+        raise InputError(
+            f"budget {budget.text} is infeasible: the smallest reachable size is "
+            f"{floor + problem.unplanned_bytes} bytes in total ({own}); bound by "
+            f"{_bound_text(problem)}"
+        )
     return cap
-

@@ -1,8 +1,8 @@
 """Multi-objective search of per-group formats on the *measured* error, with Optuna.
 
-The exact frontier (``search.frontier``) trusts an additive proxy: the error of a plan is the sum
-of its layers' sensitivities. Real errors interact, so this module searches plans on the error
-that the caller measures on the calibration split, minimising ``(bytes, error)`` together.
+The exact frontier (``bitplan.search.frontier``) trusts an additive proxy: the error of a plan is
+the sum of its layers' sensitivities. Real errors interact, so this module searches plans on the
+error that the caller measures on the calibration split, minimising ``(bytes, error)`` together.
 
 How the search is set up, and why:
 
@@ -27,7 +27,8 @@ How the search is set up, and why:
 * **Identical choices are evaluated once** (NSGA-II repeats individuals): errors are cached by
   the choice, and the cache starts from the study's finished trials when a study is continued.
 * **Reproducible:** the same ``seed`` and a deterministic ``evaluate`` give the same trials.
-* **Interruptible:** Ctrl-C (``KeyboardInterrupt``) or :class:`~sensitivity.progress.Cancelled`
+* **Interruptible:** Ctrl-C (``KeyboardInterrupt``) or
+:class:`~bitplan.sensitivity.progress.Cancelled`
   raised inside ``evaluate``, ``should_cancel()`` turning true, or the timeout all end the search
   with every finished trial kept and ``interrupted=True``.
 
@@ -56,9 +57,9 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from search.spec import SAMPLERS
-from sensitivity.errors import InputError
-from sensitivity.progress import CancelFn, Cancelled, ProgressFn, report
+from bitplan.search.spec import SAMPLERS
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import CancelFn, Cancelled, ProgressFn, report
 
 __all__ = ["SAMPLERS", "Candidate", "SearchResult", "measured_search", "pareto_front"]
 

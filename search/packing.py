@@ -50,7 +50,7 @@ def _pack_blocks(values: torch.Tensor, bits: int) -> torch.Tensor:
     value_shifts = torch.arange(per_block, dtype=torch.int64, device=flat.device) * bits
     byte_shifts = torch.arange(block_bytes, dtype=torch.int64, device=flat.device) * 8
     for start in range(0, flat.numel(), step):
-        v = flat[start:start + step].to(torch.int64).reshape(-1, per_block)  # (blocks, k)
+        v = flat[start : start + step].to(torch.int64).reshape(-1, per_block)  # (blocks, k)
         acc = (v << value_shifts).sum(dim=1, keepdim=True)  # (blocks, 1): ≤ 40 bits, no overlap
         out.append(((acc >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1))  # (blocks·bytes,)
     if not out:
@@ -98,11 +98,11 @@ def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     out = torch.empty(n_blocks * per_block, dtype=torch.int16, device=data.device)
     step = _CHUNK_BLOCKS
     for start in range(0, n_blocks, step):
-        b = raw[start * block_bytes:(start + step) * block_bytes].to(torch.int64)
+        b = raw[start * block_bytes : (start + step) * block_bytes].to(torch.int64)
         b = b.reshape(-1, block_bytes)  # (blocks, block_bytes)
         acc = (b << byte_shifts).sum(dim=1, keepdim=True)  # (blocks, 1)
         vals = ((acc >> value_shifts) & mask).reshape(-1)  # (blocks·k,)
-        out[start * per_block:start * per_block + vals.numel()] = vals.to(torch.int16)
+        out[start * per_block : start * per_block + vals.numel()] = vals.to(torch.int16)
     return out[:n]
 
 

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from search.budgets import Budget
-from search.problem import LayerRow, as_layer_rows
-from sensitivity.errors import InputError
-from sensitivity.formats import parse_format, tensor_bytes
-from sensitivity.layers import QuantLayer
+from bitplan.search.budgets import Budget
+from bitplan.search.problem import LayerRow, as_layer_rows
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format, tensor_bytes
+from bitplan.sensitivity.layers import QuantLayer
 
 __all__ = [
     "FRONTIER_SCHEMA",
@@ -89,9 +89,14 @@ def _totals(layers: Sequence[PlanLayer], *, unplanned_bytes: int, fp16_bytes: in
     planned = sum(lay.bytes for lay in once)
     numel = sum(lay.numel for lay in once)
     total = planned + unplanned_bytes
-    return PlanTotals(planned_bytes=planned, unplanned_bytes=unplanned_bytes, total_bytes=total,
-                      bpw=8 * planned / numel if numel else 0.0, fp16_bytes=fp16_bytes,
-                      ratio_vs_fp16=total / fp16_bytes if fp16_bytes else 0.0)
+    return PlanTotals(
+        planned_bytes=planned,
+        unplanned_bytes=unplanned_bytes,
+        total_bytes=total,
+        bpw=8 * planned / numel if numel else 0.0,
+        fp16_bytes=fp16_bytes,
+        ratio_vs_fp16=total / fp16_bytes if fp16_bytes else 0.0,
+    )
 
 
 @dataclass
@@ -114,13 +119,17 @@ class Plan:
         return {lay.group: lay.format for lay in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
-        layers = [{**asdict(lay), "shape": list(lay.shape) if lay.shape else None}
-                  for lay in self.layers]
-        return {"schema": PLAN_SCHEMA,
-                "model": {"ref": self.model_ref, "sha256": self.model_sha256},
-                "budget": self.budget, "layers": layers, "totals": asdict(self.totals),
-                "metrics": {"predicted_error": None, "calibration": {}, "holdout": {},
-                            **self.metrics}}
+        layers = [
+            {**asdict(lay), "shape": list(lay.shape) if lay.shape else None} for lay in self.layers
+        ]
+        return {
+            "schema": PLAN_SCHEMA,
+            "model": {"ref": self.model_ref, "sha256": self.model_sha256},
+            "budget": self.budget,
+            "layers": layers,
+            "totals": asdict(self.totals),
+            "metrics": {"predicted_error": None, "calibration": {}, "holdout": {}, **self.metrics},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
@@ -128,17 +137,24 @@ class Plan:
         if not isinstance(data, Mapping):
             raise InputError("a plan must be a JSON object with schema " + PLAN_SCHEMA)
         if data.get("schema") != PLAN_SCHEMA:
-            raise InputError(f"unsupported plan schema {data.get('schema')!r}; this bitplan "
-                             f"reads {PLAN_SCHEMA}")
+            raise InputError(
+                f"unsupported plan schema {data.get('schema')!r}; this bitplan reads {PLAN_SCHEMA}"
+            )
         try:
             layers = [_layer_from_dict(item) for item in data["layers"]]
             totals = PlanTotals(**data["totals"])
-            plan = cls(model_ref=str(data["model"]["ref"]),
-                       model_sha256=str(data["model"]["sha256"]), budget=data.get("budget"),
-                       layers=layers, totals=totals, metrics=dict(data.get("metrics") or {}))
+            plan = cls(
+                model_ref=str(data["model"]["ref"]),
+                model_sha256=str(data["model"]["sha256"]),
+                budget=data.get("budget"),
+                layers=layers,
+                totals=totals,
+                metrics=dict(data.get("metrics") or {}),
+            )
         except (KeyError, TypeError) as exc:
-            raise InputError(f"plan is missing or mistypes a field ({exc}); see the "
-                             f"{PLAN_SCHEMA} layout") from exc
+            raise InputError(
+                f"plan is missing or mistypes a field ({exc}); see the {PLAN_SCHEMA} layout"
+            ) from exc
         _validate(plan)
         return plan
 
@@ -151,36 +167,51 @@ class Plan:
 
 def _layer_from_dict(item: Mapping[str, Any]) -> PlanLayer:
     shape = item.get("shape")
-    return PlanLayer(name=str(item["name"]), param=str(item["param"]), kind=item.get("kind"),
-                     shape=tuple(int(v) for v in shape) if shape else None,
-                     numel=int(item["numel"]), tie=item.get("tie") or None,
-                     format=str(item["format"]), bits=int(item["bits"]),
-                     group_size=item.get("group_size"), symmetric=bool(item["symmetric"]),
-                     bytes=int(item["bytes"]))
+    return PlanLayer(
+        name=str(item["name"]),
+        param=str(item["param"]),
+        kind=item.get("kind"),
+        shape=tuple(int(v) for v in shape) if shape else None,
+        numel=int(item["numel"]),
+        tie=item.get("tie") or None,
+        format=str(item["format"]),
+        bits=int(item["bits"]),
+        group_size=item.get("group_size"),
+        symmetric=bool(item["symmetric"]),
+        bytes=int(item["bytes"]),
+    )
 
 
 def _validate(plan: Plan) -> None:
     if not plan.layers:
         raise InputError("plan has no layers")
     budget = plan.budget
-    if budget is not None and (not isinstance(budget, Mapping)
-                               or budget.get("kind") not in ("bpw", "bytes", "ratio")
-                               or not isinstance(budget.get("value"), int | float)):
-        raise InputError(f"plan budget {budget!r} must be null or {{\"kind\": \"bpw\"|"
-                         "\"bytes\"|\"ratio\", \"value\": number}")
+    if budget is not None and (
+        not isinstance(budget, Mapping)
+        or budget.get("kind") not in ("bpw", "bytes", "ratio")
+        or not isinstance(budget.get("value"), int | float)
+    ):
+        raise InputError(
+            f'plan budget {budget!r} must be null or {{"kind": "bpw"|'
+            '"bytes"|"ratio", "value": number}'
+        )
     formats: dict[str, str] = {}
     for lay in plan.layers:
         fmt = parse_format(lay.format)
-        if (lay.bits, lay.group_size, lay.symmetric) != (fmt.bits, fmt.group_size,
-                                                         fmt.symmetric):
-            raise InputError(f"layer {lay.name}: bits/group_size/symmetric do not match "
-                             f"format {lay.format}")
+        if (lay.bits, lay.group_size, lay.symmetric) != (fmt.bits, fmt.group_size, fmt.symmetric):
+            raise InputError(
+                f"layer {lay.name}: bits/group_size/symmetric do not match format {lay.format}"
+            )
         if lay.shape is not None and lay.bytes != tensor_bytes(fmt, *lay.shape):
-            raise InputError(f"layer {lay.name}: {lay.bytes} bytes, but a {list(lay.shape)} "
-                             f"matrix in {fmt.name} takes {tensor_bytes(fmt, *lay.shape)}")
+            raise InputError(
+                f"layer {lay.name}: {lay.bytes} bytes, but a {list(lay.shape)} "
+                f"matrix in {fmt.name} takes {tensor_bytes(fmt, *lay.shape)}"
+            )
         if formats.setdefault(lay.group, fmt.name) != fmt.name:
-            raise InputError(f"tie group {lay.group} has two formats ({formats[lay.group]}, "
-                             f"{fmt.name}); tied layers share one tensor")
+            raise InputError(
+                f"tie group {lay.group} has two formats ({formats[lay.group]}, "
+                f"{fmt.name}); tied layers share one tensor"
+            )
     t = plan.totals
     want = _totals(plan.layers, unplanned_bytes=t.unplanned_bytes, fp16_bytes=t.fp16_bytes)
     for name in ("planned_bytes", "total_bytes", "bpw", "ratio_vs_fp16"):
@@ -201,10 +232,18 @@ def read_plan(path: Path | str) -> Plan:
     return Plan.from_dict(data)
 
 
-def make_plan(*, model_ref: str, model_sha256: str, layers: Sequence[QuantLayer | LayerRow],
-              choice: Mapping[str, str], budget: Budget | None, unplanned_bytes: int,
-              fp16_bytes: int, predicted_error: float | None,
-              metrics: Mapping[str, Any] | None = None) -> Plan:
+def make_plan(
+    *,
+    model_ref: str,
+    model_sha256: str,
+    layers: Sequence[QuantLayer | LayerRow],
+    choice: Mapping[str, str],
+    budget: Budget | None,
+    unplanned_bytes: int,
+    fp16_bytes: int,
+    predicted_error: float | None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Plan:
     """A plan assigning ``choice[group]`` to every layer, with totals from the byte rules.
 
     ``choice`` maps each group (tie group name or layer name) to a format; ``metrics`` may hold
@@ -216,22 +255,41 @@ def make_plan(*, model_ref: str, model_sha256: str, layers: Sequence[QuantLayer 
         raise InputError(f"the choice gives no format for {', '.join(missing[:3])}")
     unknown = sorted(set(choice) - {r.group for r in rows})
     if unknown:
-        raise InputError(f"the choice names groups the plan does not have: "
-                         f"{', '.join(unknown[:3])}")
+        raise InputError(
+            f"the choice names groups the plan does not have: {', '.join(unknown[:3])}"
+        )
     plan_layers = [_plan_layer(r, choice[r.group]) for r in rows]
     totals = _totals(plan_layers, unplanned_bytes=unplanned_bytes, fp16_bytes=fp16_bytes)
-    return Plan(model_ref=model_ref, model_sha256=model_sha256,
-                budget=budget.to_dict() if budget is not None else None, layers=plan_layers,
-                totals=totals, metrics={"predicted_error": predicted_error, "calibration": {},
-                                        "holdout": {}, **(metrics or {})})
+    return Plan(
+        model_ref=model_ref,
+        model_sha256=model_sha256,
+        budget=budget.to_dict() if budget is not None else None,
+        layers=plan_layers,
+        totals=totals,
+        metrics={
+            "predicted_error": predicted_error,
+            "calibration": {},
+            "holdout": {},
+            **(metrics or {}),
+        },
+    )
 
 
 def _plan_layer(row: LayerRow, name: str) -> PlanLayer:
     fmt = parse_format(name)
-    return PlanLayer(name=row.name, param=row.param, kind=row.kind, shape=row.shape,
-                     numel=row.numel, tie=row.tie, format=fmt.name, bits=fmt.bits,
-                     group_size=fmt.group_size, symmetric=fmt.symmetric,
-                     bytes=row.bytes_for(fmt))
+    return PlanLayer(
+        name=row.name,
+        param=row.param,
+        kind=row.kind,
+        shape=row.shape,
+        numel=row.numel,
+        tie=row.tie,
+        format=fmt.name,
+        bits=fmt.bits,
+        group_size=fmt.group_size,
+        symmetric=fmt.symmetric,
+        bytes=row.bytes_for(fmt),
+    )
 
 
 @dataclass(frozen=True)
@@ -250,11 +308,18 @@ class FrontierPoint:
     def of(cls, plan: Plan, *, plan_id: str, source: str) -> FrontierPoint:
         if source.split(":")[0] not in SOURCES:
             raise ValueError(f"unknown point source {source!r}; expected one of {SOURCES}")
-        return cls(plan_id=plan_id, total_bytes=plan.totals.total_bytes, bpw=plan.totals.bpw,
-                   predicted_error=plan.predicted_error,
-                   metrics={"calibration": dict(plan.metrics.get("calibration") or {}),
-                            "holdout": dict(plan.metrics.get("holdout") or {})},
-                   plan=f"plans/{plan_id}.json", source=source)
+        return cls(
+            plan_id=plan_id,
+            total_bytes=plan.totals.total_bytes,
+            bpw=plan.totals.bpw,
+            predicted_error=plan.predicted_error,
+            metrics={
+                "calibration": dict(plan.metrics.get("calibration") or {}),
+                "holdout": dict(plan.metrics.get("holdout") or {}),
+            },
+            plan=f"plans/{plan_id}.json",
+            source=source,
+        )
 
 
 @dataclass
@@ -267,41 +332,59 @@ class FrontierFile:
     uniform: list[FrontierPoint]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": FRONTIER_SCHEMA, "model": self.model, "budget": self.budget,
-                "points": [asdict(p) for p in self.points],
-                "uniform": [asdict(p) for p in self.uniform]}
+        return {
+            "schema": FRONTIER_SCHEMA,
+            "model": self.model,
+            "budget": self.budget,
+            "points": [asdict(p) for p in self.points],
+            "uniform": [asdict(p) for p in self.uniform],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FrontierFile:
         if data.get("schema") != FRONTIER_SCHEMA:
-            raise InputError(f"unsupported frontier schema {data.get('schema')!r}; this "
-                             f"bitplan reads {FRONTIER_SCHEMA}")
+            raise InputError(
+                f"unsupported frontier schema {data.get('schema')!r}; this "
+                f"bitplan reads {FRONTIER_SCHEMA}"
+            )
         try:
-            return cls(model=dict(data["model"]), budget=data.get("budget"),
-                       points=[FrontierPoint(**p) for p in data["points"]],
-                       uniform=[FrontierPoint(**p) for p in data.get("uniform", [])])
+            return cls(
+                model=dict(data["model"]),
+                budget=data.get("budget"),
+                points=[FrontierPoint(**p) for p in data["points"]],
+                uniform=[FrontierPoint(**p) for p in data.get("uniform", [])],
+            )
         except (KeyError, TypeError) as exc:
             raise InputError(f"frontier file is missing or mistypes a field ({exc})") from exc
 
     def csv_text(self) -> str:
         """One row a point (uniform points too, told apart by ``source``)."""
         points = self.points + self.uniform
-        keys = {split: sorted({k for p in points for k in p.metrics.get(split, {})})
-                for split in ("calibration", "holdout")}
+        keys = {
+            split: sorted({k for p in points for k in p.metrics.get(split, {})})
+            for split in ("calibration", "holdout")
+        }
         header = ["plan_id", "source", "total_bytes", "bpw", "predicted_error"]
         header += [f"{split}_{k}" for split, names in keys.items() for k in names] + ["plan"]
         lines = [",".join(header)]
         for p in points:
             cells = [p.plan_id, p.source, p.total_bytes, p.bpw, p.predicted_error]
-            cells += [p.metrics.get(split, {}).get(k) for split, names in keys.items()
-                      for k in names]
+            cells += [
+                p.metrics.get(split, {}).get(k) for split, names in keys.items() for k in names
+            ]
             lines.append(",".join("" if c is None else str(c) for c in cells + [p.plan]))
         return "\n".join(lines) + "\n"
 
 
-def write_frontier(out_dir: Path | str, *, model_ref: str, model_sha256: str,
-                   budget: Budget | None, points: Sequence[tuple[Plan, str]],
-                   uniform: Sequence[tuple[Plan, str]] = ()) -> FrontierFile:
+def write_frontier(
+    out_dir: Path | str,
+    *,
+    model_ref: str,
+    model_sha256: str,
+    budget: Budget | None,
+    points: Sequence[tuple[Plan, str]],
+    uniform: Sequence[tuple[Plan, str]] = (),
+) -> FrontierFile:
     """Write ``plans/<plan_id>.json`` for every point, ``frontier.json`` and ``frontier.csv``.
 
     ``points`` and ``uniform`` are ``(plan, source)`` pairs; points are ranked by total bytes
@@ -311,24 +394,30 @@ def write_frontier(out_dir: Path | str, *, model_ref: str, model_sha256: str,
     ranked = sorted(points, key=lambda pair: pair[0].totals.total_bytes)
     entries = []
     for rank, (plan, source) in enumerate(ranked):
-        entries.append(FrontierPoint.of(plan, plan_id=f"p{rank:03d}-{plan.totals.bpw:.2f}bpw",
-                                        source=source))
+        entries.append(
+            FrontierPoint.of(plan, plan_id=f"p{rank:03d}-{plan.totals.bpw:.2f}bpw", source=source)
+        )
     refs = []
     for plan, source in uniform:
         # A uniform plan's unpinned layers share one format; name it after the commonest.
         names = [lay.format for lay in plan.layers]
-        refs.append(FrontierPoint.of(plan, plan_id=f"u-{max(names, key=names.count)}",
-                                     source=source))
+        refs.append(
+            FrontierPoint.of(plan, plan_id=f"u-{max(names, key=names.count)}", source=source)
+        )
     ids = [e.plan_id for e in entries + refs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two frontier points would share a plan id: {sorted(ids)}")
     for entry, (plan, _) in zip(entries + refs, list(ranked) + list(uniform), strict=True):
         plan.write(out / entry.plan)
-    result = FrontierFile(model={"ref": model_ref, "sha256": model_sha256},
-                          budget=budget.to_dict() if budget is not None else None,
-                          points=entries, uniform=refs)
-    (out / "frontier.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n",
-                                       encoding="utf-8")
+    result = FrontierFile(
+        model={"ref": model_ref, "sha256": model_sha256},
+        budget=budget.to_dict() if budget is not None else None,
+        points=entries,
+        uniform=refs,
+    )
+    (out / "frontier.json").write_text(
+        json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8"
+    )
     (out / "frontier.csv").write_text(result.csv_text(), encoding="utf-8")
     return result
 
@@ -342,4 +431,3 @@ def read_frontier(path: Path | str) -> FrontierFile:
         raise InputError(f"frontier file {path} does not exist") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"frontier file {path} is not JSON ({exc})") from exc
-

@@ -8,7 +8,7 @@ that format; a pinned group has one option; excluded layers are not in the probl
 count with the unplanned bytes.
 
 A table may come with the model's layers (shapes known: bytes follow from
-:func:`sensitivity.formats.tensor_bytes`) or alone, as a user CSV (bytes come from its
+:func:`bitplan.sensitivity.formats.tensor_bytes`) or alone, as a user CSV (bytes come from its
 ``bytes`` column, or are estimated from ``numel`` when it has none).
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from sensitivity.errors import InputError
-from sensitivity.formats import QuantFormat, parse_format, tensor_bytes
-from sensitivity.layers import QuantLayer
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import QuantFormat, parse_format, tensor_bytes
+from bitplan.sensitivity.layers import QuantLayer
 
 __all__ = [
     "Group",
@@ -64,8 +64,15 @@ class LayerRow:
 
     @classmethod
     def from_quant_layer(cls, layer: QuantLayer) -> LayerRow:
-        return cls(name=layer.name, param=layer.param, numel=layer.numel, tie=layer.tie,
-                   kind=layer.kind, shape=tuple(layer.shape), pinned=layer.pinned)
+        return cls(
+            name=layer.name,
+            param=layer.param,
+            numel=layer.numel,
+            tie=layer.tie,
+            kind=layer.kind,
+            shape=tuple(layer.shape),
+            pinned=layer.pinned,
+        )
 
     def bytes_for(self, fmt: QuantFormat | str) -> int:
         """Exact bytes of this layer's tensor in ``fmt`` (from the shape, else the table)."""
@@ -73,15 +80,15 @@ class LayerRow:
         if self.shape is not None:
             return tensor_bytes(fmt, *self.shape)
         if fmt.name not in self.table_bytes:
-            raise InputError(f"no bytes known for layer {self.name} in {fmt.name}; "
-                             "add a row for it to the table")
+            raise InputError(
+                f"no bytes known for layer {self.name} in {fmt.name}; add a row for it to the table"
+            )
         return int(self.table_bytes[fmt.name])
 
 
 def as_layer_rows(layers: Sequence[QuantLayer | LayerRow]) -> list[LayerRow]:
     """Normalise a mix of :class:`QuantLayer` and :class:`LayerRow` to rows."""
-    return [lay if isinstance(lay, LayerRow) else LayerRow.from_quant_layer(lay)
-            for lay in layers]
+    return [lay if isinstance(lay, LayerRow) else LayerRow.from_quant_layer(lay) for lay in layers]
 
 
 def estimated_bytes(fmt: QuantFormat, numel: int) -> int:
@@ -151,8 +158,9 @@ class Problem:
         return nbytes, error
 
 
-def _group_options(key: str, members: list[LayerRow], errors: dict[str, dict[str, float]]
-                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _group_options(
+    key: str, members: list[LayerRow], errors: dict[str, dict[str, float]]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Formats every member has a row for, with the tie's bytes (once) and summed error."""
     per_member = [errors.get(m.name, {}) for m in members]
     pinned = members[0].pinned
@@ -161,21 +169,28 @@ def _group_options(key: str, members: list[LayerRow], errors: dict[str, dict[str
     else:
         formats = sorted(set.intersection(*(set(e) for e in per_member)))
     if not formats:
-        raise InputError(f"{key}: no format has a table row for every member "
-                         f"({', '.join(m.name for m in members)})")
+        raise InputError(
+            f"{key}: no format has a table row for every member "
+            f"({', '.join(m.name for m in members)})"
+        )
     nbytes, error = [], []
     for fmt in formats:
         sizes = {m.bytes_for(fmt) for m in members}
         if len(sizes) > 1:
-            raise InputError(f"tie group {key} members disagree on bytes in {fmt}: "
-                             f"{sorted(sizes)}; tied layers share one tensor")
+            raise InputError(
+                f"tie group {key} members disagree on bytes in {fmt}: "
+                f"{sorted(sizes)}; tied layers share one tensor"
+            )
         nbytes.append(sizes.pop())
         if all(fmt in e for e in per_member):
             error.append(sum(e[fmt] for e in per_member))
         else:
-            log.warning("%s is pinned to %s, which the table does not measure; its error "
-                        "counts as 0 (a constant offset: the frontier's plans are unchanged)",
-                        key, fmt)
+            log.warning(
+                "%s is pinned to %s, which the table does not measure; its error "
+                "counts as 0 (a constant offset: the frontier's plans are unchanged)",
+                key,
+                fmt,
+            )
             error.append(0.0)
     return formats, np.asarray(nbytes, dtype=np.int64), np.asarray(error, dtype=np.float64)
 
@@ -198,35 +213,52 @@ def rows_from_table(table: pd.DataFrame) -> list[LayerRow]:
     """
     has_bytes, has_numel = "bytes" in table.columns, "numel" in table.columns
     if not has_bytes and not has_numel:
-        raise InputError("the table needs a bytes or a numel column to size its layers; "
-                         "columns accepted: layer, format, error[, bytes][, numel][, tie]")
+        raise InputError(
+            "the table needs a bytes or a numel column to size its layers; "
+            "columns accepted: layer, format, error[, bytes][, numel][, tie]"
+        )
     if not has_bytes:
-        log.warning("the table has no bytes column: bytes are estimated from numel (exact "
-                    "for grouped formats whose group divides the row)")
+        log.warning(
+            "the table has no bytes column: bytes are estimated from numel (exact "
+            "for grouped formats whose group divides the row)"
+        )
     rows = []
     for name, part in table.groupby("layer", sort=False):
         formats = [parse_format(f) for f in part["format"]]
         if has_numel:
             numel = int(part["numel"].iloc[0])
         else:
-            floats = [(f, b) for f, b in zip(formats, part["bytes"], strict=True)
-                      if f.kind == "float"]
+            floats = [
+                (f, b) for f, b in zip(formats, part["bytes"], strict=True) if f.kind == "float"
+            ]
             if not floats:
-                raise InputError(f"layer {name}: no numel column and no fp16/bf16/fp32 row to "
-                                 "derive the weight count from; add a numel column")
+                raise InputError(
+                    f"layer {name}: no numel column and no fp16/bf16/fp32 row to "
+                    "derive the weight count from; add a numel column"
+                )
             numel = int(floats[0][1]) * 8 // floats[0][0].bits
-        sizes = (part["bytes"] if has_bytes else [estimated_bytes(f, numel) for f in formats])
+        sizes = part["bytes"] if has_bytes else [estimated_bytes(f, numel) for f in formats]
         param = part["param"].iloc[0] if "param" in part.columns else None
         tie = _tie_of(part["tie"].iloc[0]) if "tie" in part.columns else None
-        rows.append(LayerRow(
-            name=str(name), param=str(param) if _tie_of(param) else f"{name}.weight",
-            numel=numel, tie=tie,
-            table_bytes={f.name: int(b) for f, b in zip(formats, sizes, strict=True)}))
+        rows.append(
+            LayerRow(
+                name=str(name),
+                param=str(param) if _tie_of(param) else f"{name}.weight",
+                numel=numel,
+                tie=tie,
+                table_bytes={f.name: int(b) for f, b in zip(formats, sizes, strict=True)},
+            )
+        )
     return rows
 
 
-def build_problem(table: pd.DataFrame, layers: Sequence[QuantLayer | LayerRow], *,
-                  unplanned_bytes: int, fp16_bytes: int) -> Problem:
+def build_problem(
+    table: pd.DataFrame,
+    layers: Sequence[QuantLayer | LayerRow],
+    *,
+    unplanned_bytes: int,
+    fp16_bytes: int,
+) -> Problem:
     """The knapsack for ``layers`` from a sensitivity table (columns layer, format, error).
 
     Table rows for layers that are not in ``layers`` (excluded since the table was measured)
@@ -235,22 +267,29 @@ def build_problem(table: pd.DataFrame, layers: Sequence[QuantLayer | LayerRow], 
     rows = as_layer_rows(layers)
     bad = table[~np.isfinite(table["error"].to_numpy(dtype=np.float64))]
     if len(bad):
-        raise InputError(f"table error for {bad['layer'].iloc[0]} in {bad['format'].iloc[0]} "
-                         "is not a finite number")
+        raise InputError(
+            f"table error for {bad['layer'].iloc[0]} in {bad['format'].iloc[0]} "
+            "is not a finite number"
+        )
     if not rows:
         raise InputError("nothing to plan: every layer is excluded")
     planned = {r.name for r in rows}
     extra = set(table["layer"]) - planned
     if extra:
-        log.info("ignoring %d table layers that are not planned (excluded): %s", len(extra),
-                 ", ".join(sorted(extra)[:5]))
+        log.info(
+            "ignoring %d table layers that are not planned (excluded): %s",
+            len(extra),
+            ", ".join(sorted(extra)[:5]),
+        )
     canonical = {f: parse_format(f).name for f in table["format"].unique()}
     errors: dict[str, dict[str, float]] = {}
     for layer, fmt, err in zip(table["layer"], table["format"], table["error"], strict=True):
         cell = errors.setdefault(layer, {})
         if canonical[fmt] in cell:
-            raise InputError(f"the table has two rows for layer {layer} in {canonical[fmt]}; "
-                             "keep one row per (layer, format)")
+            raise InputError(
+                f"the table has two rows for layer {layer} in {canonical[fmt]}; "
+                "keep one row per (layer, format)"
+            )
         cell[canonical[fmt]] = float(err)
     by_group: dict[str, list[LayerRow]] = {}
     for r in rows:
@@ -259,11 +298,21 @@ def build_problem(table: pd.DataFrame, layers: Sequence[QuantLayer | LayerRow], 
     for key, members in by_group.items():
         pins = {m.pinned for m in members}
         if len(pins) > 1:
-            raise InputError(f"tie group {key} has members pinned differently: "
-                             f"{sorted(map(str, pins))}")
+            raise InputError(
+                f"tie group {key} has members pinned differently: {sorted(map(str, pins))}"
+            )
         formats, nbytes, error = _group_options(key, members, errors)
-        groups.append(Group(key=key, members=[m.name for m in members], numel=members[0].numel,
-                            formats=formats, bytes=nbytes, error=error,
-                            pinned=members[0].pinned))
-    return Problem(groups=groups, layers=rows, unplanned_bytes=unplanned_bytes,
-                   fp16_bytes=fp16_bytes)
+        groups.append(
+            Group(
+                key=key,
+                members=[m.name for m in members],
+                numel=members[0].numel,
+                formats=formats,
+                bytes=nbytes,
+                error=error,
+                pinned=members[0].pinned,
+            )
+        )
+    return Problem(
+        groups=groups, layers=rows, unplanned_bytes=unplanned_bytes, fp16_bytes=fp16_bytes
+    )

@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sensitivity.analyzer import METHODS
-from sensitivity.errors import InputError
-from sensitivity.formats import DEFAULT_FORMATS, parse_formats
+from bitplan.sensitivity.analyzer import METHODS
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import DEFAULT_FORMATS, parse_formats
 
 __all__ = ["METHODS", "SAMPLERS", "JobSpec"]
 
-# The samplers :func:`search.measured.measured_search` knows (it imports this list); defined here
-# so that validating a request does not import Optuna.
+# The samplers :func:`bitplan.search.measured.measured_search` knows (it imports this list); defined
+# here so that validating a request does not import Optuna.
 SAMPLERS = ("nsga2", "tpe")
 
 

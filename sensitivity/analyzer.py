@@ -1,10 +1,11 @@
 """Sensitivity analysis of a loaded model: ``error[layer, format]`` by one of four methods.
 
-:func:`analyze` adapts a :class:`~sensitivity.models.LoadedModel` and its
-:class:`~sensitivity.data.CalibData` to the method functions of :mod:`sensitivity.methods`
-(which work on plain modules), builds the table of :mod:`sensitivity.table` and caches it by
-content, so a second job on the same model, data, method and formats re-solves a new budget
-without touching the model. Methods (DESIGN §6; names are part of the CLI and REST contract):
+:func:`analyze` adapts a :class:`~bitplan.sensitivity.models.LoadedModel` and its
+:class:`~bitplan.sensitivity.data.CalibData` to the method functions of
+:mod:`bitplan.sensitivity.methods` (which work on plain modules), builds the table of
+:mod:`bitplan.sensitivity.table` and caches it by content, so a second job on the same model, data,
+method and formats re-solves a new budget without touching the model. Methods (DESIGN §6; names are
+part of the CLI and REST contract):
 
 - ``weight``: data-free relative weight error ``‖ΔW‖² / ‖W‖²``;
 - ``layer``: relative layer-output error ``‖ΔW·X‖² / ‖W·X‖²`` from one forward pass;
@@ -27,18 +28,18 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from sensitivity.errors import InputError
-from sensitivity.formats import QuantFormat, parse_formats
-from sensitivity.methods import (
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import QuantFormat, parse_formats
+from bitplan.sensitivity.methods import (
     Scores,
     e2e_errors,
     fisher_errors,
     layer_errors,
     weight_errors,
 )
-from sensitivity.metrics import collect_reference, forward_output, measure, output_kind
-from sensitivity.progress import CancelFn, ProgressFn, report
-from sensitivity.table import (
+from bitplan.sensitivity.metrics import collect_reference, forward_output, measure, output_kind
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, report
+from bitplan.sensitivity.table import (
     build_table,
     cache_key,
     load_cached,
@@ -48,8 +49,8 @@ from sensitivity.table import (
 )
 
 if TYPE_CHECKING:
-    from sensitivity.data import CalibData
-    from sensitivity.models import LoadedModel
+    from bitplan.sensitivity.data import CalibData
+    from bitplan.sensitivity.models import LoadedModel
 
 __all__ = ["METHODS", "analyze", "read_table", "write_table"]
 
@@ -83,13 +84,22 @@ def _settings(method: str, *, batch_size: int, seed: int) -> dict[str, int | flo
     return {}
 
 
-def _measure_scores(model: LoadedModel, calib: CalibData, method: str,
-                    formats: list[QuantFormat], *, batch_size: int, seed: int,
-                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Scores:
+def _measure_scores(
+    model: LoadedModel,
+    calib: CalibData,
+    method: str,
+    formats: list[QuantFormat],
+    *,
+    batch_size: int,
+    seed: int,
+    progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+) -> Scores:
     module, layers = model.module, model.layers
     if method == "weight":
-        return weight_errors(module, layers, formats, progress=progress,
-                             should_cancel=should_cancel)
+        return weight_errors(
+            module, layers, formats, progress=progress, should_cancel=should_cancel
+        )
     if len(calib) == 0:
         raise InputError(f"the calibration data is empty; method {method} needs samples")
 
@@ -98,28 +108,53 @@ def _measure_scores(model: LoadedModel, calib: CalibData, method: str,
 
     n_batches = math.ceil(len(calib) / batch_size)
     if method == "layer":
-        return layer_errors(module, layers, formats, batches=batches, n_batches=n_batches,
-                            progress=progress, should_cancel=should_cancel)
+        return layer_errors(
+            module,
+            layers,
+            formats,
+            batches=batches,
+            n_batches=n_batches,
+            progress=progress,
+            should_cancel=should_cancel,
+        )
     if method == "fisher":
         kind = output_kind(model.task)
         n_batches = _fisher_batches(n_batches)
-        return fisher_errors(module, layers, formats,
-                             batches=lambda: itertools.islice(batches(), n_batches),
-                             output_fn=lambda batch: forward_output(model, batch),
-                             target="categorical" if kind in ("classification", "lm")
-                             else "projection",
-                             seed=seed, n_batches=n_batches, progress=progress,
-                             should_cancel=should_cancel)
+        return fisher_errors(
+            module,
+            layers,
+            formats,
+            batches=lambda: itertools.islice(batches(), n_batches),
+            output_fn=lambda batch: forward_output(model, batch),
+            target="categorical" if kind in ("classification", "lm") else "projection",
+            seed=seed,
+            n_batches=n_batches,
+            progress=progress,
+            should_cancel=should_cancel,
+        )
     reference = collect_reference(model, calib, batch_size=batch_size)
-    return e2e_errors(module, layers, formats,
-                      evaluate=lambda: measure(model, calib, reference)["error"],
-                      progress=progress, should_cancel=should_cancel)
+    return e2e_errors(
+        module,
+        layers,
+        formats,
+        evaluate=lambda: measure(model, calib, reference)["error"],
+        progress=progress,
+        should_cancel=should_cancel,
+    )
 
 
-def analyze(model: LoadedModel, calib: CalibData, *, method: str,
-            formats: Sequence[QuantFormat | str], batch_size: int = 16,
-            cache_dir: Path | None = None, progress: ProgressFn | None = None,
-            should_cancel: CancelFn | None = None, seed: int = 0) -> pd.DataFrame:
+def analyze(
+    model: LoadedModel,
+    calib: CalibData,
+    *,
+    method: str,
+    formats: Sequence[QuantFormat | str],
+    batch_size: int = 16,
+    cache_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
     """The sensitivity table of ``model.layers`` in ``formats`` (pinned layers: their format).
 
     Returns a DataFrame with columns ``layer, param, format, error, numel, bytes, tie``. With
@@ -135,20 +170,37 @@ def analyze(model: LoadedModel, calib: CalibData, *, method: str,
     fmts = _formats(formats)
     if not model.layers:
         raise InputError("nothing to analyze: every quantizable layer is excluded")
-    key = cache_key(model_sha256=model.sha256,
-                    calib_sha256=None if method == "weight" else calib.sha256,
-                    method=method, formats=fmts, layers=model.layers,
-                    settings=_settings(method, batch_size=batch_size, seed=seed))
+    key = cache_key(
+        model_sha256=model.sha256,
+        calib_sha256=None if method == "weight" else calib.sha256,
+        method=method,
+        formats=fmts,
+        layers=model.layers,
+        settings=_settings(method, batch_size=batch_size, seed=seed),
+    )
     if cache_dir is not None:
         cached = load_cached(cache_dir, key)
         if cached is not None:
             logger.info("sensitivity table (%s) from cache, key %s", method, key[:12])
             report(progress, "analyze", len(model.layers), len(model.layers))
             return cached
-    logger.info("analyzing %d layers x %d formats with method %s on %s", len(model.layers),
-                len(fmts), method, model.device)
-    scores = _measure_scores(model, calib, method, fmts, batch_size=batch_size, seed=seed,
-                             progress=progress, should_cancel=should_cancel)
+    logger.info(
+        "analyzing %d layers x %d formats with method %s on %s",
+        len(model.layers),
+        len(fmts),
+        method,
+        model.device,
+    )
+    scores = _measure_scores(
+        model,
+        calib,
+        method,
+        fmts,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
     table = build_table(model.layers, scores)
     if cache_dir is not None:
         store_cached(cache_dir, key, table)

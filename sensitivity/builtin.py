@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from sensitivity.builtin_nets import ByteTokenizer, DigitsCNN, TinyLM, TinyLMConfig
-from sensitivity.errors import InputError
-from sensitivity.safety import files_sha256
+from bitplan.sensitivity.builtin_nets import ByteTokenizer, DigitsCNN, TinyLM, TinyLMConfig
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.safety import files_sha256
 
 __all__ = [
     "BUILTIN_DATA",
@@ -56,9 +56,28 @@ _TEXT_HOLDOUT_EVERY = 10  # every 10th block is held out (~10 % of the corpus)
 _TEXT_MAX_CALIB = 256  # enough rows for a stable metric, few enough for e2e on a CPU
 # Modules whose docstrings form the tiny-lm corpus: stable, prose-heavy, always installed.
 _TEXT_MODULES = (
-    "argparse", "bisect", "collections", "contextlib", "dataclasses", "datetime", "decimal",
-    "fractions", "functools", "heapq", "inspect", "itertools", "json", "logging", "pathlib",
-    "random", "re", "shutil", "statistics", "string", "textwrap", "typing",
+    "argparse",
+    "bisect",
+    "collections",
+    "contextlib",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "fractions",
+    "functools",
+    "heapq",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "pathlib",
+    "random",
+    "re",
+    "shutil",
+    "statistics",
+    "string",
+    "textwrap",
+    "typing",
 )
 
 BUILTIN_MODELS = ("digits-cnn", "tiny-lm")
@@ -67,7 +86,7 @@ BUILTIN_DATA = ("digits", "text")
 
 @dataclass
 class BuiltinModel:
-    """A loaded builtin model with what :class:`~sensitivity.models.LoadedModel` needs."""
+    """A loaded builtin model with what :class:`~bitplan.sensitivity.models.LoadedModel` needs."""
 
     module: nn.Module
     sha256: str
@@ -171,8 +190,13 @@ class _Recipe:
 
 _RECIPES = {
     "digits-cnn": _Recipe(DigitsCNN, train_digits_cnn, "image-classification", "digits", None),
-    "tiny-lm": _Recipe(lambda: TinyLM(TinyLMConfig(block_size=_TEXT_BLOCK)), train_tiny_lm,
-                       "text-generation", "text", ByteTokenizer),
+    "tiny-lm": _Recipe(
+        lambda: TinyLM(TinyLMConfig(block_size=_TEXT_BLOCK)),
+        train_tiny_lm,
+        "text-generation",
+        "text",
+        ByteTokenizer,
+    ),
 }
 
 
@@ -180,8 +204,10 @@ def load_builtin(name: str, *, cache_dir: Path, seed: int = 0) -> BuiltinModel:
     """Load ``builtin:<name>`` from ``cache_dir``, training and caching it on first use."""
     recipe = _RECIPES.get(name)
     if recipe is None:
-        raise InputError(f"unknown builtin model {name!r}; accepted: "
-                         + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+        raise InputError(
+            f"unknown builtin model {name!r}; accepted: "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        )
     folder = cache_dir / "builtin"
     path = folder / f"{name}-{_RECIPE_VERSION}-seed{seed}.safetensors"
     if not path.is_file():

@@ -143,8 +143,13 @@ class ByteTokenizer:
     padding_side = "right"
 
     def __call__(
-        self, text: str | Sequence[str], *, max_length: int | None = None,
-        truncation: bool = False, padding: bool | str = False, return_tensors: str | None = None,
+        self,
+        text: str | Sequence[str],
+        *,
+        max_length: int | None = None,
+        truncation: bool = False,
+        padding: bool | str = False,
+        return_tensors: str | None = None,
     ) -> dict[str, torch.Tensor | list[list[int]]]:
         texts = [text] if isinstance(text, str) else list(text)
         ids = [list(t.encode("utf-8")) for t in texts]
@@ -165,8 +170,10 @@ class ByteTokenizer:
             raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' is supported")
         if len({len(row) for row in ids}) > 1:
             raise ValueError("rows differ in length: pass padding=True to return tensors")
-        return {"input_ids": torch.tensor(ids, dtype=torch.long),
-                "attention_mask": torch.tensor(masks, dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(masks, dtype=torch.long),
+        }
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Bytes back to text; invalid UTF-8 sequences become U+FFFD."""

@@ -5,9 +5,9 @@ on a dict of batch-first input tensors. :class:`CalibData` holds that dict for N
 the CPU; floating inputs in the model's floating dtype) with optional labels and a content
 hash that keys the sensitivity cache. Sources (DESIGN §8):
 
-- ``builtin``: the data set shipped for a builtin model (:mod:`sensitivity.builtin`);
+- ``builtin``: the data set shipped for a builtin model (:mod:`bitplan.sensitivity.builtin`);
 - ``.txt`` / ``.jsonl``: text for Hugging Face text models, tokenized with the model's
-  tokenizer (:mod:`sensitivity.textdata`);
+  tokenizer (:mod:`bitplan.sensitivity.textdata`);
 - ``.safetensors``: named input tensors (names must be inputs of the model's ``forward``)
   and an optional ``labels`` tensor.
 
@@ -33,11 +33,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from sensitivity.errors import InputError
-from sensitivity.textdata import read_jsonl, read_txt, tokenize_texts
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.textdata import read_jsonl, read_txt, tokenize_texts
 
 if TYPE_CHECKING:
-    from sensitivity.models import LoadedModel
+    from bitplan.sensitivity.models import LoadedModel
 
 __all__ = ["CLASSIFICATION_TASKS", "CalibData", "load_calibration", "split_calibration"]
 
@@ -63,8 +63,9 @@ class CalibData:
     def __len__(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
-    def batches(self, batch_size: int, *, device: torch.device | str | None = None
-                ) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, *, device: torch.device | str | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Consecutive batches of the inputs, in order, moved to ``device``.
 
         Padding columns that no sample of the batch uses (``attention_mask`` all 0 at the end)
@@ -73,7 +74,7 @@ class CalibData:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
-            batch = {k: v[start:start + batch_size] for k, v in self.inputs.items()}
+            batch = {k: v[start : start + batch_size] for k, v in self.inputs.items()}
             yield {k: v.to(device) for k, v in _trim_padding(batch).items()}
 
     def subset(self, index: torch.Tensor) -> CalibData:
@@ -81,9 +82,11 @@ class CalibData:
         index = torch.as_tensor(index, dtype=torch.int64)
         digest = hashlib.sha256(self.sha256.encode())
         digest.update(index.numpy().tobytes())
-        return CalibData(inputs={k: v[index] for k, v in self.inputs.items()},
-                         labels=None if self.labels is None else self.labels[index],
-                         sha256=digest.hexdigest())
+        return CalibData(
+            inputs={k: v[index] for k, v in self.inputs.items()},
+            labels=None if self.labels is None else self.labels[index],
+            sha256=digest.hexdigest(),
+        )
 
 
 def _trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,19 +125,24 @@ def _float_dtype(module: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
-def _validate(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, model: LoadedModel,
-              source: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def _validate(
+    inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, model: LoadedModel, source: str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Check names, shapes and values; cast floating inputs to the model's floating dtype."""
     if not inputs:
-        raise InputError(f"{source} holds no input tensors; name them after the model's "
-                         "forward() arguments (e.g. pixel_values, input_ids)")
+        raise InputError(
+            f"{source} holds no input tensors; name them after the model's "
+            "forward() arguments (e.g. pixel_values, input_ids)"
+        )
     accepted, required = _forward_inputs(model.module)
     if accepted is not None:
         unknown = sorted(set(inputs) - accepted)
         if unknown:
-            raise InputError(f"{source}: {', '.join(unknown)} not among the inputs of the "
-                             f"model's forward(); accepted: {', '.join(sorted(accepted))}, "
-                             "labels")
+            raise InputError(
+                f"{source}: {', '.join(unknown)} not among the inputs of the "
+                f"model's forward(); accepted: {', '.join(sorted(accepted))}, "
+                "labels"
+            )
     missing = sorted(required - set(inputs))
     if missing:
         raise InputError(f"{source} lacks the model's required input(s) {', '.join(missing)}")
@@ -143,12 +151,15 @@ def _validate(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, mode
         sizes["labels"] = labels.shape[0] if labels.dim() else None
     if None in sizes.values():
         scalar = next(name for name, n in sizes.items() if n is None)
-        raise InputError(f"{source}: {scalar} is a scalar; every tensor needs a first "
-                         "(sample) dimension")
+        raise InputError(
+            f"{source}: {scalar} is a scalar; every tensor needs a first (sample) dimension"
+        )
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{name}={n}" for name, n in sizes.items())
-        raise InputError(f"{source}: tensors disagree on the number of samples (first "
-                         f"dimension: {shown}); all must have the same N")
+        raise InputError(
+            f"{source}: tensors disagree on the number of samples (first "
+            f"dimension: {shown}); all must have the same N"
+        )
     if next(iter(sizes.values())) == 0:
         raise InputError(f"{source} holds 0 samples; give at least one")
     dtype = _float_dtype(model.module)
@@ -157,22 +168,27 @@ def _validate(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, mode
         if tensor.is_floating_point():
             tensor = tensor.to(dtype) if dtype is not None else tensor
             if not torch.isfinite(tensor).all():
-                raise InputError(f"{source}: {name} contains NaN or Inf (in {tensor.dtype}); "
-                                 "calibration inputs must be finite")
+                raise InputError(
+                    f"{source}: {name} contains NaN or Inf (in {tensor.dtype}); "
+                    "calibration inputs must be finite"
+                )
         cast[name] = tensor.contiguous()
     return cast, _validate_labels(labels, model, source)
 
 
-def _validate_labels(labels: torch.Tensor | None, model: LoadedModel, source: str
-                     ) -> torch.Tensor | None:
+def _validate_labels(
+    labels: torch.Tensor | None, model: LoadedModel, source: str
+) -> torch.Tensor | None:
     if labels is None:
         return None
     if model.task not in CLASSIFICATION_TASKS:
         logger.info("%s: ignoring labels, %s has no class labels", source, model.task)
         return None
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
-        raise InputError(f"{source}: labels must be a 1-D integer tensor of class indices [N], "
-                         f"got {labels.dtype} of shape {list(labels.shape)}")
+        raise InputError(
+            f"{source}: labels must be a 1-D integer tensor of class indices [N], "
+            f"got {labels.dtype} of shape {list(labels.shape)}"
+        )
     if labels.dtype == torch.bool or (labels < 0).any():
         raise InputError(f"{source}: labels must be class indices >= 0")
     return labels.to(torch.int64)
@@ -190,13 +206,16 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> list[bytes]:
     parts = []
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        parts += [f"{name}:{t.dtype}:{list(t.shape)}".encode(),
-                  t.view(-1).view(torch.uint8).numpy().tobytes()]
+        parts += [
+            f"{name}:{t.dtype}:{list(t.shape)}".encode(),
+            t.view(-1).view(torch.uint8).numpy().tobytes(),
+        ]
     return parts
 
 
-def _take(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, n: int | None
-          ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def _take(
+    inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, n: int | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     if n is None:
         return inputs, labels
     return {k: v[:n] for k, v in inputs.items()}, None if labels is None else labels[:n]
@@ -204,9 +223,10 @@ def _take(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, n: int |
 
 def _load_builtin(model: LoadedModel, max_samples: int | None) -> CalibData:
     if model.builtin_data is None:
-        raise InputError(f"{model.ref} has no builtin calibration data; pass a .txt, .jsonl or "
-                         ".safetensors file")
-    from sensitivity.builtin import builtin_calibration  # loads data sets only when asked
+        raise InputError(
+            f"{model.ref} has no builtin calibration data; pass a .txt, .jsonl or .safetensors file"
+        )
+    from bitplan.sensitivity.builtin import builtin_calibration  # loads data sets only when asked
 
     inputs, labels = builtin_calibration(model.builtin_data)
     source = f"builtin data {model.builtin_data!r}"
@@ -218,11 +238,19 @@ def _load_builtin(model: LoadedModel, max_samples: int | None) -> CalibData:
 Tensors = tuple[dict[str, torch.Tensor], torch.Tensor | None]
 
 
-def _load_text(raw: bytes, path: Path, suffix: str, model: LoadedModel, max_length: int,
-               max_samples: int | None) -> Tensors:
+def _load_text(
+    raw: bytes,
+    path: Path,
+    suffix: str,
+    model: LoadedModel,
+    max_length: int,
+    max_samples: int | None,
+) -> Tensors:
     if model.tokenizer is None:
-        raise InputError(f"{path.name} is text but {model.ref} has no tokenizer; give a "
-                         ".safetensors file of input tensors instead")
+        raise InputError(
+            f"{path.name} is text but {model.ref} has no tokenizer; give a "
+            ".safetensors file of input tensors instead"
+        )
     if suffix == ".txt":
         texts, labels = read_txt(raw, path), None
     else:
@@ -234,8 +262,9 @@ def _load_text(raw: bytes, path: Path, suffix: str, model: LoadedModel, max_leng
     return _validate(inputs, label_tensor, model, path.name)
 
 
-def _load_safetensors(raw: bytes, path: Path, model: LoadedModel, max_samples: int | None
-                      ) -> Tensors:
+def _load_safetensors(
+    raw: bytes, path: Path, model: LoadedModel, max_samples: int | None
+) -> Tensors:
     try:
         tensors = load_safetensors(raw)
     except (SafetensorError, ValueError) as err:
@@ -244,8 +273,9 @@ def _load_safetensors(raw: bytes, path: Path, model: LoadedModel, max_samples: i
     return _take(*_validate(tensors, labels, model, path.name), max_samples)
 
 
-def load_calibration(ref: str, model: LoadedModel, *, max_length: int = 128,
-                     max_samples: int | None = None) -> CalibData:
+def load_calibration(
+    ref: str, model: LoadedModel, *, max_length: int = 128, max_samples: int | None = None
+) -> CalibData:
     """Load calibration data for ``model`` from ``ref``: ``builtin`` or a file path.
 
     Text is tokenized with the model's tokenizer, truncated at ``max_length`` tokens and padded
@@ -275,8 +305,11 @@ def load_calibration(ref: str, model: LoadedModel, *, max_length: int = 128,
     else:
         inputs, labels = _load_text(raw, path, suffix, model, max_length, max_samples)
         options = {"max_length": max_length, "max_samples": max_samples}
-    data = CalibData(inputs=inputs, labels=labels,
-                     sha256=_digest([suffix.encode(), raw, json.dumps(options).encode()]))
+    data = CalibData(
+        inputs=inputs,
+        labels=labels,
+        sha256=_digest([suffix.encode(), raw, json.dumps(options).encode()]),
+    )
     logger.info("calibration: %d samples from %s", len(data), path.name)
     return data
 
@@ -285,8 +318,9 @@ def _holdout_size(n: int, holdout: float) -> int:
     return math.floor(n * holdout + 0.5)  # round half up: 2 samples at 0.25 hold out 1, not 0
 
 
-def split_calibration(data: CalibData, *, holdout: float = 0.25, seed: int = 0
-                      ) -> tuple[CalibData, CalibData]:
+def split_calibration(
+    data: CalibData, *, holdout: float = 0.25, seed: int = 0
+) -> tuple[CalibData, CalibData]:
     """Split into ``(calibration, held_out)`` parts by a seeded shuffle.
 
     ``round(N * holdout)`` samples are held out; both parts keep the original sample order.
@@ -298,8 +332,10 @@ def split_calibration(data: CalibData, *, holdout: float = 0.25, seed: int = 0
     n_hold = _holdout_size(n, holdout)
     if not 1 <= n_hold <= n - 1:
         needed = next(m for m in count(2) if 1 <= _holdout_size(m, holdout) <= m - 1)
-        raise InputError(f"{n} calibration sample(s) cannot be split with holdout={holdout}: "
-                         f"at least {needed} are needed so both parts are non-empty")
+        raise InputError(
+            f"{n} calibration sample(s) cannot be split with holdout={holdout}: "
+            f"at least {needed} are needed so both parts are non-empty"
+        )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     held, kept = order[:n_hold].sort().values, order[n_hold:].sort().values

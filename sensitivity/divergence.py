@@ -77,17 +77,20 @@ class TokenDistributions:
             logp=self.logp[start:stop],
             index=None if self.index is None else self.index[start:stop],
             rest=None if self.rest is None else self.rest[start:stop],
-            top1=self.top1[start:stop])
+            top1=self.top1[start:stop],
+        )
 
     @classmethod
     def cat(cls, parts: Sequence[TokenDistributions]) -> TokenDistributions:
         """Concatenate rows of parts stored the same way (all exact or all top-k)."""
         index = [p.index for p in parts if p.index is not None]
         rest = [p.rest for p in parts if p.rest is not None]
-        return cls(logp=torch.cat([p.logp for p in parts]),
-                   index=torch.cat(index) if index else None,
-                   rest=torch.cat(rest) if rest else None,
-                   top1=torch.cat([p.top1 for p in parts]))
+        return cls(
+            logp=torch.cat([p.logp for p in parts]),
+            index=torch.cat(index) if index else None,
+            rest=torch.cat(rest) if rest else None,
+            top1=torch.cat([p.top1 for p in parts]),
+        )
 
 
 @dataclass
@@ -104,7 +107,7 @@ def _chunks(logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, float32 log-probs)`` of consecutive row chunks of ``[M, V]`` logits."""
     step = max(1, _CHUNK_ELEMENTS // max(logits.shape[1], 1))
     for start in range(0, logits.shape[0], step):
-        yield start, torch.log_softmax(logits[start:start + step].float(), dim=-1)
+        yield start, torch.log_softmax(logits[start : start + step].float(), dim=-1)
 
 
 def _tail(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -135,13 +138,20 @@ def compress(logits: torch.Tensor, *, top_k: int | None = None) -> TokenDistribu
             parts.append(TokenDistributions(logp=logp.cpu(), index=None, rest=None, top1=top1))
             continue
         values, index = logp.topk(k, dim=-1)  # (m, k), descending
-        parts.append(TokenDistributions(logp=values.cpu(), index=index.to(torch.int32).cpu(),
-                                        rest=_tail(logp, index).cpu(), top1=top1))
+        parts.append(
+            TokenDistributions(
+                logp=values.cpu(),
+                index=index.to(torch.int32).cpu(),
+                rest=_tail(logp, index).cpu(),
+                top1=top1,
+            )
+        )
     return TokenDistributions.cat(parts)
 
 
-def compare(ref: TokenDistributions, logits: torch.Tensor, *,
-            targets: torch.Tensor | None = None) -> RowStats:
+def compare(
+    ref: TokenDistributions, logits: torch.Tensor, *, targets: torch.Tensor | None = None
+) -> RowStats:
     """Score ``[M, V]`` logits row by row against ``M`` reference rows; results on the CPU.
 
     Uses the same float32 log-softmax as :func:`compress`, so logits equal to the reference's
@@ -162,7 +172,8 @@ def compare(ref: TokenDistributions, logits: torch.Tensor, *,
         kl.append(div.clamp_min(0.0).cpu())  # KL >= 0; rounding may dip a hair below
         top1.append(logq.argmax(dim=-1).cpu())
         if targets is not None:
-            chunk_targets = targets[start:start + logq.shape[0]].to(logq.device, torch.int64)
+            chunk_targets = targets[start : start + logq.shape[0]].to(logq.device, torch.int64)
             nll.append(-logq.gather(-1, chunk_targets[:, None])[:, 0].cpu())
-    return RowStats(kl=torch.cat(kl), top1=torch.cat(top1),
-                    nll=torch.cat(nll) if targets is not None else None)
+    return RowStats(
+        kl=torch.cat(kl), top1=torch.cat(top1), nll=torch.cat(nll) if targets is not None else None
+    )

@@ -2,8 +2,8 @@
 
 This module is a contract (DESIGN §3): other tools re-implement it, and the packed artifact that
 ``bitplan apply`` writes must have exactly the bytes that :func:`tensor_bytes` predicts. Every
-weight is seen as a matrix ``[rows, cols]`` (see :mod:`sensitivity.layers`); groups run along
-``cols`` and a last group shorter than ``G`` is allowed.
+weight is seen as a matrix ``[rows, cols]`` (see :mod:`bitplan.sensitivity.layers`); groups run
+along ``cols`` and a last group shorter than ``G`` is allowed.
 
 References: GPTQ (Frantar et al., 2022) and AWQ (Lin et al., 2023) for group-wise integer
 quantization with fp16 scales; the OCP 8-bit floating point spec for e4m3.
@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from sensitivity.errors import InputError
+from bitplan.sensitivity.errors import InputError
 
 __all__ = [
     "ALLOWED_BITS",
@@ -116,8 +116,9 @@ def parse_format(name: str) -> QuantFormat:
         raise FormatError(f"unsupported format {name!r} (int{bits}); accepted: {_ACCEPTED}")
     if group is not None and group < 1:
         raise FormatError(f"unsupported format {name!r} (group size 0); accepted: {_ACCEPTED}")
-    return QuantFormat(name=text, kind="int", bits=bits, group_size=group,
-                       symmetric=match["asym"] is None)
+    return QuantFormat(
+        name=text, kind="int", bits=bits, group_size=group, symmetric=match["asym"] is None
+    )
 
 
 def parse_formats(names: str | Sequence[str | QuantFormat]) -> list[QuantFormat]:
@@ -126,8 +127,11 @@ def parse_formats(names: str | Sequence[str | QuantFormat]) -> list[QuantFormat]
     Items of a sequence that are already :class:`QuantFormat` are kept as they are.
     """
     items = names.split(",") if isinstance(names, str) else list(names)
-    formats = [item if isinstance(item, QuantFormat) else parse_format(item)
-               for item in items if isinstance(item, QuantFormat) or item.strip()]
+    formats = [
+        item if isinstance(item, QuantFormat) else parse_format(item)
+        for item in items
+        if isinstance(item, QuantFormat) or item.strip()
+    ]
     if not formats:
         raise FormatError(f"no format given; accepted: {_ACCEPTED}")
     seen = [f.name for f in formats]
@@ -248,8 +252,9 @@ def _fake_quantize_chunk(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return dequantize(quantize_codes(w, fmt), fmt, w.shape[1])
 
 
-def fake_quantize(w: torch.Tensor, fmt: QuantFormat, *, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, fmt: QuantFormat, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize and dequantize a ``[rows, cols]`` matrix (DESIGN §3 reference arithmetic).
 
     Works a chunk of rows at a time, so the float32 work space stays bounded. The result is
@@ -266,6 +271,6 @@ def fake_quantize(w: torch.Tensor, fmt: QuantFormat, *, out: torch.Tensor | None
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     with torch.no_grad():
         for start in range(0, rows, step):
-            chunk = w[start:start + step].to(torch.float32)
-            out[start:start + step].copy_(_fake_quantize_chunk(chunk, fmt))
+            chunk = w[start : start + step].to(torch.float32)
+            out[start : start + step].copy_(_fake_quantize_chunk(chunk, fmt))
     return out

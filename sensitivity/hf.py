@@ -6,8 +6,8 @@ code in the folder: ``trust_remote_code`` is never set) and keeps the checkpoint
 transformers only *warns* about checkpoint weights that do not fit the config and initialises
 the gaps randomly; quantization planning on random weights would be meaningless, so missing or
 mismatched weights are errors here, and so are unexpected ones when the folder's own
-architecture is loaded. A zip is extracted (with the limits of :mod:`sensitivity.safety`) into
-a cache folder keyed by its sha256, then loaded like a folder.
+architecture is loaded. A zip is extracted (with the limits of :mod:`bitplan.sensitivity.safety`)
+into a cache folder keyed by its sha256, then loaded like a folder.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from sensitivity.errors import InputError
-from sensitivity.safety import extract_zip, file_sha256, files_sha256
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.safety import extract_zip, file_sha256, files_sha256
 
 __all__ = ["HF_TASKS", "HFModel", "infer_task", "load_hf_folder", "unpack_model_zip"]
 
@@ -32,8 +32,13 @@ HF_TASKS = {
     "text-classification": "AutoModelForSequenceClassification",
     "text-generation": "AutoModelForCausalLM",
 }
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                    "tokenizer.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+)
 # At most this many key names are quoted in an error, so the message stays one readable line.
 _QUOTE_KEYS = 3
 
@@ -66,8 +71,10 @@ def infer_task(architectures: list[str] | None) -> str:
 def _read_config_json(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        raise InputError(f"{folder} is not a model folder: it has no config.json (expected a "
-                         "Hugging Face folder with config.json and *.safetensors)")
+        raise InputError(
+            f"{folder} is not a model folder: it has no config.json (expected a "
+            "Hugging Face folder with config.json and *.safetensors)"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -93,8 +100,10 @@ def _verify_loading(info: dict[str, Any], *, label: str, own_architecture: bool)
             f"but {list(first[2])} in the model"
         )
     if info.get("missing_keys"):
-        raise InputError(f"{label}: safetensors do not match config.json: missing weights "
-                         f"{_quote(info['missing_keys'])}")
+        raise InputError(
+            f"{label}: safetensors do not match config.json: missing weights "
+            f"{_quote(info['missing_keys'])}"
+        )
     if info.get("unexpected_keys"):
         unused = _quote(info["unexpected_keys"])
         message = f"{label}: checkpoint weights unused by the model: {unused}"
@@ -126,8 +135,11 @@ def load_hf_folder(folder: Path, *, task: str | None = None, label: str | None =
     raw = _read_config_json(folder)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
-        hint = " (pickled .bin checkpoints are not read: convert them to safetensors)" if any(
-            folder.glob("*.bin")) else ""
+        hint = (
+            " (pickled .bin checkpoints are not read: convert them to safetensors)"
+            if any(folder.glob("*.bin"))
+            else ""
+        )
         raise InputError(f"{label}: no *.safetensors weights next to config.json{hint}")
     import transformers
     from transformers import AutoConfig
@@ -137,18 +149,25 @@ def load_hf_folder(folder: Path, *, task: str | None = None, label: str | None =
     except (ValueError, KeyError, OSError) as exc:
         model_type = raw.get("model_type")
         if model_type is not None:
-            raise InputError(f"{label}: unknown model_type {model_type!r} in config.json; "
-                             "accepted: a model type of the installed transformers (e.g. bert, "
-                             "gpt2, llama)") from None
+            raise InputError(
+                f"{label}: unknown model_type {model_type!r} in config.json; "
+                "accepted: a model type of the installed transformers (e.g. bert, "
+                "gpt2, llama)"
+            ) from None
         raise InputError(f"{label}: config.json cannot be read ({_one_line(exc)})") from None
     task = task or infer_task(getattr(config, "architectures", None))
     if task not in HF_TASKS:
-        raise InputError(f"task {task!r} is not available for Hugging Face models; accepted: "
-                         + ", ".join(HF_TASKS))
+        raise InputError(
+            f"task {task!r} is not available for Hugging Face models; accepted: "
+            + ", ".join(HF_TASKS)
+        )
     auto_cls = getattr(transformers, HF_TASKS[task])
     try:
         module, info = auto_cls.from_pretrained(
-            folder, local_files_only=True, dtype="auto", output_loading_info=True,
+            folder,
+            local_files_only=True,
+            dtype="auto",
+            output_loading_info=True,
             ignore_mismatched_sizes=True,  # report shape mismatches instead of a bare traceback
         )
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
@@ -176,6 +195,8 @@ def unpack_model_zip(path: Path, *, cache_dir: Path, max_bytes: int | None = Non
         return dest
     roots = [d for d in dest.iterdir() if d.is_dir() and (d / "config.json").is_file()]
     if len(roots) != 1:
-        raise InputError(f"{path.name}: the zip must hold one model folder with config.json at "
-                         "its top level or in a single subfolder")
+        raise InputError(
+            f"{path.name}: the zip must hold one model folder with config.json at "
+            "its top level or in a single subfolder"
+        )
     return roots[0]

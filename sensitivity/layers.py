@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sensitivity.errors import InputError
-from sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
 
 __all__ = [
     "LayerKind",
@@ -116,8 +116,16 @@ def find_quant_layers(model: nn.Module, *, exclude: Sequence[str] = ()) -> list[
         pname = first_name[id(weight)]
         rows, cols = weight_matrix(weight, kind).shape
         tie = pname if owners[id(weight)] > 1 else None
-        layers.append(QuantLayer(name=mname, param=pname, kind=kind, shape=(rows, cols),
-                                 numel=weight.numel(), tie=tie))
+        layers.append(
+            QuantLayer(
+                name=mname,
+                param=pname,
+                kind=kind,
+                shape=(rows, cols),
+                numel=weight.numel(),
+                tie=tie,
+            )
+        )
     return layers
 
 

@@ -2,9 +2,9 @@
 
 The search needs one lower-is-better number that is exactly 0 for the unchanged model; people
 need the task's usual metrics. :func:`collect_reference` runs the full-precision model once
-over a :class:`~sensitivity.data.CalibData` and keeps what later comparisons need (bounded
-memory: see :mod:`sensitivity.divergence`); :func:`measure` runs the (quantized) model over the
-same data and returns ``{"error": ..., <task metrics>}``:
+over a :class:`~bitplan.sensitivity.data.CalibData` and keeps what later comparisons need (bounded
+memory: see :mod:`bitplan.sensitivity.divergence`); :func:`measure` runs the (quantized) model over
+the same data and returns ``{"error": ..., <task metrics>}``:
 
 ================================  ===========================================  ===============
 task                              metrics                                      ``error``
@@ -35,16 +35,23 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from sensitivity.data import CLASSIFICATION_TASKS, CalibData
-from sensitivity.divergence import TokenDistributions, compare, compress
-from sensitivity.errors import InputError
-from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.sensitivity.data import CLASSIFICATION_TASKS, CalibData
+from bitplan.sensitivity.divergence import TokenDistributions, compare, compress
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 if TYPE_CHECKING:
-    from sensitivity.models import LoadedModel
+    from bitplan.sensitivity.models import LoadedModel
 
-__all__ = ["OutputKind", "Reference", "collect_reference", "counted_positions",
-           "forward_output", "measure", "output_kind"]
+__all__ = [
+    "OutputKind",
+    "Reference",
+    "collect_reference",
+    "counted_positions",
+    "forward_output",
+    "measure",
+    "output_kind",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +95,10 @@ def forward_output(model: LoadedModel, batch: Mapping[str, torch.Tensor]) -> tor
             return _mean_pool(out["last_hidden_state"], batch.get("attention_mask"))
         out = next((v for v in out.values() if isinstance(v, torch.Tensor)), out)
     if not isinstance(out, torch.Tensor):
-        raise InputError(f"{model.ref} returned {type(out).__name__}; bitplan needs a tensor, "
-                         "a tuple, or an output with logits or last_hidden_state")
+        raise InputError(
+            f"{model.ref} returned {type(out).__name__}; bitplan needs a tensor, "
+            "a tuple, or an output with logits or last_hidden_state"
+        )
     return out
 
 
@@ -120,8 +129,9 @@ class Reference:
         return held
 
 
-def _run(model: LoadedModel, data: CalibData, batch_size: int
-         ) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
+def _run(
+    model: LoadedModel, data: CalibData, batch_size: int
+) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
     """``(first sample index, batch, output)`` over ``data`` on the model's device, no grad."""
     start = 0
     with torch.no_grad():
@@ -130,24 +140,30 @@ def _run(model: LoadedModel, data: CalibData, batch_size: int
             start += next(iter(batch.values())).shape[0]
 
 
-def _rows(kind: OutputKind, model: LoadedModel, batch: dict[str, torch.Tensor],
-          out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rows(
+    kind: OutputKind, model: LoadedModel, batch: dict[str, torch.Tensor], out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Distribution rows ``[M, V]`` of one batch and, for LMs, the next-token targets ``[M]``."""
     if kind == "classification":
         if out.dim() != 2:
-            raise InputError(f"{model.task} model {model.ref} must output logits "
-                             f"[batch, classes], got shape {list(out.shape)}")
+            raise InputError(
+                f"{model.task} model {model.ref} must output logits "
+                f"[batch, classes], got shape {list(out.shape)}"
+            )
         return out, None
     ids = batch.get("input_ids")
     if ids is None or out.dim() != 3 or out.shape[:2] != ids.shape:
-        raise InputError(f"text-generation needs input_ids [B, T] and logits [B, T, V]; got "
-                         f"inputs {sorted(batch)} and output shape {list(out.shape)}")
+        raise InputError(
+            f"text-generation needs input_ids [B, T] and logits [B, T, V]; got "
+            f"inputs {sorted(batch)} and output shape {list(out.shape)}"
+        )
     counted = counted_positions(batch.get("attention_mask"), ids.shape, ids.device)  # (B, T-1)
     return out[:, :-1][counted], ids[:, 1:][counted]  # (M, V), (M,)
 
 
-def counted_positions(mask: torch.Tensor | None, shape: tuple[int, int],
-                      device: torch.device) -> torch.Tensor:
+def counted_positions(
+    mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """``[B, T-1]`` bool: LM position ``t`` counts when tokens ``t`` and ``t + 1`` are both real.
 
     ``mask`` is the batch's ``attention_mask`` ``[B, T]`` (None: every token is real).
@@ -157,21 +173,29 @@ def counted_positions(mask: torch.Tensor | None, shape: tuple[int, int],
 
 
 def _labels(labels: torch.Tensor, start: int, n: int, classes: int) -> torch.Tensor:
-    labels = labels[start:start + n]
+    labels = labels[start : start + n]
     if labels.numel() and int(labels.max()) >= classes:
-        raise InputError(f"label {int(labels.max())} is out of range for a model with "
-                         f"{classes} classes; labels must be in [0, {classes - 1}]")
+        raise InputError(
+            f"label {int(labels.max())} is out of range for a model with "
+            f"{classes} classes; labels must be in [0, {classes - 1}]"
+        )
     return labels
 
 
-def collect_reference(model: LoadedModel, data: CalibData, *, batch_size: int = 16,
-                      top_k: int | None = None, progress: ProgressFn | None = None,
-                      should_cancel: CancelFn | None = None) -> Reference:
+def collect_reference(
+    model: LoadedModel,
+    data: CalibData,
+    *,
+    batch_size: int = 16,
+    top_k: int | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> Reference:
     """Run the full-precision ``model`` over ``data`` and keep the reference for :func:`measure`.
 
     ``top_k`` sets how many reference log-probabilities a distribution row keeps (default:
-    exact up to 1024 classes, else the top 128; see :mod:`sensitivity.divergence`). Progress:
-    stage ``"reference"`` counted in samples; ``should_cancel`` is polled between batches.
+    exact up to 1024 classes, else the top 128; see :mod:`bitplan.sensitivity.divergence`).
+    Progress: stage ``"reference"`` counted in samples; ``should_cancel`` is polled between batches.
     """
     kind = output_kind(model.task)
     dists: list[TokenDistributions] = []
@@ -192,25 +216,34 @@ def collect_reference(model: LoadedModel, data: CalibData, *, batch_size: int = 
                 labels = _labels(data.labels, start, rows.shape[0], rows.shape[1])
                 correct += float((dist.top1 == labels).sum())
         else:
-            outputs.append(out.flatten(1).float().cpu() if kind == "embedding"
-                           else out.float().cpu())
-    ref = Reference(kind=kind, data_sha256=data.sha256, n_samples=len(data),
-                    batch_size=batch_size, dist=TokenDistributions.cat(dists) if dists else None,
-                    outputs=torch.cat(outputs) if outputs else None)
+            outputs.append(
+                out.flatten(1).float().cpu() if kind == "embedding" else out.float().cpu()
+            )
+    ref = Reference(
+        kind=kind,
+        data_sha256=data.sha256,
+        n_samples=len(data),
+        batch_size=batch_size,
+        dist=TokenDistributions.cat(dists) if dists else None,
+        outputs=torch.cat(outputs) if outputs else None,
+    )
     if kind == "lm":
         if ref.dist is None:
-            raise InputError("no next-token positions: every calibration text needs at least 2 "
-                             "tokens for text-generation metrics")
+            raise InputError(
+                "no next-token positions: every calibration text needs at least 2 "
+                "tokens for text-generation metrics"
+            )
         ref.baseline["perplexity_ref"] = _perplexity(nll / len(ref.dist))
     if kind == "classification" and data.labels is not None:
         ref.baseline["accuracy_ref"] = correct / len(data)
     if ref.outputs is not None and kind == "tensor":
         ref.baseline["signal"] = float(ref.outputs.double().square().sum())
         if ref.baseline["signal"] == 0.0:
-            raise InputError(f"{model.ref} outputs only zeros on this data; relative error is "
-                             "undefined, give inputs that produce a non-zero output")
-    logger.info("reference: %s over %d samples, %.1f MiB held", kind, len(data),
-                ref.nbytes / 2**20)
+            raise InputError(
+                f"{model.ref} outputs only zeros on this data; relative error is "
+                "undefined, give inputs that produce a non-zero output"
+            )
+    logger.info("reference: %s over %d samples, %.1f MiB held", kind, len(data), ref.nbytes / 2**20)
     return ref
 
 
@@ -230,8 +263,9 @@ def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / safe_den, degenerate).clamp(0.0, 2.0)
 
 
-def measure(model: LoadedModel, data: CalibData, reference: Reference, *,
-            batch_size: int | None = None) -> dict[str, float]:
+def measure(
+    model: LoadedModel, data: CalibData, reference: Reference, *, batch_size: int | None = None
+) -> dict[str, float]:
     """Quality of ``model`` (as it is now, e.g. with some layers quantized) against ``reference``.
 
     Returns ``"error"`` (lower is better, exactly 0 for the full-precision model) and the task
@@ -258,7 +292,7 @@ def measure(model: LoadedModel, data: CalibData, reference: Reference, *,
                 labels = _labels(data.labels, start, rows.shape[0], rows.shape[1])
                 sums["correct"] += float((stats.top1 == labels).sum())
         elif outputs is not None:
-            ref_out = outputs[start:start + out.shape[0]]
+            ref_out = outputs[start : start + out.shape[0]]
             if kind == "embedding":
                 sums["dist"] += float(_cosine_distance(out.flatten(1).cpu(), ref_out).sum())
             else:
@@ -272,8 +306,7 @@ def _perplexity(mean_nll: float) -> float:
     return math.exp(min(mean_nll, 700.0))
 
 
-def _summarise(reference: Reference, sums: dict[str, float], n: int, rows: int
-               ) -> dict[str, float]:
+def _summarise(reference: Reference, sums: dict[str, float], n: int, rows: int) -> dict[str, float]:
     if reference.kind == "embedding":
         distance = sums["dist"] / n
         return {"error": distance, "cosine": 1.0 - distance}

@@ -2,8 +2,8 @@
 
 One entry point, :func:`load_model`, serves the CLI, the worker and the tests. It accepts
 ``builtin:<name>``, a Hugging Face model folder, or a ``.zip`` of one (DESIGN §8), refuses
-anything unsafe or inconsistent with one :class:`~sensitivity.errors.InputError` line, checks
-that every weight is finite, moves the model to the requested device in its checkpoint dtype,
+anything unsafe or inconsistent with one :class:`~bitplan.sensitivity.errors.InputError` line,
+checks that every weight is finite, moves the model to the requested device in its checkpoint dtype,
 and lists its quantizable layers after the user's exclusions and pins.
 
 Every loaded model is called as ``module(**batch)`` with a dict of batch-first input tensors.
@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity.builtin import BUILTIN_MODELS, load_builtin
-from sensitivity.errors import InputError
-from sensitivity.hf import load_hf_folder, unpack_model_zip
-from sensitivity.layers import QuantLayer, apply_pins, find_quant_layers
-from sensitivity.safety import check_finite
+from bitplan.sensitivity.builtin import BUILTIN_MODELS, load_builtin
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.hf import load_hf_folder, unpack_model_zip
+from bitplan.sensitivity.layers import QuantLayer, apply_pins, find_quant_layers
+from bitplan.sensitivity.safety import check_finite
 
 __all__ = ["TASKS", "LoadedModel", "load_model", "resolve_cache_dir", "resolve_device"]
 
@@ -46,7 +46,7 @@ class LoadedModel:
     ``sha256`` is a stable content hash of the weights and config (keys caches); ``module`` is
     in eval mode on ``device`` in its checkpoint dtype; ``layers`` are its quantizable weights
     after exclusions and pins; ``tokenizer`` encodes text for it (a transformers tokenizer, or
-    :class:`~sensitivity.builtin_nets.ByteTokenizer` for ``builtin:tiny-lm``) or is None;
+    :class:`~bitplan.sensitivity.builtin_nets.ByteTokenizer` for ``builtin:tiny-lm``) or is None;
     ``builtin_data`` names the dataset ``--calib builtin`` loads for it, or is None.
     """
 
@@ -102,15 +102,21 @@ def _torch_file_error(path: Path, *, trusted: bool) -> InputError:
     if path.suffix == ".pt2" or _is_torchscript(path):
         kind = "torch.export (.pt2)" if path.suffix == ".pt2" else "TorchScript"
         if not trusted:
-            return InputError(f"{path.name} is a {kind} archive, which runs code from the file; "
-                              "it is refused unless the operator enables trusted mode, and even "
-                              "then bitplan cannot plan it (no layer types): provide a Hugging "
-                              "Face folder (config.json + *.safetensors) instead")
-        return InputError(f"{path.name}: {kind} archives do not keep layer types, so bitplan "
-                          "cannot plan them; provide a Hugging Face folder (config.json + "
-                          "*.safetensors) instead")
-    return InputError(f"{path.name} looks like a pickled state dict, which has no architecture; "
-                      "save the model as a Hugging Face folder (config.json + *.safetensors)")
+            return InputError(
+                f"{path.name} is a {kind} archive, which runs code from the file; "
+                "it is refused unless the operator enables trusted mode, and even "
+                "then bitplan cannot plan it (no layer types): provide a Hugging "
+                "Face folder (config.json + *.safetensors) instead"
+            )
+        return InputError(
+            f"{path.name}: {kind} archives do not keep layer types, so bitplan "
+            "cannot plan them; provide a Hugging Face folder (config.json + "
+            "*.safetensors) instead"
+        )
+    return InputError(
+        f"{path.name} looks like a pickled state dict, which has no architecture; "
+        "save the model as a Hugging Face folder (config.json + *.safetensors)"
+    )
 
 
 def _select_layers(
@@ -121,12 +127,15 @@ def _select_layers(
         raise InputError(f"exclude must be a list of patterns, got the string {exclude!r}")
     names = [lay.name for lay in find_quant_layers(module)]
     if not names:
-        raise InputError(f"{ref}: the model has no quantizable layers (Linear, Conv1d/2d, "
-                         "Embedding)")
+        raise InputError(
+            f"{ref}: the model has no quantizable layers (Linear, Conv1d/2d, Embedding)"
+        )
     for pattern in exclude:
         if not any(fnmatchcase(name, pattern) for name in names):
-            raise InputError(f"exclude pattern {pattern!r} matches no quantizable layer "
-                             f"(names look like {names[0]!r})")
+            raise InputError(
+                f"exclude pattern {pattern!r} matches no quantizable layer "
+                f"(names look like {names[0]!r})"
+            )
     layers = find_quant_layers(module, exclude=tuple(exclude))
     if not layers:
         raise InputError(f"{ref}: the exclude patterns leave no layer to plan")
@@ -181,6 +190,13 @@ def load_model(
     module.to(target).eval()
     layers = _select_layers(module, ref=ref, exclude=exclude, pins=dict(pins or {}))
     logger.info("loaded %s: %s, %d quantizable layers on %s", ref, loaded.task, len(layers), target)
-    return LoadedModel(ref=ref, sha256=loaded.sha256, module=module, task=loaded.task,
-                       layers=layers, tokenizer=loaded.tokenizer, device=target,
-                       builtin_data=builtin_data)
+    return LoadedModel(
+        ref=ref,
+        sha256=loaded.sha256,
+        module=module,
+        task=loaded.task,
+        layers=layers,
+        tokenizer=loaded.tokenizer,
+        device=target,
+        builtin_data=builtin_data,
+    )

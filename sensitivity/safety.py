@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import nn
 
-from sensitivity.errors import InputError
+from bitplan.sensitivity.errors import InputError
 
 __all__ = [
     "DEFAULT_MAX_UNZIP_BYTES",
@@ -54,7 +54,8 @@ def max_unzip_bytes(value: int | None = None) -> int:
             value = int(raw)
         except ValueError:
             raise InputError(
-                f"{_ENV_MAX_UNZIP}={raw!r} must be an integer number of bytes") from None
+                f"{_ENV_MAX_UNZIP}={raw!r} must be an integer number of bytes"
+            ) from None
     if value <= 0:
         raise InputError(f"the unzip limit must be a positive number of bytes, got {value}")
     return value
@@ -102,7 +103,8 @@ def extract_zip(path: Path, dest: Path, *, max_bytes: int | None = None) -> Path
                 problem = _member_problem(info)
                 if problem is not None:
                     raise InputError(
-                        f"refusing zip {path.name}: member {info.filename!r} {problem}")
+                        f"refusing zip {path.name}: member {info.filename!r} {problem}"
+                    )
             declared = sum(info.file_size for info in members)
             if declared > limit:
                 raise InputError(

@@ -2,9 +2,10 @@
 
 One row per (layer, format) with columns ``layer, param, format, error, numel, bytes, tie``
 (DESIGN §6): ``error`` is the method's loss estimate (>= 0, lower is better), ``bytes`` the
-exact stored size of the layer's matrix in that format (:func:`sensitivity.formats.tensor_bytes`)
-and ``tie`` the tie group's name or empty. A tie group's error is the sum of its members' rows
-and its bytes count once. Pinned layers have a row for their pinned format only.
+exact stored size of the layer's matrix in that format
+(:func:`bitplan.sensitivity.formats.tensor_bytes`) and ``tie`` the tie group's name or empty. A tie
+group's error is the sum of its members' rows and its bytes count once. Pinned layers have a row for
+their pinned format only.
 
 The cache keeps tables under ``<cache_dir>/sensitivity/<key>.csv``, keyed by the content of
 everything that changes the numbers (:func:`cache_key`), so a new budget re-solves without
@@ -27,9 +28,9 @@ from typing import Any
 
 import pandas as pd
 
-from sensitivity.errors import InputError
-from sensitivity.formats import QuantFormat, parse_format, tensor_bytes
-from sensitivity.layers import QuantLayer
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import QuantFormat, parse_format, tensor_bytes
+from bitplan.sensitivity.layers import QuantLayer
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -50,22 +51,41 @@ _USER_COLUMNS = "layer, format, error[, bytes][, numel][, tie]"
 _CACHE_VERSION = 1
 
 
-def build_table(layers: Sequence[QuantLayer], scores: Mapping[str, Mapping[str, float]]
-                ) -> pd.DataFrame:
+def build_table(
+    layers: Sequence[QuantLayer], scores: Mapping[str, Mapping[str, float]]
+) -> pd.DataFrame:
     """The table from per-layer scores ``{layer: {format: error}}``, in layer order."""
     records = []
     for lay in layers:
         rows, cols = lay.shape
         for name, err in scores[lay.name].items():
-            records.append((lay.name, lay.param, name, float(err), lay.numel,
-                            tensor_bytes(parse_format(name), rows, cols), lay.tie or ""))
+            records.append(
+                (
+                    lay.name,
+                    lay.param,
+                    name,
+                    float(err),
+                    lay.numel,
+                    tensor_bytes(parse_format(name), rows, cols),
+                    lay.tie or "",
+                )
+            )
     return _typed(pd.DataFrame.from_records(records, columns=list(TABLE_COLUMNS)))
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     """Canonical dtypes, so built, cached and written tables compare equal."""
-    return df.astype({"layer": str, "param": str, "format": str, "error": "float64",
-                      "numel": "int64", "bytes": "int64", "tie": str}).reset_index(drop=True)
+    return df.astype(
+        {
+            "layer": str,
+            "param": str,
+            "format": str,
+            "error": "float64",
+            "numel": "int64",
+            "bytes": "int64",
+            "tie": str,
+        }
+    ).reset_index(drop=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -81,7 +101,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_table(df: pd.DataFrame, out_dir: Path | str, layers: Sequence[QuantLayer]) -> None:
-    """Write ``sensitivity.csv`` (the table) and ``layers.json`` (the planned layers)."""
+    """Write ``bitplan.sensitivity.csv`` (the table) and ``layers.json`` (the planned layers)."""
     out = Path(out_dir)
     _atomic_write(out / "sensitivity.csv", df.to_csv(index=False))
     _atomic_write(out / "layers.json", json.dumps([asdict(lay) for lay in layers], indent=1))
@@ -95,14 +115,16 @@ def read_layers(path: Path | str) -> list[QuantLayer]:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise InputError(f"sensitivity table {path} does not exist; give a CSV file with "
-                         f"columns {_USER_COLUMNS}")
+        raise InputError(
+            f"sensitivity table {path} does not exist; give a CSV file with columns {_USER_COLUMNS}"
+        )
     try:
         # Cells stay text until checked: "" is a valid tie, and a bad number gets our message.
         return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not a readable CSV ({exc.__class__.__name__}); give "
-                         f"columns {_USER_COLUMNS}") from exc
+        raise InputError(
+            f"{path} is not a readable CSV ({exc.__class__.__name__}); give columns {_USER_COLUMNS}"
+        ) from exc
 
 
 def _numbers(df: pd.DataFrame, column: str, *, integer: bool) -> pd.Series:
@@ -113,8 +135,10 @@ def _numbers(df: pd.DataFrame, column: str, *, integer: bool) -> pd.Series:
     if bad.any():
         i = int(bad.to_numpy().nonzero()[0][0])
         kind = "a non-negative integer" if integer else "a finite number >= 0"
-        raise InputError(f"row {i + 2}: {column} {df[column].iloc[i]!r} for layer "
-                         f"{df['layer'].iloc[i]} is not {kind}")
+        raise InputError(
+            f"row {i + 2}: {column} {df[column].iloc[i]!r} for layer "
+            f"{df['layer'].iloc[i]} is not {kind}"
+        )
     return values.astype("int64") if integer else values.astype("float64")
 
 
@@ -140,8 +164,9 @@ def read_table(path: Path | str) -> pd.DataFrame:
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in ("layer", "format", "error") if c not in df.columns]
     if missing:
-        raise InputError(f"{path} lacks column(s) {', '.join(missing)}; columns accepted: "
-                         f"{_USER_COLUMNS}")
+        raise InputError(
+            f"{path} lacks column(s) {', '.join(missing)}; columns accepted: {_USER_COLUMNS}"
+        )
     extra = [c for c in df.columns if c not in TABLE_COLUMNS]
     if extra:
         logger.warning("ignoring unknown column(s) %s of %s", ", ".join(extra), path)
@@ -161,17 +186,25 @@ def read_table(path: Path | str) -> pd.DataFrame:
         df["tie"] = df["tie"].str.strip()
     dupes = df[df.duplicated(["layer", "format"])]
     if len(dupes):
-        raise InputError(f"{path} has two rows for layer {dupes['layer'].iloc[0]} in "
-                         f"{dupes['format'].iloc[0]}; keep one row per (layer, format)")
+        raise InputError(
+            f"{path} has two rows for layer {dupes['layer'].iloc[0]} in "
+            f"{dupes['format'].iloc[0]}; keep one row per (layer, format)"
+        )
     for column in ("numel", "tie", "param"):
         if column in df.columns:
             _one_per_layer(df, column)
     return df.reset_index(drop=True)
 
 
-def cache_key(*, model_sha256: str, calib_sha256: str | None, method: str,
-              formats: Sequence[QuantFormat], layers: Sequence[QuantLayer],
-              settings: Mapping[str, Any] | None = None) -> str:
+def cache_key(
+    *,
+    model_sha256: str,
+    calib_sha256: str | None,
+    method: str,
+    formats: Sequence[QuantFormat],
+    layers: Sequence[QuantLayer],
+    settings: Mapping[str, Any] | None = None,
+) -> str:
     """Content key of a table: model and data hashes, method, formats, planned layers.
 
     The layer list carries exclusions and pins (they change which rows exist). ``calib_sha256``
@@ -200,8 +233,11 @@ def load_cached(cache_dir: Path | str, key: str) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        df = pd.read_csv(path, keep_default_na=False, dtype={"tie": str, "layer": str,
-                                                              "param": str, "format": str})
+        df = pd.read_csv(
+            path,
+            keep_default_na=False,
+            dtype={"tie": str, "layer": str, "param": str, "format": str},
+        )
         return _typed(df[list(TABLE_COLUMNS)])
     except (ValueError, KeyError, pd.errors.ParserError) as exc:
         logger.warning("ignoring unreadable cached table %s: %s", path, exc)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sensitivity.errors import InputError
+from bitplan.sensitivity.errors import InputError
 
 __all__ = ["read_jsonl", "read_txt", "tokenize_texts"]
 
@@ -38,8 +38,9 @@ def _decode(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise InputError(f"{path.name} is not UTF-8 text (byte {err.start}); "
-                         "save it as UTF-8") from None
+        raise InputError(
+            f"{path.name} is not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from None
 
 
 def read_txt(raw: bytes, path: Path) -> list[str]:
@@ -51,8 +52,10 @@ def read_txt(raw: bytes, path: Path) -> list[str]:
     else:
         samples = [ln.strip() for ln in text.split("\n") if ln.strip()]
     if not samples:
-        raise InputError(f"{path.name} holds no text; give one sample per line "
-                         "(or paragraphs separated by blank lines)")
+        raise InputError(
+            f"{path.name} holds no text; give one sample per line "
+            "(or paragraphs separated by blank lines)"
+        )
     return samples
 
 
@@ -60,11 +63,15 @@ def _jsonl_record(line: str, lineno: int, path: Path) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise InputError(f"{path.name} line {lineno} is not valid JSON ({err.msg}); "
-                         'expected one object a line like {"text": "...", "label": 0}') from None
+        raise InputError(
+            f"{path.name} line {lineno} is not valid JSON ({err.msg}); "
+            'expected one object a line like {"text": "...", "label": 0}'
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise InputError(f'{path.name} line {lineno} has no "text" string; '
-                         'expected one object a line like {"text": "...", "label": 0}')
+        raise InputError(
+            f'{path.name} line {lineno} has no "text" string; '
+            'expected one object a line like {"text": "...", "label": 0}'
+        )
     if not record["text"].strip():
         raise InputError(f'{path.name} line {lineno} has an empty "text"; remove the line')
     return record
@@ -76,8 +83,11 @@ def read_jsonl(raw: bytes, path: Path, *, with_labels: bool) -> tuple[list[str],
     Labels must be on every line or on none; they are ignored (with a log line) when the model
     is not a classifier.
     """
-    records = [(i, _jsonl_record(line, i, path))
-               for i, line in enumerate(_decode(raw, path).splitlines(), start=1) if line.strip()]
+    records = [
+        (i, _jsonl_record(line, i, path))
+        for i, line in enumerate(_decode(raw, path).splitlines(), start=1)
+        if line.strip()
+    ]
     if not records:
         raise InputError(f'{path.name} holds no records; expected one {{"text": ...}} a line')
     texts = [r["text"] for _, r in records]
@@ -89,13 +99,17 @@ def read_jsonl(raw: bytes, path: Path, *, with_labels: bool) -> tuple[list[str],
         return texts, None
     if len(labelled) != len(records):
         missing = next(i for i, r in records if "label" not in r)
-        raise InputError(f'{path.name} line {missing} has no "label" while other lines do; '
-                         "give a label on every line or on none")
+        raise InputError(
+            f'{path.name} line {missing} has no "label" while other lines do; '
+            "give a label on every line or on none"
+        )
     for i, r in records:
         label = r["label"]
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise InputError(f'{path.name} line {i}: "label" must be a class index '
-                             f"(an integer >= 0), got {label!r}")
+            raise InputError(
+                f'{path.name} line {i}: "label" must be a class index '
+                f"(an integer >= 0), got {label!r}"
+            )
     return texts, [r["label"] for _, r in records]
 
 
@@ -112,8 +126,9 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int,
-                   keep: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], *, max_length: int, keep: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Tokenize ``texts`` into ``[N, L]`` int64 tensors, ``L`` = the longest (≤ ``max_length``
     and ≤ the tokenizer's ``model_max_length``, beyond which the model has no positions).
 
@@ -126,8 +141,10 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int,
         max_length = model_max
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
     if "input_ids" not in encoded:
-        raise InputError("the model's tokenizer returned no input_ids; "
-                         "use a .safetensors file of input tensors instead")
+        raise InputError(
+            "the model's tokenizer returned no input_ids; "
+            "use a .safetensors file of input tensors instead"
+        )
     ids = encoded["input_ids"]
     lengths = [len(seq) for seq in ids]
     if min(lengths) == 0:
@@ -149,8 +166,8 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int,
         for i, row in enumerate(rows):
             values = torch.as_tensor(row, dtype=torch.int64)
             if left:
-                tensor[i, width - len(row):] = values
+                tensor[i, width - len(row) :] = values
             else:
-                tensor[i, :len(row)] = values
+                tensor[i, : len(row)] = values
         out[name] = tensor
     return out

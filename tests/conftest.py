@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sensitivity.models import LoadedModel, load_model
+from bitplan.sensitivity.models import LoadedModel, load_model
 from tests.helpers import write_tiny_hf_model
 
 
 @pytest.fixture(scope="session")
-def bitplan_cache_dir(request: pytest.FixtureRequest,
-                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bitplan_cache_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A model cache that survives between runs (pytest's cache), or a temp dir without one."""
     cache = getattr(request.config, "cache", None)
     if cache is not None:
@@ -55,8 +56,13 @@ def tiny_hf_model(tmp_path: Path) -> Callable[..., Path]:
     """
     count = 0
 
-    def make(model_type: str = "bert", *, task: str = "feature-extraction",
-             dtype: torch.dtype = torch.float32, **kwargs) -> Path:
+    def make(
+        model_type: str = "bert",
+        *,
+        task: str = "feature-extraction",
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> Path:
         nonlocal count
         count += 1
         folder = tmp_path / f"hf-{model_type}-{count}"

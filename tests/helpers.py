@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sensitivity.hf import HF_TASKS
+from bitplan.sensitivity.hf import HF_TASKS
 
 __all__ = ["HF_MODEL_TYPES", "SENTENCES", "tiny_hf_config", "write_tiny_hf_model", "zip_folder"]
 
@@ -37,16 +37,38 @@ def tiny_hf_config(model_type: str, *, num_labels: int = 3):
 
     ids = {"pad_token_id": 0, "bos_token_id": 4, "eos_token_id": 4}  # [PAD] and [EOS] below
     if model_type == "bert":
-        return BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                          num_labels=num_labels, pad_token_id=0)
+        return BertConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=num_labels,
+            pad_token_id=0,
+        )
     if model_type == "gpt2":
-        return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                          num_labels=num_labels, **ids)
+        return GPT2Config(
+            vocab_size=VOCAB_SIZE,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            num_labels=num_labels,
+            **ids,
+        )
     if model_type == "llama":
-        return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                           max_position_embeddings=64, num_labels=num_labels, **ids)
+        return LlamaConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            num_labels=num_labels,
+            **ids,
+        )
     raise ValueError(f"no tiny config for {model_type!r}; choose from {HF_MODEL_TYPES}")
 
 
@@ -58,14 +80,26 @@ def _write_tokenizer(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS))
     tok.train_from_iterator(SENTENCES, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[EOS]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="[EOS]",
+    )
     fast.save_pretrained(folder)
 
 
 def write_tiny_hf_model(
-    folder: Path, model_type: str = "bert", *, task: str = "feature-extraction",
-    dtype: torch.dtype = torch.float32, tokenizer: bool = True, seed: int = 0, num_labels: int = 3,
+    folder: Path,
+    model_type: str = "bert",
+    *,
+    task: str = "feature-extraction",
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+    seed: int = 0,
+    num_labels: int = 3,
 ) -> Path:
     """Write a tiny random ``model_type`` model for ``task`` into ``folder``; returns ``folder``.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.routes import datasets, health, jobs, models
+from bitplan.app.api.routes import datasets, health, jobs, models
 
 __all__ = ["api_router"]
 

@@ -1,7 +1,7 @@
 """FastAPI dependencies shared by the routes: settings, a database session, the caller's key.
 
-The app keeps its settings and session factory on ``app.state`` (set by
-:func:`app.main.create_app`), so every app instance — one per test — has its own database.
+The app keeps its settings and session factory on ``bitplan.app.state`` (set by
+:func:`bitplan.app.main.create_app`), so every app instance — one per test — has its own database.
 Sessions are only ever obtained through :data:`SessionDep`.
 """
 
@@ -14,9 +14,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.auth import authenticate
-from app.models import ApiKey
-from app.settings import Settings
+from bitplan.app.auth import authenticate
+from bitplan.app.models import ApiKey
+from bitplan.app.settings import Settings
 
 __all__ = ["CurrentKeyDep", "OwnerDep", "SessionDep", "SettingsDep"]
 

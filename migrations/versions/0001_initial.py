@@ -85,9 +85,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["dataset_id"], ["blobs.id"], name="fk_jobs_dataset_id_blobs", ondelete="SET NULL"
         ),
-        sa.UniqueConstraint(
-            "owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"
-        ),
+        sa.UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
         sa.CheckConstraint(
             "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
             name="ck_jobs_state",

@@ -17,11 +17,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from sensitivity.formats import QuantFormat, fake_quantize, parse_format
-from sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
 
-__all__ = ["Scores", "candidates", "iter_deltas", "layer_matrix", "spread_over_ties",
-           "tie_groups"]
+__all__ = ["Scores", "candidates", "iter_deltas", "layer_matrix", "spread_over_ties", "tie_groups"]
 
 Scores = dict[str, dict[str, float]]
 
@@ -62,8 +61,9 @@ def layer_matrix(module: nn.Module, layer: QuantLayer) -> torch.Tensor:
     return weight_matrix(get_weight(module, layer).detach(), layer.kind)
 
 
-def iter_deltas(matrix: torch.Tensor, fmt: QuantFormat, *, block: int | None = None
-                ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+def iter_deltas(
+    matrix: torch.Tensor, fmt: QuantFormat, *, block: int | None = None
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, stop, W, ΔW)`` float32 chunks of rows ``start:stop`` of ``matrix``.
 
     ``block`` keeps every chunk inside one block of that many rows (grouped convolutions score

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensitivity.layers import QuantLayer
+from bitplan.sensitivity.layers import QuantLayer
 
 __all__ = ["InputStats", "stats_bytes"]
 

@@ -1,9 +1,10 @@
 """``e2e``: quantize one layer at a time and measure the model-level error (DESIGN §6).
 
 Exact for each layer on its own (no proxy), and the costliest method: one full evaluation per
-(tensor, format). The weight is fake-quantized in place with :func:`sensitivity.layers.quantized`
-and restored afterwards, so at most one extra copy of one weight exists at any time. A tied
-tensor is one measurement; its score is split over the modules that share it.
+(tensor, format). The weight is fake-quantized in place with
+:func:`bitplan.sensitivity.layers.quantized` and restored afterwards, so at most one extra copy of
+one weight exists at any time. A tied tensor is one measurement; its score is split over the modules
+that share it.
 """
 
 from __future__ import annotations
@@ -13,20 +14,25 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from sensitivity.formats import QuantFormat
-from sensitivity.layers import QuantLayer, quantized
-from sensitivity.methods._common import Scores, candidates, spread_over_ties, tie_groups
-from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.sensitivity.formats import QuantFormat
+from bitplan.sensitivity.layers import QuantLayer, quantized
+from bitplan.sensitivity.methods._common import Scores, candidates, spread_over_ties, tie_groups
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = ["e2e_errors"]
 
 logger = logging.getLogger(__name__)
 
 
-def e2e_errors(module: nn.Module, layers: Sequence[QuantLayer],
-               formats: Sequence[QuantFormat], *, evaluate: Callable[[], float],
-               progress: ProgressFn | None = None, should_cancel: CancelFn | None = None
-               ) -> Scores:
+def e2e_errors(
+    module: nn.Module,
+    layers: Sequence[QuantLayer],
+    formats: Sequence[QuantFormat],
+    *,
+    evaluate: Callable[[], float],
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> Scores:
     """Model-level error with each layer alone quantized, for every candidate format.
 
     ``evaluate()`` runs the model on the calibration data and returns its error against the

@@ -8,7 +8,7 @@ is estimated from gradients of a pseudo-loss with zero-mean per-sample gradients
 - ``categorical`` (classifiers, causal LMs): labels are *sampled* from the model's own
   predictive distribution, ``y ~ softmax(logits)`` (logits ``[B, C]``, or ``[B, T, V]`` for a
   causal LM, whose position ``t`` predicts token ``t + 1`` and counts when both are real tokens,
-  as in :mod:`sensitivity.metrics`), loss = cross-entropy with those labels. This is the
+  as in :mod:`bitplan.sensitivity.metrics`), loss = cross-entropy with those labels. This is the
   Fisher information of the predictive distribution (Martens, "New insights and perspectives
   on the natural gradient method", 2020, §5; Kirkpatrick et al., EWC, 2017).
 - ``projection`` (embeddings, any tensor output): loss = ``⟨r, f(x)⟩`` with ``r ~ N(0, I)``;
@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensitivity.errors import InputError
-from sensitivity.formats import QuantFormat
-from sensitivity.layers import QuantLayer, get_weight, weight_matrix
-from sensitivity.methods._common import (
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import QuantFormat
+from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from bitplan.sensitivity.methods._common import (
     Scores,
     candidates,
     iter_deltas,
@@ -53,8 +53,8 @@ from sensitivity.methods._common import (
     spread_over_ties,
     tie_groups,
 )
-from sensitivity.metrics import counted_positions
-from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.sensitivity.metrics import counted_positions
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = ["FISHER_TARGETS", "FisherTarget", "fisher_errors"]
 
@@ -65,8 +65,9 @@ FisherTarget = Literal["categorical", "projection"]
 FISHER_TARGETS = ("categorical", "projection")
 
 
-def _pseudo_loss(out: torch.Tensor, target: FisherTarget, mask: torch.Tensor | None,
-                 gen: torch.Generator) -> tuple[torch.Tensor, int]:
+def _pseudo_loss(
+    out: torch.Tensor, target: FisherTarget, mask: torch.Tensor | None, gen: torch.Generator
+) -> tuple[torch.Tensor, int]:
     """Summed pseudo-loss of one batch and the number of predictions it covers."""
     if target == "projection":
         r = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32)
@@ -88,11 +89,16 @@ def _fisher_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype == torch.float32 else torch.bfloat16
 
 
-def _accumulate(module: nn.Module, groups: list[list[QuantLayer]],
-                batches: Callable[[], Iterable[Batch]],
-                output_fn: Callable[[Batch], torch.Tensor], target: FisherTarget, seed: int,
-                on_batch: Callable[[], None], should_cancel: CancelFn | None
-                ) -> tuple[dict[str, torch.Tensor], int]:
+def _accumulate(
+    module: nn.Module,
+    groups: list[list[QuantLayer]],
+    batches: Callable[[], Iterable[Batch]],
+    output_fn: Callable[[Batch], torch.Tensor],
+    target: FisherTarget,
+    seed: int,
+    on_batch: Callable[[], None],
+    should_cancel: CancelFn | None,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Sum of squared pseudo-loss gradients per tied tensor, and the prediction count.
 
     Each gradient is folded into its Fisher sum and freed as soon as backward has accumulated
@@ -105,10 +111,12 @@ def _accumulate(module: nn.Module, groups: list[list[QuantLayer]],
         def hook(param: torch.Tensor) -> None:
             acc.add_(param.grad.to(acc.dtype).square())
             param.grad = None
+
         return hook
 
-    handles = [w.register_post_accumulate_grad_hook(make_hook(fisher[key]))
-               for key, w in weights.items()]
+    handles = [
+        w.register_post_accumulate_grad_hook(make_hook(fisher[key])) for key, w in weights.items()
+    ]
     gen: torch.Generator | None = None
     n_predictions = 0
     try:
@@ -117,8 +125,10 @@ def _accumulate(module: nn.Module, groups: list[list[QuantLayer]],
             with torch.enable_grad():
                 out = output_fn(batch)
                 if not out.requires_grad:
-                    raise RuntimeError("the model output has no autograd history; fisher needs "
-                                       "an output_fn that runs with gradients enabled")
+                    raise RuntimeError(
+                        "the model output has no autograd history; fisher needs "
+                        "an output_fn that runs with gradients enabled"
+                    )
                 if gen is None:
                     gen = torch.Generator(device=out.device).manual_seed(seed)
                 loss, n = _pseudo_loss(out, target, batch.get("attention_mask"), gen)
@@ -131,12 +141,19 @@ def _accumulate(module: nn.Module, groups: list[list[QuantLayer]],
     return fisher, n_predictions
 
 
-def fisher_errors(module: nn.Module, layers: Sequence[QuantLayer],
-                  formats: Sequence[QuantFormat], *, batches: Callable[[], Iterable[Batch]],
-                  output_fn: Callable[[Batch], torch.Tensor], target: FisherTarget,
-                  seed: int = 0, n_batches: int | None = None,
-                  progress: ProgressFn | None = None, should_cancel: CancelFn | None = None
-                  ) -> Scores:
+def fisher_errors(
+    module: nn.Module,
+    layers: Sequence[QuantLayer],
+    formats: Sequence[QuantFormat],
+    *,
+    batches: Callable[[], Iterable[Batch]],
+    output_fn: Callable[[Batch], torch.Tensor],
+    target: FisherTarget,
+    seed: int = 0,
+    n_batches: int | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> Scores:
     """Fisher-weighted error of every layer in every candidate format.
 
     ``output_fn(batch)`` returns the model output (logits for ``categorical``) with autograd
@@ -161,15 +178,18 @@ def fisher_errors(module: nn.Module, layers: Sequence[QuantLayer],
             p.grad = None
         for g in groups:
             get_weight(module, g[0]).requires_grad_(True)
-        fisher, n_predictions = _accumulate(module, groups, batches, output_fn, target, seed,
-                                            on_batch, should_cancel)
+        fisher, n_predictions = _accumulate(
+            module, groups, batches, output_fn, target, seed, on_batch, should_cancel
+        )
     finally:
         for p, flag, grad in saved:
             p.requires_grad_(flag)
             p.grad = grad
     if n_predictions == 0:
-        raise InputError("no predictions to weigh: the calibration data is empty (or every "
-                         "text is a single token); fisher needs at least one")
+        raise InputError(
+            "no predictions to weigh: the calibration data is empty (or every "
+            "text is a single token); fisher needs at least one"
+        )
 
     scores: Scores = {}
     for g in groups:

@@ -1,9 +1,9 @@
 """``layer``: relative layer-output error ``‖ΔW·X‖² / ‖W·X‖²`` on calibration inputs (DESIGN §6).
 
 Forward pre-hooks accumulate every planned layer's input Gram matrix ``H = X·Xᵀ`` during one pass
-over the calibration data (see :mod:`sensitivity.methods._gram`); then every format is scored as
-``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` with no further forwards, and each ``H`` is freed as soon as its
-layer is scored. The ratio is scale-free, so layers of different sizes compare on one scale.
+over the calibration data (see :mod:`bitplan.sensitivity.methods._gram`); then every format is
+scored as ``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` with no further forwards, and each ``H`` is freed as soon as
+its layer is scored. The ratio is scale-free, so layers of different sizes compare on one scale.
 
 Memory: ``H`` is float32 ``[cols, cols]`` (480 MB for ``cols = 11008``). When the statistics of
 all layers together would exceed ``max_stats_bytes`` the layers are split into consecutive
@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity.formats import QuantFormat
-from sensitivity.layers import QuantLayer
-from sensitivity.methods._common import Scores, candidates, iter_deltas, layer_matrix
-from sensitivity.methods._gram import InputStats, stats_bytes
-from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.sensitivity.formats import QuantFormat
+from bitplan.sensitivity.layers import QuantLayer
+from bitplan.sensitivity.methods._common import Scores, candidates, iter_deltas, layer_matrix
+from bitplan.sensitivity.methods._gram import InputStats, stats_bytes
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = ["DEFAULT_STATS_BYTES", "layer_errors"]
 
@@ -36,8 +36,9 @@ Batch = Mapping[str, torch.Tensor]
 DEFAULT_STATS_BYTES = 4 << 30
 
 
-def _plan_passes(module: nn.Module, layers: Sequence[QuantLayer], budget: int
-                 ) -> list[list[QuantLayer]]:
+def _plan_passes(
+    module: nn.Module, layers: Sequence[QuantLayer], budget: int
+) -> list[list[QuantLayer]]:
     """Consecutive runs of layers whose statistics fit ``budget`` (a larger one runs alone)."""
     passes: list[list[QuantLayer]] = [[]]
     used = 0
@@ -51,10 +52,14 @@ def _plan_passes(module: nn.Module, layers: Sequence[QuantLayer], budget: int
     return passes
 
 
-def _collect(module: nn.Module, layers: Sequence[QuantLayer],
-             batches: Callable[[], Iterable[Batch]], forward: Callable[[Batch], Any],
-             on_batch: Callable[[], None], should_cancel: CancelFn | None
-             ) -> dict[str, InputStats]:
+def _collect(
+    module: nn.Module,
+    layers: Sequence[QuantLayer],
+    batches: Callable[[], Iterable[Batch]],
+    forward: Callable[[Batch], Any],
+    on_batch: Callable[[], None],
+    should_cancel: CancelFn | None,
+) -> dict[str, InputStats]:
     """One forward pass over the data with hooks on ``layers``; returns their statistics."""
     stats: dict[str, InputStats] = {}
     current_mask: list[torch.Tensor | None] = [None]
@@ -63,6 +68,7 @@ def _collect(module: nn.Module, layers: Sequence[QuantLayer],
     def make_hook(st: InputStats) -> Callable[..., None]:
         def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
             st.add(args[0] if args else kwargs["input"], current_mask[0])
+
         return hook
 
     for lay in layers:
@@ -82,8 +88,9 @@ def _collect(module: nn.Module, layers: Sequence[QuantLayer],
     return stats
 
 
-def _score(matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat]
-           ) -> dict[str, float]:
+def _score(
+    matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat]
+) -> dict[str, float]:
     """``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` per format; the denominator is computed once."""
     errors: dict[str, float] = {}
     den: float | None = None
@@ -101,12 +108,18 @@ def _score(matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat]
     return errors
 
 
-def layer_errors(module: nn.Module, layers: Sequence[QuantLayer],
-                 formats: Sequence[QuantFormat], *, batches: Callable[[], Iterable[Batch]],
-                 forward: Callable[[Batch], Any] | None = None, n_batches: int | None = None,
-                 max_stats_bytes: int = DEFAULT_STATS_BYTES,
-                 progress: ProgressFn | None = None, should_cancel: CancelFn | None = None
-                 ) -> Scores:
+def layer_errors(
+    module: nn.Module,
+    layers: Sequence[QuantLayer],
+    formats: Sequence[QuantFormat],
+    *,
+    batches: Callable[[], Iterable[Batch]],
+    forward: Callable[[Batch], Any] | None = None,
+    n_batches: int | None = None,
+    max_stats_bytes: int = DEFAULT_STATS_BYTES,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> Scores:
     """Relative output error of every layer in every candidate format.
 
     ``batches()`` returns a fresh iterable of input dicts on the module's device each call;
@@ -116,8 +129,9 @@ def layer_errors(module: nn.Module, layers: Sequence[QuantLayer],
     forward = forward or (lambda batch: module(**batch))
     passes = _plan_passes(module, layers, max_stats_bytes)
     if len(passes) > 1:
-        logger.info("layer statistics exceed %d bytes: %d forward passes", max_stats_bytes,
-                    len(passes))
+        logger.info(
+            "layer statistics exceed %d bytes: %d forward passes", max_stats_bytes, len(passes)
+        )
     collected = [0]
     total_batches = (n_batches or 0) * len(passes)
 

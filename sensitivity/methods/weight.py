@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from sensitivity.formats import QuantFormat
-from sensitivity.layers import QuantLayer
-from sensitivity.methods._common import (
+from bitplan.sensitivity.formats import QuantFormat
+from bitplan.sensitivity.layers import QuantLayer
+from bitplan.sensitivity.methods._common import (
     Scores,
     candidates,
     iter_deltas,
@@ -22,16 +22,21 @@ from sensitivity.methods._common import (
     spread_over_ties,
     tie_groups,
 )
-from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = ["weight_errors"]
 
 logger = logging.getLogger(__name__)
 
 
-def weight_errors(module: nn.Module, layers: Sequence[QuantLayer],
-                  formats: Sequence[QuantFormat], *, progress: ProgressFn | None = None,
-                  should_cancel: CancelFn | None = None) -> Scores:
+def weight_errors(
+    module: nn.Module,
+    layers: Sequence[QuantLayer],
+    formats: Sequence[QuantFormat],
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> Scores:
     """Relative weight error of every layer in every candidate format.
 
     Tied layers share one tensor, so its score is split over them (see ``spread_over_ties``).

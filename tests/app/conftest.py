@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from app.db import make_engine, upgrade_database
-from app.settings import Settings
+from bitplan.app.db import make_engine, upgrade_database
+from bitplan.app.settings import Settings
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app import crud
-from app.main import create_app
-from app.models import utcnow
-from app.settings import Settings
-from sensitivity.errors import InputError
+from bitplan.app import crud
+from bitplan.app.main import create_app
+from bitplan.app.models import utcnow
+from bitplan.app.settings import Settings
+from bitplan.sensitivity.errors import InputError
 from tests.app._api_fixtures import api_client, assert_problem, job_body
 
 
@@ -72,14 +72,17 @@ def test_resources_of_one_key_are_404_for_another(keyed) -> None:  # noqa: ANN00
     assert client.get(f"/v1/jobs/{job['id']}", headers=key_a).status_code == 200
 
 
-@pytest.mark.parametrize(("auth", "host", "required"), [
-    ("auto", "127.0.0.1", False),
-    ("auto", "::1", False),
-    ("auto", "0.0.0.0", True),
-    ("auto", "example.org", True),
-    ("on", "127.0.0.1", True),
-    ("off", "localhost", False),
-])
+@pytest.mark.parametrize(
+    ("auth", "host", "required"),
+    [
+        ("auto", "127.0.0.1", False),
+        ("auto", "::1", False),
+        ("auto", "0.0.0.0", True),
+        ("auto", "example.org", True),
+        ("on", "127.0.0.1", True),
+        ("off", "localhost", False),
+    ],
+)
 def test_auth_mode_follows_the_listening_host(
     settings: Settings, auth: str, host: str, required: bool
 ) -> None:

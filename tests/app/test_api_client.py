@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.client import ApiError, BitplanClient
-from app.settings import Settings
+from bitplan.app.client import ApiError, BitplanClient
+from bitplan.app.settings import Settings
 from tests.app._api_fixtures import api_client, finish_job, job_body
 
 

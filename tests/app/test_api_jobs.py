@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.settings import Settings
+from bitplan.app.settings import Settings
 from tests.app._api_fixtures import api_client, assert_problem, finish_job, job_body
 
 
@@ -34,15 +34,18 @@ def test_submit_builtin_job_is_queued_with_location(client: TestClient) -> None:
     assert fetched.status_code == 200 and fetched.json()["id"] == job["id"]
 
 
-@pytest.mark.parametrize(("override", "field"), [
-    ({"budget": "lots"}, "budget"),
-    ({"formats": ["int7"]}, "formats"),
-    ({"method": "magic"}, "method"),
-    ({"pins": {"fc": "int9"}}, "pins"),
-    ({"trials": -1}, "trials"),
-    ({"colour": "blue"}, "colour"),
-    ({"model": "builtin:no-such-model"}, "model"),
-])
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"budget": "lots"}, "budget"),
+        ({"formats": ["int7"]}, "formats"),
+        ({"method": "magic"}, "method"),
+        ({"pins": {"fc": "int9"}}, "pins"),
+        ({"trials": -1}, "trials"),
+        ({"colour": "blue"}, "colour"),
+        ({"model": "builtin:no-such-model"}, "model"),
+    ],
+)
 def test_invalid_job_fields_are_422_problems_naming_the_field(
     client: TestClient, override: dict[str, object], field: str
 ) -> None:
@@ -152,7 +155,8 @@ def test_succeeded_job_serves_frontier_plans_and_sensitivity(client: TestClient)
     frontier = client.get(f"/v1/jobs/{job_id}/frontier").json()
     assert frontier["schema"] == "bitplan.frontier/v1"
     assert [p["href"] for p in frontier["points"]] == [
-        f"/v1/jobs/{job_id}/plans/{plan_id}" for plan_id in plan_ids]
+        f"/v1/jobs/{job_id}/plans/{plan_id}" for plan_id in plan_ids
+    ]
     assert frontier["points"][0]["metrics"]["holdout"] == {"accuracy": 0.9}
     plan = client.get(frontier["points"][1]["href"])
     assert plan.headers["content-type"].startswith("application/json")

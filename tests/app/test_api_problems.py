@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from bitplan.app.main import create_app
+from bitplan.app.settings import Settings
 from tests.app._api_fixtures import api_client, assert_problem
 
 
@@ -34,8 +34,10 @@ def test_validation_errors_list_each_field(client: TestClient) -> None:
     body = assert_problem(client.post("/v1/jobs", json={"model": "builtin:digits-cnn"}), 422)
     assert body["type"].endswith("validation")
     assert [error["loc"] for error in body["errors"]] == ["body.budget"]
-    body = assert_problem(client.post("/v1/jobs", content=b"{not json",
-                                      headers={"content-type": "application/json"}), 422)
+    body = assert_problem(
+        client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+    )
     assert body["errors"]
 
 
@@ -87,4 +89,3 @@ def test_openapi_declares_status_codes_and_problem_bodies(client: TestClient) ->
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     upload = schema["paths"]["/v1/models"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in upload
-

@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
 
-from app.settings import Settings
+from bitplan.app.settings import Settings
 from tests.app._api_fixtures import api_client, assert_problem, job_body
 
 
@@ -31,8 +31,14 @@ def tiny_bert_zip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     from transformers import BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("bert")
-    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     archive = folder.parent / "bert.zip"
@@ -84,11 +90,14 @@ def test_unloadable_model_is_refused_with_the_loaders_message(
     assert [p for p in settings.upload_dir.rglob("*") if p.is_file()] == []
 
 
-@pytest.mark.parametrize(("name", "data"), [
-    ("calib.txt", b"the cat sat\non the mat\n"),
-    ("calib.jsonl", b'{"text": "hello", "label": 1}\n{"text": "world", "label": 0}\n'),
-    ("calib.safetensors", save_safetensors({"pixel_values": torch.zeros(2, 1, 8, 8)})),
-])
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("calib.txt", b"the cat sat\non the mat\n"),
+        ("calib.jsonl", b'{"text": "hello", "label": 1}\n{"text": "world", "label": 0}\n'),
+        ("calib.safetensors", save_safetensors({"pixel_values": torch.zeros(2, 1, 8, 8)})),
+    ],
+)
 def test_dataset_formats_are_accepted(client: TestClient, name: str, data: bytes) -> None:
     response = _upload(client, "datasets", name, data)
     assert response.status_code == 201, response.text
@@ -98,13 +107,16 @@ def test_dataset_formats_are_accepted(client: TestClient, name: str, data: bytes
     assert job.status_code == 202 and job.json()["request"]["calib"] == dataset["id"]
 
 
-@pytest.mark.parametrize(("name", "data", "needle"), [
-    ("calib.csv", b"a,b\n1,2\n", ".jsonl"),
-    ("calib.txt", b"", "empty"),
-    ("calib.txt", b"\xff\xfe\x00bad", "UTF-8"),
-    ("calib.jsonl", b'{"text": "ok"}\nnot json\n', "line 2"),
-    ("calib.safetensors", b"garbage-bytes", "safetensors"),
-])
+@pytest.mark.parametrize(
+    ("name", "data", "needle"),
+    [
+        ("calib.csv", b"a,b\n1,2\n", ".jsonl"),
+        ("calib.txt", b"", "empty"),
+        ("calib.txt", b"\xff\xfe\x00bad", "UTF-8"),
+        ("calib.jsonl", b'{"text": "ok"}\nnot json\n', "line 2"),
+        ("calib.safetensors", b"garbage-bytes", "safetensors"),
+    ],
+)
 def test_bad_datasets_are_422(client: TestClient, name: str, data: bytes, needle: str) -> None:
     body = assert_problem(_upload(client, "datasets", name, data), 422)
     assert needle in body["detail"]
@@ -124,24 +136,31 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(settings: Settings) -> 
                 yield b"z\n" * 100
             yield b"\r\n--B--\r\n"
 
-        streamed = client.post("/v1/datasets", content=chunks(),
-                               headers={"content-type": "multipart/form-data; boundary=B"})
+        streamed = client.post(
+            "/v1/datasets",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=B"},
+        )
         assert_problem(streamed, 413)
     leftovers = [p.name for p in small.upload_dir.rglob("*") if p.is_file()]
     assert leftovers == [f"{exact.json()['sha256']}.txt"]
 
 
 def test_upload_needs_multipart_with_a_file_field(client: TestClient) -> None:
-    assert_problem(client.post("/v1/datasets", content=b"raw",
-                               headers={"content-type": "text/plain"}), 415)
-    body = assert_problem(client.post("/v1/datasets", data={"other": "x"},
-                                      files={"not_file": ("a.txt", b"abc")}), 422)
+    assert_problem(
+        client.post("/v1/datasets", content=b"raw", headers={"content-type": "text/plain"}), 415
+    )
+    body = assert_problem(
+        client.post("/v1/datasets", data={"other": "x"}, files={"not_file": ("a.txt", b"abc")}), 422
+    )
     assert "'file'" in body["detail"]
 
 
 def test_list_pages_uploads(client: TestClient) -> None:
-    ids = [_upload(client, "datasets", f"d{i}.txt", f"sample {i}\n".encode()).json()["id"]
-           for i in range(3)]
+    ids = [
+        _upload(client, "datasets", f"d{i}.txt", f"sample {i}\n".encode()).json()["id"]
+        for i in range(3)
+    ]
     first = client.get("/v1/datasets", params={"limit": 2}).json()
     second = client.get("/v1/datasets", params={"limit": 2, "cursor": first["next_cursor"]}).json()
     assert [d["id"] for d in first["data"] + second["data"]] == ids[::-1]

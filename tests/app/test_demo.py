@@ -11,12 +11,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from app.service_cli import register
-from search.plans import read_frontier, read_plan
+from bitplan.app.service_cli import register
+from bitplan.search.plans import read_frontier, read_plan
 
 
-def test_demo_runs_the_service_and_downloads_every_result(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_the_service_and_downloads_every_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     app = typer.Typer()
     app.callback()(lambda: None)  # multi-command mode, like bitplan's own app
@@ -39,8 +40,9 @@ def test_demo_runs_the_service_and_downloads_every_result(tmp_path: Path,
     assert set(table["layer"]) == layers and (table["error"] >= 0).all()
     report = (out / "report.html").read_text()
     assert '<svg id="frontier-plot"' in report
-    assert re.findall(r'href="(plans/[^"]+)"', report) == [p.plan for p in
-                                                           frontier.points + frontier.uniform]
+    assert re.findall(r'href="(plans/[^"]+)"', report) == [
+        p.plan for p in frontier.points + frontier.uniform
+    ]
     # The worker process ran the job and stopped cleanly when the demo ended.
     log = (tmp_path / ".bitplan" / "demo" / "worker.log").read_text()
     assert "stopped after 1 job(s)" in log

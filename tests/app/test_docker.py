@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.settings import Settings
+from bitplan.app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -30,8 +30,9 @@ def services() -> dict[str, Any]:
 
 def _settings_of(service: dict[str, Any]) -> Settings:
     env = {name: _interpolate(str(value)) for name, value in service["environment"].items()}
-    unknown = {name for name in env
-               if name.removeprefix("BITPLAN_").lower() not in Settings.model_fields}
+    unknown = {
+        name for name in env if name.removeprefix("BITPLAN_").lower() not in Settings.model_fields
+    }
     assert not unknown, f"not Settings fields: {unknown}"
     fields = {name.removeprefix("BITPLAN_").lower(): value for name, value in env.items()}
     return Settings(**fields)
@@ -44,7 +45,8 @@ def test_compose_has_the_services_with_bitplan_commands(services: dict[str, Any]
     assert services["migrate"]["command"] == ["bitplan", "db", "upgrade"]
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"]["condition"] == (
-            "service_completed_successfully")
+            "service_completed_successfully"
+        )
 
 
 def test_api_and_worker_settings_share_postgres_and_storage(services: dict[str, Any]) -> None:
@@ -63,8 +65,12 @@ def test_api_and_worker_settings_share_postgres_and_storage(services: dict[str, 
 
 def test_dockerfile_copies_existing_paths_and_installs_postgres_driver() -> None:
     text = DOCKERFILE.read_text()
-    copied = [part for line in text.splitlines() if line.startswith("COPY ")
-              for part in line.split()[1:-1]]
-    assert {"alembic.ini", "migrations", "app", "search", "sensitivity"} <= set(copied)
+    copied = [
+        part
+        for line in text.splitlines()
+        if line.startswith("COPY ")
+        for part in line.split()[1:-1]
+    ]
+    assert {"bitplan", "migrations", "app", "search", "sensitivity"} <= set(copied)
     assert all((ROOT / path).exists() for path in copied)
     assert '".[pg,hf]"' in text and "torch==2.13.0" in text

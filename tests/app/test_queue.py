@@ -11,9 +11,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine
 
-from app import crud, queue
-from app.db import make_engine, make_sessionmaker
-from app.models import Job, utcnow
+from bitplan.app import crud, queue
+from bitplan.app.db import make_engine, make_sessionmaker
+from bitplan.app.models import Job, utcnow
 
 LEASE_S = 1.0
 
@@ -21,9 +21,16 @@ LEASE_S = 1.0
 def _enqueue(engine: Engine, count: int = 1, *, max_attempts: int = 3) -> list[str]:
     with make_sessionmaker(engine)() as session:
         return [
-            crud.create_job(session, owner_id=None, spec={"model": "builtin:digits-cnn", "n": i},
-                            model_id=None, dataset_id=None, idempotency_key=None,
-                            request_hash=None, max_attempts=max_attempts).id
+            crud.create_job(
+                session,
+                owner_id=None,
+                spec={"model": "builtin:digits-cnn", "n": i},
+                model_id=None,
+                dataset_id=None,
+                idempotency_key=None,
+                request_hash=None,
+                max_attempts=max_attempts,
+            ).id
             for i in range(count)
         ]
 
@@ -58,7 +65,11 @@ def test_racing_workers_claim_each_job_exactly_once(db_url: str, engine: Engine)
     for job_id, name in claimed:
         job = _job(engine, job_id)
         assert (job.state, job.lease_owner, job.attempts, job.lease_version) == (
-            "running", name, 1, 1)
+            "running",
+            name,
+            1,
+            1,
+        )
 
 
 def test_claim_takes_oldest_first_and_none_when_idle(engine: Engine) -> None:
@@ -82,17 +93,33 @@ def test_stale_holder_is_fenced_out(engine: Engine) -> None:
     assert not queue.set_progress(engine, stage="search", progress=0.9, **fence)
     assert not queue.finish_job(engine, state="failed", error="stale", **fence)
     assert not queue.release_job(engine, **fence)
-    assert queue.set_progress(engine, job_id=job_id, lease_version=new.lease_version,
-                              stage="search", progress=0.5, eta_s=3.0)
-    assert queue.finish_job(engine, job_id=job_id, lease_version=new.lease_version,
-                            state="succeeded", result={"plan_ids": ["p"]})
+    assert queue.set_progress(
+        engine,
+        job_id=job_id,
+        lease_version=new.lease_version,
+        stage="search",
+        progress=0.5,
+        eta_s=3.0,
+    )
+    assert queue.finish_job(
+        engine,
+        job_id=job_id,
+        lease_version=new.lease_version,
+        state="succeeded",
+        result={"plan_ids": ["p"]},
+    )
     job = _job(engine, job_id)
     assert (job.state, job.error, job.result, job.progress) == (
-        "succeeded", None, {"plan_ids": ["p"]}, 1.0)
+        "succeeded",
+        None,
+        {"plan_ids": ["p"]},
+        1.0,
+    )
     assert job.lease_owner is None and job.finished_at is not None
     # finished: nobody can write any more, not even the last holder
-    assert not queue.finish_job(engine, job_id=job_id, lease_version=new.lease_version,
-                                state="failed")
+    assert not queue.finish_job(
+        engine, job_id=job_id, lease_version=new.lease_version, state="failed"
+    )
 
 
 def test_heartbeat_keeps_the_lease_alive(engine: Engine) -> None:
@@ -100,12 +127,23 @@ def test_heartbeat_keeps_the_lease_alive(engine: Engine) -> None:
     now = utcnow()
     job = queue.claim_job(engine, worker_id="w", lease_s=LEASE_S, now=now)
     almost = now + timedelta(seconds=0.9 * LEASE_S)
-    assert queue.heartbeat(engine, job_id=job.id, worker_id="w",
-                           lease_version=job.lease_version, lease_s=LEASE_S, now=almost)
+    assert queue.heartbeat(
+        engine,
+        job_id=job.id,
+        worker_id="w",
+        lease_version=job.lease_version,
+        lease_s=LEASE_S,
+        now=almost,
+    )
     assert queue.reap_expired(engine, now=now + timedelta(seconds=1.5 * LEASE_S)) == 0
     assert queue.reap_expired(engine, now=almost + timedelta(seconds=1.1 * LEASE_S)) == 1
-    assert not queue.heartbeat(engine, job_id=job.id, worker_id="someone-else",
-                               lease_version=job.lease_version, lease_s=LEASE_S)
+    assert not queue.heartbeat(
+        engine,
+        job_id=job.id,
+        worker_id="someone-else",
+        lease_version=job.lease_version,
+        lease_s=LEASE_S,
+    )
 
 
 def test_reaper_requeues_until_attempts_run_out_then_fails(engine: Engine) -> None:
@@ -140,8 +178,9 @@ def test_cancel_queued_running_and_expired_jobs(engine: Engine) -> None:
             assert job.state == "running" and job.cancel_requested
         assert crud.request_cancel(session, job_id=running, owner_id="other") is None
     assert queue.is_cancel_requested(engine, job_id=running)
-    assert queue.finish_job(engine, job_id=running, lease_version=first.lease_version,
-                            state="cancelled")
+    assert queue.finish_job(
+        engine, job_id=running, lease_version=first.lease_version, state="cancelled"
+    )
     # a cancelled job whose worker died is cancelled by the reaper, not requeued
     assert queue.reap_expired(engine, now=utcnow() + timedelta(seconds=10 * LEASE_S)) == 1
     assert [_job(engine, i).state for i in (queued, running, lost)] == ["cancelled"] * 3
@@ -153,7 +192,11 @@ def test_release_returns_the_job_without_spending_an_attempt(engine: Engine) -> 
     assert queue.release_job(engine, job_id=job_id, lease_version=job.lease_version)
     row = _job(engine, job_id)
     assert (row.state, row.attempts, row.lease_owner, row.lease_expires_at) == (
-        "queued", 0, None, None)
+        "queued",
+        0,
+        None,
+        None,
+    )
     again = queue.claim_job(engine, worker_id="w", lease_s=LEASE_S)
     assert (again.attempts, again.lease_version) == (1, 2)
 

@@ -13,57 +13,94 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from app.report import render_report
-from search.budgets import parse_budget
-from search.plans import Plan, make_plan, write_frontier
-from search.problem import LayerRow
-from sensitivity.errors import InputError
-from sensitivity.formats import parse_format, tensor_bytes
+from bitplan.app.report import render_report
+from bitplan.search.budgets import parse_budget
+from bitplan.search.plans import Plan, make_plan, write_frontier
+from bitplan.search.problem import LayerRow
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format, tensor_bytes
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 EVIL = '<img src=x onerror="alert(1)">'
-LAYERS = [LayerRow(name="embed", param="embed.weight", numel=64 * 32, kind="embedding",
-                   shape=(64, 32)),
-          LayerRow(name="block.0.attn", param="block.0.attn.weight", numel=32 * 32,
-                   kind="linear", shape=(32, 32)),
-          LayerRow(name=f"head</script>{EVIL}", param="head.weight", numel=10 * 32,
-                   kind="linear", shape=(10, 32))]
+LAYERS = [
+    LayerRow(name="embed", param="embed.weight", numel=64 * 32, kind="embedding", shape=(64, 32)),
+    LayerRow(
+        name="block.0.attn",
+        param="block.0.attn.weight",
+        numel=32 * 32,
+        kind="linear",
+        shape=(32, 32),
+    ),
+    LayerRow(
+        name=f"head</script>{EVIL}",
+        param="head.weight",
+        numel=10 * 32,
+        kind="linear",
+        shape=(10, 32),
+    ),
+]
 FORMATS = ["int8", "int4-g32", "int2-g32-asym"]
 # (formats per layer, held-out error): three mixed plans that trade size for error.
-MIXED = [(["int2-g32-asym", "int4-g32", "int4-g32"], 0.2),
-         (["int4-g32", "int4-g32", "int8"], 0.03),
-         (["int4-g32", "int8", "int8"], 0.004)]
+MIXED = [
+    (["int2-g32-asym", "int4-g32", "int4-g32"], 0.2),
+    (["int4-g32", "int4-g32", "int8"], 0.03),
+    (["int4-g32", "int8", "int8"], 0.004),
+]
 
 
 def _plan(formats: list[str], error: float, budget: str | None) -> Plan:
-    return make_plan(model_ref=f"model {EVIL}", model_sha256="ab" * 32, layers=LAYERS,
-                     choice=dict(zip([lay.name for lay in LAYERS], formats, strict=True)),
-                     budget=parse_budget(budget) if budget else None, unplanned_bytes=1000,
-                     fp16_bytes=2 * sum(lay.numel for lay in LAYERS) + 1000,
-                     predicted_error=error / 2,
-                     metrics={"calibration": {"error": error * 0.9},
-                              "holdout": {"error": error, "accuracy": 1 - error}})
+    return make_plan(
+        model_ref=f"model {EVIL}",
+        model_sha256="ab" * 32,
+        layers=LAYERS,
+        choice=dict(zip([lay.name for lay in LAYERS], formats, strict=True)),
+        budget=parse_budget(budget) if budget else None,
+        unplanned_bytes=1000,
+        fp16_bytes=2 * sum(lay.numel for lay in LAYERS) + 1000,
+        predicted_error=error / 2,
+        metrics={
+            "calibration": {"error": error * 0.9},
+            "holdout": {"error": error, "accuracy": 1 - error},
+        },
+    )
 
 
 def write_job(job_dir: Path, *, budget: str | None = "4kB") -> Path:
     """A job folder like the pipeline's: plans, frontier.json/.csv, sensitivity.csv."""
     points = [(_plan(f, e, budget), "search") for f, e in MIXED]
-    uniform = [(_plan([fmt] * len(LAYERS), err, budget), f"uniform:{fmt}")
-               for fmt, err in zip(FORMATS, (1e-5, 0.05, 0.5), strict=True)]
-    write_frontier(job_dir, model_ref=f"model {EVIL}", model_sha256="ab" * 32,
-                   budget=parse_budget(budget) if budget else None, points=points,
-                   uniform=uniform)
-    rows = [{"layer": lay.name, "param": lay.param, "format": fmt,
-             "error": 10.0 ** -(i + 2 * (2 - j)), "numel": lay.numel,
-             "bytes": tensor_bytes(parse_format(fmt), *lay.shape), "tie": None}
-            for i, lay in enumerate(LAYERS) for j, fmt in enumerate(FORMATS)]
+    uniform = [
+        (_plan([fmt] * len(LAYERS), err, budget), f"uniform:{fmt}")
+        for fmt, err in zip(FORMATS, (1e-5, 0.05, 0.5), strict=True)
+    ]
+    write_frontier(
+        job_dir,
+        model_ref=f"model {EVIL}",
+        model_sha256="ab" * 32,
+        budget=parse_budget(budget) if budget else None,
+        points=points,
+        uniform=uniform,
+    )
+    rows = [
+        {
+            "layer": lay.name,
+            "param": lay.param,
+            "format": fmt,
+            "error": 10.0 ** -(i + 2 * (2 - j)),
+            "numel": lay.numel,
+            "bytes": tensor_bytes(parse_format(fmt), *lay.shape),
+            "tie": None,
+        }
+        for i, lay in enumerate(LAYERS)
+        for j, fmt in enumerate(FORMATS)
+    ]
     pd.DataFrame(rows).to_csv(job_dir / "sensitivity.csv", index=False)
     return job_dir
 
 
 def _embedded(page: str) -> dict:
-    match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page,
-                      re.S)
+    match = re.search(
+        r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S
+    )
     assert match is not None
     return json.loads(match.group(1))
 
@@ -80,8 +117,10 @@ def test_report_is_one_offline_page_with_every_part(tmp_path: Path) -> None:
     ids = [p["plan_id"] for p in frontier["points"] + frontier["uniform"]]
     assert [p["id"] for p in data["plans"]] == ids
     # The preselected plan is the frontier point with the lowest held-out error.
-    assert data["selected"] == min(frontier["points"],
-                                   key=lambda p: p["metrics"]["holdout"]["error"])["plan_id"]
+    assert (
+        data["selected"]
+        == min(frontier["points"], key=lambda p: p["metrics"]["holdout"]["error"])["plan_id"]
+    )
     for plan_id in ids:
         assert f'href="plans/{plan_id}.json"' in page
     for name in ("frontier.json", "frontier.csv", "sensitivity.csv"):
@@ -110,13 +149,17 @@ def test_every_job_string_is_escaped(tmp_path: Path) -> None:
 
 
 def html_escaped(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
-        '"', "&quot;")
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
 
 
 def _circles(page: str) -> dict[str, tuple[float, float]]:
-    found = re.findall(r'<g class="pt point" data-plan="([^"]+)">.*?<circle cx="([\d.]+)" '
-                       r'cy="([\d.]+)"', page)
+    found = re.findall(
+        r'<g class="pt point" data-plan="([^"]+)">.*?<circle cx="([\d.]+)" '
+        r'cy="([\d.]+)"',
+        page,
+    )
     return {plan_id: (float(x), float(y)) for plan_id, x, y in found}
 
 
@@ -166,9 +209,16 @@ def test_a_folder_without_a_frontier_is_an_input_error(tmp_path: Path) -> None:
 
 # --- a real browser -----------------------------------------------------------------------------
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
@@ -177,13 +227,16 @@ def chromium() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                              check=False)
+    for command in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "chromium", "chromium-driver"],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
         if done.returncode != 0:
-            pytest.fail(f"the report test needs Chromium and `{' '.join(command)}` failed "
-                        f"(exit {done.returncode}): {done.stderr.strip()[-500:]}")
+            pytest.fail(
+                f"the report test needs Chromium and `{' '.join(command)}` failed "
+                f"(exit {done.returncode}): {done.stderr.strip()[-500:]}"
+            )
     found = shutil.which("chromium")
     if not found:
         pytest.fail("apt-get installed chromium but no `chromium` binary is on PATH")
@@ -191,14 +244,18 @@ def chromium() -> str:
 
 
 def _chromium(binary: str, profile: Path, *args: str) -> str:
-    done = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
-def test_chromium_renders_the_plot_and_the_scripted_heatmap(tmp_path: Path,
-                                                            chromium: str) -> None:
+def test_chromium_renders_the_plot_and_the_scripted_heatmap(tmp_path: Path, chromium: str) -> None:
     job = write_job(tmp_path / "job")
     report = render_report(job)
     url = report.resolve().as_uri()
@@ -217,6 +274,7 @@ def test_chromium_renders_the_plot_and_the_scripted_heatmap(tmp_path: Path,
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report.png"
     shot.unlink(missing_ok=True)
-    _chromium(chromium, tmp_path / "profile", f"--screenshot={shot}",
-              "--window-size=1280,2000", url)
+    _chromium(
+        chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", url
+    )
     assert shot.stat().st_size > 10_000  # a real page, not a blank canvas

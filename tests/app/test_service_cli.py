@@ -24,14 +24,14 @@ from sqlalchemy import create_engine, inspect
 from test_report import write_job
 from typer.testing import CliRunner
 
-from app.client import BitplanClient
-from app.service_cli import embedded_service, register
-from app.settings import Settings, get_settings
-from app.worker import run_worker
-from search.plans import read_frontier
-from search.spec import JobSpec
-from sensitivity.errors import InputError
-from sensitivity.progress import ProgressFn, report
+from bitplan.app.client import BitplanClient
+from bitplan.app.service_cli import embedded_service, register
+from bitplan.app.settings import Settings, get_settings
+from bitplan.app.worker import run_worker
+from bitplan.search.plans import read_frontier
+from bitplan.search.spec import JobSpec
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import ProgressFn, report
 from tests.helpers import SENTENCES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +64,12 @@ def cli() -> typer.Typer:
 def live(settings: Settings) -> Iterator[str]:
     """The API on a free port and a worker thread running :func:`fake_runner`."""
     stop = threading.Event()
-    worker = threading.Thread(target=run_worker, args=(settings,), daemon=True,
-                              kwargs={"stop_event": stop, "runner": fake_runner})
+    worker = threading.Thread(
+        target=run_worker,
+        args=(settings,),
+        daemon=True,
+        kwargs={"stop_event": stop, "runner": fake_runner},
+    )
     with embedded_service(settings.model_copy(update={"port": 0}), workers=0) as url:
         worker.start()
         yield url
@@ -89,8 +93,9 @@ def _one_line(text: str) -> str:
     return text.strip()
 
 
-def test_db_upgrade_then_keys_create_gives_a_working_key(cli: typer.Typer, env_db: str,
-                                                         tmp_path: Path) -> None:
+def test_db_upgrade_then_keys_create_gives_a_working_key(
+    cli: typer.Typer, env_db: str, tmp_path: Path
+) -> None:
     early = runner.invoke(cli, ["keys", "create", "ci"])
     assert early.exit_code == 2 and "bitplan db upgrade" in _one_line(early.stderr)
     for _ in range(2):  # upgrading an up-to-date schema changes nothing
@@ -106,16 +111,30 @@ def test_db_upgrade_then_keys_create_gives_a_working_key(cli: typer.Typer, env_d
     settings = Settings(database_url=env_db, data_dir=tmp_path / "data", auth="on")
     with api_client(settings) as client:
         assert client.get("/v1/jobs").status_code == 401
-        assert client.get("/v1/jobs", headers={"Authorization": "Bearer bp_nope"}).status_code \
-            == 401
-        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code \
-            == 200
+        assert (
+            client.get("/v1/jobs", headers={"Authorization": "Bearer bp_nope"}).status_code == 401
+        )
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
-def test_submit_wait_status_download_end_to_end(cli: typer.Typer, live: str, settings: Settings,
-                                                tmp_path: Path) -> None:
-    submitted = runner.invoke(cli, ["submit", "builtin:digits-cnn", "--budget", "4kB",
-                                    "--trials", "3", "--method", "weight", "--url", live])
+def test_submit_wait_status_download_end_to_end(
+    cli: typer.Typer, live: str, settings: Settings, tmp_path: Path
+) -> None:
+    submitted = runner.invoke(
+        cli,
+        [
+            "submit",
+            "builtin:digits-cnn",
+            "--budget",
+            "4kB",
+            "--trials",
+            "3",
+            "--method",
+            "weight",
+            "--url",
+            live,
+        ],
+    )
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.stdout.strip()
     waited = runner.invoke(cli, ["wait", job_id, "--timeout", "60", "--url", live])
@@ -132,8 +151,9 @@ def test_submit_wait_status_download_end_to_end(cli: typer.Typer, live: str, set
     assert got.exit_code == 0, got.output
     served = settings.artifact_dir / job_id
     plans = sorted((served / "plans").glob("*.json"))
-    assert plans and sorted((out / "plans").glob("*.json")) == [out / "plans" / p.name
-                                                                 for p in plans]
+    assert plans and sorted((out / "plans").glob("*.json")) == [
+        out / "plans" / p.name for p in plans
+    ]
     for plan in plans:
         assert (out / "plans" / plan.name).read_bytes() == plan.read_bytes()
     assert read_frontier(out / "frontier.json") == read_frontier(served / "frontier.json")
@@ -145,13 +165,15 @@ def test_submit_wait_status_download_end_to_end(cli: typer.Typer, live: str, set
     assert f'href="plans/{plans[0].name}"' in (out / "report.html").read_text()
 
 
-def test_submit_uploads_a_model_folder_and_a_data_file(cli: typer.Typer, live: str,
-                                                      tiny_hf_model: Any, tmp_path: Path) -> None:
+def test_submit_uploads_a_model_folder_and_a_data_file(
+    cli: typer.Typer, live: str, tiny_hf_model: Any, tmp_path: Path
+) -> None:
     folder = tiny_hf_model("bert", task="feature-extraction")
     data = tmp_path / "calib.txt"
     data.write_text("\n".join(SENTENCES))
-    submitted = runner.invoke(cli, ["submit", str(folder), "--budget", "4kB", "--calib",
-                                    str(data), "--url", live])
+    submitted = runner.invoke(
+        cli, ["submit", str(folder), "--budget", "4kB", "--calib", str(data), "--url", live]
+    )
     assert submitted.exit_code == 0, submitted.output
     with BitplanClient(live) as client:
         request = client.get_job(submitted.stdout.strip())["request"]
@@ -172,37 +194,49 @@ def test_errors_are_one_line_with_exit_code_2(cli: typer.Typer, live: str) -> No
 
 
 def test_a_failed_job_makes_wait_exit_1_with_the_reason(cli: typer.Typer, live: str) -> None:
-    submitted = runner.invoke(cli, ["submit", "builtin:digits-cnn", "--budget", FAILING_BUDGET,
-                                    "--wait", "--url", live])
+    submitted = runner.invoke(
+        cli, ["submit", "builtin:digits-cnn", "--budget", FAILING_BUDGET, "--wait", "--url", live]
+    )
     assert submitted.exit_code == 1
     assert "failed" in submitted.stderr and "smallest reachable size" in submitted.stderr
 
 
-_SERVE = ("import typer; from app.service_cli import register; app = typer.Typer(); "
-          "app.callback()(lambda: None); register(app); app()")
+_SERVE = (
+    "import typer; from bitplan.app.service_cli import register; app = typer.Typer(); "
+    "app.callback()(lambda: None); register(app); app()"
+)
 
 
 @pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, 128 + 15)])
-def test_serve_runs_the_api_and_workers_and_stops_them(tmp_path: Path, stop: signal.Signals,
-                                                       code: int) -> None:
-    env = {**os.environ, "BITPLAN_DATA_DIR": str(tmp_path / "data"),
-           "BITPLAN_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'bitplan.db'}",
-           "BITPLAN_WORKER_RUNNER": "test_service_cli:fake_runner",
-           "BITPLAN_POLL_SECONDS": "0.1", "BITPLAN_OPTUNA_STORAGE": "",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "app"), str(ROOT)])}
+def test_serve_runs_the_api_and_workers_and_stops_them(
+    tmp_path: Path, stop: signal.Signals, code: int
+) -> None:
+    env = {
+        **os.environ,
+        "BITPLAN_DATA_DIR": str(tmp_path / "data"),
+        "BITPLAN_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'bitplan.db'}",
+        "BITPLAN_WORKER_RUNNER": "test_service_cli:fake_runner",
+        "BITPLAN_POLL_SECONDS": "0.1",
+        "BITPLAN_OPTUNA_STORAGE": "",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "app"), str(ROOT)]),
+    }
     with socket.socket() as sock:  # a free port: bind to 0, read it, let go
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    serve = subprocess.Popen([sys.executable, "-c", _SERVE, "serve", "--port", str(port),
-                              "--workers", "1"], env=env, cwd=ROOT)
+    serve = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, "serve", "--port", str(port), "--workers", "1"],
+        env=env,
+        cwd=ROOT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while not _healthy(url):
             assert serve.poll() is None and time.monotonic() < deadline, "serve did not start"
             time.sleep(0.2)
-        workers = subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True,
-                                 text=True, check=False).stdout.split()
+        workers = subprocess.run(
+            ["pgrep", "-P", str(serve.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
         assert len(workers) == 1
         with BitplanClient(url) as client:
             job = client.submit_job(model="builtin:digits-cnn", budget="4kB")

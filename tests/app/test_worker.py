@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from app import crud, worker
-from app.db import make_engine, make_sessionmaker
-from app.models import Job
-from app.settings import Settings
-from search.spec import JobSpec
-from sensitivity.errors import InputError
-from sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.app import crud, worker
+from bitplan.app.db import make_engine, make_sessionmaker
+from bitplan.app.models import Job
+from bitplan.app.settings import Settings
+from bitplan.search.spec import JobSpec
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 STEP_S = 0.1  # one runner step; a job of `trials` steps runs trials * STEP_S seconds
 LOG_ENV = "BITPLAN_TEST_RUNNER_LOG"  # where the runner double notes starts and completions
@@ -35,9 +35,16 @@ def _note(line: str) -> None:
         log.write(line + "\n")
 
 
-def steady_runner(spec: JobSpec, *, out_dir: Path, cache_dir: Path, progress: ProgressFn,
-                  should_cancel: CancelFn, optuna_storage: str | None,
-                  study_name: str) -> None:
+def steady_runner(
+    spec: JobSpec,
+    *,
+    out_dir: Path,
+    cache_dir: Path,
+    progress: ProgressFn,
+    should_cancel: CancelFn,
+    optuna_storage: str | None,
+    study_name: str,
+) -> None:
     """``spec.trials`` steps of STEP_S seconds, then a frontier and one plan, like run_job."""
     _note(f"start {study_name} {os.getpid()}")
     for step in range(1, spec.trials + 1):
@@ -79,17 +86,31 @@ def engine_sqlite(settings: Settings) -> Iterator[Engine]:
 
 
 def _settings(tmp_path: Path, database_url: str) -> Settings:
-    return Settings(database_url=database_url, data_dir=tmp_path / "data", auth="off",
-                    lease_seconds=1.5, heartbeat_seconds=0.3, poll_seconds=0.05,
-                    optuna_storage=None, worker_runner="test_worker:steady_runner")
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        auth="off",
+        lease_seconds=1.5,
+        heartbeat_seconds=0.3,
+        poll_seconds=0.05,
+        optuna_storage=None,
+        worker_runner="test_worker:steady_runner",
+    )
 
 
 def _enqueue(engine: Engine, *, trials: int, max_attempts: int = 3) -> str:
     spec = JobSpec(model="builtin:digits-cnn", budget="4bpw", trials=trials).to_dict()
     with make_sessionmaker(engine)() as session:
-        return crud.create_job(session, owner_id=None, spec=spec, model_id=None,
-                               dataset_id=None, idempotency_key=None, request_hash=None,
-                               max_attempts=max_attempts).id
+        return crud.create_job(
+            session,
+            owner_id=None,
+            spec=spec,
+            model_id=None,
+            dataset_id=None,
+            idempotency_key=None,
+            request_hash=None,
+            max_attempts=max_attempts,
+        ).id
 
 
 def _job(engine: Engine, job_id: str) -> Job:
@@ -108,8 +129,9 @@ def _partials(settings: Settings) -> list[Path]:
     return list(settings.artifact_dir.glob(".*.partial"))
 
 
-def test_worker_runs_a_job_and_publishes_its_artifacts(settings: Settings, runner_log: Path,
-                                                       engine_sqlite: Engine) -> None:
+def test_worker_runs_a_job_and_publishes_its_artifacts(
+    settings: Settings, runner_log: Path, engine_sqlite: Engine
+) -> None:
     job_id = _enqueue(engine_sqlite, trials=3)
     assert worker.run_worker(settings, once=True, runner=steady_runner) == 1
     job = _job(engine_sqlite, job_id)
@@ -120,13 +142,16 @@ def test_worker_runs_a_job_and_publishes_its_artifacts(settings: Settings, runne
     assert runner_log.read_text().count(f"done bitplan-{job_id}") == 1
 
 
-@pytest.mark.parametrize(("runner", "message"), [
-    (bad_input_runner, "calibration file has no rows; give at least one"),
-    (crashing_runner, "internal error: RuntimeError: boom"),
-])
-def test_runner_errors_fail_the_job_with_the_reason(settings: Settings, engine_sqlite: Engine,
-                                                    runner: Callable[..., None],
-                                                    message: str) -> None:
+@pytest.mark.parametrize(
+    ("runner", "message"),
+    [
+        (bad_input_runner, "calibration file has no rows; give at least one"),
+        (crashing_runner, "internal error: RuntimeError: boom"),
+    ],
+)
+def test_runner_errors_fail_the_job_with_the_reason(
+    settings: Settings, engine_sqlite: Engine, runner: Callable[..., None], message: str
+) -> None:
     job_id = _enqueue(engine_sqlite, trials=1)
     worker.run_worker(settings, once=True, runner=runner)
     job = _job(engine_sqlite, job_id)
@@ -134,22 +159,29 @@ def test_runner_errors_fail_the_job_with_the_reason(settings: Settings, engine_s
     assert not (settings.artifact_dir / job_id).exists() and not _partials(settings)
 
 
-def test_invalid_spec_fails_without_running(settings: Settings, engine_sqlite: Engine,
-                                            runner_log: Path) -> None:
+def test_invalid_spec_fails_without_running(
+    settings: Settings, engine_sqlite: Engine, runner_log: Path
+) -> None:
     with make_sessionmaker(engine_sqlite)() as session:
-        job_id = crud.create_job(session, owner_id=None,
-                                 spec={"model": "builtin:digits-cnn", "budget": "4bpw",
-                                       "colour": "red"},
-                                 model_id=None, dataset_id=None, idempotency_key=None,
-                                 request_hash=None, max_attempts=3).id
+        job_id = crud.create_job(
+            session,
+            owner_id=None,
+            spec={"model": "builtin:digits-cnn", "budget": "4bpw", "colour": "red"},
+            model_id=None,
+            dataset_id=None,
+            idempotency_key=None,
+            request_hash=None,
+            max_attempts=3,
+        ).id
     worker.run_worker(settings, once=True, runner=steady_runner)
     job = _job(engine_sqlite, job_id)
     assert job.state == "failed" and job.error.startswith("invalid job spec:")
     assert "colour" in job.error and runner_log.read_text() == ""
 
 
-def test_progress_writes_are_throttled(settings: Settings, engine_sqlite: Engine,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_writes_are_throttled(
+    settings: Settings, engine_sqlite: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     writes: list[tuple[str, float]] = []
     real = worker.set_progress
 
@@ -166,12 +198,16 @@ def test_progress_writes_are_throttled(settings: Settings, engine_sqlite: Engine
     assert len(writes) <= allowed
 
 
-def test_cancel_stops_a_running_job(settings: Settings, runner_log: Path,
-                                    engine_sqlite: Engine) -> None:
+def test_cancel_stops_a_running_job(
+    settings: Settings, runner_log: Path, engine_sqlite: Engine
+) -> None:
     job_id = _enqueue(engine_sqlite, trials=200)
     stop = threading.Event()
-    thread = threading.Thread(target=worker.run_worker, args=(settings,),
-                              kwargs={"stop_event": stop, "runner": steady_runner})
+    thread = threading.Thread(
+        target=worker.run_worker,
+        args=(settings,),
+        kwargs={"stop_event": stop, "runner": steady_runner},
+    )
     thread.start()
     try:
         _wait_for(lambda: _job(engine_sqlite, job_id).progress > 0)
@@ -200,11 +236,15 @@ def _running_with_progress(
         assert proc.poll() is None, "worker process exited early"
         job = _job(engine, job_id)
         return job.state == "running" and job.progress > 0
+
     return check
 
 
 def test_sigkill_mid_job_is_reclaimed_and_succeeds_once(
-    tmp_path: Path, db_url: str, engine: Engine, runner_log: Path,
+    tmp_path: Path,
+    db_url: str,
+    engine: Engine,
+    runner_log: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = _settings(tmp_path, db_url)
@@ -219,8 +259,7 @@ def test_sigkill_mid_job_is_reclaimed_and_succeeds_once(
     assert dead.state == "running" and dead.attempts == 1
     # Nobody releases the job: it comes back only when its lease has run out.
     assert worker.run_worker(settings, once=True, runner=steady_runner) == 0
-    _wait_for(lambda: worker.run_worker(settings, once=True, runner=steady_runner) == 1,
-              timeout=10)
+    _wait_for(lambda: worker.run_worker(settings, once=True, runner=steady_runner) == 1, timeout=10)
     job = _job(engine, job_id)
     assert (job.state, job.attempts, job.lease_version) == ("succeeded", 2, 2)
     lines = runner_log.read_text().splitlines()
@@ -230,9 +269,9 @@ def test_sigkill_mid_job_is_reclaimed_and_succeeds_once(
     assert not _partials(settings)
 
 
-def test_sigterm_releases_the_job_and_exits(tmp_path: Path, sqlite_url: str,
-                                            runner_log: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_releases_the_job_and_exits(
+    tmp_path: Path, sqlite_url: str, runner_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = _settings(tmp_path, sqlite_url)
     engine = make_engine(sqlite_url)
     job_id = _enqueue(engine, trials=200)

@@ -30,8 +30,13 @@ def _results_text() -> str | None:
 def test_quick_run_polls_a_running_job_and_the_baseline_without_errors(tmp_path: Path) -> None:
     before = _results_text()
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "benchmarks/api_load.py", "--quick", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=QUICK_TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/api_load.py", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text(encoding="utf-8"))
     phases = {(p["target"], p["mode"]): p for p in report["phases"]}
@@ -67,8 +72,9 @@ def _unused_port() -> int:
 
 def test_refused_connections_are_errors() -> None:
     url = f"http://127.0.0.1:{_unused_port()}/status"
-    result = asyncio.run(run_load(url, target="nobody", mode="saturated", clients=3,
-                                  seconds=0.3, conditional=False))
+    result = asyncio.run(
+        run_load(url, target="nobody", mode="saturated", clients=3, seconds=0.3, conditional=False)
+    )
     assert result.requests > 0
     assert result.errors == result.requests
     assert set(result.statuses) == {"ConnectError"}
@@ -77,25 +83,47 @@ def test_refused_connections_are_errors() -> None:
 
 
 def _phase(target: str, mode: str, *, p99_ms: float, errors: int = 0) -> dict[str, Any]:
-    return {"target": target, "mode": mode, "requests": 100, "rps": 50.0, "p50_ms": 1.0,
-            "p95_ms": 2.0, "p99_ms": p99_ms, "max_ms": p99_ms, "errors": errors,
-            "statuses": {"200": 100 - errors}, "server_cpu_ms": p99_ms / 10,
-            "client_cpu_ms": 1.0, "worker_cores": 1.0}
+    return {
+        "target": target,
+        "mode": mode,
+        "requests": 100,
+        "rps": 50.0,
+        "p50_ms": 1.0,
+        "p95_ms": 2.0,
+        "p99_ms": p99_ms,
+        "max_ms": p99_ms,
+        "errors": errors,
+        "statuses": {"200": 100 - errors},
+        "server_cpu_ms": p99_ms / 10,
+        "client_cpu_ms": 1.0,
+        "worker_cores": 1.0,
+    }
 
 
 def test_markdown_gives_the_verdict_and_ratios_per_mode() -> None:
-    report = {"machine": "test machine", "clients": 100, "seconds": 30.0, "job": "builtin:x",
-              "job_seen": ["running/search 10%"],
-              "phases": [_phase("bitplan", "saturated", p99_ms=80.0),
-                         _phase("bare", "saturated", p99_ms=20.0),
-                         _phase("bitplan", "paced", p99_ms=10.0),
-                         _phase("bare", "paced", p99_ms=5.0)]}
+    report = {
+        "machine": "test machine",
+        "clients": 100,
+        "seconds": 30.0,
+        "job": "builtin:x",
+        "job_seen": ["running/search 10%"],
+        "phases": [
+            _phase("bitplan", "saturated", p99_ms=80.0),
+            _phase("bare", "saturated", p99_ms=20.0),
+            _phase("bitplan", "paced", p99_ms=10.0),
+            _phase("bare", "paced", p99_ms=5.0),
+        ],
+    }
     text = to_markdown(report)
     assert "test machine" in text
-    assert ("- saturated: bitplan/bare requests/s 1.00, p99 4.00x, server CPU per request "
-            "4.00x; bitplan misses") in text
-    assert ("- paced: bitplan/bare requests/s 1.00, p99 2.00x, server CPU per request 2.00x; "
-            "bitplan meets") in text
+    assert (
+        "- saturated: bitplan/bare requests/s 1.00, p99 4.00x, server CPU per request "
+        "4.00x; bitplan misses"
+    ) in text
+    assert (
+        "- paced: bitplan/bare requests/s 1.00, p99 2.00x, server CPU per request 2.00x; "
+        "bitplan meets"
+    ) in text
     # 1 ms of CPU per paced poll: 1000 polls/s on one core against 100 / 0.5 s offered.
     assert "one whole core serves ~1000 polls/s; 100 pollers every 0.5 s offer 200/s" in text
     report["phases"][2]["errors"] = 1  # any error misses the target, however fast

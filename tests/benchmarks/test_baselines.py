@@ -12,30 +12,39 @@ import torch
 from torch import nn
 
 from benchmarks.baselines import greedy_promotion, hawq_table, hessian_traces, ilp_allocation
-from search.frontier import best_under, exact_frontier
-from search.problem import Group, Problem
-from sensitivity.data import CalibData
-from sensitivity.errors import InputError
-from sensitivity.formats import fake_quantize, parse_format
-from sensitivity.layers import find_quant_layers
-from sensitivity.models import LoadedModel
+from bitplan.search.frontier import best_under, exact_frontier
+from bitplan.search.problem import Group, Problem
+from bitplan.sensitivity.data import CalibData
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import fake_quantize, parse_format
+from bitplan.sensitivity.layers import find_quant_layers
+from bitplan.sensitivity.models import LoadedModel
 
 
 def _problem(spec: dict[str, list[tuple[str, int, float]]]) -> Problem:
     """``{group: [(format, bytes, error), ...]}`` as a Problem."""
-    groups = [Group(key=k, members=[k], numel=64, formats=[f for f, _, _ in opts],
-                    bytes=np.array([b for _, b, _ in opts], dtype=np.int64),
-                    error=np.array([e for _, _, e in opts], dtype=np.float64))
-              for k, opts in spec.items()]
+    groups = [
+        Group(
+            key=k,
+            members=[k],
+            numel=64,
+            formats=[f for f, _, _ in opts],
+            bytes=np.array([b for _, b, _ in opts], dtype=np.int64),
+            error=np.array([e for _, _, e in opts], dtype=np.float64),
+        )
+        for k, opts in spec.items()
+    ]
     return Problem(groups=groups, layers=[], unplanned_bytes=0, fp16_bytes=0)
 
 
 # Greedy takes A's cheap big win first (gain 4.5/byte), then B's (0.3/byte) and is stuck at
 # 8 bytes with error 1.4; the optimum under 10 bytes is A=int8, B=int2 with error 1.0.
-HAND = _problem({
-    "A": [("int8", 8, 0.0), ("int4", 4, 1.0), ("int2", 2, 10.0)],
-    "B": [("int8", 8, 0.0), ("int4", 4, 0.4), ("int2", 2, 1.0)],
-})
+HAND = _problem(
+    {
+        "A": [("int8", 8, 0.0), ("int4", 4, 1.0), ("int2", 2, 10.0)],
+        "B": [("int8", 8, 0.0), ("int4", 4, 0.4), ("int2", 2, 1.0)],
+    }
+)
 
 
 def _brute_force(problem: Problem, cap: int) -> float:
@@ -51,8 +60,7 @@ def _random_problem(rng: np.random.Generator, n_groups: int) -> Problem:
     spec = {}
     for i in range(n_groups):
         n = int(rng.integers(1, 5))
-        spec[f"g{i}"] = [(f"f{j}", int(rng.integers(1, 50)), float(rng.random()))
-                         for j in range(n)]
+        spec[f"g{i}"] = [(f"f{j}", int(rng.integers(1, 50)), float(rng.random())) for j in range(n)]
     return _problem(spec)
 
 
@@ -70,8 +78,11 @@ def test_ilp_finds_the_optimum_greedy_misses() -> None:
 
 @pytest.mark.parametrize("cap", [4, 6, 16])
 def test_both_at_the_ends_of_the_budget_range(cap: int) -> None:
-    expected = {4: {"A": "int2", "B": "int2"}, 6: {"A": "int4", "B": "int2"},
-                16: {"A": "int8", "B": "int8"}}[cap]
+    expected = {
+        4: {"A": "int2", "B": "int2"},
+        6: {"A": "int4", "B": "int2"},
+        16: {"A": "int8", "B": "int8"},
+    }[cap]
     assert greedy_promotion(HAND, cap) == expected
     assert ilp_allocation(HAND, cap) == expected
 
@@ -79,8 +90,9 @@ def test_both_at_the_ends_of_the_budget_range(cap: int) -> None:
 def test_greedy_skips_dominated_options_and_can_jump_past_the_next_one() -> None:
     # int6 costs more than int4 for no gain; from int2 the best gain per byte is straight to
     # int8 (10 / 6) rather than to int4 (1 / 2).
-    problem = _problem({"A": [("int2", 2, 10.0), ("int4", 4, 9.0), ("int6", 6, 9.5),
-                              ("int8", 8, 0.0)]})
+    problem = _problem(
+        {"A": [("int2", 2, 10.0), ("int4", 4, 9.0), ("int6", 6, 9.5), ("int8", 8, 0.0)]}
+    )
     assert greedy_promotion(problem, 8) == {"A": "int8"}
     assert greedy_promotion(problem, 7) == {"A": "int4"}
 
@@ -100,12 +112,14 @@ def test_random_problems_respect_the_cap_and_ilp_is_optimal(seed: int) -> None:
         assert problem.cost(ilp)[1] == pytest.approx(optimum, rel=1e-9, abs=1e-12)
         assert problem.cost(greedy)[1] >= optimum - 1e-12
         assert best_under(exact_frontier(problem), int(cap)).predicted_error == pytest.approx(
-            optimum, rel=1e-9, abs=1e-12)
+            optimum, rel=1e-9, abs=1e-12
+        )
 
 
 def test_tiny_errors_are_not_lost_to_solver_tolerances() -> None:
-    problem = _problem({"A": [("int8", 8, 3e-9), ("int4", 4, 5e-9)],
-                        "B": [("int8", 8, 1e-9), ("int4", 4, 9e-9)]})
+    problem = _problem(
+        {"A": [("int8", 8, 3e-9), ("int4", 4, 5e-9)], "B": [("int8", 8, 1e-9), ("int4", 4, 9e-9)]}
+    )
     assert ilp_allocation(problem, 12) == {"A": "int4", "B": "int8"}
 
 
@@ -128,16 +142,23 @@ class _Linear(nn.Module):
 def linear_model() -> tuple[LoadedModel, CalibData]:
     torch.manual_seed(0)
     module = _Linear().eval()
-    model = LoadedModel(ref="test:linear", sha256="0", module=module,
-                        task="image-classification", layers=find_quant_layers(module),
-                        tokenizer=None, device=torch.device("cpu"))
+    model = LoadedModel(
+        ref="test:linear",
+        sha256="0",
+        module=module,
+        task="image-classification",
+        layers=find_quant_layers(module),
+        tokenizer=None,
+        device=torch.device("cpu"),
+    )
     x = torch.randn(16, 4)
     data = CalibData(inputs={"pixel_values": x}, labels=torch.randint(0, 3, (16,)), sha256="d")
     return model, data
 
 
 def test_hutchinson_trace_matches_the_exact_hessian(
-        linear_model: tuple[LoadedModel, CalibData]) -> None:
+    linear_model: tuple[LoadedModel, CalibData],
+) -> None:
     model, data = linear_model
     module = model.module
     weight = module.fc.weight.detach().clone()
@@ -156,7 +177,8 @@ def test_hutchinson_trace_matches_the_exact_hessian(
 
 
 def test_hawq_table_weighs_weight_error_by_trace_per_weight(
-        linear_model: tuple[LoadedModel, CalibData]) -> None:
+    linear_model: tuple[LoadedModel, CalibData],
+) -> None:
     model, _ = linear_model
     weight = model.module.fc.weight.detach()
     table = hawq_table(model, {"fc.weight": 2.4}, ["int8", "int2-g32-asym"])

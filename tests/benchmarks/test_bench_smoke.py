@@ -54,8 +54,9 @@ def _quick_case() -> bench.Case:
 def test_quick_run_gives_sane_numbers_and_writes_its_section(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     update_results_section("Frontier", "kept", results)
-    reports = bench.main(["--quick", "--in-process", "--models", "tiny-lm",
-                          "--results", str(results)])
+    reports = bench.main(
+        ["--quick", "--in-process", "--models", "tiny-lm", "--results", str(results)]
+    )
     assert len(reports) == 1
     report = reports[0]
     assert list(report.runs) == ["weight", "layer", "fisher", "e2e"]
@@ -78,9 +79,9 @@ def test_quick_run_gives_sane_numbers_and_writes_its_section(tmp_path: Path) -> 
     assert "### builtin:tiny-lm" in text and "| fisher |" in text
 
 
-def test_missing_real_checkpoint_is_a_note_not_a_crash(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_real_checkpoint_is_a_note_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(bench, "find_minilm", lambda: None)
     results = tmp_path / "RESULTS.md"
     assert bench.main(["--quick", "--models", "minilm", "--results", str(results)]) == []

@@ -8,19 +8,29 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from benchmarks.frontier import SECTION, main, pareto_holdout
-from search.outputs import PointRecord
+from bitplan.search.outputs import PointRecord
 
 
 def _point(total_bytes: int, error: float) -> PointRecord:
-    return PointRecord(choice={}, planned_bytes=total_bytes, total_bytes=total_bytes,
-                       bpw=0.0, predicted_error=0.0, calibration={}, holdout={"error": error},
-                       source="search")
+    return PointRecord(
+        choice={},
+        planned_bytes=total_bytes,
+        total_bytes=total_bytes,
+        bpw=0.0,
+        predicted_error=0.0,
+        calibration={},
+        holdout={"error": error},
+        source="search",
+    )
 
 
 def test_pareto_holdout_keeps_only_undominated_points() -> None:
     points = [_point(10, 0.5), _point(8, 0.6), _point(12, 0.55), _point(8, 0.7), _point(14, 0.1)]
     assert [(p.total_bytes, p.holdout["error"]) for p in pareto_holdout(points)] == [
-        (8, 0.6), (10, 0.5), (14, 0.1)]
+        (8, 0.6),
+        (10, 0.5),
+        (14, 0.1),
+    ]
 
 
 def test_quick_run_writes_results_and_plot(tmp_path: Path) -> None:
@@ -43,8 +53,12 @@ def test_quick_run_writes_results_and_plot(tmp_path: Path) -> None:
 
     text = results_md.read_text(encoding="utf-8")
     assert text.count(f"## {SECTION}") == 1
-    for heading in ("(a) Frontier vs uniform", "(b) Optuna-refined", "(c) Baselines",
-                    "(d) Search overhead"):
+    for heading in (
+        "(a) Frontier vs uniform",
+        "(b) Optuna-refined",
+        "(c) Baselines",
+        "(d) Search overhead",
+    ):
         assert heading in text
     assert "| tiny-llama | int4-g128 | HAWQ-V3 ILP |" in text
 

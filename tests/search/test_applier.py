@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from search.applier import PlanApplier
-from sensitivity.formats import fake_quantize, parse_format
-from sensitivity.layers import find_quant_layers
+from bitplan.search.applier import PlanApplier
+from bitplan.sensitivity.formats import fake_quantize, parse_format
+from bitplan.sensitivity.layers import find_quant_layers
 
 
 def _model() -> nn.Module:
@@ -29,12 +29,14 @@ def test_apply_switches_formats_and_restores() -> None:
         applier.apply({"0.weight": "int4-g8", "1": "int2-g4-asym"})
         expect = fake_quantize(originals["0.weight"], parse_format("int4-g8"))
         assert torch.equal(model[0].weight, expect) and model[4].weight is model[0].weight
-        assert torch.equal(model[1].weight,
-                           fake_quantize(originals["1.weight"], parse_format("int2-g4-asym")))
+        assert torch.equal(
+            model[1].weight, fake_quantize(originals["1.weight"], parse_format("int2-g4-asym"))
+        )
         assert torch.equal(model[3].weight, originals["3.weight"])  # absent: full precision
         applier.apply({"0.weight": "int8", "1": "int2-g4-asym", "3": "fp8-e4m3"})
-        assert torch.equal(model[0].weight, fake_quantize(originals["0.weight"],
-                                                          parse_format("int8")))
+        assert torch.equal(
+            model[0].weight, fake_quantize(originals["0.weight"], parse_format("int8"))
+        )
         assert model[0].weight.dtype == torch.bfloat16
     for name, p in model.named_parameters():
         assert torch.equal(p, originals[name]), name

@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from search import artifact
-from search.artifact import apply_plan, load_artifact, tensor_bytes_of, write_artifact
-from sensitivity.errors import InputError
-from sensitivity.formats import fake_quantize, parse_format, tensor_bytes
-from sensitivity.layers import (
+from bitplan.search import artifact
+from bitplan.search.artifact import apply_plan, load_artifact, tensor_bytes_of, write_artifact
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import fake_quantize, parse_format, tensor_bytes
+from bitplan.sensitivity.layers import (
     QuantLayer,
     find_quant_layers,
     get_weight,
@@ -29,8 +29,14 @@ VOCAB, DIM = 37, 45  # odd sizes: every group format below gets a short last gro
 
 # One format per layer; the embedding and the tied head share int8.
 MIXED = {
-    "embed": "int8", "head": "int8", "up": "int4-g32", "conv": "int3-g16-asym",
-    "down": "int2-g8-asym", "mix": "int5-g64", "proj": "int6", "gate": "fp8-e4m3",
+    "embed": "int8",
+    "head": "int8",
+    "up": "int4-g32",
+    "conv": "int3-g16-asym",
+    "down": "int2-g8-asym",
+    "mix": "int5-g64",
+    "proj": "int6",
+    "gate": "fp8-e4m3",
     "out": "fp16",
 }
 
@@ -73,8 +79,9 @@ def _fake_quantized(model: nn.Module, layers: list[QuantLayer], formats: dict[st
 
 
 def _expected_bytes(model: nn.Module, layers: list[QuantLayer], formats: dict[str, str]) -> int:
-    planned = {lay.param: tensor_bytes(parse_format(formats[lay.name]), *lay.shape)
-               for lay in layers}
+    planned = {
+        lay.param: tensor_bytes(parse_format(formats[lay.name]), *lay.shape) for lay in layers
+    }
     return sum(planned.values()) + parameter_bytes(model, layers)[0]
 
 
@@ -89,7 +96,7 @@ def _trained(seed: int, dtype: torch.dtype = torch.float32) -> Mixed:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 50])  # 50: many row chunks per layer
 def test_reload_is_bit_equal_and_bytes_match_the_plan(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, chunk: int | None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, chunk: int | None
 ) -> None:
     if chunk is not None:
         monkeypatch.setattr(artifact, "_CHUNK_ELEMENTS", chunk)
@@ -97,8 +104,9 @@ def test_reload_is_bit_equal_and_bytes_match_the_plan(
     layers = find_quant_layers(model)
     assert {lay.name for lay in layers} == set(MIXED)
     assert sum(lay.tie is not None for lay in layers) == 2
-    report = write_artifact(model=model, layers=layers, formats=MIXED, out_dir=tmp_path,
-                            model_ref="builtin:test")
+    report = write_artifact(
+        model=model, layers=layers, formats=MIXED, out_dir=tmp_path, model_ref="builtin:test"
+    )
     expected = _expected_bytes(model, layers, MIXED)
     assert tensor_bytes_of(report.path) == report.total_bytes == expected
     assert report.tensor_bytes["up.weight.qdata"] == math.ceil(70 * DIM * 4 / 8)  # 2 a byte
@@ -131,19 +139,28 @@ def test_file_layout(tmp_path: Path) -> None:
         assert f.get_tensor("out.weight").dtype == torch.float16
         assert f.get_tensor("conv.weight.scales").shape == (24, 14)  # ceil(210 / 16)
         meta = json.loads(f.metadata()["conv.weight"])
-    assert meta == {"format": "int3-g16-asym", "kind": "conv2d", "shape": [24, 70, 3, 1],
-                    "rows": 24, "cols": 210, "dtype": "float32"}
+    assert meta == {
+        "format": "int3-g16-asym",
+        "kind": "conv2d",
+        "shape": [24, 70, 3, 1],
+        "rows": 24,
+        "cols": 210,
+        "dtype": "float32",
+    }
     assert "head.weight" not in names and "head.weight.qdata" not in names  # tied: stored once
     assert {"up.bias", "norm.weight", "embed.weight.qdata"} <= names
     with safe_open(str(tmp_path / "buffers.safetensors"), framework="pt") as f:
-        assert set(f.keys()) == {"norm.running_mean", "norm.running_var",
-                                 "norm.num_batches_tracked"}
+        assert set(f.keys()) == {
+            "norm.running_mean",
+            "norm.running_var",
+            "norm.num_batches_tracked",
+        }
 
 
 def test_gpt2_conv1d_round_trip(tmp_path: Path) -> None:
     import transformers
-    config = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=40, n_layer=1,
-                                     n_head=2)
+
+    config = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=40, n_layer=1, n_head=2)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     layers = find_quant_layers(model)
@@ -152,8 +169,9 @@ def test_gpt2_conv1d_round_trip(tmp_path: Path) -> None:
     formats = {lay.name: cycle[i % len(cycle)] for i, lay in enumerate(layers) if lay.tie is None}
     formats.update({lay.name: "int8" for lay in layers if lay.tie is not None})
     write_artifact(model=model, layers=layers, formats=formats, out_dir=tmp_path)
-    assert tensor_bytes_of(tmp_path / "model.safetensors") == _expected_bytes(model, layers,
-                                                                                formats)
+    assert tensor_bytes_of(tmp_path / "model.safetensors") == _expected_bytes(
+        model, layers, formats
+    )
     x = torch.randint(0, 61, (2, 9))
     _fake_quantized(model, layers, formats)
     want = model(input_ids=x).logits
@@ -167,17 +185,24 @@ def test_formats_are_validated(tmp_path: Path) -> None:
     model = _trained(0)
     layers = find_quant_layers(model)
     with pytest.raises(InputError, match="no format for layer up"):
-        write_artifact(model=model, layers=layers,
-                       formats={k: v for k, v in MIXED.items() if k != "up"}, out_dir=tmp_path)
+        write_artifact(
+            model=model,
+            layers=layers,
+            formats={k: v for k, v in MIXED.items() if k != "up"},
+            out_dir=tmp_path,
+        )
     with pytest.raises(InputError, match="different formats"):
-        write_artifact(model=model, layers=layers, formats={**MIXED, "head": "int4"},
-                       out_dir=tmp_path)
+        write_artifact(
+            model=model, layers=layers, formats={**MIXED, "head": "int4"}, out_dir=tmp_path
+        )
     with pytest.raises(InputError, match="does not plan: nope"):
-        write_artifact(model=model, layers=layers, formats={**MIXED, "nope": "int8"},
-                       out_dir=tmp_path)
+        write_artifact(
+            model=model, layers=layers, formats={**MIXED, "nope": "int8"}, out_dir=tmp_path
+        )
     with pytest.raises(InputError, match="unknown format"):
-        write_artifact(model=model, layers=layers, formats={**MIXED, "up": "int7x"},
-                       out_dir=tmp_path)
+        write_artifact(
+            model=model, layers=layers, formats={**MIXED, "up": "int7x"}, out_dir=tmp_path
+        )
     only_embed = {k: v for k, v in MIXED.items() if k != "head"}  # one tie member is enough
     report = write_artifact(model=model, layers=layers, formats=only_embed, out_dir=tmp_path)
     assert report.tensor_bytes["embed.weight.qdata"] == VOCAB * DIM  # int8: a byte each
@@ -202,12 +227,15 @@ class _Untied(Mixed):
         self.head = nn.Linear(DIM, VOCAB, bias=False)
 
 
-@pytest.mark.parametrize(("target", "message"), [
-    (_Wider, "proj.weight has shape"),
-    (_Extra, "lacks tensors the model needs: extra.bias, extra.weight"),
-    (_Untied, "lacks tensors the model needs: head.weight"),
-    (nn.Linear(3, 3), "has tensors the model does not have"),
-])
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (_Wider, "proj.weight has shape"),
+        (_Extra, "lacks tensors the model needs: extra.bias, extra.weight"),
+        (_Untied, "lacks tensors the model needs: head.weight"),
+        (nn.Linear(3, 3), "has tensors the model does not have"),
+    ],
+)
 def test_load_rejects_other_architectures(tmp_path: Path, target: object, message: str) -> None:
     model = _trained(0)
     write_artifact(model=model, layers=find_quant_layers(model), formats=MIXED, out_dir=tmp_path)
@@ -223,6 +251,7 @@ def test_load_rejects_missing_or_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a readable safetensors"):
         load_artifact(tmp_path, Mixed())
     from safetensors.torch import save_file
+
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(InputError, match="not a bitplan artifact"):
         load_artifact(tmp_path, Mixed())
@@ -232,16 +261,25 @@ def test_apply_plan_checks_model_and_bytes(tmp_path: Path) -> None:
     model = _trained(0)
     layers = find_quant_layers(model)
     total = _expected_bytes(model, layers, MIXED)
-    plan = {"schema": "bitplan.plan/v1", "model": {"ref": "builtin:test", "sha256": "ab" * 32},
-            "layers": [{"name": k, "format": v} for k, v in MIXED.items()],
-            "totals": {"total_bytes": total}}
+    plan = {
+        "schema": "bitplan.plan/v1",
+        "model": {"ref": "builtin:test", "sha256": "ab" * 32},
+        "layers": [{"name": k, "format": v} for k, v in MIXED.items()],
+        "totals": {"total_bytes": total},
+    }
     loaded = SimpleNamespace(module=model, layers=layers, sha256="ab" * 32, ref="builtin:test")
     with pytest.raises(InputError, match="plan was made for model"):
-        apply_plan(model=SimpleNamespace(**{**vars(loaded), "sha256": "cd" * 32}), plan=plan,
-                   out_dir=tmp_path / "a")
+        apply_plan(
+            model=SimpleNamespace(**{**vars(loaded), "sha256": "cd" * 32}),
+            plan=plan,
+            out_dir=tmp_path / "a",
+        )
     with pytest.raises(InputError, match=f"says {total + 1} bytes but this model packs to {total}"):
-        apply_plan(model=loaded, plan={**plan, "totals": {"total_bytes": total + 1}},
-                   out_dir=tmp_path / "b")
+        apply_plan(
+            model=loaded,
+            plan={**plan, "totals": {"total_bytes": total + 1}},
+            out_dir=tmp_path / "b",
+        )
     assert not (tmp_path / "b").exists()
     with pytest.raises(InputError, match="not a bitplan.plan/v1"):
         apply_plan(model=loaded, plan={"model": {}}, out_dir=tmp_path / "c")
@@ -252,13 +290,19 @@ def test_apply_plan_checks_model_and_bytes(tmp_path: Path) -> None:
 
 def test_rewrite_into_the_same_folder_drops_stale_files(tmp_path: Path) -> None:
     model = _trained(0)
-    write_artifact(model=model, layers=find_quant_layers(model), formats=MIXED,
-                   out_dir=tmp_path, plan={"schema": "bitplan.plan/v1"})
+    write_artifact(
+        model=model,
+        layers=find_quant_layers(model),
+        formats=MIXED,
+        out_dir=tmp_path,
+        plan={"schema": "bitplan.plan/v1"},
+    )
     torch.manual_seed(0)
     small = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3))
     layers = find_quant_layers(small)
-    report = write_artifact(model=small, layers=layers, out_dir=tmp_path,
-                            formats={"0": "int4-g8", "2": "int2-g4-asym"})
+    report = write_artifact(
+        model=small, layers=layers, out_dir=tmp_path, formats={"0": "int4-g8", "2": "int2-g4-asym"}
+    )
     assert Path(report) == tmp_path / "model.safetensors"
     assert report.plan_path is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

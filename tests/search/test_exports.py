@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from search.exports import (
+from bitplan.search.exports import (
     gguf_name,
     llamacpp_args,
     plan_to_csv,
@@ -17,29 +17,56 @@ from search.exports import (
     plan_to_torchao,
     torchao_config,
 )
-from search.plans import Plan, make_plan
-from sensitivity.errors import InputError
-from sensitivity.layers import QuantLayer
+from bitplan.search.plans import Plan, make_plan
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.layers import QuantLayer
 
 D, F, V = 64, 128, 256  # hidden, MLP and vocabulary sizes of the toy models
 
 
 def _plan(layers: list[QuantLayer], choice: dict[str, str]) -> Plan:
-    return make_plan(model_ref="toy", model_sha256="0" * 64, layers=layers, choice=choice,
-                     budget=None, unplanned_bytes=0, fp16_bytes=10**6, predicted_error=0.0)
+    return make_plan(
+        model_ref="toy",
+        model_sha256="0" * 64,
+        layers=layers,
+        choice=choice,
+        budget=None,
+        unplanned_bytes=0,
+        fp16_bytes=10**6,
+        predicted_error=0.0,
+    )
 
 
 def _linear(name: str, rows: int, cols: int, **kw) -> QuantLayer:
-    return QuantLayer(name=name, param=f"{name}.weight", kind="linear", shape=(rows, cols),
-                      numel=rows * cols, **kw)
+    return QuantLayer(
+        name=name,
+        param=f"{name}.weight",
+        kind="linear",
+        shape=(rows, cols),
+        numel=rows * cols,
+        **kw,
+    )
 
 
 def _llama() -> tuple[list[QuantLayer], dict[str, str]]:
-    layers = [QuantLayer(name="model.embed_tokens", param="model.embed_tokens.weight",
-                         kind="embedding", shape=(V, D), numel=V * D)]
-    formats = {"q_proj": "int4-g64", "k_proj": "int8", "v_proj": "int6-g64",
-               "o_proj": "int5-g32", "gate_proj": "int3-g64", "up_proj": "int2-g32-asym",
-               "down_proj": "bf16"}
+    layers = [
+        QuantLayer(
+            name="model.embed_tokens",
+            param="model.embed_tokens.weight",
+            kind="embedding",
+            shape=(V, D),
+            numel=V * D,
+        )
+    ]
+    formats = {
+        "q_proj": "int4-g64",
+        "k_proj": "int8",
+        "v_proj": "int6-g64",
+        "o_proj": "int5-g32",
+        "gate_proj": "int3-g64",
+        "up_proj": "int2-g32-asym",
+        "down_proj": "bf16",
+    }
     choice = {"model.embed_tokens": "fp16", "lm_head": "fp32"}
     for block in (0, 11):
         for proj, fmt in formats.items():
@@ -56,8 +83,13 @@ def test_csv_has_one_row_a_layer() -> None:
     rows = list(csv.DictReader(io.StringIO(plan_to_csv(_plan(layers, choice)))))
     assert [r["name"] for r in rows] == [lay.name for lay in layers]
     q = rows[1]
-    assert (q["format"], q["bits"], q["group_size"], q["rows"], q["cols"]) == \
-        ("int4-g64", "4", "64", str(D), str(D))
+    assert (q["format"], q["bits"], q["group_size"], q["rows"], q["cols"]) == (
+        "int4-g64",
+        "4",
+        "64",
+        str(D),
+        str(D),
+    )
     assert int(q["bytes"]) == _plan(layers, choice).layers[1].bytes
 
 
@@ -81,19 +113,46 @@ def test_llamacpp_llama_names_and_types() -> None:
 
 
 def test_llamacpp_gpt2_names_and_tie_once() -> None:
-    wte = QuantLayer(name="transformer.wte", param="transformer.wte.weight", kind="embedding",
-                     shape=(V, D), numel=V * D, tie="transformer.wte.weight")
-    head = QuantLayer(name="lm_head", param="transformer.wte.weight", kind="linear",
-                      shape=(V, D), numel=V * D, tie="transformer.wte.weight")
-    conv = [QuantLayer(name=f"transformer.h.3.{n}", param=f"transformer.h.3.{n}.weight",
-                       kind="hf_conv1d", shape=(r, c), numel=r * c)
-            for n, r, c in (("attn.c_attn", 3 * D, D), ("attn.c_proj", D, D),
-                            ("mlp.c_fc", F, D), ("mlp.c_proj", D, F))]
+    wte = QuantLayer(
+        name="transformer.wte",
+        param="transformer.wte.weight",
+        kind="embedding",
+        shape=(V, D),
+        numel=V * D,
+        tie="transformer.wte.weight",
+    )
+    head = QuantLayer(
+        name="lm_head",
+        param="transformer.wte.weight",
+        kind="linear",
+        shape=(V, D),
+        numel=V * D,
+        tie="transformer.wte.weight",
+    )
+    conv = [
+        QuantLayer(
+            name=f"transformer.h.3.{n}",
+            param=f"transformer.h.3.{n}.weight",
+            kind="hf_conv1d",
+            shape=(r, c),
+            numel=r * c,
+        )
+        for n, r, c in (
+            ("attn.c_attn", 3 * D, D),
+            ("attn.c_proj", D, D),
+            ("mlp.c_fc", F, D),
+            ("mlp.c_proj", D, F),
+        )
+    ]
     choice = {"transformer.wte.weight": "int8", **{c.name: "int4-g32" for c in conv}}
     pairs = dict(a.split("=") for a in llamacpp_args(_plan([head, *conv, wte], choice))[1::2])
-    assert pairs == {r"token_embd\.weight": "q8_0", r"blk\.3\.attn_qkv\.weight": "q4_K",
-                     r"blk\.3\.attn_output\.weight": "q4_K", r"blk\.3\.ffn_up\.weight": "q4_K",
-                     r"blk\.3\.ffn_down\.weight": "q4_K"}
+    assert pairs == {
+        r"token_embd\.weight": "q8_0",
+        r"blk\.3\.attn_qkv\.weight": "q4_K",
+        r"blk\.3\.attn_output\.weight": "q4_K",
+        r"blk\.3\.ffn_up\.weight": "q4_K",
+        r"blk\.3\.ffn_down\.weight": "q4_K",
+    }
     assert gguf_name("h.0.attn.c_attn") == "blk.0.attn_qkv"
     assert gguf_name("transformer.wpe") == "position_embd"
 
@@ -108,33 +167,52 @@ def test_llamacpp_errors_name_the_problem() -> None:
 
 
 def test_torchao_mapping_table() -> None:
-    layers = [_linear("a", D, D), _linear("b", D, D), _linear("c", D, D), _linear("d", D, D),
-              _linear("e", D, D), _linear("f", D, D),
-              QuantLayer(name="emb", param="emb.weight", kind="embedding", shape=(V, D),
-                         numel=V * D)]
-    choice = {"a": "int4-g128", "b": "int8", "c": "int3-g64-asym", "d": "fp8-e4m3",
-              "e": "bf16", "f": "int4-g100", "emb": "int4-g32"}
+    layers = [
+        _linear("a", D, D),
+        _linear("b", D, D),
+        _linear("c", D, D),
+        _linear("d", D, D),
+        _linear("e", D, D),
+        _linear("f", D, D),
+        QuantLayer(name="emb", param="emb.weight", kind="embedding", shape=(V, D), numel=V * D),
+    ]
+    choice = {
+        "a": "int4-g128",
+        "b": "int8",
+        "c": "int3-g64-asym",
+        "d": "fp8-e4m3",
+        "e": "bf16",
+        "f": "int4-g100",
+        "emb": "int4-g32",
+    }
     config = torchao_config(_plan(layers, choice))
     assert config["a"] == {"config": "Int4WeightOnlyConfig", "kwargs": {"group_size": "128"}}
     assert config["b"] == {"config": "Int8WeightOnlyConfig", "kwargs": {}}
-    assert config["c"] == {"config": "IntxWeightOnlyConfig", "kwargs": {
-        "weight_dtype": "torch.int3", "granularity": "PerGroup(64)",
-        "mapping_type": "MappingType.ASYMMETRIC"}}
+    assert config["c"] == {
+        "config": "IntxWeightOnlyConfig",
+        "kwargs": {
+            "weight_dtype": "torch.int3",
+            "granularity": "PerGroup(64)",
+            "mapping_type": "MappingType.ASYMMETRIC",
+        },
+    }
     assert config["d"] == {"config": "Float8WeightOnlyConfig", "kwargs": {}}
     assert config["e"] is None
     assert config["f"]["config"] == "IntxWeightOnlyConfig"  # 100 is no tinygemm group size
     assert config["emb"]["config"] == "IntxWeightOnlyConfig"  # Int4 kernels are Linear-only
-    layers_int8 = [QuantLayer(name="x", param="x.weight", kind="conv2d", shape=(8, 27),
-                              numel=216)]
-    assert torchao_config(_plan(layers_int8, {"x": "int8"}))["x"]["kwargs"]["granularity"] == \
-        "PerAxis(0)"
+    layers_int8 = [QuantLayer(name="x", param="x.weight", kind="conv2d", shape=(8, 27), numel=216)]
+    assert (
+        torchao_config(_plan(layers_int8, {"x": "int8"}))["x"]["kwargs"]["granularity"]
+        == "PerAxis(0)"
+    )
 
 
 def test_torchao_text_is_json_with_runnable_looking_code() -> None:
     layers, choice = _llama()
     doc = json.loads(plan_to_torchao(_plan(layers, choice)))
-    assert doc["fqn_to_config"]["model.layers.0.self_attn.q_proj"]["config"] == \
-        "Int4WeightOnlyConfig"
+    assert (
+        doc["fqn_to_config"]["model.layers.0.self_attn.q_proj"]["config"] == "Int4WeightOnlyConfig"
+    )
     code = doc["code"]
     compile(code, "<torchao>", "exec")  # valid Python
     assert "'model.layers.0.self_attn.q_proj': Int4WeightOnlyConfig(group_size=64)," in code

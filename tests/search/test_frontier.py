@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from search.budgets import parse_budget
-from search.frontier import best_under, exact_frontier, planned_cap
-from search.problem import LayerRow, Problem, build_problem
-from sensitivity.errors import InputError
-from sensitivity.formats import parse_format, tensor_bytes
-from sensitivity.layers import QuantLayer
+from bitplan.search.budgets import parse_budget
+from bitplan.search.frontier import best_under, exact_frontier, planned_cap
+from bitplan.search.problem import LayerRow, Problem, build_problem
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format, tensor_bytes
+from bitplan.sensitivity.layers import QuantLayer
 
 FORMATS = ("int8", "int6-g128", "int4-g128", "int3-g64", "int2-g32-asym")
 
@@ -31,15 +31,20 @@ def _problem(options: list[list[tuple[int, int]]], *, unplanned: int = 0) -> Pro
             rows.append({"layer": f"l{i}", "format": fmt, "error": float(err)})
             sizes[fmt] = nbytes
         layers.append(LayerRow(name=f"l{i}", param=f"l{i}.weight", numel=64, table_bytes=sizes))
-    return build_problem(pd.DataFrame(rows), layers, unplanned_bytes=unplanned,
-                         fp16_bytes=128 * len(options))
+    return build_problem(
+        pd.DataFrame(rows), layers, unplanned_bytes=unplanned, fp16_bytes=128 * len(options)
+    )
 
 
 def _brute_force(problem: Problem) -> list[tuple[int, float]]:
     """Pareto set of every combination: fewer bytes wins ties in error and vice versa."""
-    combos = {(sum(int(g.bytes[i]) for g, i in zip(problem.groups, pick, strict=True)),
-               sum(float(g.error[i]) for g, i in zip(problem.groups, pick, strict=True)))
-              for pick in itertools.product(*(range(len(g.formats)) for g in problem.groups))}
+    combos = {
+        (
+            sum(int(g.bytes[i]) for g, i in zip(problem.groups, pick, strict=True)),
+            sum(float(g.error[i]) for g, i in zip(problem.groups, pick, strict=True)),
+        )
+        for pick in itertools.product(*(range(len(g.formats)) for g in problem.groups))
+    }
     front, best = [], math.inf
     for nbytes, err in sorted(combos):
         if err < best:
@@ -58,8 +63,9 @@ def test_frontier_equals_brute_force(options: list[list[tuple[int, int]]]) -> No
     # Integer-valued errors keep sums exact, so ties in error (the tricky case) are common.
     problem = _problem(options)
     frontier = exact_frontier(problem)
-    assert list(zip(frontier.bytes.tolist(), frontier.error.tolist(), strict=True)) == \
-        _brute_force(problem)
+    assert list(zip(frontier.bytes.tolist(), frontier.error.tolist(), strict=True)) == _brute_force(
+        problem
+    )
     assert frontier.exact
     for i in range(len(frontier)):
         point = frontier.point(i)
@@ -69,7 +75,8 @@ def test_frontier_equals_brute_force(options: list[list[tuple[int, int]]]) -> No
 @settings(max_examples=60, deadline=None)
 @given(_instances, st.integers(0, 200))
 def test_best_under_is_brute_force_best_and_never_exceeds(
-        options: list[list[tuple[int, int]]], cap: int) -> None:
+    options: list[list[tuple[int, int]]], cap: int
+) -> None:
     problem = _problem(options)
     fits = [(e, b) for b, e in _brute_force(problem) if b <= cap]
     best = best_under(exact_frontier(problem), cap)
@@ -81,16 +88,31 @@ def test_best_under_is_brute_force_best_and_never_exceeds(
 
 
 def _tied_table() -> tuple[pd.DataFrame, list[QuantLayer]]:
-    layers = [QuantLayer(name="emb", param="emb.weight", kind="embedding", shape=(256, 64),
-                         numel=256 * 64, tie="emb.weight"),
-              QuantLayer(name="fc", param="fc.weight", kind="linear", shape=(32, 64),
-                         numel=32 * 64),
-              QuantLayer(name="head", param="emb.weight", kind="linear", shape=(256, 64),
-                         numel=256 * 64, tie="emb.weight")]
+    layers = [
+        QuantLayer(
+            name="emb",
+            param="emb.weight",
+            kind="embedding",
+            shape=(256, 64),
+            numel=256 * 64,
+            tie="emb.weight",
+        ),
+        QuantLayer(name="fc", param="fc.weight", kind="linear", shape=(32, 64), numel=32 * 64),
+        QuantLayer(
+            name="head",
+            param="emb.weight",
+            kind="linear",
+            shape=(256, 64),
+            numel=256 * 64,
+            tie="emb.weight",
+        ),
+    ]
     errors = {"emb": (0.1, 1.0), "fc": (0.2, 3.0), "head": (0.4, 5.0)}
-    rows = [{"layer": name, "format": fmt, "error": err}
-            for name, errs in errors.items() for fmt, err in zip(("int8", "int2-g32-asym"),
-                                                                 errs, strict=True)]
+    rows = [
+        {"layer": name, "format": fmt, "error": err}
+        for name, errs in errors.items()
+        for fmt, err in zip(("int8", "int2-g32-asym"), errs, strict=True)
+    ]
     return pd.DataFrame(rows), layers
 
 
@@ -117,8 +139,7 @@ def test_pins_leave_one_option() -> None:
     frontier = exact_frontier(problem)
     assert {frontier.point(i).choice["fc"] for i in range(len(frontier))} == {"int8"}
     assert len(frontier) == 2
-    assert problem.uniform_choice("int2-g32-asym") == {"emb.weight": "int2-g32-asym",
-                                                       "fc": "int8"}
+    assert problem.uniform_choice("int2-g32-asym") == {"emb.weight": "int2-g32-asym", "fc": "int8"}
 
 
 def test_pin_to_unmeasured_format_costs_its_bytes() -> None:
@@ -135,14 +156,18 @@ def test_rows_of_excluded_layers_are_ignored() -> None:
     problem = build_problem(table, layers[:2] + [], unplanned_bytes=7, fp16_bytes=1)
     assert [g.key for g in problem.groups] == ["emb.weight", "fc"]
     assert exact_frontier(problem).point(0).total_bytes == 7 + sum(
-        int(g.bytes.min()) for g in problem.groups)
+        int(g.bytes.min()) for g in problem.groups
+    )
 
 
-@pytest.mark.parametrize(("change", "needle"), [
-    (lambda t: t.assign(error=t["error"].where(t.index != 0, float("nan"))), "finite"),
-    (lambda t: pd.concat([t, t.iloc[:1]]), "two rows"),
-    (lambda t: t[t["layer"] != "fc"], "no format"),
-])
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda t: t.assign(error=t["error"].where(t.index != 0, float("nan"))), "finite"),
+        (lambda t: pd.concat([t, t.iloc[:1]]), "two rows"),
+        (lambda t: t[t["layer"] != "fc"], "no format"),
+    ],
+)
 def test_bad_tables_are_input_errors(change, needle: str) -> None:
     table, layers = _tied_table()
     with pytest.raises(InputError, match=needle):
@@ -170,13 +195,21 @@ def test_infeasible_budget_names_smallest_size_and_bounds() -> None:
 
 def test_thinning_is_flagged_and_keeps_both_ends(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(0)
-    options = [[(int(b), int(e)) for b, e in zip(sorted(rng.integers(1, 10**6, 4)),
-                                                 sorted(rng.integers(0, 10**6, 4))[::-1],
-                                                 strict=True)] for _ in range(8)]
+    options = [
+        [
+            (int(b), int(e))
+            for b, e in zip(
+                sorted(rng.integers(1, 10**6, 4)),
+                sorted(rng.integers(0, 10**6, 4))[::-1],
+                strict=True,
+            )
+        ]
+        for _ in range(8)
+    ]
     problem = _problem(options)
     full = exact_frontier(problem)
     assert len(full) > 40
-    with caplog.at_level(logging.WARNING, logger="search.frontier"):
+    with caplog.at_level(logging.WARNING, logger="bitplan.search.frontier"):
         thin = exact_frontier(problem, max_points=40)
     assert not thin.exact and "no longer exact" in caplog.text
     assert len(thin) < len(full)

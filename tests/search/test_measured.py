@@ -9,9 +9,9 @@ import time
 import optuna
 import pytest
 
-from search.measured import Candidate, SearchResult, measured_search, pareto_front
-from sensitivity.errors import InputError
-from sensitivity.progress import Cancelled
+from bitplan.search.measured import Candidate, SearchResult, measured_search, pareto_front
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import Cancelled
 
 BITS = {"int8": 8, "int4": 4, "int2": 2}
 # Per-group (numel, sensitivity): different sizes and weights so the front is not trivial.

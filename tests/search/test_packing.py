@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from search import packing
-from search.packing import BitPacker, pack_bits, packed_size, unpack_bits
+from bitplan.search import packing
+from bitplan.search.packing import BitPacker, pack_bits, packed_size, unpack_bits
 
 BITS = (2, 3, 4, 5, 6, 8)
 

@@ -7,16 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from search.pipeline import run_job
-from search.plans import read_frontier, read_plan
-from search.spec import JobSpec
-from sensitivity.errors import InputError
-from sensitivity.progress import Cancelled
+from bitplan.search.pipeline import run_job
+from bitplan.search.plans import read_frontier, read_plan
+from bitplan.search.spec import JobSpec
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import Cancelled
 
 
 def _spec(**kwargs: object) -> JobSpec:
-    base = {"model": "builtin:digits-cnn", "budget": "4bpw", "trials": 12, "device": "cpu",
-            "batch_size": 128}
+    base = {
+        "model": "builtin:digits-cnn",
+        "budget": "4bpw",
+        "trials": 12,
+        "device": "cpu",
+        "batch_size": 128,
+    }
     return JobSpec(**{**base, **kwargs})  # type: ignore[arg-type]
 
 
@@ -24,8 +29,12 @@ def _spec(**kwargs: object) -> JobSpec:
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, list]:
     out = tmp_path_factory.mktemp("job")
     stages: list[tuple[str, int, int]] = []
-    result = run_job(_spec(), out_dir=out, cache_dir=out / "cache",
-                     progress=lambda s, d, t: stages.append((s, d, t)))
+    result = run_job(
+        _spec(),
+        out_dir=out,
+        cache_dir=out / "cache",
+        progress=lambda s, d, t: stages.append((s, d, t)),
+    )
     return out, result, stages
 
 
@@ -76,8 +85,12 @@ def test_reports_progress_per_stage(job: tuple) -> None:
 def test_second_job_reuses_the_cached_table(job: tuple, tmp_path: Path) -> None:
     out, _, _ = job
     stages: list[str] = []
-    run_job(_spec(trials=2, budget="3.5bpw"), out_dir=tmp_path, cache_dir=out / "cache",
-            progress=lambda s, d, t: stages.append(s))
+    run_job(
+        _spec(trials=2, budget="3.5bpw"),
+        out_dir=tmp_path,
+        cache_dir=out / "cache",
+        progress=lambda s, d, t: stages.append(s),
+    )
     assert "collect" not in stages  # no data pass: the table came from the cache
     assert (tmp_path / "sensitivity.csv").read_text() == (out / "sensitivity.csv").read_text()
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from search.budgets import parse_budget
-from search.plans import (
+from bitplan.search.budgets import parse_budget
+from bitplan.search.plans import (
     FRONTIER_SCHEMA,
     PLAN_SCHEMA,
     Plan,
@@ -17,25 +17,44 @@ from search.plans import (
     read_plan,
     write_frontier,
 )
-from search.problem import LayerRow
-from sensitivity.errors import InputError
-from sensitivity.formats import parse_format, tensor_bytes
-from sensitivity.layers import QuantLayer
+from bitplan.search.problem import LayerRow
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format, tensor_bytes
+from bitplan.sensitivity.layers import QuantLayer
 
 LAYERS = [
-    QuantLayer(name="emb", param="emb.weight", kind="embedding", shape=(100, 48), numel=4800,
-               tie="emb.weight"),
+    QuantLayer(
+        name="emb",
+        param="emb.weight",
+        kind="embedding",
+        shape=(100, 48),
+        numel=4800,
+        tie="emb.weight",
+    ),
     QuantLayer(name="fc", param="fc.weight", kind="linear", shape=(30, 48), numel=1440),
-    QuantLayer(name="head", param="emb.weight", kind="linear", shape=(100, 48), numel=4800,
-               tie="emb.weight"),
+    QuantLayer(
+        name="head",
+        param="emb.weight",
+        kind="linear",
+        shape=(100, 48),
+        numel=4800,
+        tie="emb.weight",
+    ),
 ]
 CHOICE = {"emb.weight": "int4-g32", "fc": "int3-g64-asym"}
 
 
 def _plan(**overrides) -> Plan:
-    args = {"model_ref": "builtin:toy", "model_sha256": "ab" * 32, "layers": LAYERS,
-            "choice": CHOICE, "budget": parse_budget("4.5bpw"), "unplanned_bytes": 500,
-            "fp16_bytes": 2 * (4800 + 1440) + 500, "predicted_error": 0.25}
+    args = {
+        "model_ref": "builtin:toy",
+        "model_sha256": "ab" * 32,
+        "layers": LAYERS,
+        "choice": CHOICE,
+        "budget": parse_budget("4.5bpw"),
+        "unplanned_bytes": 500,
+        "fp16_bytes": 2 * (4800 + 1440) + 500,
+        "predicted_error": 0.25,
+    }
     return make_plan(**{**args, **overrides})
 
 
@@ -61,10 +80,24 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert data["schema"] == PLAN_SCHEMA
     assert data["budget"] == {"kind": "bpw", "value": 4.5}
     assert data["layers"][0]["shape"] == [100, 48]
-    assert set(data["layers"][0]) == {"name", "param", "kind", "shape", "numel", "tie",
-                                      "format", "bits", "group_size", "symmetric", "bytes"}
-    assert data["metrics"] == {"predicted_error": 0.25, "calibration": {"error": 0.3},
-                               "holdout": {"accuracy": 0.9}}
+    assert set(data["layers"][0]) == {
+        "name",
+        "param",
+        "kind",
+        "shape",
+        "numel",
+        "tie",
+        "format",
+        "bits",
+        "group_size",
+        "symmetric",
+        "bytes",
+    }
+    assert data["metrics"] == {
+        "predicted_error": 0.25,
+        "calibration": {"error": 0.3},
+        "holdout": {"accuracy": 0.9},
+    }
     again = read_plan(path)
     assert again == plan
     assert again.to_dict() == data
@@ -76,21 +109,32 @@ def _broken(edit) -> dict:
     return data
 
 
-@pytest.mark.parametrize(("edit", "needle"), [
-    (lambda d: d.update(schema="bitplan.plan/v2"), "unsupported plan schema 'bitplan.plan/v2'"),
-    (lambda d: d["layers"][0].update(format="int7"), "int7"),
-    (lambda d: d["layers"][1].update(bits=8), "do not match format"),
-    (lambda d: d["layers"][1].update(bytes=1), "takes"),
-    (lambda d: d["layers"][2].update(format="int8", bits=8, group_size=None,
-                                     bytes=tensor_bytes(parse_format("int8"), 100, 48)),
-     "two formats"),
-    (lambda d: d["totals"].update(planned_bytes=d["totals"]["planned_bytes"] + 1),
-     "totals.planned_bytes"),
-    (lambda d: d["totals"].update(bpw=4.0), "totals.bpw"),
-    (lambda d: d["totals"].update(total_bytes=1), "totals.total_bytes"),
-    (lambda d: d.pop("layers"), "missing"),
-    (lambda d: d.update(budget={"kind": "watts", "value": 3}), "must be null or"),
-])
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda d: d.update(schema="bitplan.plan/v2"), "unsupported plan schema 'bitplan.plan/v2'"),
+        (lambda d: d["layers"][0].update(format="int7"), "int7"),
+        (lambda d: d["layers"][1].update(bits=8), "do not match format"),
+        (lambda d: d["layers"][1].update(bytes=1), "takes"),
+        (
+            lambda d: d["layers"][2].update(
+                format="int8",
+                bits=8,
+                group_size=None,
+                bytes=tensor_bytes(parse_format("int8"), 100, 48),
+            ),
+            "two formats",
+        ),
+        (
+            lambda d: d["totals"].update(planned_bytes=d["totals"]["planned_bytes"] + 1),
+            "totals.planned_bytes",
+        ),
+        (lambda d: d["totals"].update(bpw=4.0), "totals.bpw"),
+        (lambda d: d["totals"].update(total_bytes=1), "totals.total_bytes"),
+        (lambda d: d.pop("layers"), "missing"),
+        (lambda d: d.update(budget={"kind": "watts", "value": 3}), "must be null or"),
+    ],
+)
 def test_validation_errors(edit, needle: str) -> None:
     with pytest.raises(InputError, match=needle):
         Plan.from_dict(_broken(edit))
@@ -112,39 +156,61 @@ def test_make_plan_rejects_incomplete_or_foreign_choices() -> None:
 
 
 def test_table_rows_without_shapes_take_bytes_from_the_table() -> None:
-    rows = [LayerRow(name="a", param="a.weight", numel=1000, table_bytes={"int4-g128": 530}),
-            LayerRow(name="b", param="b.weight", numel=3000, table_bytes={"int4-g128": 1590})]
-    plan = make_plan(model_ref="table:t.csv", model_sha256="0" * 64, layers=rows,
-                     choice={"a": "int4-g128", "b": "int4-g128"}, budget=None,
-                     unplanned_bytes=0, fp16_bytes=8000, predicted_error=None)
+    rows = [
+        LayerRow(name="a", param="a.weight", numel=1000, table_bytes={"int4-g128": 530}),
+        LayerRow(name="b", param="b.weight", numel=3000, table_bytes={"int4-g128": 1590}),
+    ]
+    plan = make_plan(
+        model_ref="table:t.csv",
+        model_sha256="0" * 64,
+        layers=rows,
+        choice={"a": "int4-g128", "b": "int4-g128"},
+        budget=None,
+        unplanned_bytes=0,
+        fp16_bytes=8000,
+        predicted_error=None,
+    )
     assert plan.totals.planned_bytes == 2120 and plan.totals.bpw == pytest.approx(4.24)
     assert plan.layers[0].shape is None and plan.layers[0].kind is None
     assert Plan.from_dict(plan.to_dict()) == plan
 
 
 def test_frontier_file_round_trip(tmp_path: Path) -> None:
-    small = _plan(choice={"emb.weight": "int2-g32-asym", "fc": "int2-g32-asym"},
-                  metrics={"holdout": {"error": 0.5}})
+    small = _plan(
+        choice={"emb.weight": "int2-g32-asym", "fc": "int2-g32-asym"},
+        metrics={"holdout": {"error": 0.5}},
+    )
     big = _plan(metrics={"calibration": {"error": 0.1}, "holdout": {"error": 0.2}})
     uniform = _plan(choice={"emb.weight": "int8", "fc": "int8"})
-    written = write_frontier(tmp_path, model_ref="builtin:toy", model_sha256="ab" * 32,
-                             budget=parse_budget("4.5bpw"),
-                             points=[(big, "search"), (small, "exact")],
-                             uniform=[(uniform, "uniform")])
+    written = write_frontier(
+        tmp_path,
+        model_ref="builtin:toy",
+        model_sha256="ab" * 32,
+        budget=parse_budget("4.5bpw"),
+        points=[(big, "search"), (small, "exact")],
+        uniform=[(uniform, "uniform")],
+    )
     data = json.loads((tmp_path / "frontier.json").read_text())
     assert data["schema"] == FRONTIER_SCHEMA
     ids = [p["plan_id"] for p in data["points"]]
     assert ids == [f"p000-{small.totals.bpw:.2f}bpw", f"p001-{big.totals.bpw:.2f}bpw"]
-    assert data["points"][1]["metrics"] == {"calibration": {"error": 0.1},
-                                            "holdout": {"error": 0.2}}
+    assert data["points"][1]["metrics"] == {
+        "calibration": {"error": 0.1},
+        "holdout": {"error": 0.2},
+    }
     assert data["points"][1]["source"] == "search"
     assert data["uniform"][0]["plan_id"] == "u-int8"
     for point in data["points"] + data["uniform"]:
         assert read_plan(tmp_path / point["plan"]).totals.total_bytes == point["total_bytes"]
     assert read_frontier(tmp_path / "frontier.json") == written
     csv_lines = (tmp_path / "frontier.csv").read_text().splitlines()
-    assert csv_lines[0].split(",")[:5] == ["plan_id", "source", "total_bytes", "bpw",
-                                           "predicted_error"]
+    assert csv_lines[0].split(",")[:5] == [
+        "plan_id",
+        "source",
+        "total_bytes",
+        "bpw",
+        "predicted_error",
+    ]
     assert "holdout_error" in csv_lines[0] and len(csv_lines) == 4
     (tmp_path / "frontier.json").write_text(json.dumps({**data, "schema": "x/v9"}))
     with pytest.raises(InputError, match="unsupported frontier schema"):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from search.plans import read_frontier, read_plan
-from search.problem import estimated_bytes
-from search.solve import solve_table
-from sensitivity.errors import InputError
-from sensitivity.formats import parse_format
+from bitplan.search.plans import read_frontier, read_plan
+from bitplan.search.problem import estimated_bytes
+from bitplan.search.solve import solve_table
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format
 
 # layer -> {format: (bytes, error)}; "e1"/"e2" are one tie group "e".
 TABLE = {
@@ -29,19 +29,24 @@ def _write(path: Path, *, with_bytes: bool) -> Path:
     for layer, opts in TABLE.items():
         for fmt, (nbytes, err) in opts.items():
             tie = "e" if layer.startswith("e") else ""
-            lines.append(f"{layer},{fmt},{err},{NUMEL[layer]},{tie}"
-                         + (f",{nbytes}" if with_bytes else ""))
+            lines.append(
+                f"{layer},{fmt},{err},{NUMEL[layer]},{tie}" + (f",{nbytes}" if with_bytes else "")
+            )
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def _best_by_brute_force(cap: int, size) -> tuple[float, int]:
     """(error, bytes) of the best plan within ``cap``; the tie decided once."""
-    groups = [{f: (size("a", f), e) for f, (_, e) in TABLE["a"].items()},
-              {f: (size("b", f), e) for f, (_, e) in TABLE["b"].items()},
-              {f: (size("e1", f), e + TABLE["e2"][f][1]) for f, (_, e) in TABLE["e1"].items()}]
-    combos = [(sum(o[1] for o in pick), sum(o[0] for o in pick))
-              for pick in itertools.product(*(g.values() for g in groups))]
+    groups = [
+        {f: (size("a", f), e) for f, (_, e) in TABLE["a"].items()},
+        {f: (size("b", f), e) for f, (_, e) in TABLE["b"].items()},
+        {f: (size("e1", f), e + TABLE["e2"][f][1]) for f, (_, e) in TABLE["e1"].items()},
+    ]
+    combos = [
+        (sum(o[1] for o in pick), sum(o[0] for o in pick))
+        for pick in itertools.product(*(g.values() for g in groups))
+    ]
     return min(c for c in combos if c[1] <= cap)
 
 
@@ -71,7 +76,8 @@ def test_solve_without_bytes_column_estimates_from_numel(tmp_path: Path) -> None
     fp16 = 2 * (1024 + 4096 + 2048)
     cap = int(0.3 * fp16)
     err, nbytes = _best_by_brute_force(
-        cap, lambda layer, fmt: estimated_bytes(parse_format(fmt), NUMEL[layer]))
+        cap, lambda layer, fmt: estimated_bytes(parse_format(fmt), NUMEL[layer])
+    )
     best = read_plan(tmp_path / "out" / "plans" / f"{result.best_plan_id}.json")
     assert best.totals.total_bytes == nbytes
     assert best.totals.ratio_vs_fp16 == pytest.approx(nbytes / fp16) and nbytes <= cap

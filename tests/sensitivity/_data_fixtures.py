@@ -12,20 +12,28 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
-from sensitivity.builtin_nets import ByteTokenizer, DigitsCNN, TinyLM, TinyLMConfig
-from sensitivity.layers import find_quant_layers
-from sensitivity.models import LoadedModel
+from bitplan.sensitivity.builtin_nets import ByteTokenizer, DigitsCNN, TinyLM, TinyLMConfig
+from bitplan.sensitivity.layers import find_quant_layers
+from bitplan.sensitivity.models import LoadedModel
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]
 
 
-def loaded(module: nn.Module, task: str, *, tokenizer: Any | None = None,
-           builtin_data: str | None = None) -> LoadedModel:
+def loaded(
+    module: nn.Module, task: str, *, tokenizer: Any | None = None, builtin_data: str | None = None
+) -> LoadedModel:
     """A LoadedModel around a tiny module, as load_model would build it."""
     module.eval()
-    return LoadedModel(ref=f"test:{type(module).__name__}", sha256="0" * 64, module=module,
-                       task=task, layers=find_quant_layers(module), tokenizer=tokenizer,
-                       device=torch.device("cpu"), builtin_data=builtin_data)
+    return LoadedModel(
+        ref=f"test:{type(module).__name__}",
+        sha256="0" * 64,
+        module=module,
+        task=task,
+        layers=find_quant_layers(module),
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),
+        builtin_data=builtin_data,
+    )
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -34,8 +42,11 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
 
 
 class TextClassifier(nn.Module):
@@ -47,8 +58,9 @@ class TextClassifier(nn.Module):
         self.embed = nn.Embedding(vocab, 8)
         self.head = nn.Linear(8, classes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> SequenceClassifierOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> SequenceClassifierOutput:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         h = (self.embed(input_ids) * mask[..., None]).sum(1)  # (B, 8)
         return SequenceClassifierOutput(logits=self.head(h))
@@ -62,8 +74,9 @@ class Encoder(nn.Module):
         self.embed = nn.Embedding(vocab, 8)
         self.proj = nn.Linear(8, 8)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> BaseModelOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> BaseModelOutput:
         return BaseModelOutput(last_hidden_state=self.proj(self.embed(input_ids)))
 
 
@@ -104,16 +117,29 @@ def hf_model(task: str, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     vocab = len(WORDS) + 2
     if task == "text-classification":
-        cfg = tf.DistilBertConfig(vocab_size=vocab, dim=8, n_layers=1, n_heads=2, hidden_dim=16,
-                                  max_position_embeddings=16, num_labels=3)
+        cfg = tf.DistilBertConfig(
+            vocab_size=vocab,
+            dim=8,
+            n_layers=1,
+            n_heads=2,
+            hidden_dim=16,
+            max_position_embeddings=16,
+            num_labels=3,
+        )
         module = tf.DistilBertForSequenceClassification(cfg)
     elif task == "feature-extraction":
-        cfg = tf.BertConfig(vocab_size=vocab, hidden_size=8, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=16,
-                            max_position_embeddings=16)
+        cfg = tf.BertConfig(
+            vocab_size=vocab,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+        )
         module = tf.BertModel(cfg, add_pooling_layer=False)
     else:
-        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=8, n_layer=1, n_head=2, n_positions=16,
-                            use_cache=False)
+        cfg = tf.GPT2Config(
+            vocab_size=vocab, n_embd=8, n_layer=1, n_head=2, n_positions=16, use_cache=False
+        )
         module = tf.GPT2LMHeadModel(cfg)
     return loaded(module, task, tokenizer=word_tokenizer())

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity.analyzer import METHODS, analyze
-from sensitivity.data import CalibData
-from sensitivity.errors import InputError
-from sensitivity.formats import parse_format, parse_formats, tensor_bytes
-from sensitivity.layers import apply_pins, find_quant_layers, quantized
-from sensitivity.metrics import collect_reference, measure
-from sensitivity.models import LoadedModel
-from sensitivity.progress import Cancelled
+from bitplan.sensitivity.analyzer import METHODS, analyze
+from bitplan.sensitivity.data import CalibData
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format, parse_formats, tensor_bytes
+from bitplan.sensitivity.layers import apply_pins, find_quant_layers, quantized
+from bitplan.sensitivity.metrics import collect_reference, measure
+from bitplan.sensitivity.models import LoadedModel
+from bitplan.sensitivity.progress import Cancelled
 
 FORMATS = parse_formats("int8,int4,int2")
 
@@ -41,8 +41,9 @@ class LM(nn.Module):
         self.head = nn.Linear(12, 24, bias=False)
         self.head.weight = self.emb.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.emb(input_ids)
         h = h + torch.tanh(self.mix(h.transpose(1, 2))).transpose(1, 2)  # (B, T, 12)
         return h.mean(dim=1) if self.pooled else self.head(h)
@@ -61,9 +62,15 @@ def _setup(task: str, seed: int = 0) -> tuple[LoadedModel, CalibData]:
         mask[::3, 5:] = 0  # some shorter texts
         inputs = {"input_ids": ids * mask, "attention_mask": mask}
     module.eval()
-    model = LoadedModel(ref=f"test:{task}", sha256=f"model-{task}-{seed}", module=module,
-                        task=task, layers=find_quant_layers(module), tokenizer=None,
-                        device=torch.device("cpu"))
+    model = LoadedModel(
+        ref=f"test:{task}",
+        sha256=f"model-{task}-{seed}",
+        module=module,
+        task=task,
+        layers=find_quant_layers(module),
+        tokenizer=None,
+        device=torch.device("cpu"),
+    )
     return model, CalibData(inputs=inputs, labels=None, sha256=f"data-{seed}")
 
 
@@ -83,8 +90,9 @@ def test_every_method_gives_a_complete_ordered_table(method: str, task: str) -> 
     for lay in model.layers:
         rows = df[df["layer"] == lay.name].set_index("format")
         assert list(rows.index) == ["int8", "int4", "int2"]
-        assert 0 < rows.loc["int8", "error"] < rows.loc["int4", "error"] \
-            < rows.loc["int2", "error"], (lay.name, rows["error"].to_dict())
+        assert (
+            0 < rows.loc["int8", "error"] < rows.loc["int4", "error"] < rows.loc["int2", "error"]
+        ), (lay.name, rows["error"].to_dict())
         assert rows.loc["int4", "bytes"] == tensor_bytes(parse_format("int4"), *lay.shape)
         assert set(rows["tie"]) == {lay.tie or ""}
 
@@ -93,10 +101,14 @@ def test_fisher_on_embeddings_uses_random_projections_and_is_seeded() -> None:
     model, calib = _setup("feature-extraction")
     first = analyze(model, calib, method="fisher", formats=FORMATS)
     assert (first["error"] > 0).all()
-    assert first["error"].tolist() == analyze(model, calib, method="fisher",
-                                              formats=FORMATS)["error"].tolist()
-    assert first["error"].tolist() != analyze(model, calib, method="fisher", formats=FORMATS,
-                                              seed=1)["error"].tolist()
+    assert (
+        first["error"].tolist()
+        == analyze(model, calib, method="fisher", formats=FORMATS)["error"].tolist()
+    )
+    assert (
+        first["error"].tolist()
+        != analyze(model, calib, method="fisher", formats=FORMATS, seed=1)["error"].tolist()
+    )
 
 
 def test_e2e_equals_the_metric_measured_by_hand() -> None:
@@ -117,14 +129,21 @@ def test_second_analyze_comes_from_cache_without_touching_the_model(tmp_path: Pa
     assert calls and len(list((tmp_path / "sensitivity").glob("*.csv"))) == 1
     calls.clear()
     seen: list[tuple[str, int, int]] = []
-    again = analyze(model, calib, method="layer", formats=list(reversed(FORMATS)),
-                    cache_dir=tmp_path, progress=lambda *a: seen.append(a))
+    again = analyze(
+        model,
+        calib,
+        method="layer",
+        formats=list(reversed(FORMATS)),
+        cache_dir=tmp_path,
+        progress=lambda *a: seen.append(a),
+    )
     assert not calls
     assert seen == [("analyze", 2, 2)]
     assert again.equals(first)
     # Other data, a pin or another method is another table.
-    other = CalibData(inputs={"pixel_values": calib.inputs["pixel_values"] * 2}, labels=None,
-                      sha256="data-other")
+    other = CalibData(
+        inputs={"pixel_values": calib.inputs["pixel_values"] * 2}, labels=None, sha256="data-other"
+    )
     analyze(model, other, method="layer", formats=FORMATS, cache_dir=tmp_path)
     assert calls
     pinned = replace(model, layers=apply_pins(model.layers, {"fc": "int8"}))
@@ -138,15 +157,20 @@ def test_weight_method_cache_ignores_the_data(tmp_path: Path) -> None:
     first = analyze(model, calib, method="weight", formats=FORMATS, cache_dir=tmp_path)
     model.module.fc.weight.data[0, 0] = 50.0  # would change fc's errors if it were re-measured
     other = CalibData(inputs=calib.inputs, labels=None, sha256="data-other")
-    assert analyze(model, other, method="weight", formats=FORMATS,
-                   cache_dir=tmp_path).equals(first)
+    assert analyze(model, other, method="weight", formats=FORMATS, cache_dir=tmp_path).equals(first)
 
 
 def test_progress_cancel_and_bad_arguments() -> None:
     model, calib = _setup("text-generation")
     seen: list[tuple[str, int, int]] = []
-    analyze(model, calib, method="layer", formats=FORMATS, batch_size=5,
-            progress=lambda *a: seen.append(a))
+    analyze(
+        model,
+        calib,
+        method="layer",
+        formats=FORMATS,
+        batch_size=5,
+        progress=lambda *a: seen.append(a),
+    )
     assert ("collect", 3, 3) in seen and seen[-1] == ("analyze", 3, 3)
     with pytest.raises(Cancelled):
         analyze(model, calib, method="fisher", formats=FORMATS, should_cancel=lambda: True)

@@ -8,11 +8,16 @@ import math
 import pytest
 import torch
 
-from sensitivity import builtin
-from sensitivity.builtin import builtin_calibration, lm_loss, train_digits_cnn, train_tiny_lm
-from sensitivity.builtin_nets import ByteTokenizer
-from sensitivity.errors import InputError
-from sensitivity.models import load_model
+from bitplan.sensitivity import builtin
+from bitplan.sensitivity.builtin import (
+    builtin_calibration,
+    lm_loss,
+    train_digits_cnn,
+    train_tiny_lm,
+)
+from bitplan.sensitivity.builtin_nets import ByteTokenizer
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.models import load_model
 
 
 def test_digits_cnn_is_accurate_on_held_out_digits(digits_model):
@@ -35,13 +40,19 @@ def test_held_out_digits_are_disjoint_from_training():
 def test_same_seed_same_weights_other_seed_other_weights():
     first, second = train_digits_cnn(seed=3, epochs=1), train_digits_cnn(seed=3, epochs=1)
     other = train_digits_cnn(seed=4, epochs=0)  # initial weights already depend on the seed
-    for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(),
-                               other.state_dict().values(), strict=True):
+    for (name, a), b, c in zip(
+        first.state_dict().items(),
+        second.state_dict().values(),
+        other.state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(a, b), name
         assert not torch.equal(a, c), name
     lm_a, lm_b = train_tiny_lm(seed=1, steps=2), train_tiny_lm(seed=1, steps=2)
-    assert all(torch.equal(a, b) for a, b in zip(lm_a.state_dict().values(),
-                                                 lm_b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(lm_a.state_dict().values(), lm_b.state_dict().values(), strict=True)
+    )
 
 
 def test_training_leaves_global_rng_alone():
@@ -93,8 +104,9 @@ def test_tiny_lm_layers_and_tie_group(tiny_lm_model):
 
 def test_tiny_lm_padding_does_not_change_valid_logits(tiny_lm_model):
     tok = tiny_lm_model.tokenizer
-    batch = tok(["a short line", "a somewhat longer line of text"], padding=True,
-                return_tensors="pt")
+    batch = tok(
+        ["a short line", "a somewhat longer line of text"], padding=True, return_tensors="pt"
+    )
     alone = tok(["a short line"], return_tensors="pt")
     with torch.no_grad():
         padded = tiny_lm_model.module(**batch)  # (2, T, 256)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sensitivity.builtin import builtin_calibration
-from sensitivity.data import CalibData, load_calibration, split_calibration
-from sensitivity.errors import InputError
+from bitplan.sensitivity.builtin import builtin_calibration
+from bitplan.sensitivity.data import CalibData, load_calibration, split_calibration
+from bitplan.sensitivity.errors import InputError
 from tests.sensitivity._data_fixtures import (
     Regressor,
     TextClassifier,
@@ -38,6 +38,7 @@ def _digits_file(path: Path, n: int = 6, **extra: torch.Tensor) -> str:
 
 
 # --- text -----------------------------------------------------------------------------------
+
 
 def test_txt_lines_are_tokenized_padded_right_and_masked(tmp_path: Path) -> None:
     model = tiny_lm()
@@ -67,8 +68,7 @@ def test_text_hash_depends_on_content_and_max_length(tmp_path: Path) -> None:
     assert load_calibration(a, model).sha256 == load_calibration(b, model).sha256
     assert load_calibration(a, model).sha256 != load_calibration(c, model).sha256
     assert load_calibration(a, model).sha256 != load_calibration(a, model, max_length=2).sha256
-    assert (load_calibration(a, model).sha256
-            != load_calibration(a, model, max_samples=1).sha256)
+    assert load_calibration(a, model).sha256 != load_calibration(a, model, max_samples=1).sha256
 
 
 def test_max_length_is_capped_by_the_tokenizer(tmp_path: Path) -> None:
@@ -79,9 +79,14 @@ def test_max_length_is_capped_by_the_tokenizer(tmp_path: Path) -> None:
 
 def test_jsonl_labels_for_text_classification(tmp_path: Path) -> None:
     model = loaded(TextClassifier(), "text-classification", tokenizer=word_tokenizer())
-    ref = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat", "label": 2},
-                                         {"text": "a dog", "label": 0},
-                                         {"text": "ran far away on a mat", "label": 1}])
+    ref = _jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"text": "the cat sat", "label": 2},
+            {"text": "a dog", "label": 0},
+            {"text": "ran far away on a mat", "label": 1},
+        ],
+    )
     data = load_calibration(ref, model, max_length=4)
     assert data.labels.tolist() == [2, 0, 1]
     # the classifier takes no token_type_ids: the tokenizer's extra output is dropped
@@ -105,13 +110,16 @@ def test_left_padding_follows_the_tokenizer(tmp_path: Path) -> None:
     assert data.inputs["input_ids"][1].tolist() == [0, 6, 8]
 
 
-@pytest.mark.parametrize("records, match", [
-    (['{"text": "ok", "label": 1}', "not json"], "line 2 is not valid JSON"),
-    (['{"label": 1}'], 'no "text"'),
-    (['{"text": "ok", "label": 1}', '{"text": "no label"}'], 'line 2 has no "label"'),
-    (['{"text": "ok", "label": "positive"}'], "class index"),
-    (['{"text": "ok", "label": -1}'], "class index"),
-])
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        (['{"text": "ok", "label": 1}', "not json"], "line 2 is not valid JSON"),
+        (['{"label": 1}'], 'no "text"'),
+        (['{"text": "ok", "label": 1}', '{"text": "no label"}'], 'line 2 has no "label"'),
+        (['{"text": "ok", "label": "positive"}'], "class index"),
+        (['{"text": "ok", "label": -1}'], "class index"),
+    ],
+)
 def test_jsonl_errors(tmp_path: Path, records: list[str], match: str) -> None:
     model = loaded(TextClassifier(), "text-classification", tokenizer=word_tokenizer())
     ref = _write(tmp_path / "bad.jsonl", "\n".join(records) + "\n")
@@ -125,15 +133,22 @@ def test_text_needs_a_tokenizer(tmp_path: Path) -> None:
         load_calibration(ref, digits_model())
 
 
-@pytest.mark.parametrize("name, content", [
-    ("e.txt", ""), ("w.txt", "\n   \n\n"), ("e.jsonl", "\n"), ("e.safetensors", ""),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("e.txt", ""),
+        ("w.txt", "\n   \n\n"),
+        ("e.jsonl", "\n"),
+        ("e.safetensors", ""),
+    ],
+)
 def test_empty_files_are_rejected(tmp_path: Path, name: str, content: str) -> None:
     with pytest.raises(InputError, match="empty"):
         load_calibration(_write(tmp_path / name, content), tiny_lm())
 
 
 # --- safetensors ----------------------------------------------------------------------------
+
 
 def test_safetensors_inputs_and_labels(tmp_path: Path) -> None:
     ref = _digits_file(tmp_path / "d.safetensors", n=6)
@@ -153,14 +168,20 @@ def test_floating_inputs_take_the_model_dtype(tmp_path: Path) -> None:
     assert data.inputs["pixel_values"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("extra, match", [
-    ({"labels": torch.arange(5)}, r"disagree.*pixel_values=6, labels=5"),
-    ({"pixel_mask": torch.ones(6, 8)}, r"pixel_mask not among the inputs.*accepted: pixel_values"),
-    ({"labels": torch.zeros(6, 2, dtype=torch.long)}, r"1-D integer"),
-    ({"labels": torch.rand(6)}, r"1-D integer"),
-    ({"pixel_values": torch.full((6, 1, 8, 8), float("nan"))}, "NaN or Inf"),
-    ({"pixel_values": torch.full((6, 1, 8, 8), float("inf"))}, "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"labels": torch.arange(5)}, r"disagree.*pixel_values=6, labels=5"),
+        (
+            {"pixel_mask": torch.ones(6, 8)},
+            r"pixel_mask not among the inputs.*accepted: pixel_values",
+        ),
+        ({"labels": torch.zeros(6, 2, dtype=torch.long)}, r"1-D integer"),
+        ({"labels": torch.rand(6)}, r"1-D integer"),
+        ({"pixel_values": torch.full((6, 1, 8, 8), float("nan"))}, "NaN or Inf"),
+        ({"pixel_values": torch.full((6, 1, 8, 8), float("inf"))}, "NaN or Inf"),
+    ],
+)
 def test_safetensors_errors(tmp_path: Path, extra: dict, match: str) -> None:
     ref = _digits_file(tmp_path / "bad.safetensors", n=6, **extra)
     with pytest.raises(InputError, match=match):
@@ -183,6 +204,7 @@ def test_garbage_safetensors(tmp_path: Path) -> None:
 
 # --- builtin and dispatch -------------------------------------------------------------------
 
+
 def test_builtin_loads_the_models_dataset() -> None:
     data = load_calibration("builtin", digits_model(), max_samples=20)
     inputs, labels = builtin_calibration("digits")
@@ -198,10 +220,13 @@ def test_builtin_needs_builtin_data() -> None:
         load_calibration("builtin", tiny_lm())
 
 
-@pytest.mark.parametrize("ref, match", [
-    ("data.csv", "unsupported calibration data"),
-    ("missing.txt", "not found"),
-])
+@pytest.mark.parametrize(
+    "ref, match",
+    [
+        ("data.csv", "unsupported calibration data"),
+        ("missing.txt", "not found"),
+    ],
+)
 def test_bad_refs(tmp_path: Path, ref: str, match: str) -> None:
     with pytest.raises(InputError, match=match):
         load_calibration(str(tmp_path / ref), tiny_lm())
@@ -215,16 +240,23 @@ def test_bad_limits(kwargs: dict) -> None:
 
 # --- CalibData ------------------------------------------------------------------------------
 
+
 def _numbered(n: int) -> CalibData:
-    return CalibData(inputs={"x": torch.arange(n, dtype=torch.float32)[:, None]},
-                     labels=torch.arange(n), sha256="s")
+    return CalibData(
+        inputs={"x": torch.arange(n, dtype=torch.float32)[:, None]},
+        labels=torch.arange(n),
+        sha256="s",
+    )
 
 
 def test_batches_are_in_order_and_trim_shared_padding() -> None:
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
     ids = torch.arange(12).view(3, 4)  # (N, T)
-    data = CalibData(inputs={"input_ids": ids, "attention_mask": mask, "flag": torch.ones(3)},
-                     labels=None, sha256="s")
+    data = CalibData(
+        inputs={"input_ids": ids, "attention_mask": mask, "flag": torch.ones(3)},
+        labels=None,
+        sha256="s",
+    )
     first, second = list(data.batches(2, device="cpu"))
     assert first["input_ids"].tolist() == [[0, 1], [4, 5]]
     assert first["attention_mask"].shape == (2, 2) and first["flag"].shape == (2,)

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sensitivity import formats as F
-from sensitivity.errors import InputError
-from sensitivity.formats import (
+from bitplan.sensitivity import formats as F
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import (
     FormatError,
     dequantize,
     fake_quantize,
@@ -23,7 +23,9 @@ from sensitivity.formats import (
 
 INT_NAMES = st.builds(
     lambda b, g, asym: f"int{b}" + (f"-g{g}" if g else "") + ("-asym" if asym else ""),
-    st.sampled_from(F.ALLOWED_BITS), st.one_of(st.none(), st.integers(1, 512)), st.booleans(),
+    st.sampled_from(F.ALLOWED_BITS),
+    st.one_of(st.none(), st.integers(1, 512)),
+    st.booleans(),
 )
 ALL_NAMES = st.one_of(INT_NAMES, st.sampled_from(["fp32", "bf16", "fp16", "fp8-e4m3"]))
 
@@ -68,10 +70,16 @@ def test_parse_formats_rejects_duplicates_and_empty() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), rows=st.integers(1, 8), cols=st.integers(16, 200),
-       group=st.sampled_from([None, 16, 32, 64]), asym=st.booleans())
-def test_error_falls_as_bits_rise(seed: int, rows: int, cols: int, group: int | None,
-                                  asym: bool) -> None:
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 8),
+    cols=st.integers(16, 200),
+    group=st.sampled_from([None, 16, 32, 64]),
+    asym=st.booleans(),
+)
+def test_error_falls_as_bits_rise(
+    seed: int, rows: int, cols: int, group: int | None, asym: bool
+) -> None:
     w = _matrix(seed, rows, cols)
     suffix = (f"-g{group}" if group else "") + ("-asym" if asym else "")
     errors = [_rel_err(w, f"int{b}{suffix}") for b in F.ALLOWED_BITS]
@@ -84,10 +92,10 @@ def test_symmetric_matches_hand_formula_with_short_last_group() -> None:
     got = fake_quantize(w, fmt)
     for r in range(3):
         for start in (0, 4, 8):
-            g = w[r, start:start + 4]
+            g = w[r, start : start + 4]
             scale = (g.abs().max() / 3).to(torch.float16).float()
             expect = torch.clamp(torch.round(g / scale), -3, 3) * scale
-            assert torch.equal(got[r, start:start + 4], expect)
+            assert torch.equal(got[r, start : start + 4], expect)
 
 
 def test_asymmetric_matches_hand_formula() -> None:
@@ -96,12 +104,12 @@ def test_asymmetric_matches_hand_formula() -> None:
     got = fake_quantize(w, fmt)
     for r in range(2):
         for start in (0, 3, 6):
-            g = w[r, start:start + 3]
+            g = w[r, start : start + 3]
             scale = ((g.max() - g.min()) / 3).to(torch.float16).float()
             scale = scale if scale != 0 else torch.tensor(1.0)
             zp = torch.clamp(torch.round(-g.min() / scale), 0, 3)
             q = torch.clamp(torch.round(g / scale) + zp, 0, 3)
-            assert torch.allclose(got[r, start:start + 3], (q - zp) * scale, rtol=0, atol=0)
+            assert torch.allclose(got[r, start : start + 3], (q - zp) * scale, rtol=0, atol=0)
 
 
 def test_asymmetric_beats_symmetric_on_one_sided_data() -> None:
@@ -184,8 +192,9 @@ def test_bytes_formula(rows: int, cols: int, name: str) -> None:
     else:
         per_row = 1 if fmt.group_size is None else math.ceil(cols / fmt.group_size)
         ng = rows * per_row
-        expect = math.ceil((numel * fmt.bits + ng * 16 + (0 if fmt.symmetric else ng * fmt.bits))
-                           / 8)
+        expect = math.ceil(
+            (numel * fmt.bits + ng * 16 + (0 if fmt.symmetric else ng * fmt.bits)) / 8
+        )
     assert tensor_bytes(fmt, rows, cols) == expect
 
 

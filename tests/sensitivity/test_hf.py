@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sensitivity.errors import InputError
-from sensitivity.hf import infer_task
-from sensitivity.models import load_model
-from sensitivity.safety import extract_zip
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.hf import infer_task
+from bitplan.sensitivity.models import load_model
+from bitplan.sensitivity.safety import extract_zip
 from tests.helpers import SENTENCES, zip_folder
 
 
@@ -33,9 +33,11 @@ def _edit_weights(folder: Path, edit) -> None:
 
 @pytest.mark.parametrize(
     ("model_type", "task", "output"),
-    [("bert", "feature-extraction", "last_hidden_state"),
-     ("gpt2", "text-generation", "logits"),
-     ("llama", "text-classification", "logits")],
+    [
+        ("bert", "feature-extraction", "last_hidden_state"),
+        ("gpt2", "text-generation", "logits"),
+        ("llama", "text-classification", "logits"),
+    ],
 )
 def test_task_is_inferred_and_model_runs(tiny_hf_model, tmp_path, model_type, task, output):
     folder = tiny_hf_model(model_type, task=task)
@@ -144,12 +146,20 @@ def test_folder_without_safetensors_is_refused(tiny_hf_model, tmp_path):
 
 @pytest.mark.parametrize(
     ("edit", "match"),
-    [(lambda t: t.__setitem__("transformer.h.0.mlp.c_fc.weight", torch.zeros(32, 7)),
-      "other shapes, e.g. transformer.h.0.mlp.c_fc.weight"),
-     (lambda t: t.pop("transformer.h.1.attn.c_proj.weight"),
-      "missing weights transformer.h.1.attn.c_proj.weight"),
-     (lambda t: t.__setitem__("transformer.h.9.extra", torch.zeros(3)),
-      "unused by the model: transformer.h.9.extra")],
+    [
+        (
+            lambda t: t.__setitem__("transformer.h.0.mlp.c_fc.weight", torch.zeros(32, 7)),
+            "other shapes, e.g. transformer.h.0.mlp.c_fc.weight",
+        ),
+        (
+            lambda t: t.pop("transformer.h.1.attn.c_proj.weight"),
+            "missing weights transformer.h.1.attn.c_proj.weight",
+        ),
+        (
+            lambda t: t.__setitem__("transformer.h.9.extra", torch.zeros(3)),
+            "unused by the model: transformer.h.9.extra",
+        ),
+    ],
     ids=["mismatched", "missing", "unexpected"],
 )
 def test_safetensors_that_do_not_match_config_are_refused(tiny_hf_model, tmp_path, edit, match):
@@ -166,14 +176,19 @@ def test_encoder_checkpoint_as_classifier_is_refused(tiny_hf_model, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused(tiny_hf_model, tmp_path, bad):
     folder = tiny_hf_model("bert")
-    _edit_weights(folder, lambda t: t["encoder.layer.1.output.dense.weight"].view(-1)
-                  .__setitem__(5, bad))
+    _edit_weights(
+        folder, lambda t: t["encoder.layer.1.output.dense.weight"].view(-1).__setitem__(5, bad)
+    )
     _assert_refused("encoder.layer.1.output.dense.weight contains NaN or Inf", folder, tmp_path)
 
 
 def test_image_task_for_hf_model_is_refused(tiny_hf_model, tmp_path):
-    _assert_refused("not available for Hugging Face", tiny_hf_model("bert"), tmp_path,
-                    task="image-classification")
+    _assert_refused(
+        "not available for Hugging Face",
+        tiny_hf_model("bert"),
+        tmp_path,
+        task="image-classification",
+    )
 
 
 # ---- zip safety --------------------------------------------------------------------------------
@@ -191,10 +206,12 @@ def _zip_with(path: Path, name: str, data: bytes = b"x", *, mode: int | None = N
 
 @pytest.mark.parametrize(
     ("name", "mode", "match"),
-    [("../evil.txt", None, "outside the archive"),
-     ("a/../../evil.txt", None, "outside the archive"),
-     ("/etc/evil", None, "absolute path"),
-     ("link", stat.S_IFLNK | 0o777, "symbolic link")],
+    [
+        ("../evil.txt", None, "outside the archive"),
+        ("a/../../evil.txt", None, "outside the archive"),
+        ("/etc/evil", None, "absolute path"),
+        ("link", stat.S_IFLNK | 0o777, "symbolic link"),
+    ],
 )
 def test_unsafe_zip_members_are_refused(tmp_path, name, mode, match):
     archive = _zip_with(tmp_path / "bad.zip", name, b"../../target", mode=mode)
@@ -217,7 +234,7 @@ def test_zip_member_that_lies_about_its_size_is_refused(tmp_path):
     # local header (size at offset 22) and the central directory (offset 24).
     for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
         at = raw.index(signature, raw.index(signature) + 1)
-        raw[at + offset:at + offset + 4] = struct.pack("<I", 16)
+        raw[at + offset : at + offset + 4] = struct.pack("<I", 16)
     archive.write_bytes(bytes(raw))
     with pytest.raises(InputError, match="liar.zip"):
         extract_zip(archive, tmp_path / "out")

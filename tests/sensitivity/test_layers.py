@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity.formats import fake_quantize, parse_format
-from sensitivity.layers import (
+from bitplan.sensitivity.formats import fake_quantize, parse_format
+from bitplan.sensitivity.layers import (
     apply_pins,
     find_quant_layers,
     parameter_bytes,
@@ -55,8 +55,13 @@ def test_exclude_patterns_and_tied_exclusion() -> None:
 def test_pins_cover_tie_groups_and_reject_conflicts_and_typos() -> None:
     layers = apply_pins(find_quant_layers(TinyNet()), {"head": "int8", "conv*": "int4-g8"})
     pinned = {lay.name: lay.pinned for lay in layers}
-    assert pinned == {"emb": "int8", "conv": "int4-g8", "conv2": "int4-g8", "proj": None,
-                      "head": "int8"}
+    assert pinned == {
+        "emb": "int8",
+        "conv": "int4-g8",
+        "conv2": "int4-g8",
+        "proj": None,
+        "head": "int8",
+    }
     with pytest.raises(ValueError, match="pinned to both"):
         apply_pins(find_quant_layers(TinyNet()), {"emb": "int8", "head": "int4"})
     with pytest.raises(ValueError, match="matches no quantizable layer"):

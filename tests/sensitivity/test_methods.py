@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity.formats import fake_quantize, parse_format, parse_formats
-from sensitivity.layers import QuantLayer, apply_pins, find_quant_layers, quantized
-from sensitivity.methods import (
+from bitplan.sensitivity.formats import fake_quantize, parse_format, parse_formats
+from bitplan.sensitivity.layers import QuantLayer, apply_pins, find_quant_layers, quantized
+from bitplan.sensitivity.methods import (
     e2e_errors,
     fisher_errors,
     layer_errors,
     weight_errors,
 )
-from sensitivity.progress import Cancelled
+from bitplan.sensitivity.progress import Cancelled
 
 METHODS = ("weight", "layer", "fisher", "e2e")
 FORMATS = parse_formats("int8,int4,int2")  # per-row formats: error must rise as bits fall
@@ -35,8 +35,9 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.emb.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.emb(input_ids)
         return self.head(h + self.down(torch.relu(self.up(h))))  # (B, T, vocab)
 
@@ -72,6 +73,7 @@ def _explicit_output_error(module: nn.Module, x: torch.Tensor, fmt_name: str) ->
 
 # ---- weight -------------------------------------------------------------------------------
 
+
 def test_weight_matches_definition_and_rises_as_bits_fall() -> None:
     model = _model()
     layers = find_quant_layers(model)
@@ -104,6 +106,7 @@ def _mse_evaluator(model: nn.Module) -> Callable[[], float]:
         with torch.no_grad():
             pairs = zip(batches, ref, strict=True)
             return float(sum((model(**b) - r).square().mean() for b, r in pairs))
+
     return evaluate
 
 
@@ -113,8 +116,14 @@ def _run(method: str, model: TinyLM, layers: list[QuantLayer]) -> dict[str, dict
     if method == "layer":
         return layer_errors(model, layers, FORMATS, batches=_lm_batches)
     if method == "fisher":
-        return fisher_errors(model, layers, FORMATS, batches=_lm_batches,
-                             output_fn=lambda b: model(**b), target="categorical")
+        return fisher_errors(
+            model,
+            layers,
+            FORMATS,
+            batches=_lm_batches,
+            output_fn=lambda b: model(**b),
+            target="categorical",
+        )
     return e2e_errors(model, layers, FORMATS, evaluate=_mse_evaluator(model))
 
 
@@ -134,24 +143,27 @@ def test_every_method_rises_as_bits_fall_and_honours_pins(method: str) -> None:
 
 # ---- layer --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module, shape", [
-    (nn.Linear(12, 7), (5, 3, 12)),
-    (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, dilation=1), (2, 4, 9, 9)),
-    (nn.Conv2d(3, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)), (2, 3, 8, 7)),
-    (nn.Conv2d(2, 4, 2, padding="same", padding_mode="reflect"), (2, 2, 6, 6)),
-    (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 11)),
-])
-def test_layer_gram_equals_explicit_output_error(module: nn.Module, shape: tuple[int, ...]
-                                                 ) -> None:
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Linear(12, 7), (5, 3, 12)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, dilation=1), (2, 4, 9, 9)),
+        (nn.Conv2d(3, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)), (2, 3, 8, 7)),
+        (nn.Conv2d(2, 4, 2, padding="same", padding_mode="reflect"), (2, 2, 6, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 11)),
+    ],
+)
+def test_layer_gram_equals_explicit_output_error(module: nn.Module, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     x = torch.randn(shape)
     seq = nn.Sequential(module)
     layers = find_quant_layers(seq)
-    scores = layer_errors(seq, layers, FORMATS, batches=lambda: [{"input": x}],
-                          forward=lambda b: seq(b["input"]))
+    scores = layer_errors(
+        seq, layers, FORMATS, batches=lambda: [{"input": x}], forward=lambda b: seq(b["input"])
+    )
     for fmt in ("int8", "int4", "int2"):
-        assert scores["0"][fmt] == pytest.approx(_explicit_output_error(module, x, fmt),
-                                                 rel=1e-4)
+        assert scores["0"][fmt] == pytest.approx(_explicit_output_error(module, x, fmt), rel=1e-4)
 
 
 def test_layer_embedding_uses_token_counts() -> None:
@@ -159,10 +171,14 @@ def test_layer_embedding_uses_token_counts() -> None:
     emb = nn.Embedding(10, 6)
     ids = torch.tensor([[1, 1, 1, 2], [3, 3, 9, 1]])
     seq = nn.Sequential(emb)
-    scores = layer_errors(seq, find_quant_layers(seq), FORMATS,
-                          batches=lambda: [{"input": ids}], forward=lambda b: seq(b["input"]))
-    assert scores["0"]["int4"] == pytest.approx(_explicit_output_error(emb, ids, "int4"),
-                                                rel=1e-5)
+    scores = layer_errors(
+        seq,
+        find_quant_layers(seq),
+        FORMATS,
+        batches=lambda: [{"input": ids}],
+        forward=lambda b: seq(b["input"]),
+    )
+    assert scores["0"]["int4"] == pytest.approx(_explicit_output_error(emb, ids, "int4"), rel=1e-5)
 
 
 def test_layer_hf_conv1d_is_seen_as_out_by_in() -> None:
@@ -174,10 +190,10 @@ def test_layer_hf_conv1d_is_seen_as_out_by_in() -> None:
     seq = nn.Sequential(conv)
     (lay,) = find_quant_layers(seq)
     assert lay.kind == "hf_conv1d" and lay.shape == (7, 5)
-    scores = layer_errors(seq, [lay], FORMATS, batches=lambda: [{"input": x}],
-                          forward=lambda b: seq(b["input"]))
-    assert scores["0"]["int2"] == pytest.approx(_explicit_output_error(conv, x, "int2"),
-                                                rel=1e-4)
+    scores = layer_errors(
+        seq, [lay], FORMATS, batches=lambda: [{"input": x}], forward=lambda b: seq(b["input"])
+    )
+    assert scores["0"]["int2"] == pytest.approx(_explicit_output_error(conv, x, "int2"), rel=1e-4)
 
 
 def test_layer_skips_padded_tokens() -> None:
@@ -187,11 +203,13 @@ def test_layer_skips_padded_tokens() -> None:
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     padded = ids.clone()
     padded[0, 3:] = 0  # pad token; must not count
-    masked = layer_errors(model, layers, FORMATS,
-                          batches=lambda: [{"input_ids": padded, "attention_mask": mask}])
+    masked = layer_errors(
+        model, layers, FORMATS, batches=lambda: [{"input_ids": padded, "attention_mask": mask}]
+    )
     # The same tokens without padding: the short row alone, then the full row.
-    plain = layer_errors(model, layers, FORMATS,
-                         batches=lambda: [{"input_ids": ids[:1, :3]}, {"input_ids": ids[1:]}])
+    plain = layer_errors(
+        model, layers, FORMATS, batches=lambda: [{"input_ids": ids[:1, :3]}, {"input_ids": ids[1:]}]
+    )
     for name in plain:
         for fmt in plain[name]:
             assert masked[name][fmt] == pytest.approx(plain[name][fmt], rel=1e-5)
@@ -211,8 +229,9 @@ def test_layer_one_forward_pass_or_several_under_a_memory_cap() -> None:
     assert len(calls) == len(batches)  # one pass serves every layer and format
     _rising(one)
     calls.clear()
-    capped = layer_errors(model, layers, FORMATS, batches=lambda: batches, forward=forward,
-                          max_stats_bytes=1)
+    capped = layer_errors(
+        model, layers, FORMATS, batches=lambda: batches, forward=forward, max_stats_bytes=1
+    )
     assert len(calls) == len(batches) * len(layers)  # one pass per layer
     for name in one:
         assert capped[name] == pytest.approx(one[name])
@@ -223,8 +242,9 @@ def test_progress_and_cancel() -> None:
     model = _model()
     layers = find_quant_layers(model)
     seen: list[tuple[str, int, int]] = []
-    layer_errors(model, layers, FORMATS, batches=_lm_batches, n_batches=3,
-                 progress=lambda *a: seen.append(a))
+    layer_errors(
+        model, layers, FORMATS, batches=_lm_batches, n_batches=3, progress=lambda *a: seen.append(a)
+    )
     assert [s for s in seen if s[0] == "collect"][-1] == ("collect", 3, 3)
     assert [s for s in seen if s[0] == "analyze"] == [("analyze", i, 4) for i in range(1, 5)]
     with pytest.raises(Cancelled):
@@ -237,13 +257,23 @@ def test_progress_and_cancel() -> None:
 
 # ---- fisher -------------------------------------------------------------------------------
 
+
 def test_fisher_is_nonzero_rises_with_fewer_bits_and_is_seeded() -> None:
     model = _model()
     layers = find_quant_layers(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    run = lambda seed: fisher_errors(model, layers, FORMATS, batches=_lm_batches,  # noqa: E731
-                                     output_fn=lambda b: model(**b), target="categorical",
-                                     seed=seed)
+
+    def run(seed: int) -> dict[str, dict[str, float]]:
+        return fisher_errors(
+            model,
+            layers,
+            FORMATS,
+            batches=_lm_batches,
+            output_fn=lambda b: model(**b),
+            target="categorical",
+            seed=seed,
+        )
+
     first = run(0)
     _rising(first)
     assert first == run(0)
@@ -257,9 +287,15 @@ def test_fisher_equals_the_hand_computed_true_fisher_of_a_linear_classifier() ->
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Linear(6, 4, bias=False))
     xs = [torch.randn(5, 6) for _ in range(2)]
-    scores = fisher_errors(seq, find_quant_layers(seq), FORMATS,
-                           batches=lambda: [{"input": x} for x in xs],
-                           output_fn=lambda b: seq(b["input"]), target="categorical", seed=3)
+    scores = fisher_errors(
+        seq,
+        find_quant_layers(seq),
+        FORMATS,
+        batches=lambda: [{"input": x} for x in xs],
+        output_fn=lambda b: seq(b["input"]),
+        target="categorical",
+        seed=3,
+    )
     w = seq[0].weight.detach()
     gen = torch.Generator().manual_seed(3)
     fisher = torch.zeros_like(w)
@@ -273,16 +309,23 @@ def test_fisher_equals_the_hand_computed_true_fisher_of_a_linear_classifier() ->
     fisher /= 10  # two batches of five predictions
     for fmt in FORMATS:
         dw = fake_quantize(w, fmt) - w
-        assert scores["0"][fmt.name] == pytest.approx(0.5 * float((fisher * dw.square()).sum()),
-                                                      rel=1e-4)
+        assert scores["0"][fmt.name] == pytest.approx(
+            0.5 * float((fisher * dw.square()).sum()), rel=1e-4
+        )
 
 
 def test_fisher_projection_for_tensor_outputs() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
     xs = [{"input": torch.randn(5, 8)} for _ in range(2)]
-    scores = fisher_errors(model, find_quant_layers(model), FORMATS, batches=lambda: xs,
-                           output_fn=lambda b: model(b["input"]), target="projection")
+    scores = fisher_errors(
+        model,
+        find_quant_layers(model),
+        FORMATS,
+        batches=lambda: xs,
+        output_fn=lambda b: model(b["input"]),
+        target="projection",
+    )
     _rising(scores)
 
 
@@ -294,12 +337,19 @@ def test_fisher_rejects_outputs_without_gradients() -> None:
             return model(**batch)
 
     with pytest.raises(RuntimeError, match="autograd"):
-        fisher_errors(model, find_quant_layers(model), FORMATS, batches=_lm_batches,
-                      output_fn=no_grad_output, target="categorical")
+        fisher_errors(
+            model,
+            find_quant_layers(model),
+            FORMATS,
+            batches=_lm_batches,
+            output_fn=no_grad_output,
+            target="categorical",
+        )
     assert all(p.requires_grad for p in model.parameters())
 
 
 # ---- e2e ----------------------------------------------------------------------------------
+
 
 def test_e2e_equals_measuring_by_hand_and_restores_weights() -> None:
     model = _model()

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from sensitivity.data import CalibData, load_calibration
-from sensitivity.divergence import TOP_K, compare, compress
-from sensitivity.errors import InputError
-from sensitivity.metrics import collect_reference, forward_output, measure
-from sensitivity.progress import Cancelled
+from bitplan.sensitivity.data import CalibData, load_calibration
+from bitplan.sensitivity.divergence import TOP_K, compare, compress
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.metrics import collect_reference, forward_output, measure
+from bitplan.sensitivity.progress import Cancelled
 from tests.sensitivity._data_fixtures import (
     Encoder,
     Regressor,
@@ -39,8 +39,11 @@ def _kl64(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def _digits_data(n: int = 24) -> CalibData:
     gen = torch.Generator().manual_seed(0)
-    return CalibData(inputs={"pixel_values": torch.rand(n, 1, 8, 8, generator=gen)},
-                     labels=torch.randint(0, 10, (n,), generator=gen), sha256="digits")
+    return CalibData(
+        inputs={"pixel_values": torch.rand(n, 1, 8, 8, generator=gen)},
+        labels=torch.randint(0, 10, (n,), generator=gen),
+        sha256="digits",
+    )
 
 
 def _lm_data(tmp_path: Path) -> CalibData:
@@ -51,6 +54,7 @@ def _lm_data(tmp_path: Path) -> CalibData:
 
 # --- forward_output -------------------------------------------------------------------------
 
+
 class _Returns(torch.nn.Module):
     def __init__(self, make) -> None:
         super().__init__()
@@ -60,12 +64,15 @@ class _Returns(torch.nn.Module):
         return self.make(x)
 
 
-@pytest.mark.parametrize("make", [
-    lambda x: x * 2,
-    lambda x: (x * 2, x),
-    lambda x: CausalLMOutput(logits=x * 2),
-    lambda x: {"other": x * 2},
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x * 2,
+        lambda x: (x * 2, x),
+        lambda x: CausalLMOutput(logits=x * 2),
+        lambda x: {"other": x * 2},
+    ],
+)
 def test_forward_output_unwraps(make) -> None:
     x = torch.randn(3, 4)
     out = forward_output(loaded(_Returns(make), "tensor"), {"x": x})
@@ -87,6 +94,7 @@ def test_forward_output_rejects_other_outputs() -> None:
 
 
 # --- divergence -----------------------------------------------------------------------------
+
 
 def test_exact_kl_matches_an_independent_computation() -> None:
     gen = torch.Generator().manual_seed(0)
@@ -111,8 +119,7 @@ def test_top_k_kl_is_exact_up_to_the_tail_term() -> None:
     tail = torch.ones_like(ref, dtype=torch.bool).scatter(1, dist.index.long(), False)
     p_tail = torch.where(tail, torch.softmax(ref.double(), -1), 0).sum(-1)
     inside = _kl64(ref.masked_fill(~tail, -math.inf), other.masked_fill(~tail, -math.inf))
-    torch.testing.assert_close(approx, _kl64(ref, other) - p_tail * inside,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(approx, _kl64(ref, other) - p_tail * inside, rtol=1e-4, atol=1e-6)
     assert torch.equal(compare(dist, ref).kl, torch.zeros(40))
 
 
@@ -128,6 +135,7 @@ def test_top_k_kl_is_within_six_percent_on_peaked_logits() -> None:
 
 
 # --- measure --------------------------------------------------------------------------------
+
 
 def test_classification_metrics() -> None:
     model, data = digits_model(), _digits_data()
@@ -148,7 +156,8 @@ def test_classification_metrics() -> None:
     agree = (noisy_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
     assert got["agreement"] == pytest.approx(agree)
     assert got["accuracy"] == pytest.approx(
-        (noisy_logits.argmax(-1) == data.labels).double().mean().item())
+        (noisy_logits.argmax(-1) == data.labels).double().mean().item()
+    )
 
 
 def test_text_classification_without_labels(tmp_path: Path) -> None:
@@ -199,9 +208,14 @@ def test_lm_top_k_reference_is_bounded_and_close(tmp_path: Path) -> None:
 def test_embedding_metrics() -> None:
     torch.manual_seed(0)
     model = loaded(Encoder(), "feature-extraction")
-    data = CalibData(inputs={"input_ids": torch.randint(0, 256, (6, 5)),
-                             "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]] * 3)},
-                     labels=None, sha256="e")
+    data = CalibData(
+        inputs={
+            "input_ids": torch.randint(0, 256, (6, 5)),
+            "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]] * 3),
+        },
+        labels=None,
+        sha256="e",
+    )
     reference = collect_reference(model, data, batch_size=4)
     assert measure(model, data, reference) == {"error": 0.0, "cosine": 1.0}
     flipped = perturbed(model, scale=0.0)
@@ -250,13 +264,22 @@ def test_measure_rejects_other_data_and_bad_labels(tmp_path: Path) -> None:
         collect_reference(lm, load_calibration(str(tmp_path / "one.txt"), lm))
 
 
-@pytest.mark.parametrize("task, error_key", [
-    ("text-classification", "kl"), ("feature-extraction", "cosine"), ("text-generation", "kl"),
-])
+@pytest.mark.parametrize(
+    "task, error_key",
+    [
+        ("text-classification", "kl"),
+        ("feature-extraction", "cosine"),
+        ("text-generation", "kl"),
+    ],
+)
 def test_hugging_face_models_end_to_end(tmp_path: Path, task: str, error_key: str) -> None:
     model = hf_model(task)
-    lines = [{"text": "the cat sat on a mat", "label": 0}, {"text": "a dog ran", "label": 2},
-             {"text": "far away", "label": 1}, {"text": "the dog sat", "label": 1}]
+    lines = [
+        {"text": "the cat sat on a mat", "label": 0},
+        {"text": "a dog ran", "label": 2},
+        {"text": "far away", "label": 1},
+        {"text": "the dog sat", "label": 1},
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
     data = load_calibration(str(tmp_path / "d.jsonl"), model, max_length=5)
     # the tokenizer emits token_type_ids; only models whose forward() takes them get them

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity.errors import InputError
-from sensitivity.layers import find_quant_layers
-from sensitivity.models import TASKS, load_model, resolve_cache_dir, resolve_device
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.layers import find_quant_layers
+from bitplan.sensitivity.models import TASKS, load_model, resolve_cache_dir, resolve_device
 
 
 def test_resolve_device():
@@ -48,16 +48,21 @@ def test_layer_kinds_conv1d_and_embedding():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Conv1d(4, 6, kernel_size=3), nn.Linear(6, 2))
     layers = find_quant_layers(model)
     assert [(lay.kind, lay.shape) for lay in layers] == [
-        ("embedding", (10, 4)), ("conv1d", (6, 12)), ("linear", (2, 6))]
+        ("embedding", (10, 4)),
+        ("conv1d", (6, 12)),
+        ("linear", (2, 6)),
+    ]
 
 
 def test_exclude_patterns(bitplan_cache_dir):
-    model = load_model("builtin:digits-cnn", device="cpu", exclude=["fc*"],
-                       cache_dir=bitplan_cache_dir)
+    model = load_model(
+        "builtin:digits-cnn", device="cpu", exclude=["fc*"], cache_dir=bitplan_cache_dir
+    )
     assert [lay.name for lay in model.layers] == ["conv1", "conv2", "conv3"]
     with pytest.raises(InputError, match="exclude pattern 'dense\\*' matches no"):
-        load_model("builtin:digits-cnn", device="cpu", exclude=["dense*"],
-                   cache_dir=bitplan_cache_dir)
+        load_model(
+            "builtin:digits-cnn", device="cpu", exclude=["dense*"], cache_dir=bitplan_cache_dir
+        )
     with pytest.raises(InputError, match="list of patterns"):
         load_model("builtin:digits-cnn", device="cpu", exclude="fc*", cache_dir=bitplan_cache_dir)
     with pytest.raises(InputError, match="leave no layer"):
@@ -65,14 +70,19 @@ def test_exclude_patterns(bitplan_cache_dir):
 
 
 def test_excluding_one_tied_member_excludes_the_group(bitplan_cache_dir):
-    model = load_model("builtin:tiny-lm", device="cpu", exclude=["lm_head"],
-                       cache_dir=bitplan_cache_dir)
+    model = load_model(
+        "builtin:tiny-lm", device="cpu", exclude=["lm_head"], cache_dir=bitplan_cache_dir
+    )
     assert not {"lm_head", "wte"} & {lay.name for lay in model.layers}
 
 
 def test_pins(bitplan_cache_dir):
-    model = load_model("builtin:tiny-lm", device="cpu", cache_dir=bitplan_cache_dir,
-                       pins={"lm_head": "int8", "blocks.0.*": "fp16"})
+    model = load_model(
+        "builtin:tiny-lm",
+        device="cpu",
+        cache_dir=bitplan_cache_dir,
+        pins={"lm_head": "int8", "blocks.0.*": "fp16"},
+    )
     pinned = {lay.name: lay.pinned for lay in model.layers}
     assert pinned["wte"] == "int8"  # tied to lm_head: one group, one format
     assert pinned["blocks.0.attn.q_proj"] == "fp16" and pinned["blocks.1.fc_in"] is None
@@ -80,9 +90,11 @@ def test_pins(bitplan_cache_dir):
 
 @pytest.mark.parametrize(
     ("pins", "match"),
-    [({"conv1": "int7"}, "unsupported format 'int7'"),
-     ({"nothing*": "int8"}, "matches no quantizable layer"),
-     ({"conv*": "int8", "conv1": "int4"}, "pinned to both")],
+    [
+        ({"conv1": "int7"}, "unsupported format 'int7'"),
+        ({"nothing*": "int8"}, "matches no quantizable layer"),
+        ({"conv*": "int8", "conv1": "int4"}, "pinned to both"),
+    ],
 )
 def test_bad_pins_are_refused(bitplan_cache_dir, pins, match):
     with pytest.raises(InputError, match=match):
@@ -91,11 +103,13 @@ def test_bad_pins_are_refused(bitplan_cache_dir, pins, match):
 
 def test_bad_task_is_refused(bitplan_cache_dir):
     with pytest.raises(InputError, match="accepted: " + ", ".join(TASKS)):
-        load_model("builtin:digits-cnn", device="cpu", task="translation",
-                   cache_dir=bitplan_cache_dir)
+        load_model(
+            "builtin:digits-cnn", device="cpu", task="translation", cache_dir=bitplan_cache_dir
+        )
     with pytest.raises(InputError, match="has task image-classification"):
-        load_model("builtin:digits-cnn", device="cpu", task="text-generation",
-                   cache_dir=bitplan_cache_dir)
+        load_model(
+            "builtin:digits-cnn", device="cpu", task="text-generation", cache_dir=bitplan_cache_dir
+        )
 
 
 def _export(model: nn.Module, path: Path) -> Path:

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from torch import nn
 
-from sensitivity.errors import InputError
-from sensitivity.formats import FormatError, parse_formats, tensor_bytes
-from sensitivity.layers import apply_pins, find_quant_layers
-from sensitivity.table import (
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import FormatError, parse_formats, tensor_bytes
+from bitplan.sensitivity.layers import apply_pins, find_quant_layers
+from bitplan.sensitivity.table import (
     TABLE_COLUMNS,
     build_table,
     cache_key,
@@ -34,8 +34,10 @@ class Tied(nn.Module):
 
 def _table(pins: dict[str, str] | None = None) -> tuple[pd.DataFrame, list]:
     layers = apply_pins(find_quant_layers(Tied()), pins or {})
-    scores = {lay.name: ({lay.pinned: 0.5} if lay.pinned else {"int8": 0.1, "int4-g4": 0.3})
-              for lay in layers}
+    scores = {
+        lay.name: ({lay.pinned: 0.5} if lay.pinned else {"int8": 0.1, "int4-g4": 0.3})
+        for lay in layers
+    }
     return build_table(layers, scores), layers
 
 
@@ -75,21 +77,24 @@ def test_read_table_accepts_minimal_and_canonicalises_formats(tmp_path: Path) ->
     assert list(df["error"]) == [0.01, 0.2]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("layer,error\nfc1,0.1\n", "lacks column"),
-    ("layer,format,error\n", "no rows"),
-    ("layer,format,error\nfc1,int8,-0.5\n", "not a finite number >= 0"),
-    ("layer,format,error\nfc1,int8,nan\n", "not a finite number >= 0"),
-    ("layer,format,error\nfc1,int8,\n", "not a finite number >= 0"),
-    ("layer,format,error\nfc1,int8,inf\n", "not a finite number >= 0"),
-    ("layer,format,error\nfc1,int8,abc\n", "not a finite number >= 0"),
-    ("layer,format,error\nfc1,int8,0.1\nfc1,INT8,0.2\n", "two rows for layer fc1 in int8"),
-    ("layer,format,error,numel\nfc1,int8,0.1,64\nfc1,int4,0.2,65\n", "different numel"),
-    ("layer,format,error,numel\nfc1,int8,0.1,6.5\n", "non-negative integer"),
-    ("layer,format,error,bytes\nfc1,int8,0.1,-3\n", "non-negative integer"),
-    ("layer,format,error,tie\nfc1,int8,0.1,a\nfc1,int4,0.2,\n", "different tie"),
-    ("layer,format,error\n,int8,0.1\n", "empty layer name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("layer,error\nfc1,0.1\n", "lacks column"),
+        ("layer,format,error\n", "no rows"),
+        ("layer,format,error\nfc1,int8,-0.5\n", "not a finite number >= 0"),
+        ("layer,format,error\nfc1,int8,nan\n", "not a finite number >= 0"),
+        ("layer,format,error\nfc1,int8,\n", "not a finite number >= 0"),
+        ("layer,format,error\nfc1,int8,inf\n", "not a finite number >= 0"),
+        ("layer,format,error\nfc1,int8,abc\n", "not a finite number >= 0"),
+        ("layer,format,error\nfc1,int8,0.1\nfc1,INT8,0.2\n", "two rows for layer fc1 in int8"),
+        ("layer,format,error,numel\nfc1,int8,0.1,64\nfc1,int4,0.2,65\n", "different numel"),
+        ("layer,format,error,numel\nfc1,int8,0.1,6.5\n", "non-negative integer"),
+        ("layer,format,error,bytes\nfc1,int8,0.1,-3\n", "non-negative integer"),
+        ("layer,format,error,tie\nfc1,int8,0.1,a\nfc1,int4,0.2,\n", "different tie"),
+        ("layer,format,error\n,int8,0.1\n", "empty layer name"),
+    ],
+)
 def test_read_table_rejects_bad_tables(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         read_table(_csv(tmp_path, text))
@@ -112,9 +117,13 @@ def test_cache_key_tracks_everything_that_changes_rows() -> None:
     key = cache_key(**base)
     assert cache_key(**{**base, "formats": list(reversed(fmts))}) == key  # order-free
     changed = [
-        {"model_sha256": "m2"}, {"calib_sha256": "c2"}, {"method": "fisher"},
-        {"formats": fmts[:1]}, {"layers": layers[1:]},
-        {"layers": apply_pins(layers, {"proj": "int8"})}, {"settings": {"seed": 1}},
+        {"model_sha256": "m2"},
+        {"calib_sha256": "c2"},
+        {"method": "fisher"},
+        {"formats": fmts[:1]},
+        {"layers": layers[1:]},
+        {"layers": apply_pins(layers, {"proj": "int8"})},
+        {"settings": {"seed": 1}},
     ]
     keys = {cache_key(**{**base, **change}) for change in changed}
     assert key not in keys and len(keys) == len(changed)

@@ -22,13 +22,13 @@ from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from app import crud
-from app.api.deps import OwnerDep, SessionDep, SettingsDep
-from app.models import Blob
-from app.problems import ProblemError, problem_responses
-from app.settings import Settings
-from app.uploads import UPLOAD_FIELD, StoredUpload, receive_upload
-from sensitivity.errors import InputError
+from bitplan.app import crud
+from bitplan.app.api.deps import OwnerDep, SessionDep, SettingsDep
+from bitplan.app.models import Blob
+from bitplan.app.problems import ProblemError, problem_responses
+from bitplan.app.settings import Settings
+from bitplan.app.uploads import UPLOAD_FIELD, StoredUpload, receive_upload
+from bitplan.sensitivity.errors import InputError
 
 __all__ = ["Validator", "blob_router"]
 
@@ -46,13 +46,21 @@ def _multipart_body(kind: str) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "content": {"multipart/form-data": {"schema": {
-                "type": "object",
-                "required": [UPLOAD_FIELD],
-                "properties": {UPLOAD_FIELD: {
-                    "type": "string", "format": "binary", "description": f"the {kind} file",
-                }},
-            }}},
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [UPLOAD_FIELD],
+                        "properties": {
+                            UPLOAD_FIELD: {
+                                "type": "string",
+                                "format": "binary",
+                                "description": f"the {kind} file",
+                            }
+                        },
+                    }
+                }
+            },
         }
     }
 
@@ -67,7 +75,10 @@ def _remove_if_unused(session: Session, path: str) -> None:
 
 
 def blob_router(
-    *, kind: str, read_schema: type[BaseModel], list_schema: type[BaseModel],
+    *,
+    kind: str,
+    read_schema: type[BaseModel],
+    list_schema: type[BaseModel],
     validate: Validator,
 ) -> APIRouter:
     """The ``/v1/<kind>s`` router: POST (upload), GET list, GET one, DELETE."""
@@ -81,18 +92,24 @@ def blob_router(
         summary=f"Upload a {kind}",
         openapi_extra=_multipart_body(kind),
         responses={
-            200: {"description": "the same bytes were uploaded before: the existing resource",
-                  "model": read_schema},
+            200: {
+                "description": "the same bytes were uploaded before: the existing resource",
+                "model": read_schema,
+            },
             201: {"description": f"a new {kind}", "headers": _LOCATION},
             **problem_responses(401, 413, 415),
         },
     )
     async def upload(
-        request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+        request: Request,
+        response: Response,
+        session: SessionDep,
+        settings: SettingsDep,
         owner_id: OwnerDep,
     ) -> Blob:
         stored = await receive_upload(
-            request, dest_dir=_owner_dir(settings, kind, owner_id),
+            request,
+            dest_dir=_owner_dir(settings, kind, owner_id),
             max_bytes=settings.max_upload_bytes,
         )
         try:
@@ -100,20 +117,29 @@ def blob_router(
         except InputError:
             await anyio.to_thread.run_sync(_remove_if_unused, session, str(stored.path))
             raise
-        blob, created = await anyio.to_thread.run_sync(partial(
-            crud.create_or_get_blob, session, owner_id=owner_id, kind=kind,
-            sha256=stored.sha256, filename=stored.filename, size_bytes=stored.size_bytes,
-            path=str(stored.path.resolve()),
-        ))
+        blob, created = await anyio.to_thread.run_sync(
+            partial(
+                crud.create_or_get_blob,
+                session,
+                owner_id=owner_id,
+                kind=kind,
+                sha256=stored.sha256,
+                filename=stored.filename,
+                size_bytes=stored.size_bytes,
+                path=str(stored.path.resolve()),
+            )
+        )
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         response.headers["Location"] = f"/v1/{plural}/{blob.id}"
         log.info("%s %s %s (%s)", kind, blob.id, "created" if created else "exists", blob.filename)
         return blob
 
-    @router.get("", response_model=list_schema, summary=f"List {plural}",
-                responses=problem_responses(401))
+    @router.get(
+        "", response_model=list_schema, summary=f"List {plural}", responses=problem_responses(401)
+    )
     def list_(
-        session: SessionDep, owner_id: OwnerDep,
+        session: SessionDep,
+        owner_id: OwnerDep,
         limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 50,
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     ) -> dict[str, Any]:
@@ -122,16 +148,24 @@ def blob_router(
         )
         return {"data": blobs, "next_cursor": next_cursor}
 
-    @router.get("/{blob_id}", response_model=read_schema, summary=f"Get one {kind}",
-                responses=problem_responses(401, 404))
+    @router.get(
+        "/{blob_id}",
+        response_model=read_schema,
+        summary=f"Get one {kind}",
+        responses=problem_responses(401, 404),
+    )
     def get(blob_id: str, session: SessionDep, owner_id: OwnerDep) -> Blob:
         blob = crud.get_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)
         if blob is None:
             raise ProblemError(404, f"no {kind} with id {blob_id!r}", slug="not-found")
         return blob
 
-    @router.delete("/{blob_id}", status_code=status.HTTP_204_NO_CONTENT,
-                   summary=f"Delete a {kind}", responses=problem_responses(401, 404, 409))
+    @router.delete(
+        "/{blob_id}",
+        status_code=status.HTTP_204_NO_CONTENT,
+        summary=f"Delete a {kind}",
+        responses=problem_responses(401, 404, 409),
+    )
     def delete(blob_id: str, session: SessionDep, owner_id: OwnerDep) -> Response:
         try:
             blob = crud.delete_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)

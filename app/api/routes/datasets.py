@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from app.api.routes.blobs import blob_router
-from app.schemas import DatasetRead, DatasetsRead
-from app.settings import Settings
-from app.uploads import StoredUpload, validate_dataset
+from bitplan.app.api.routes.blobs import blob_router
+from bitplan.app.schemas import DatasetRead, DatasetsRead
+from bitplan.app.settings import Settings
+from bitplan.app.uploads import StoredUpload, validate_dataset
 
 __all__ = ["router"]
 
@@ -14,5 +14,6 @@ def _validate(stored: StoredUpload, settings: Settings) -> None:
     validate_dataset(stored.path, filename=stored.filename)
 
 
-router = blob_router(kind="dataset", read_schema=DatasetRead, list_schema=DatasetsRead,
-                     validate=_validate)
+router = blob_router(
+    kind="dataset", read_schema=DatasetRead, list_schema=DatasetsRead, validate=_validate
+)

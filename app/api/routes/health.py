@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import SessionDep
-from app.problems import ProblemError, problem_responses
+from bitplan.app.api.deps import SessionDep
+from bitplan.app.problems import ProblemError, problem_responses
 
 __all__ = ["HealthRead", "router"]
 

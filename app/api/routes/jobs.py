@@ -26,14 +26,14 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
-from app import crud
-from app.api.deps import OwnerDep, SessionDep, SettingsDep
-from app.models import Job
-from app.problems import ProblemError, problem_responses
-from app.schemas import BUILTIN_PREFIX, FrontierRead, JobCreate, JobRead, JobsRead, JobState
-from app.settings import Settings
-from search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
-from search.plans import read_frontier, read_plan
+from bitplan.app import crud
+from bitplan.app.api.deps import OwnerDep, SessionDep, SettingsDep
+from bitplan.app.models import Job
+from bitplan.app.problems import ProblemError, problem_responses
+from bitplan.app.schemas import BUILTIN_PREFIX, FrontierRead, JobCreate, JobRead, JobsRead, JobState
+from bitplan.app.settings import Settings
+from bitplan.search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
+from bitplan.search.plans import read_frontier, read_plan
 
 __all__ = ["router"]
 
@@ -51,8 +51,11 @@ _ETAG = {"ETag": {"description": "validator for If-None-Match", "schema": {"type
 def _links(job: Job) -> dict[str, str]:
     base = f"/v1/jobs/{job.id}"
     return {
-        "self": base, "cancel": f"{base}:cancel", "frontier": f"{base}/frontier",
-        "sensitivity": f"{base}/sensitivity", "report": f"{base}/report",
+        "self": base,
+        "cancel": f"{base}:cancel",
+        "frontier": f"{base}/frontier",
+        "sensitivity": f"{base}/sensitivity",
+        "report": f"{base}/report",
     }
 
 
@@ -70,10 +73,20 @@ def _request_of(job: Job) -> JobCreate:
 def _job_read(job: Job) -> JobRead:
     plans = (job.result or {}).get("plan_ids", []) if job.state == "succeeded" else []
     return JobRead(
-        id=job.id, state=job.state, stage=job.stage, progress=job.progress, eta_s=job.eta_s,
-        attempts=job.attempts, error=job.error, cancel_requested=job.cancel_requested,
-        request=_request_of(job), plans=plans, created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
+        id=job.id,
+        state=job.state,
+        stage=job.stage,
+        progress=job.progress,
+        eta_s=job.eta_s,
+        attempts=job.attempts,
+        error=job.error,
+        cancel_requested=job.cancel_requested,
+        request=_request_of(job),
+        plans=plans,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
         links=_links(job),
     )
 
@@ -106,7 +119,8 @@ def _resolve(
     if blob is None:
         builtin = "'builtin:<name>'" if kind == "model" else "'builtin'"
         raise ProblemError(
-            422, f"no {kind} with id {ref!r}; upload it with POST /v1/{kind}s or use {builtin}",
+            422,
+            f"no {kind} with id {ref!r}; upload it with POST /v1/{kind}s or use {builtin}",
             slug="unknown-resource",
         )
     return blob.path, blob.id
@@ -122,11 +136,16 @@ def _request_hash(body: JobCreate) -> str:
     response_model=JobRead,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Submit a planning job",
-    responses={202: {"description": "queued (or replayed)", "headers": _LOCATION},
-               **problem_responses(401)},
+    responses={
+        202: {"description": "queued (or replayed)", "headers": _LOCATION},
+        **problem_responses(401),
+    },
 )
 def create_job(
-    body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
     owner_id: OwnerDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobRead:
@@ -142,8 +161,13 @@ def create_job(
     request_hash = _request_hash(body)
     try:
         job = crud.create_job(
-            session, owner_id=owner_id, spec=spec.to_dict(), model_id=model_id,
-            dataset_id=dataset_id, idempotency_key=idempotency_key, request_hash=request_hash,
+            session,
+            owner_id=owner_id,
+            spec=spec.to_dict(),
+            model_id=model_id,
+            dataset_id=dataset_id,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
             max_attempts=settings.max_attempts,
         )
     except crud.IdempotencyMismatch as exc:
@@ -153,10 +177,12 @@ def create_job(
     return _job_read(job)
 
 
-@router.get("", response_model=JobsRead, summary="List jobs, newest first",
-            responses=problem_responses(401))
+@router.get(
+    "", response_model=JobsRead, summary="List jobs, newest first", responses=problem_responses(401)
+)
 def list_jobs(
-    session: SessionDep, owner_id: OwnerDep,
+    session: SessionDep,
+    owner_id: OwnerDep,
     state: JobState | None = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
@@ -171,11 +197,16 @@ def list_jobs(
     "/{job_id}",
     response_model=JobRead,
     summary="Get a job's state, progress and links",
-    responses={200: {"headers": _ETAG}, 304: {"description": "Not Modified (If-None-Match)"},
-               **problem_responses(401, 404)},
+    responses={
+        200: {"headers": _ETAG},
+        304: {"description": "Not Modified (If-None-Match)"},
+        **problem_responses(401, 404),
+    },
 )
 def get_job(
-    job_id: str, session: SessionDep, owner_id: OwnerDep,
+    job_id: str,
+    session: SessionDep,
+    owner_id: OwnerDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     # Serialised once: the same bytes are hashed for the ETag and sent as the body.
@@ -198,8 +229,12 @@ def get_job(
 def cancel_job(job_id: str, session: SessionDep, owner_id: OwnerDep) -> JobRead:
     job = _owned_job(session, owner_id, job_id)
     if job.state in ("succeeded", "failed"):
-        raise ProblemError(409, f"job {job_id} already {job.state}; nothing to cancel",
-                           slug="job-finished", state=job.state)
+        raise ProblemError(
+            409,
+            f"job {job_id} already {job.state}; nothing to cancel",
+            slug="job-finished",
+            state=job.state,
+        )
     job = crud.request_cancel(session, job_id=job_id, owner_id=owner_id)
     assert job is not None  # it existed a statement ago and jobs are never deleted
     log.info("job %s: cancel requested (state %s)", job_id, job.state)
@@ -213,19 +248,26 @@ def _artifact(
     job has no such file."""
     if job.state != "succeeded":
         raise ProblemError(
-            409, f"job {job.id} is {job.state}; its {what} is ready once it has succeeded",
-            slug="not-ready", state=job.state,
+            409,
+            f"job {job.id} is {job.state}; its {what} is ready once it has succeeded",
+            slug="not-ready",
+            state=job.state,
         )
     path = settings.artifact_dir / job.id / name
     if not path.is_file():
         slug = "not-ready" if missing_status == 409 else "not-found"
-        raise ProblemError(missing_status, f"job {job.id} has no {what} (yet)", slug=slug,
-                           state=job.state)
+        raise ProblemError(
+            missing_status, f"job {job.id} has no {what} (yet)", slug=slug, state=job.state
+        )
     return path
 
 
-@router.get("/{job_id}/frontier", response_model=FrontierRead,
-            summary="The size/quality frontier", responses=problem_responses(401, 404, 409))
+@router.get(
+    "/{job_id}/frontier",
+    response_model=FrontierRead,
+    summary="The size/quality frontier",
+    responses=problem_responses(401, 404, 409),
+)
 def get_frontier(
     job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> FrontierRead:
@@ -236,20 +278,32 @@ def get_frontier(
     return FrontierRead.model_validate(frontier)
 
 
-_PLAN_MEDIA = {"json": "application/json", "csv": "text/csv", "torchao": "application/json",
-               "llamacpp": "text/plain"}
+_PLAN_MEDIA = {
+    "json": "application/json",
+    "csv": "text/csv",
+    "torchao": "application/json",
+    "llamacpp": "text/plain",
+}
 
 
 @router.get(
     "/{job_id}/plans/{plan_id}",
     summary="One plan of the frontier, as JSON or an export",
-    responses={200: {"description": "the plan", "content": {
-        media: {} for media in sorted(set(_PLAN_MEDIA.values()))}},
-        **problem_responses(401, 404, 409)},
+    responses={
+        200: {
+            "description": "the plan",
+            "content": {media: {} for media in sorted(set(_PLAN_MEDIA.values()))},
+        },
+        **problem_responses(401, 404, 409),
+    },
 )
 def get_plan(
-    job_id: str, plan_id: Annotated[str, PathParam(pattern=_PLAN_ID)], session: SessionDep,
-    settings: SettingsDep, owner_id: OwnerDep, format: PlanFormat = "json",
+    job_id: str,
+    plan_id: Annotated[str, PathParam(pattern=_PLAN_ID)],
+    session: SessionDep,
+    settings: SettingsDep,
+    owner_id: OwnerDep,
+    format: PlanFormat = "json",
 ) -> Response:
     job = _owned_job(session, owner_id, job_id)
     path = _artifact(settings, job, f"plans/{plan_id}.json", what=f"plan {plan_id!r}")
@@ -269,8 +323,12 @@ class _HTMLFile(FileResponse):
     media_type = "text/html"
 
 
-@router.get("/{job_id}/sensitivity", summary="The sensitivity table (CSV)",
-            response_class=_CSVFile, responses=problem_responses(401, 404, 409))
+@router.get(
+    "/{job_id}/sensitivity",
+    summary="The sensitivity table (CSV)",
+    response_class=_CSVFile,
+    responses=problem_responses(401, 404, 409),
+)
 def get_sensitivity(
     job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> _CSVFile:
@@ -278,8 +336,12 @@ def get_sensitivity(
     return _CSVFile(_artifact(settings, job, "sensitivity.csv", what="sensitivity table"))
 
 
-@router.get("/{job_id}/report", summary="The HTML report", response_class=_HTMLFile,
-            responses=problem_responses(401, 404, 409))
+@router.get(
+    "/{job_id}/report",
+    summary="The HTML report",
+    response_class=_HTMLFile,
+    responses=problem_responses(401, 404, 409),
+)
 def get_report(
     job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> _HTMLFile:

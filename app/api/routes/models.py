@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from app.api.routes.blobs import blob_router
-from app.schemas import ModelRead, ModelsRead
-from app.settings import Settings
-from app.uploads import StoredUpload, validate_model
+from bitplan.app.api.routes.blobs import blob_router
+from bitplan.app.schemas import ModelRead, ModelsRead
+from bitplan.app.settings import Settings
+from bitplan.app.uploads import StoredUpload, validate_model
 
 __all__ = ["router"]
 
 
 def _validate(stored: StoredUpload, settings: Settings) -> None:
-    validate_model(stored.path, filename=stored.filename, trusted=settings.trusted_models,
-                   cache_dir=settings.cache_dir)
+    validate_model(
+        stored.path,
+        filename=stored.filename,
+        trusted=settings.trusted_models,
+        cache_dir=settings.cache_dir,
+    )
 
 
-router = blob_router(kind="model", read_schema=ModelRead, list_schema=ModelsRead,
-                     validate=_validate)
+router = blob_router(
+    kind="model", read_schema=ModelRead, list_schema=ModelsRead, validate=_validate
+)

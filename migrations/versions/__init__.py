@@ -1,0 +1,1 @@
+"""Alembic revisions (a package only so that they install with bitplan; Alembic skips this file)."""
