@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint typecheck bench clean
 
 venv: $(STAMP)
 
@@ -23,9 +23,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping, so it reads the code through a tree of links
+# that has the installed layout (bitplan/app -> app, …). Strict on the library layers.
+TYPECHECK := $(VENV)/typecheck
+typecheck: $(STAMP)
+	mkdir -p $(TYPECHECK)/bitplan
+	ln -sfn $(CURDIR)/bitplan/__init__.py $(TYPECHECK)/bitplan/__init__.py
+	for pkg in app search sensitivity migrations; do ln -sfn $(CURDIR)/$$pkg $(TYPECHECK)/bitplan/$$pkg; done
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml --strict -p bitplan.search -p bitplan.sensitivity
 
 # Run as modules: benchmarks/sensitivity.py would otherwise shadow the sensitivity package.
 # Each script records its own section of benchmarks/RESULTS.md with the machine and date.
