@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
-from bitplan.app.models import TERMINAL_STATES
+from bitplan.app.states import TERMINAL_STATES
 
 __all__ = ["ApiError", "BitplanClient"]
 
@@ -83,15 +83,17 @@ class BitplanClient:
             raise ApiError(response.status_code, problem)
         return response
 
+    def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        """A request whose answer is a JSON object (every JSON answer of the API is one)."""
+        body: dict[str, Any] = self._request(method, url, **kwargs).json()
+        return body
+
     def _upload(self, kind: str, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         with path.open("rb") as handle:  # httpx streams the file in chunks
             # A client passed in keeps its own timeouts; ours waits as long as the upload takes.
             extra = {"timeout": _UPLOAD_TIMEOUT} if self._owns_http else {}
-            response = self._request(
-                "POST", f"/v1/{kind}", files={"file": (path.name, handle)}, **extra
-            )
-        return response.json()
+            return self._json("POST", f"/v1/{kind}", files={"file": (path.name, handle)}, **extra)
 
     def upload_model(self, path: str | Path) -> dict[str, Any]:
         """Upload a model file; the same bytes again return the existing model."""
@@ -101,23 +103,42 @@ class BitplanClient:
         """Upload a calibration dataset (.txt, .jsonl or .safetensors)."""
         return self._upload("datasets", path)
 
+    def find_upload(
+        self, kind: Literal["model", "dataset"], *, sha256: str
+    ) -> dict[str, Any] | None:
+        """The caller's uploaded model or dataset with these bytes (by sha256), or None.
+
+        Lets a client skip re-sending a file the server already has. The API has no lookup by
+        hash, so this pages through the caller's uploads (newest first).
+        """
+        cursor: str | None = None
+        while True:
+            params: dict[str, str] = {} if cursor is None else {"cursor": cursor}
+            page = self._json("GET", f"/v1/{kind}s", params=params)
+            found: dict[str, Any] | None = next(
+                (blob for blob in page["data"] if blob["sha256"] == sha256), None
+            )
+            if found is not None or page["next_cursor"] is None:
+                return found
+            cursor = page["next_cursor"]
+
     def submit_job(self, *, idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
         """Queue a job; ``fields`` are those of ``JobCreate`` (model, budget, calib, ...)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._request("POST", "/v1/jobs", json=fields, headers=headers).json()
+        return self._json("POST", "/v1/jobs", json=fields, headers=headers)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}").json()
+        return self._json("GET", f"/v1/jobs/{job_id}")
 
     def list_jobs(
         self, *, state: str | None = None, limit: int = 50, cursor: str | None = None
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         params.update({k: v for k, v in (("state", state), ("cursor", cursor)) if v is not None})
-        return self._request("GET", "/v1/jobs", params=params).json()
+        return self._json("GET", "/v1/jobs", params=params)
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/jobs/{job_id}:cancel").json()
+        return self._json("POST", f"/v1/jobs/{job_id}:cancel")
 
     def wait_job(
         self,
@@ -151,7 +172,7 @@ class BitplanClient:
 
     def frontier(self, job_id: str) -> dict[str, Any]:
         """The job's frontier (``bitplan.frontier/v1``) with a download link on every point."""
-        return self._request("GET", f"/v1/jobs/{job_id}/frontier").json()
+        return self._json("GET", f"/v1/jobs/{job_id}/frontier")
 
     def plan(self, job_id: str, plan_id: str, *, format: str = "json") -> str:
         """One plan as text: ``json``, ``csv``, ``torchao`` or ``llamacpp``."""

@@ -20,7 +20,8 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from bitplan.app.models import BLOB_KINDS, JOB_STATES, ApiKey, Blob, Job, utcnow
+from bitplan.app.models import BLOB_KINDS, ApiKey, Blob, Job, utcnow
+from bitplan.app.states import JobState
 from bitplan.sensitivity.errors import InputError
 
 __all__ = [
@@ -212,16 +213,17 @@ def list_jobs(
     session: Session,
     *,
     owner_id: str | None,
-    state: str | None = None,
+    state: JobState | str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """The owner's jobs, newest first, optionally in one ``state``; returns (page, next_cursor)."""
     conditions = [_owned(Job.owner_id, owner_id)]
     if state is not None:
-        if state not in JOB_STATES:
-            raise InputError(f"unknown job state {state!r}; accepted: {', '.join(JOB_STATES)}")
-        conditions.append(Job.state == state)
+        if state not in set(JobState):
+            accepted = ", ".join(JobState)
+            raise InputError(f"unknown job state {state!r}; accepted: {accepted}")
+        conditions.append(Job.state == JobState(state))
     return _page(session, Job, conditions, limit=limit, cursor=cursor)
 
 
@@ -236,11 +238,18 @@ def request_cancel(session: Session, *, job_id: str, owner_id: str | None) -> Jo
     # job is in when a statement runs decides what it does.
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == "queued")
-        .values(state="cancelled", stage="cancelled", cancel_requested=True, finished_at=now)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED)
+        .values(
+            state=JobState.CANCELLED,
+            stage=JobState.CANCELLED.value,
+            cancel_requested=True,
+            finished_at=now,
+        )
     )
     session.execute(
-        update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(cancel_requested=True)
     )
     session.commit()
     session.refresh(job)
@@ -330,7 +339,7 @@ def delete_blob(
         select(
             exists().where(
                 or_(Job.model_id == blob_id, Job.dataset_id == blob_id),
-                Job.state.in_(("queued", "running")),
+                Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
             )
         )
     )

@@ -1,10 +1,10 @@
 """The FastAPI application factory.
 
 ``create_app(settings)`` builds one self-contained app: its own engine and session factory on
-``bitplan.app.state`` (so tests run many apps side by side, each on its own database), problem+json
-for every error, and the ``/v1`` routers. It does not migrate the database — ``bitplan db
-upgrade`` and ``bitplan serve`` do that before the app starts — and it never runs jobs: worker
-processes claim them from the database queue.
+``app.state`` (so tests run many apps side by side, each on its own database), problem+json
+for every error, the ``/v1`` routers, and ``/docs`` and ``/redoc`` served without a CDN. It does
+not migrate the database — ``bitplan db upgrade`` and ``bitplan serve`` do that before the app
+starts — and it never runs jobs: worker processes claim them from the database queue.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from bitplan.app.api import api_router
+from bitplan.app.api.docs import install_docs
 from bitplan.app.auth import auth_required
 from bitplan.app.db import make_engine, make_sessionmaker
 from bitplan.app.problems import install_problems
@@ -48,11 +49,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="bitplan", description=_DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc come from install_docs, which serves their assets locally (no CDN).
+    app = FastAPI(
+        title="bitplan",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.read_sessionmaker = make_sessionmaker(engine, read_only=True)
     install_problems(app)
     app.include_router(api_router)
+    install_docs(app)
     return app

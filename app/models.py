@@ -27,25 +27,27 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# TERMINAL_STATES is re-exported for modules that still import it from here.
+from bitplan.app.states import TERMINAL_STATES, JobState
+
 __all__ = [
     "BLOB_KINDS",
-    "JOB_STATES",
     "TERMINAL_STATES",
     "ApiKey",
     "Base",
     "Blob",
     "Job",
+    "JobStateType",
     "UTCDateTime",
     "new_id",
     "utcnow",
 ]
 
 BLOB_KINDS = ("model", "dataset")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 # Deterministic constraint names, so migrations can name what they create and drop.
 NAMING_CONVENTION = {
@@ -85,6 +87,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JobStateType(TypeDecorator[JobState]):
+    """A :class:`JobState` in Python, its plain string value (``'queued'``, ...) in the column."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobState(value).value  # refuses unknown states
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobState | None:
+        return None if value is None else JobState(value)
 
 
 class Base(DeclarativeBase):
@@ -131,17 +146,19 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key"),
         Index(None, "state", "created_at"),
         Index(None, "owner_id", "created_at"),
-        CheckConstraint(
-            "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="state"
-        ),
+        CheckConstraint(f"state IN ({', '.join(repr(s.value) for s in JobState)})", name="state"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
-    state: Mapped[str] = mapped_column(String(16), default="queued")
-    stage: Mapped[str] = mapped_column(String(64), default="queued")
+    state: Mapped[JobState] = mapped_column(JobStateType(), default=JobState.QUEUED)
+    stage: Mapped[str] = mapped_column(String(64), default=JobState.QUEUED.value)
+    # Overall fraction done and ETA of the whole attempt (see app/job_progress.py) ...
     progress: Mapped[float] = mapped_column(default=0.0)
     eta_s: Mapped[float | None]
+    # ... and of the current stage alone (each stage restarts at 0).
+    stage_progress: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
+    stage_eta_s: Mapped[float | None]
     spec: Mapped[dict[str, Any]]
     model_id: Mapped[str | None] = mapped_column(ForeignKey("blobs.id", ondelete="SET NULL"))
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("blobs.id", ondelete="SET NULL"))

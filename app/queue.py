@@ -7,6 +7,7 @@ recovery is an idempotent reaper; losing a race is normal and handled.
   PostgreSQL its subquery is ``FOR UPDATE SKIP LOCKED``, so concurrent workers skip each other's
   rows. SQLAlchemy drops ``FOR UPDATE`` on SQLite, so there the statement runs in a
   ``BEGIN IMMEDIATE`` transaction (one writer at a time) and re-checks ``state = 'queued'``.
+- A claim starts the attempt's progress at 0 (a retried job starts over).
 - Each claim increments ``lease_version``. Every later write of the holder (heartbeat,
   progress, finish, release) is fenced by ``(id, lease_version, state = 'running')``: once a
   lease is reaped or reclaimed, the old holder's writes match no row and return False.
@@ -29,7 +30,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, literal, select, update
 from sqlalchemy.sql.dml import Update
 
-from bitplan.app.models import TERMINAL_STATES, Job, UTCDateTime, utcnow
+from bitplan.app.job_progress import ProgressSnapshot
+from bitplan.app.models import Job, UTCDateTime, utcnow
+from bitplan.app.states import TERMINAL_STATES, JobState
 
 __all__ = [
     "ClaimedJob",
@@ -58,8 +61,30 @@ class ClaimedJob:
 def _fenced(job_id: str, lease_version: int) -> Update:
     """An UPDATE that only the current lease holder's writes can match."""
     return update(Job).where(
-        Job.id == job_id, Job.lease_version == lease_version, Job.state == "running"
+        Job.id == job_id, Job.lease_version == lease_version, Job.state == JobState.RUNNING
     )
+
+
+# What a job that nobody runs shows: no lease, nothing to wait for.
+_UNLEASED: dict[str, Any] = {
+    "lease_owner": None,
+    "lease_expires_at": None,
+    "eta_s": None,
+    "stage_eta_s": None,
+}
+# A job back in the queue: its next attempt starts from nothing.
+_REQUEUED: dict[str, Any] = {
+    **_UNLEASED,
+    "state": JobState.QUEUED,
+    "stage": JobState.QUEUED.value,
+    "progress": 0.0,
+    "stage_progress": 0.0,
+}
+
+
+def _ended(state: JobState, now: datetime) -> dict[str, Any]:
+    """The values of a job that has just reached the terminal ``state``."""
+    return {**_UNLEASED, "state": state, "stage": state.value, "finished_at": now}
 
 
 @contextmanager
@@ -83,7 +108,7 @@ def claim_job(
     now = now or utcnow()
     oldest = (
         select(Job.id)
-        .where(Job.state == "queued")
+        .where(Job.state == JobState.QUEUED)
         .order_by(Job.created_at, Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)  # PostgreSQL; dropped on SQLite (BEGIN IMMEDIATE)
@@ -91,10 +116,14 @@ def claim_job(
     )
     statement = (
         update(Job)
-        .where(Job.id == oldest, Job.state == "queued")
+        .where(Job.id == oldest, Job.state == JobState.QUEUED)
         .values(
-            state="running",
+            state=JobState.RUNNING,
             stage="starting",
+            progress=0.0,
+            stage_progress=0.0,
+            eta_s=None,
+            stage_eta_s=None,
             lease_owner=worker_id,
             lease_expires_at=now + timedelta(seconds=lease_s),
             lease_version=Job.lease_version + 1,
@@ -129,17 +158,16 @@ def heartbeat(
 
 
 def set_progress(
-    engine: Engine,
-    *,
-    job_id: str,
-    lease_version: int,
-    stage: str,
-    progress: float,
-    eta_s: float | None = None,
+    engine: Engine, *, job_id: str, lease_version: int, snapshot: ProgressSnapshot
 ) -> bool:
-    """Record the stage, the fraction done (0..1) and the ETA; fenced like every holder write."""
+    """Record the stage and the stage's and the whole job's fraction done (0..1) and ETA;
+    fenced like every holder write."""
     statement = _fenced(job_id, lease_version).values(
-        stage=stage, progress=min(max(progress, 0.0), 1.0), eta_s=eta_s
+        stage=snapshot.stage,
+        stage_progress=min(max(snapshot.stage_progress, 0.0), 1.0),
+        stage_eta_s=snapshot.stage_eta_s,
+        progress=min(max(snapshot.progress, 0.0), 1.0),
+        eta_s=snapshot.eta_s,
     )
     return _write(engine, statement) == 1
 
@@ -149,38 +177,24 @@ def finish_job(
     *,
     job_id: str,
     lease_version: int,
-    state: str,
+    state: JobState,
     result: dict[str, Any] | None = None,
     error: str | None = None,
 ) -> bool:
-    """Move a running job to a terminal state; False when the caller no longer holds it."""
+    """Move a running job to a terminal state; False when the caller no longer holds it. A
+    failed or cancelled job keeps the progress it had made."""
     if state not in TERMINAL_STATES:
-        raise ValueError(f"finish_job needs one of {TERMINAL_STATES}, got {state!r}")
-    values: dict[str, Any] = {
-        "state": state,
-        "stage": state,
-        "result": result,
-        "error": error,
-        "eta_s": None,
-        "finished_at": utcnow(),
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-    if state == "succeeded":
-        values["progress"] = 1.0
+        accepted = ", ".join(sorted(TERMINAL_STATES))
+        raise ValueError(f"finish_job needs one of {accepted}, got {state!r}")
+    values = {**_ended(JobState(state), utcnow()), "result": result, "error": error}
+    if state == JobState.SUCCEEDED:
+        values |= {"progress": 1.0, "stage_progress": 1.0}
     return _write(engine, _fenced(job_id, lease_version).values(**values)) == 1
 
 
 def release_job(engine: Engine, *, job_id: str, lease_version: int) -> bool:
     """Give a job back to the queue unfinished (graceful shutdown); the attempt is not counted."""
-    statement = _fenced(job_id, lease_version).values(
-        state="queued",
-        stage="queued",
-        lease_owner=None,
-        lease_expires_at=None,
-        attempts=Job.attempts - 1,
-        eta_s=None,
-    )
+    statement = _fenced(job_id, lease_version).values(**_REQUEUED, attempts=Job.attempts - 1)
     return _write(engine, statement) == 1
 
 
@@ -203,29 +217,23 @@ def reap_expired(engine: Engine, *, now: datetime | None = None) -> int:
                 Job.attempts,
                 Job.max_attempts,
                 Job.cancel_requested,
-            ).where(Job.state == "running", Job.lease_expires_at < now)
+            ).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
         ).all()
     changed = 0
     for row in expired:
         # Fenced on the version seen and still expired: a heartbeat or a reaper racing us wins.
         statement = _fenced(row.id, row.lease_version).where(Job.lease_expires_at < now)
-        gone = {"lease_owner": None, "lease_expires_at": None, "eta_s": None}
+        values: dict[str, Any]
         if row.cancel_requested:
-            values = {"state": "cancelled", "stage": "cancelled", "finished_at": now, **gone}
+            values = _ended(JobState.CANCELLED, now)
         elif row.attempts >= row.max_attempts:
             reason = (
                 f"worker lost: the lease of {row.lease_owner} expired on attempt "
                 f"{row.attempts} of {row.max_attempts}; not retried"
             )
-            values = {
-                "state": "failed",
-                "stage": "failed",
-                "error": reason,
-                "finished_at": now,
-                **gone,
-            }
+            values = {**_ended(JobState.FAILED, now), "error": reason}
         else:
-            values = {"state": "queued", "stage": "queued", **gone}
+            values = _REQUEUED
         if _write(engine, statement.values(**values)) == 1:
             changed += 1
             logger.warning(

@@ -9,16 +9,19 @@ what the server answers; ids and links, never server paths.
 
 from __future__ import annotations
 
+from copy import copy
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bitplan.app.models import JOB_STATES
+from bitplan.app.states import JobState
 from bitplan.search.budgets import parse_budget
+from bitplan.search.fields import Format
+from bitplan.search.plans import FrontierFile, FrontierPoint
 from bitplan.search.spec import METHODS, SAMPLERS, JobSpec
 from bitplan.sensitivity.builtin import BUILTIN_MODELS
-from bitplan.sensitivity.formats import DEFAULT_FORMATS, parse_format, parse_formats
+from bitplan.sensitivity.format_spec import QuantFormat, parse_formats
 from bitplan.sensitivity.models import TASKS
 
 __all__ = [
@@ -42,17 +45,22 @@ _NEXT_CURSOR = "pass as ?cursor= for the next page; null on the last page"
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Sampler = Literal[SAMPLERS]  # type: ignore[valid-type]
 Task = Literal[TASKS]  # type: ignore[valid-type]
-JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
+
+
+def _spec_field(name: str) -> Any:
+    """A copy of :class:`JobSpec`'s field ``name``: its default, bounds and description, so the
+    request restates none of them (pydantic takes a FieldInfo as a field's default)."""
+    return copy(JobSpec.model_fields[name])
 
 
 class _BlobRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    id: str
+    id: str = Field(description="the resource's id; a job names it in 'model' or 'calib'")
     sha256: str = Field(description="sha256 of the uploaded bytes (the content address)")
     filename: str = Field(description="the file name the client uploaded")
-    size_bytes: int
-    created_at: datetime
+    size_bytes: int = Field(description="size of the uploaded file in bytes")
+    created_at: datetime = Field(description="when it was first uploaded (UTC)")
 
 
 class ModelRead(_BlobRead):
@@ -64,17 +72,25 @@ class DatasetRead(_BlobRead):
 
 
 class ModelsRead(BaseModel):
-    data: list[ModelRead]
+    """One page of models, newest first."""
+
+    data: list[ModelRead] = Field(description="the models on this page")
     next_cursor: str | None = Field(description=_NEXT_CURSOR)
 
 
 class DatasetsRead(BaseModel):
-    data: list[DatasetRead]
+    """One page of datasets, newest first."""
+
+    data: list[DatasetRead] = Field(description="the datasets on this page")
     next_cursor: str | None = Field(description=_NEXT_CURSOR)
 
 
 class JobCreate(BaseModel):
-    """A planning request. Unknown fields are refused, so a typo never silently uses a default."""
+    """A planning request. Unknown fields are refused, so a typo never silently uses a default.
+
+    Defaults, bounds and descriptions are :class:`JobSpec`'s; ``model``/``calib`` name uploaded
+    resources (or builtins) instead of server paths.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -88,19 +104,19 @@ class JobCreate(BaseModel):
         min_length=1,
         description="the id of an uploaded dataset, or 'builtin' for the model's builtin data",
     )
-    budget: str = Field(description="'4.5bpw', '60MB', '58MiB' or '0.3x'", examples=["4.5bpw"])
-    formats: list[str] = Field(default_factory=lambda: list(DEFAULT_FORMATS), min_length=1)
-    method: Method = JobSpec.method  # type: ignore[assignment]
-    task: Task | None = None  # type: ignore[valid-type]
-    trials: int = Field(JobSpec.trials, ge=0)
-    timeout: float | None = Field(None, gt=0, description="seconds for the measured search")
-    seed: int = JobSpec.seed
-    sampler: Sampler = JobSpec.sampler  # type: ignore[assignment]
-    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of layers")
-    pins: dict[str, str] = Field(default_factory=dict, description="layer pattern -> format")
-    holdout: float = Field(JobSpec.holdout, gt=0, lt=1)
-    max_length: int = Field(JobSpec.max_length, gt=0)
-    max_samples: int | None = Field(None, gt=0)
+    budget: str = _spec_field("budget")
+    formats: list[Format] = _spec_field("formats")
+    method: Method = _spec_field("method")
+    task: Task | None = _spec_field("task")
+    trials: int = _spec_field("trials")
+    timeout: float | None = _spec_field("timeout")
+    seed: int = _spec_field("seed")
+    sampler: Sampler = _spec_field("sampler")
+    exclude: list[str] = _spec_field("exclude")
+    pins: dict[str, Format] = _spec_field("pins")
+    holdout: float = _spec_field("holdout")
+    max_length: int = _spec_field("max_length")
+    max_samples: int | None = _spec_field("max_samples")
 
     @field_validator("model")
     @classmethod
@@ -111,21 +127,16 @@ class JobCreate(BaseModel):
             raise ValueError(f"unknown builtin model {value!r}; accepted: {accepted}")
         return value
 
+    @field_validator("formats")
+    @classmethod
+    def _check_formats(cls, value: list[QuantFormat]) -> list[QuantFormat]:
+        return parse_formats(value)  # the library's parser: a format listed twice is refused
+
     @field_validator("budget")
     @classmethod
     def _check_budget(cls, value: str) -> str:
         parse_budget(value)  # InputError is a ValueError: pydantic reports it as a field error
         return value.strip()
-
-    @field_validator("formats")
-    @classmethod
-    def _check_formats(cls, value: list[str]) -> list[str]:
-        return [fmt.name for fmt in parse_formats(value)]
-
-    @field_validator("pins")
-    @classmethod
-    def _check_pins(cls, value: dict[str, str]) -> dict[str, str]:
-        return {pattern: parse_format(name).name for pattern, name in value.items()}
 
     def to_spec(self, *, model_ref: str, calib_ref: str) -> JobSpec:
         """The :class:`JobSpec` a worker runs, with ``model``/``calib`` resolved to references
@@ -135,49 +146,75 @@ class JobCreate(BaseModel):
 
 
 class JobRead(BaseModel):
-    """A job's state. ``progress`` is a fraction in [0, 1]; ``eta_s`` seconds or null."""
+    """A job: its state, how far it got, what was asked, and where its results are.
 
-    id: str
-    state: JobState
-    stage: str
-    progress: float = Field(ge=0, le=1)
-    eta_s: float | None
-    attempts: int
-    error: str | None
-    cancel_requested: bool
-    request: JobCreate
+    ``progress``/``eta_s`` cover the whole job; ``stage_progress``/``stage_eta_s`` the current
+    ``stage`` only, which restarts at 0 with every stage.
+    """
+
+    id: str = Field(description="the job's id")
+    state: JobState = Field(
+        description="queued, running, then succeeded, failed or cancelled (these three are final)"
+    )
+    stage: str = Field(
+        description=(
+            "what the job is doing: 'queued', 'starting', then the pipeline's stages in order "
+            "(load, collect, analyze, frontier, reference, search, validate; collect only for "
+            "data-driven methods), and finally its state"
+        )
+    )
+    progress: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "fraction of the whole job done, 0 to 1; it only grows while an attempt runs (stages "
+            "weighted by their usual share of the time) and is 1 once the job succeeded; a job "
+            "retried after its worker was lost starts again from 0 (see attempts)"
+        ),
+    )
+    eta_s: float | None = Field(
+        description=(
+            "estimated seconds until the whole job is done, from the time spent so far and "
+            "'progress'; null before any progress and when the job is not running"
+        )
+    )
+    stage_progress: float = Field(
+        ge=0, le=1, description="fraction of the current stage done, 0 to 1"
+    )
+    stage_eta_s: float | None = Field(
+        description="estimated seconds left in the current stage; null when unknown"
+    )
+    attempts: int = Field(
+        description="how many times a worker has claimed the job (a lost worker's job is retried)"
+    )
+    error: str | None = Field(description="why the job failed; null unless it failed")
+    cancel_requested: bool = Field(description="whether a cancel was requested")
+    request: JobCreate = Field(description="the request as submitted")
     plans: list[str] = Field(description="plan ids on the frontier, once the job succeeded")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-    links: dict[str, str]
+    created_at: datetime = Field(description="when the job was submitted (UTC)")
+    started_at: datetime | None = Field(description="when a worker first claimed it (UTC)")
+    finished_at: datetime | None = Field(description="when it reached its final state (UTC)")
+    updated_at: datetime = Field(description="when the job last changed (UTC)")
+    links: dict[str, str] = Field(
+        description="related URLs: self, cancel, frontier, sensitivity, report"
+    )
 
 
 class JobsRead(BaseModel):
-    data: list[JobRead]
+    """One page of jobs, newest first."""
+
+    data: list[JobRead] = Field(description="the jobs on this page")
     next_cursor: str | None = Field(description=_NEXT_CURSOR)
 
 
-class FrontierPointRead(BaseModel):
-    """One point of the size/quality frontier (``metrics`` holds calibration and holdout)."""
+class FrontierPointRead(FrontierPoint):
+    """One point of the size/quality frontier, with a link to download its plan."""
 
-    plan_id: str
-    total_bytes: int
-    bpw: float
-    predicted_error: float | None
-    metrics: dict[str, dict[str, float]]
-    source: str = Field(description="'exact', 'search' or 'uniform' (how the point was found)")
     href: str = Field(description="where to download this point's plan")
 
 
-class FrontierRead(BaseModel):
+class FrontierRead(FrontierFile):
     """The job's ``bitplan.frontier/v1`` file, with a download link on every point."""
 
-    model_config = ConfigDict(populate_by_name=True)
-
-    schema_: str = Field(alias="schema")
-    model: dict[str, str]
-    budget: dict[str, Any] | None
-    points: list[FrontierPointRead]
+    points: list[FrontierPointRead] = Field(description="the frontier, smallest first")
     uniform: list[FrontierPointRead] = Field(description="uniform-format reference points")

@@ -1,13 +1,22 @@
-"""Human summary tables of a job's results, for the terminal (CLI and demo)."""
+"""Human summaries of a job's results, for the terminal (CLI and demo).
+
+Counts are taken from the frontier file that was written, never re-counted another way, so what
+a command says it wrote is what is on disk.
+"""
 
 from __future__ import annotations
 
-import pandas as pd
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
-from bitplan.search.plans import FrontierFile
+if TYPE_CHECKING:
+    import pandas as pd
 
-__all__ = ["frontier_table", "sensitivity_table"]
+    from bitplan.search.plans import FrontierFile
+
+__all__ = ["frontier_table", "plans_written", "sensitivity_table"]
 
 # The metric shown beside the error, per task family, in order of preference.
 _HEADLINE = ("accuracy", "agreement", "perplexity", "cosine", "sqnr_db")
@@ -43,9 +52,23 @@ def frontier_table(frontier: FrontierFile) -> Table:
     return table
 
 
+def plans_written(frontier: FrontierFile, plans_dir: Path, *, best_plan_id: str | None) -> str:
+    """``5 frontier plans and 3 uniform baselines in DIR, plus best.json (a copy of ID)
+    (9 files)``: what the writer put under ``plans/``, from the frontier file it wrote."""
+    from bitplan.search.plans import BEST_PLAN_ID
+
+    points, uniform = len(frontier.points), len(frontier.uniform)
+    text = f"{points} frontier plans and {uniform} uniform baselines in {plans_dir}"
+    if best_plan_id is not None:
+        text += f", plus {BEST_PLAN_ID}.json (a copy of {best_plan_id})"
+    return f"{text} ({points + uniform + (best_plan_id is not None)} files)"
+
+
 def sensitivity_table(table: pd.DataFrame, *, top: int = 5) -> Table:
     """The most and least sensitive layers, ranked by their error in the smallest format,
     with their error in every format (columns from smallest to largest)."""
+    import pandas as pd
+
     formats = table.groupby("format")["bytes"].sum().sort_values().index.tolist()
     wide = table.pivot_table(index="layer", columns="format", values="error", aggfunc="first")
     ranked = wide.sort_values(formats[0], ascending=False, na_position="last")

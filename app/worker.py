@@ -3,9 +3,11 @@
 One worker runs one job at a time. The job runs in its own thread while the main thread
 renews the lease by heartbeat, watches the job's cancel flag and waits for SIGTERM. The
 pipeline's ``should_cancel()`` turns True when the job was cancelled (it ends ``cancelled``),
-when the lease was lost (another worker owns the job now: this one writes nothing more), or on
-SIGTERM (the job goes back to the queue for another worker). Progress reaches the job row at
-most every :data:`PROGRESS_INTERVAL_S`, fenced by the lease like every other write.
+when the lease was lost (another worker owns the job now: this one writes nothing more, not
+even its results), or on SIGTERM (the job goes back to the queue for another worker). Progress
+(per stage and overall, :mod:`bitplan.app.job_progress`) reaches the job row at most every
+:data:`PROGRESS_INTERVAL_S`, fenced by the lease like every other write. The worker's clock is
+injectable (``run_worker(clock=...)``), so tests drive heartbeats and throttling without sleeps.
 
 Artifacts are written to a private staging folder and moved to ``artifact_dir/<job_id>/`` only
 by the lease holder, right before it marks the job succeeded; a crashed attempt leaves nothing
@@ -28,11 +30,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Engine
 
 from bitplan.app.db import make_engine
+from bitplan.app.job_progress import ProgressTracker
 from bitplan.app.queue import (
     ClaimedJob,
     claim_job,
@@ -45,11 +49,20 @@ from bitplan.app.queue import (
 )
 from bitplan.app.report import render_report
 from bitplan.app.settings import Settings, get_settings
+from bitplan.app.states import JobState
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import Cancelled
 
-__all__ = ["PROGRESS_INTERVAL_S", "Runner", "load_runner", "run_worker", "spawn_workers"]
+__all__ = [
+    "PROGRESS_INTERVAL_S",
+    "Clock",
+    "Runner",
+    "StopReason",
+    "load_runner",
+    "run_worker",
+    "spawn_workers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +73,16 @@ PROGRESS_INTERVAL_S = 0.5
 _TICK_S = 0.1
 
 Runner = Callable[..., Any]
+# Seconds on a monotonic scale (time.monotonic); tests hand in a clock they advance by hand.
+Clock = Callable[[], float]
+
+
+class StopReason(StrEnum):
+    """Why the supervisor stopped a job before its runner returned."""
+
+    CANCEL = "cancel"  # the user cancelled: the job ends cancelled
+    LEASE_LOST = "lease lost"  # another worker or the reaper has the job: write nothing more
+    SHUTDOWN = "shutdown"  # SIGTERM: the job goes back to the queue
 
 
 def load_runner(dotted: str) -> Runner:
@@ -85,19 +108,19 @@ class _JobRun:
         job: ClaimedJob,
         runner: Runner,
         shutdown: threading.Event,
+        clock: Clock,
     ) -> None:
         self.engine, self.settings, self.worker_id = engine, settings, worker_id
-        self.job, self.runner, self.shutdown = job, runner, shutdown
+        self.job, self.runner, self.shutdown, self.clock = job, runner, shutdown, clock
         self.stop = threading.Event()
-        self.reason: str | None = None  # "cancel" | "lease lost" | "shutdown"
-        self.outcome: tuple[str, str] = ("error", "the job thread did not finish")
+        self.reason: StopReason | None = None
+        # the state the runner asks for, and the error message when it failed
+        self.outcome: tuple[JobState, str] = (JobState.FAILED, "the job thread did not finish")
         self.final_dir = settings.artifact_dir / job.id
         self.staging = settings.artifact_dir / f".{job.id}.{job.lease_version}.partial"
-        self._last_write = 0.0
-        self._written: tuple[str, float, float | None] | None = None
-        self._stage: tuple[str, float] | None = None  # (name, monotonic start)
+        self.tracker = ProgressTracker(interval_s=PROGRESS_INTERVAL_S, clock=clock)
 
-    def _halt(self, reason: str) -> None:
+    def _halt(self, reason: StopReason) -> None:
         if self.reason is None:
             self.reason = reason
             logger.info("job %s: stopping (%s)", self.job.id, reason)
@@ -107,35 +130,21 @@ class _JobRun:
         return self.stop.is_set()
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        new_stage = self._stage is None or self._stage[0] != stage
-        if self._stage is None or new_stage:  # the None test narrows the type for mypy
-            self._stage = (stage, now)
-        if not (new_stage or done >= total or now - self._last_write >= PROGRESS_INTERVAL_S):
+        if self.reason == StopReason.LEASE_LOST:
+            return  # the job is someone else's now
+        snapshot = self.tracker.update(stage, done, total)
+        if snapshot is None:
             return
-        self._last_write = now
-        # Rounded (0.1 %, whole seconds) so an unchanged job keeps its ETag and pollers get 304s.
-        fraction = round(done / total, 3) if total > 0 else 0.0
-        elapsed = now - self._stage[1]
-        eta = float(round(elapsed / done * (total - done))) if 0 < done <= total else None
-        if (stage, fraction, eta) == self._written:
-            return
-        self._written = (stage, fraction, eta)
         if not set_progress(
-            self.engine,
-            job_id=self.job.id,
-            lease_version=self.job.lease_version,
-            stage=stage,
-            progress=fraction,
-            eta_s=eta,
+            self.engine, job_id=self.job.id, lease_version=self.job.lease_version, snapshot=snapshot
         ):
-            self._halt("lease lost")
+            self._halt(StopReason.LEASE_LOST)
 
     def _target(self) -> None:
         try:
             spec = JobSpec(**self.job.spec)
         except (InputError, TypeError) as error:  # TypeError: unknown or missing fields
-            self.outcome = ("error", f"invalid job spec: {error}")
+            self.outcome = (JobState.FAILED, f"invalid job spec: {error}")
             return
         try:
             self.runner(
@@ -148,14 +157,14 @@ class _JobRun:
                 study_name=f"bitplan-{self.job.id}",
             )
             self._render_report()
-            self.outcome = ("ok", "")
+            self.outcome = (JobState.SUCCEEDED, "")
         except Cancelled:
-            self.outcome = ("cancelled", "")
+            self.outcome = (JobState.CANCELLED, "")
         except InputError as error:
-            self.outcome = ("error", str(error))
+            self.outcome = (JobState.FAILED, str(error))
         except Exception as error:  # noqa: BLE001 -- any crash fails the job, with its reason
             logger.exception("job %s crashed", self.job.id)
-            self.outcome = ("error", f"internal error: {type(error).__name__}: {error}")
+            self.outcome = (JobState.FAILED, f"internal error: {type(error).__name__}: {error}")
 
     def _render_report(self) -> None:
         """The HTML report, linking to the API's download routes. A job whose report cannot be
@@ -166,24 +175,28 @@ class _JobRun:
             logger.exception("job %s: could not render the report", self.job.id)
 
     def _supervise(self, thread: threading.Thread) -> None:
-        next_beat = time.monotonic() + self.settings.heartbeat_seconds
+        next_beat = self.clock() + self.settings.heartbeat_seconds
         while thread.is_alive():
             thread.join(_TICK_S)
             if self.shutdown.is_set():
-                self._halt("shutdown")
-            if time.monotonic() < next_beat or self.reason == "lease lost":
+                self._halt(StopReason.SHUTDOWN)
+            if self.clock() < next_beat or self.reason == StopReason.LEASE_LOST:
                 continue
-            next_beat = time.monotonic() + self.settings.heartbeat_seconds
-            if not heartbeat(
-                self.engine,
-                job_id=self.job.id,
-                worker_id=self.worker_id,
-                lease_version=self.job.lease_version,
-                lease_s=self.settings.lease_seconds,
-            ):
-                self._halt("lease lost")
+            next_beat = self.clock() + self.settings.heartbeat_seconds
+            if not self._renew():
+                self._halt(StopReason.LEASE_LOST)
             elif is_cancel_requested(self.engine, job_id=self.job.id):
-                self._halt("cancel")
+                self._halt(StopReason.CANCEL)
+
+    def _renew(self) -> bool:
+        """Heartbeat: extend the lease; False when this worker no longer holds it."""
+        return heartbeat(
+            self.engine,
+            job_id=self.job.id,
+            worker_id=self.worker_id,
+            lease_version=self.job.lease_version,
+            lease_s=self.settings.lease_seconds,
+        )
 
     def run(self) -> None:
         for stale in self.settings.artifact_dir.glob(f".{self.job.id}.*.partial"):
@@ -200,27 +213,27 @@ class _JobRun:
         """Write the outcome, unless the lease is gone (then another worker owns the job)."""
         job_id, version = self.job.id, self.job.lease_version
         kind, message = self.outcome
-        if self.reason == "lease lost":
+        if self.reason == StopReason.LEASE_LOST:
             logger.warning("job %s: lease lost; discarding this attempt", self.job.id)
-        elif kind == "ok":
+        elif kind == JobState.SUCCEEDED:
             self._publish()
-        elif kind == "cancelled" and self.reason == "shutdown":
+        elif kind == JobState.CANCELLED and self.reason == StopReason.SHUTDOWN:
             release_job(self.engine, job_id=job_id, lease_version=version)
-        elif kind == "cancelled":
-            finish_job(self.engine, job_id=job_id, lease_version=version, state="cancelled")
+        elif kind == JobState.CANCELLED:
+            finish_job(self.engine, job_id=job_id, lease_version=version, state=JobState.CANCELLED)
         else:
             finish_job(
-                self.engine, job_id=job_id, lease_version=version, state="failed", error=message
+                self.engine,
+                job_id=job_id,
+                lease_version=version,
+                state=JobState.FAILED,
+                error=message,
             )
 
     def _publish(self) -> None:
-        if not heartbeat(
-            self.engine,
-            job_id=self.job.id,
-            worker_id=self.worker_id,
-            lease_version=self.job.lease_version,
-            lease_s=self.settings.lease_seconds,
-        ):
+        # Renewing right before the move fences it: a worker whose lease moved on (reaped,
+        # reclaimed) since its last heartbeat never puts its results where the API serves them.
+        if not self._renew():
             logger.warning("job %s: lease lost before publishing; discarding", self.job.id)
             return
         shutil.rmtree(self.final_dir, ignore_errors=True)  # a crashed attempt's leftovers
@@ -231,7 +244,7 @@ class _JobRun:
             self.engine,
             job_id=self.job.id,
             lease_version=self.job.lease_version,
-            state="succeeded",
+            state=JobState.SUCCEEDED,
             result=result,
         )
 
@@ -252,10 +265,11 @@ def run_worker(
     stop_event: threading.Event | None = None,
     once: bool = False,
     runner: Runner | None = None,
+    clock: Clock = time.monotonic,
 ) -> int:
     """Claim and run jobs until ``stop_event`` is set (SIGTERM/SIGINT when none is given and
     this is the main thread). With ``once``, return as soon as the queue is empty. Returns the
-    number of jobs this worker ran."""
+    number of jobs this worker ran. ``clock`` times heartbeats, reaping and progress writes."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     runner = runner or load_runner(settings.worker_runner)
     if stop_event is None:
@@ -265,13 +279,13 @@ def run_worker(
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     ran = 0
-    next_reap = 0.0
+    next_reap = -float("inf")  # reap before the first claim
     logger.info("worker %s started", worker_id)
     try:
         while not stop_event.is_set():
-            if time.monotonic() >= next_reap:  # every worker reaps; the reaper is idempotent
+            if clock() >= next_reap:  # every worker reaps; the reaper is idempotent
                 reap_expired(engine)
-                next_reap = time.monotonic() + settings.heartbeat_seconds
+                next_reap = clock() + settings.heartbeat_seconds
             job = claim_job(engine, worker_id=worker_id, lease_s=settings.lease_seconds)
             if job is None:
                 if once:
@@ -285,6 +299,7 @@ def run_worker(
                 job=job,
                 runner=runner,
                 shutdown=stop_event,
+                clock=clock,
             ).run()
             ran += 1
     finally:

@@ -39,7 +39,7 @@ import math  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field, replace  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from unittest import mock  # noqa: E402
 
 from benchmarks._common import RESULTS_PATH, machine_info, update_results_section  # noqa: E402
@@ -54,11 +54,11 @@ from bitplan.search import pipeline  # noqa: E402
 from bitplan.search.applier import PlanApplier  # noqa: E402
 from bitplan.search.frontier import best_under, exact_frontier  # noqa: E402
 from bitplan.search.measured import SearchResult, measured_search  # noqa: E402
-from bitplan.search.outputs import PointRecord  # noqa: E402
+from bitplan.search.plans import FrontierPoint  # noqa: E402
 from bitplan.search.problem import build_problem  # noqa: E402
 from bitplan.search.spec import JobSpec  # noqa: E402
 from bitplan.sensitivity.analyzer import analyze  # noqa: E402
-from bitplan.sensitivity.formats import parse_format, parse_formats  # noqa: E402
+from bitplan.sensitivity.formats import parse_format  # noqa: E402
 from bitplan.sensitivity.layers import parameter_bytes  # noqa: E402
 from bitplan.sensitivity.metrics import collect_reference, measure  # noqa: E402
 from bitplan.sensitivity.models import resolve_cache_dir  # noqa: E402
@@ -112,7 +112,7 @@ class Comparison:
     uniform: str
     uniform_bytes: int
     uniform_error: float
-    best: PointRecord | None
+    best: FrontierPoint | None
     proxy_error: float
     refined_error: float
     baselines: list[Baseline]
@@ -134,15 +134,18 @@ class ModelResult:
     name: str
     n_layers: int
     comparisons: list[Comparison] = field(default_factory=list)
-    points: list[PointRecord] = field(default_factory=list)
-    uniform: list[PointRecord] = field(default_factory=list)
+    points: list[FrontierPoint] = field(default_factory=list)
+    uniform: list[FrontierPoint] = field(default_factory=list)
 
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else (1.0 if a == 0 else math.inf)
 
 
-def best_within(points: Sequence[PointRecord], total_bytes: int) -> PointRecord | None:
+_DEFAULT_METHOD = JobSpec.model_fields["method"].default
+
+
+def best_within(points: Sequence[FrontierPoint], total_bytes: int) -> FrontierPoint | None:
     """The point with the lowest held-out error among those no larger than ``total_bytes``."""
     fitting = [p for p in points if p.total_bytes <= total_bytes]
     return min(fitting, key=lambda p: p.holdout["error"], default=None)
@@ -189,7 +192,7 @@ def bench_model(
     )
     model, calib, holdout = pipeline.load_inputs(base, cache_dir=cache_dir)
     unplanned, fp16 = parameter_bytes(model.module, model.layers)
-    parsed = parse_formats(base.formats)
+    parsed = base.formats
     tables = {
         "bitplan": analyze(
             model,
@@ -210,7 +213,7 @@ def bench_model(
             cache_dir=cache_dir,
         ),
         "hawq": hawq_table(
-            model, hessian_traces(model, calib, probes=probes, seed=base.seed), base.formats
+            model, hessian_traces(model, calib, probes=probes, seed=base.seed), base.format_names
         ),
     }
     problems = {
@@ -229,7 +232,7 @@ def bench_model(
 
         for fmt in uniform:
             cap = problem.cost(problem.uniform_choice(fmt))[0]
-            spec = replace(base, budget=f"{cap + unplanned}B")
+            spec = JobSpec(**{**base.to_dict(), "budget": f"{cap + unplanned}B"})
             logger.info("%s: budget of uniform %s, %d bytes", case.name, fmt, cap + unplanned)
             with recorded_searches() as searches:
                 job = pipeline.run_job(
@@ -284,7 +287,7 @@ def render(results: Sequence[ModelResult], *, trials: int, formats: Sequence[str
     lines = [
         f"Machine: {machine_info()}",
         "",
-        f"Formats {', '.join(formats)}; sensitivity method `{JobSpec.method}`; {trials} NSGA-II "
+        f"Formats {', '.join(formats)}; sensitivity method `{_DEFAULT_METHOD}`; {trials} NSGA-II "
         "trials "
         "per budget; 25 % of the calibration data held out. Every error is the held-out "
         "`error` (KL divergence to the full-precision model); budget = the uniform format's "
@@ -372,9 +375,9 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def pareto_holdout(points: Sequence[PointRecord]) -> list[PointRecord]:
+def pareto_holdout(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
     """Points no other point beats on both size and held-out error, smallest first."""
-    front: list[PointRecord] = []
+    front: list[FrontierPoint] = []
     for p in sorted(points, key=lambda p: (p.total_bytes, p.holdout["error"])):
         if not front or p.holdout["error"] < front[-1].holdout["error"]:
             front.append(p)

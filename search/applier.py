@@ -47,7 +47,7 @@ class PlanApplier:
         self._tmp = tempfile.TemporaryDirectory(prefix="bitplan-weights-", dir=workdir)
         self._path = Path(self._tmp.name) / "originals.safetensors"
         self._current: dict[str, str | None] = {p: None for p in self._by_param}
-        self._file = None
+        self._file: safe_open | None = None
 
     def __enter__(self) -> PlanApplier:
         tensors = {
@@ -75,7 +75,10 @@ class PlanApplier:
     def _write(self, param: str, fmt: QuantFormat | None) -> None:
         lay = self._by_param[param]
         weight = get_weight(self.model, lay)
-        original = self._file.get_tensor(param)  # mapped from disk, not a copy in RAM
+        if self._file is None:
+            raise RuntimeError("PlanApplier used outside its `with` block")
+        # mapped from disk, not a copy in RAM; safetensors' safe_open is untyped
+        original = self._file.get_tensor(param)  # type: ignore[no-untyped-call]
         with torch.no_grad():
             if fmt is None:
                 weight.data.copy_(original)

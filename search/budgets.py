@@ -16,13 +16,24 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from bitplan.sensitivity.errors import InputError
 
-__all__ = ["BYTE_UNITS", "Budget", "BudgetKind", "parse_budget"]
+__all__ = ["BYTE_UNITS", "Budget", "BudgetDict", "BudgetKind", "parse_budget"]
 
 BudgetKind = Literal["bpw", "bytes", "ratio"]
+
+
+class BudgetDict(TypedDict):
+    """A budget as plan and frontier files store it (DESIGN §4), in the user's unit."""
+
+    kind: Annotated[BudgetKind, Field(description="bpw, bytes or ratio (of the fp16 size)")]
+    value: Annotated[float, Field(description="the budget in that unit")]
+
 
 # Decimal units are powers of 10 (SI), binary units powers of 2 (IEC), as storage vendors and
 # `ls -h --si` use them; the lookup is case-insensitive except that a lone "b" means bytes.
@@ -94,10 +105,10 @@ class Budget:
         unit = _unit_of(self.text)
         return f"{total / BYTE_UNITS[unit]:.3f}{_UNIT_SPELLING[unit]}"
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> BudgetDict:
         """The plan file's ``budget`` object (DESIGN §4): ``{"kind", "value"}``."""
         value: float | int = int(self.value) if self.kind == "bytes" else self.value
-        return {"kind": self.kind, "value": value}
+        return BudgetDict(kind=self.kind, value=value)
 
 
 def _unit_of(text: str) -> str:

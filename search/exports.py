@@ -23,7 +23,7 @@ from typing import Any
 
 from bitplan.search.plans import Plan, PlanLayer
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import QuantFormat, parse_format
+from bitplan.sensitivity.format_spec import QuantFormat
 
 __all__ = [
     "gguf_name",
@@ -69,7 +69,7 @@ def plan_to_csv(plan: Plan) -> str:
                 "cols": cols,
                 "numel": lay.numel,
                 "tie": lay.tie or "",
-                "format": lay.format,
+                "format": lay.format.name,
                 "bits": lay.bits,
                 "group_size": lay.group_size or "",
                 "symmetric": lay.symmetric,
@@ -110,7 +110,7 @@ def torchao_config(plan: Plan) -> dict[str, dict[str, Any] | None]:
     """``{module FQN: {"config": class name, "kwargs": {...}} or None}``."""
     result: dict[str, dict[str, Any] | None] = {}
     for lay in plan.layers:
-        entry = torchao_config_of(parse_format(lay.format), lay.kind)
+        entry = torchao_config_of(lay.format, lay.kind)
         result[lay.name] = None if entry is None else {"config": entry[0], "kwargs": entry[1]}
     return result
 
@@ -219,7 +219,7 @@ def llamacpp_args(plan: Plan) -> list[str]:
     """``["--tensor-type", "blk\\.0\\.attn_q\\.weight=q4_K", ...]`` for ``llama-quantize``."""
     args = []
     for lay, name in _one_per_tensor(plan):
-        ggml = llamacpp_type(parse_format(lay.format))
+        ggml = llamacpp_type(lay.format)
         args += ["--tensor-type", f"{re.escape(name + '.weight')}={ggml}"]
     return args
 

@@ -21,6 +21,7 @@ result says ``exact=False``. References: Kellerer, Pferschy & Pisinger, *Knapsac
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,14 @@ from bitplan.search.problem import Group, Problem
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
-__all__ = ["Frontier", "ProxyPoint", "best_under", "exact_frontier", "planned_cap"]
+__all__ = [
+    "Frontier",
+    "ProxyPoint",
+    "best_under",
+    "budget_headroom",
+    "exact_frontier",
+    "planned_cap",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +102,33 @@ class Frontier:
             choice=self.problem.choice_of(self.options(index)),
         )
 
-    def spread(self, n: int) -> list[int]:
-        """Up to ``n`` point indices evenly spaced in bytes, both ends included."""
-        if n < 1 or len(self) == 0:
+    def spread(self, n: int, *, keep: Sequence[int] = ()) -> list[int]:
+        """``min(n, len(self))`` point indices spread evenly in bytes, both ends included.
+
+        Indices in ``keep`` are always among them (they count toward ``n``). Evenly spaced byte
+        targets can land on one point twice where the frontier is sparse; every further pick is
+        then the point farthest (in bytes) from those already picked, so exactly ``n`` distinct
+        points come back whenever the frontier has that many.
+        """
+        count = min(n, len(self))
+        if count < 1:
             return []
-        if len(self) <= n:
-            return list(range(len(self)))
-        targets = np.linspace(self.bytes[0], self.bytes[-1], num=n)
-        picks = np.searchsorted(self.bytes, targets, side="left").clip(0, len(self) - 1)
-        return sorted({int(i) for i in picks})
+        picked = {int(i) for i in keep}
+        if len(picked) > count:
+            raise ValueError(f"asked to keep {len(picked)} points among {count}")
+        targets = np.linspace(self.bytes[0], self.bytes[-1], num=count)
+        near = np.searchsorted(self.bytes, targets, side="left").clip(0, len(self) - 1)
+        for i in [0, len(self) - 1, *near.tolist()]:
+            if len(picked) < count:
+                picked.add(int(i))
+        values = self.bytes.astype(np.float64)
+        gap = np.min(np.abs(values[:, None] - values[sorted(picked)][None, :]), axis=1)
+        while len(picked) < count:
+            gap[sorted(picked)] = -1.0
+            i = int(np.argmax(gap))  # (n_points,) distances to the nearest picked point
+            picked.add(i)
+            gap = np.minimum(gap, np.abs(values - values[i]))
+        return sorted(picked)
 
 
 def _prune(group: Group) -> np.ndarray:
@@ -156,7 +182,9 @@ def _thin(err: np.ndarray, max_points: int) -> np.ndarray:
     and the lowest-error point, so both ends of the frontier stay exact."""
     span = float(err[0] - err[-1])
     cells = np.floor((err[0] - err) / span * (max_points // 2)).astype(np.int64)
-    return np.r_[True, cells[1:] != cells[:-1]] | (np.arange(len(err)) == len(err) - 1)
+    keep: np.ndarray = np.r_[True, cells[1:] != cells[:-1]]  # (n_points,) bool
+    mask: np.ndarray = keep | (np.arange(len(err)) == len(err) - 1)
+    return mask
 
 
 def exact_frontier(
@@ -270,3 +298,27 @@ def planned_cap(problem: Problem, budget: Budget) -> int:
             f"{_bound_text(problem)}"
         )
     return cap
+
+
+def budget_headroom(problem: Problem, budget: Budget, cap: int) -> str | None:
+    """A note when ``budget`` (planned-bytes ``cap``) does not bind: even the largest plan, every
+    group in its widest allowed format, fits. None when the budget constrains the plans."""
+    ceiling = sum(int(g.bytes.max()) for g in problem.groups)
+    if cap < ceiling:
+        return None
+    unplanned = problem.unplanned_bytes
+
+    def size(planned: int) -> str:
+        own = budget.describe(
+            planned_bytes=planned,
+            planned_numel=problem.planned_numel,
+            unplanned_bytes=unplanned,
+            fp16_bytes=problem.fp16_bytes,
+        )
+        return f"{planned + unplanned} bytes in total ({own})"
+
+    return (
+        f"budget {budget.text} allows {size(cap)}, but the largest plan (every layer in its "
+        f"widest format) takes {size(ceiling)}: everything fits, so the budget does not "
+        "constrain the plans"
+    )

@@ -12,28 +12,46 @@ the number the frontier reports (DESIGN §7).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
+from torch import nn
 
 from bitplan.search.applier import PlanApplier
 from bitplan.search.budgets import Budget, parse_budget
-from bitplan.search.frontier import Frontier, best_under, exact_frontier, planned_cap
+from bitplan.search.frontier import (
+    Frontier,
+    best_under,
+    budget_headroom,
+    exact_frontier,
+    planned_cap,
+)
 from bitplan.search.measured import Candidate, measured_search
-from bitplan.search.outputs import PointRecord, write_job_outputs
+from bitplan.search.outputs import Measured, write_job_outputs
+from bitplan.search.plans import FrontierFile, FrontierPoint
 from bitplan.search.problem import Problem, build_problem
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.analyzer import analyze, write_table
 from bitplan.sensitivity.data import CalibData, load_calibration, split_calibration
-from bitplan.sensitivity.formats import parse_formats, tensor_bytes
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format, tensor_bytes
 from bitplan.sensitivity.layers import parameter_bytes
-from bitplan.sensitivity.metrics import Reference, collect_reference, measure
+from bitplan.sensitivity.metrics import collect_reference, measure
 from bitplan.sensitivity.models import LoadedModel, load_model
-from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from bitplan.sensitivity.progress import (
+    CancelFn,
+    Cancelled,
+    ProgressFn,
+    check_cancel,
+    report,
+)
 
-__all__ = ["JobResult", "analyze_spec", "load_inputs", "run_job"]
+__all__ = ["JobResult", "ScoreFn", "UserMetric", "analyze_spec", "load_inputs", "run_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +62,35 @@ _SEEDS_NEAR_BUDGET = 4
 _SEEDS_SPREAD = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobResult:
-    """Where a finished job's artifacts are and what they hold."""
+    """Where a finished job's artifacts are and what they hold.
+
+    ``frontier`` is the frontier file as written: its ``points`` (smallest first) and
+    ``uniform`` baselines name exactly the plan files under ``plans/`` (:attr:`plan_ids`);
+    ``best_plan_id`` is the plan also copied to ``plans/best.json``. ``budget_note`` says so
+    when the budget does not constrain the plans (everything fits), else it is None.
+    """
 
     out_dir: Path
     frontier_path: Path
-    plan_ids: list[str]
+    frontier: FrontierFile
+    best_plan_id: str | None
     interrupted: bool
-    points: list[PointRecord] = field(default_factory=list)
-    uniform: list[PointRecord] = field(default_factory=list)
+    budget_note: str | None
+
+    @property
+    def plan_ids(self) -> list[str]:
+        """Every plan written under ``plans/``, points then uniform baselines."""
+        return [p.plan_id for p in self.frontier.points + self.frontier.uniform]
+
+    @property
+    def points(self) -> list[FrontierPoint]:
+        return self.frontier.points
+
+    @property
+    def uniform(self) -> list[FrontierPoint]:
+        return self.frontier.uniform
 
 
 def load_inputs(
@@ -66,8 +103,9 @@ def load_inputs(
         task=spec.task,
         device=spec.device,
         exclude=spec.exclude,
-        pins=spec.pins,
+        pins=spec.pin_names(),
         cache_dir=cache_dir,
+        progress=progress,
     )
     report(progress, "load", 1, 2)
     data = load_calibration(
@@ -99,7 +137,7 @@ def _table(
         model,
         calib,
         method=spec.method,
-        formats=parse_formats(spec.formats),
+        formats=spec.formats,
         batch_size=spec.batch_size,
         seed=spec.seed,
         cache_dir=cache_dir,
@@ -137,10 +175,15 @@ def _check_budget(
     """Fail before any measurement when even the smallest formats miss the budget."""
     rows = []
     for lay in model.layers:
-        names = [lay.pinned] if lay.pinned else spec.formats
+        formats = [parse_format(lay.pinned)] if lay.pinned else spec.formats
         rows += [
-            {"layer": lay.name, "format": n, "error": 0.0, "bytes": tensor_bytes(f, *lay.shape)}
-            for n, f in zip(names, parse_formats(names), strict=True)
+            {
+                "layer": lay.name,
+                "format": f.name,
+                "error": 0.0,
+                "bytes": tensor_bytes(f, *lay.shape),
+            }
+            for f in formats
         ]
     planned_cap(
         build_problem(
@@ -173,16 +216,102 @@ def _seeds(
     return seeds
 
 
+# A caller's score of a model: the module as it is at the call, some layers quantized in place.
+ScoreFn = Callable[[nn.Module], float]
+
+
+@dataclass(frozen=True)
+class UserMetric:
+    """The caller's own quality score (their data, their task), measured instead of DESIGN §7's.
+
+    ``calibration`` scores plans during the search (the measured objective); ``holdout`` re-scores
+    the frontier and the uniform baselines for the held-out figures, so it should see data the
+    search never saw (it may be the same function, then those figures are the search's own).
+
+    The axis the search minimises stays an error relative to the full-precision model, exactly 0
+    for the unchanged model like the built-in errors: ``reference - score`` when
+    ``higher_is_better``, else ``score - reference``. It is not clipped at 0: a plan that happens
+    to score better than full precision gets a negative error and ranks first, which is what the
+    user's own score says. A plan's metrics then hold ``error``, ``metric`` (its score) and
+    ``metric_ref`` (the full-precision score); the built-in metrics are not measured at all, so
+    each plan costs one call of the user's score and no forward pass of bitplan's.
+    """
+
+    calibration: ScoreFn
+    holdout: ScoreFn
+    higher_is_better: bool = True
+
+
+class _UserScore:
+    """One split's :class:`UserMetric` scoring: checks every value, errors against the reference."""
+
+    def __init__(self, module: nn.Module, metric: UserMetric, *, holdout: bool) -> None:
+        self.module = module
+        self.score = metric.holdout if holdout else metric.calibration
+        self.label = "held-out metric" if holdout else "metric"
+        self.sign = 1.0 if metric.higher_is_better else -1.0
+        self.reference = self._call("the full-precision model")
+
+    def _call(self, what: str) -> float:
+        try:
+            with torch.no_grad():  # scoring needs no graph; a metric that does can enable_grad()
+                value = self.score(self.module)
+        except (Cancelled, InputError):
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"the {self.label} raised {type(exc).__name__}: {exc} (scoring {what}); "
+                "it must score any variant of the model it is given"
+            ) from exc
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            hint = " (use .item() for a tensor)" if isinstance(value, torch.Tensor) else ""
+            raise InputError(
+                f"the {self.label} returned {type(value).__name__} {value!r:.60} for {what}; "
+                f"it must return a float{hint}"
+            )
+        if not math.isfinite(value):
+            raise InputError(
+                f"the {self.label} returned {value} for {what}; it must return a finite number "
+                "for every model (saturate it, e.g. min(perplexity, 1e6))"
+            )
+        return float(value)
+
+    def __call__(self) -> dict[str, float]:
+        value = self._call("a quantized model")
+        return {
+            "error": self.sign * (self.reference - value),
+            "metric": value,
+            "metric_ref": self.reference,
+        }
+
+
 class _Evaluator:
-    """Applies a choice in place and measures it on one split, remembering every result."""
+    """Applies a choice in place and measures it on one split, remembering every result.
+
+    Without ``metric`` the built-in metrics are measured against a full-precision reference on
+    ``data``; with one, its score of this split (``holdout`` or not) replaces them and ``data``
+    goes unused.
+    """
 
     def __init__(
-        self, model: LoadedModel, applier: PlanApplier, data: CalibData, *, batch_size: int
+        self,
+        model: LoadedModel,
+        applier: PlanApplier,
+        data: CalibData,
+        *,
+        batch_size: int,
+        metric: UserMetric | None = None,
+        holdout: bool = False,
     ) -> None:
-        self.model, self.applier, self.data = model, applier, data
-        self.batch_size = batch_size
-        self.reference: Reference = collect_reference(model, data, batch_size=batch_size)
+        self.applier = applier
         self.metrics: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
+        applier.restore()  # both references are taken on the full-precision model
+        self._measure: Callable[[], dict[str, float]]
+        if metric is not None:
+            self._measure = _UserScore(model.module, metric, holdout=holdout)
+        else:
+            reference = collect_reference(model, data, batch_size=batch_size)
+            self._measure = lambda: measure(model, data, reference, batch_size=batch_size)
 
     def __call__(self, choice: Mapping[str, str]) -> float:
         return self.measure(choice)["error"]
@@ -191,9 +320,7 @@ class _Evaluator:
         key = tuple(sorted(choice.items()))
         if key not in self.metrics:
             self.applier.apply(choice)
-            self.metrics[key] = measure(
-                self.model, self.data, self.reference, batch_size=self.batch_size
-            )
+            self.metrics[key] = self._measure()
         return self.metrics[key]
 
 
@@ -206,13 +333,15 @@ def run_job(
     should_cancel: CancelFn | None = None,
     optuna_storage: str | None = None,
     study_name: str | None = None,
+    metric: UserMetric | None = None,
 ) -> JobResult:
     """Run a whole job and write its artifacts into ``out_dir``.
 
     Raises :class:`~bitplan.sensitivity.errors.InputError` for bad input (an infeasible budget among
     them, before anything is measured) and :class:`~bitplan.sensitivity.progress.Cancelled` when
     ``should_cancel`` says stop. A Ctrl-C or timeout during the search keeps every finished
-    trial: the frontier found so far is validated and written.
+    trial: the frontier found so far is validated and written. ``metric`` replaces the built-in
+    metrics by the caller's own score (:class:`UserMetric`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = parse_budget(spec.budget)
@@ -231,14 +360,22 @@ def run_job(
 
     problem = build_problem(table, model.layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
     cap = planned_cap(problem, budget)
+    note = budget_headroom(problem, budget, cap)
+    if note is not None:
+        logger.warning("%s", note)
     frontier = exact_frontier(problem, progress=progress, should_cancel=should_cancel)
     logger.info("exact proxy frontier: %d points (exact=%s)", len(frontier), frontier.exact)
 
     with PlanApplier(model.module, model.layers, workdir=out_dir) as applier:
         report(progress, "reference", 0, 2)
-        on_calib = _Evaluator(model, applier, calib, batch_size=spec.batch_size)
+        on_calib = _Evaluator(model, applier, calib, batch_size=spec.batch_size, metric=metric)
         report(progress, "reference", 1, 2)
-        on_holdout = _Evaluator(model, applier, holdout, batch_size=spec.batch_size)
+        if metric is not None and metric.holdout is metric.calibration:
+            on_holdout = on_calib  # one score for both: re-scoring would only repeat it
+        else:
+            on_holdout = _Evaluator(
+                model, applier, holdout, batch_size=spec.batch_size, metric=metric, holdout=True
+            )
         report(progress, "reference", 2, 2)
         result = measured_search(
             options={g.key: g.formats for g in problem.groups},
@@ -247,7 +384,7 @@ def run_job(
             },
             cap_bytes=cap,
             evaluate=on_calib,
-            seeds=_seeds(problem, frontier, cap, spec.formats),
+            seeds=_seeds(problem, frontier, cap, spec.format_names),
             trials=spec.trials,
             timeout=spec.timeout,
             seed=spec.seed,
@@ -258,36 +395,33 @@ def run_job(
             should_cancel=should_cancel,
         )
         check_cancel(should_cancel)
-        points = _validate(result.pareto, problem, on_calib, on_holdout, progress, should_cancel)
-        uniform = _uniform_points(problem, spec.formats, on_calib, on_holdout, should_cancel)
+        points = _validate(result.pareto, on_calib, on_holdout, progress, should_cancel)
+        uniform = _uniform_points(problem, spec.format_names, on_calib, on_holdout, should_cancel)
 
-    paths = write_job_outputs(
-        out_dir=out_dir, model=model, problem=problem, budget=budget, points=points, uniform=uniform
+    written = write_job_outputs(
+        out_dir=out_dir,
+        model_ref=model.ref,
+        model_sha256=model.sha256,
+        problem=problem,
+        budget=budget,
+        points=points,
+        uniform=uniform,
     )
     return JobResult(
         out_dir=out_dir,
-        frontier_path=paths.frontier,
-        plan_ids=paths.plan_ids,
+        frontier_path=written.frontier_path,
+        frontier=written.frontier,
+        best_plan_id=written.best_plan_id,
         interrupted=result.interrupted,
-        points=points,
-        uniform=uniform,
+        budget_note=note,
     )
 
 
 def _record(
-    choice: Mapping[str, str],
-    problem: Problem,
-    source: str,
-    on_calib: _Evaluator,
-    on_holdout: _Evaluator,
-) -> PointRecord:
-    planned, predicted = problem.cost(choice)
-    return PointRecord(
+    choice: Mapping[str, str], source: str, on_calib: _Evaluator, on_holdout: _Evaluator
+) -> Measured:
+    return Measured(
         choice=dict(choice),
-        planned_bytes=planned,
-        total_bytes=planned + problem.unplanned_bytes,
-        bpw=8 * planned / problem.planned_numel,
-        predicted_error=predicted,
         calibration=on_calib.measure(choice),
         holdout=on_holdout.measure(choice),
         source=source,
@@ -296,17 +430,16 @@ def _record(
 
 def _validate(
     pareto: list[Candidate],
-    problem: Problem,
     on_calib: _Evaluator,
     on_holdout: _Evaluator,
     progress: ProgressFn | None,
     should_cancel: CancelFn | None,
-) -> list[PointRecord]:
+) -> list[Measured]:
     """Every measured Pareto point, re-measured on the held-out split."""
     points = []
     for done, cand in enumerate(pareto):
         check_cancel(should_cancel)
-        points.append(_record(cand.choice, problem, "search", on_calib, on_holdout))
+        points.append(_record(cand.choice, "search", on_calib, on_holdout))
         report(progress, "validate", done + 1, len(pareto))
     return points
 
@@ -317,12 +450,12 @@ def _uniform_points(
     on_calib: _Evaluator,
     on_holdout: _Evaluator,
     should_cancel: CancelFn | None,
-) -> list[PointRecord]:
+) -> list[Measured]:
     """One format everywhere (pins kept), measured the same way: the baselines to beat."""
     points = []
     for fmt in formats:
         check_cancel(should_cancel)
         choice = problem.uniform_choice(fmt)
         if choice is not None:
-            points.append(_record(choice, problem, f"uniform:{fmt}", on_calib, on_holdout))
+            points.append(_record(choice, f"uniform:{fmt}", on_calib, on_holdout))
     return points

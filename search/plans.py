@@ -8,51 +8,84 @@ tensor's bytes, the totals count it once); ``bpw = 8 · planned_bytes / planned_
 tie group's numel counted once; ``total_bytes = planned_bytes + unplanned_bytes``;
 ``ratio_vs_fp16 = total_bytes / fp16_bytes``.
 
-Plan ids in a frontier file are ``p{rank:03d}-{bpw:.2f}bpw`` (rank by total bytes, smallest
-first, so ids sort like the frontier and say the size at a glance) and ``u-{format}`` for the
-uniform-format reference points; both are valid file names and URL segments.
+Plan ids in a frontier file are ``{bpw:.2f}bpw-{digest}`` with a digest of the plan's layer
+formats (:func:`plan_id_of`: one plan, one id, in ``solve``, ``search`` and the API) and
+``u-{format}`` for the uniform-format reference points; both are valid file names and URL
+segments. ``plans/best.json`` is a copy of the best plan under the budget.
+
+The documents are pydantic models that validate themselves, and import neither torch nor pandas,
+so the REST API can use them as response models.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from bitplan.search.budgets import Budget
-from bitplan.search.problem import LayerRow, as_layer_rows
+from bitplan.search.budgets import BudgetDict as PlanBudget
+from bitplan.search.fields import Format, as_format
+from bitplan.search.spec import validation_message
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import parse_format, tensor_bytes
-from bitplan.sensitivity.layers import QuantLayer
+from bitplan.sensitivity.format_spec import QuantFormat, tensor_bytes
+
+if TYPE_CHECKING:  # make_plan imports them when called: reading a plan needs no torch
+    from bitplan.search.problem import LayerRow
+    from bitplan.sensitivity.layers import QuantLayer
 
 __all__ = [
+    "BEST_PLAN_ID",
     "FRONTIER_SCHEMA",
+    "PLAN_ID_PATTERN",
     "PLAN_SCHEMA",
+    "SOURCES",
     "FrontierFile",
     "FrontierPoint",
+    "ModelRef",
     "Plan",
+    "PlanBudget",
     "PlanLayer",
     "PlanTotals",
     "make_plan",
+    "plan_id_of",
     "read_frontier",
-    "SOURCES",
     "read_plan",
     "write_frontier",
 ]
 
-PLAN_SCHEMA = "bitplan.plan/v1"
-FRONTIER_SCHEMA = "bitplan.frontier/v1"
+PLAN_SCHEMA: Final = "bitplan.plan/v1"
+FRONTIER_SCHEMA: Final = "bitplan.frontier/v1"
 SOURCES = ("exact", "search", "uniform")
 # Float totals are recomputed from integers, so only float rounding can differ; 1e-12 relative
 # is far above that (1e-16) and at most one byte in a terabyte, below any real inconsistency.
 _REL_TOL = 1e-12
+# The plan-file name, under plans/, of the best plan under the budget (a copy of that plan).
+BEST_PLAN_ID = "best"
+# Plan ids name files under plans/ and URL segments: no path separator, no leading dot.
+PLAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
-@dataclass(frozen=True)
-class PlanLayer:
+class ModelRef(TypedDict):
+    """Which model a plan is for: what the user named and the SHA-256 of its weights."""
+
+    ref: Annotated[str, Field(description="the model as the user named it")]
+    sha256: Annotated[str, Field(description="SHA-256 of the model's weights")]
+
+
+class _Contract(BaseModel):
+    """A part of a file contract: frozen, and unknown fields are an error, not silently lost."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlanLayer(_Contract):
     """One layer of a plan; ``bits``/``group_size``/``symmetric`` repeat the format so that
     consumers need no parser. ``kind``/``shape`` are None for plans solved from a bare table."""
 
@@ -60,26 +93,43 @@ class PlanLayer:
     param: str
     kind: str | None
     shape: tuple[int, int] | None
-    numel: int
+    numel: int = Field(ge=0)
     tie: str | None
-    format: str
+    format: Format
     bits: int
     group_size: int | None
     symmetric: bool
-    bytes: int
+    bytes: int = Field(ge=0)
 
     @property
     def group(self) -> str:
         return self.tie or self.name
 
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanLayer:
+        fmt = self.format
+        if (self.bits, self.group_size, self.symmetric) != (
+            fmt.bits,
+            fmt.group_size,
+            fmt.symmetric,
+        ):
+            raise ValueError(
+                f"layer {self.name}: bits/group_size/symmetric do not match format {fmt.name}"
+            )
+        if self.shape is not None and self.bytes != tensor_bytes(fmt, *self.shape):
+            raise ValueError(
+                f"layer {self.name}: {self.bytes} bytes, but a {list(self.shape)} "
+                f"matrix in {fmt.name} takes {tensor_bytes(fmt, *self.shape)}"
+            )
+        return self
 
-@dataclass(frozen=True)
-class PlanTotals:
+
+class PlanTotals(_Contract):
     planned_bytes: int
-    unplanned_bytes: int
+    unplanned_bytes: int = Field(ge=0)
     total_bytes: int
     bpw: float
-    fp16_bytes: int
+    fp16_bytes: int = Field(ge=0)
     ratio_vs_fp16: float
 
 
@@ -99,125 +149,102 @@ def _totals(layers: Sequence[PlanLayer], *, unplanned_bytes: int, fp16_bytes: in
     )
 
 
-@dataclass
-class Plan:
-    """A ``bitplan.plan/v1`` document. Build with :func:`make_plan`, load with :func:`read_plan`."""
+class _Doc(_Contract):
+    """A whole versioned document: ``schema`` first, written with its own name."""
 
-    model_ref: str
-    model_sha256: str
-    budget: dict[str, Any] | None
-    layers: list[PlanLayer]
+    SCHEMA: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (formats as names, ``schema`` under its own name)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+
+_D = TypeVar("_D", bound=_Doc)
+
+
+def _from_json(cls: type[_D], data: object, what: str) -> _D:
+    """Validate a parsed JSON document; any problem is one InputError line naming the field."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"a {what} must be a JSON object with schema {cls.SCHEMA}")
+    if data.get("schema") != cls.SCHEMA:
+        raise InputError(
+            f"unsupported {what} schema {data.get('schema')!r}; this bitplan reads {cls.SCHEMA}"
+        )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(
+            f"{what}: {validation_message(exc)}; see the {cls.SCHEMA} layout"
+        ) from None
+
+
+class Plan(_Doc):
+    """A ``bitplan.plan/v1`` document. Build with :func:`make_plan`, load with :func:`read_plan`.
+
+    Validating one recomputes its totals from its layers and rejects any disagreement, checks
+    every layer's bytes against its shape and format, and that a tie group has one format.
+    ``metrics`` holds ``predicted_error`` and the ``calibration``/``holdout`` measurements.
+    """
+
+    SCHEMA: ClassVar[str] = PLAN_SCHEMA
+
+    schema_: Literal["bitplan.plan/v1"] = Field(default=PLAN_SCHEMA, alias="schema")
+    model: ModelRef
+    budget: PlanBudget | None
+    layers: list[PlanLayer] = Field(min_length=1)
     totals: PlanTotals
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        formats: dict[str, str] = {}
+        for lay in self.layers:
+            if formats.setdefault(lay.group, lay.format.name) != lay.format.name:
+                raise ValueError(
+                    f"tie group {lay.group} has two formats ({formats[lay.group]}, "
+                    f"{lay.format.name}); tied layers share one tensor"
+                )
+        t = self.totals
+        want = _totals(self.layers, unplanned_bytes=t.unplanned_bytes, fp16_bytes=t.fp16_bytes)
+        for name in ("planned_bytes", "total_bytes", "bpw", "ratio_vs_fp16"):
+            got, expected = getattr(t, name), getattr(want, name)
+            if not math.isclose(got, expected, rel_tol=_REL_TOL, abs_tol=0.0):
+                raise ValueError(f"totals.{name} is {got} but its layers give {expected}")
+        for key in ("calibration", "holdout"):
+            self.metrics.setdefault(key, {})
+        self.metrics.setdefault("predicted_error", None)
+        return self
+
+    @property
+    def model_ref(self) -> str:
+        return self.model["ref"]
+
+    @property
+    def model_sha256(self) -> str:
+        return self.model["sha256"]
 
     @property
     def predicted_error(self) -> float | None:
-        return self.metrics.get("predicted_error")
+        value = self.metrics.get("predicted_error")
+        return None if value is None else float(value)
 
     def choice(self) -> dict[str, str]:
-        """``{group: format}``, the form the search and the applier work with."""
-        return {lay.group: lay.format for lay in self.layers}
-
-    def to_dict(self) -> dict[str, Any]:
-        layers = [
-            {**asdict(lay), "shape": list(lay.shape) if lay.shape else None} for lay in self.layers
-        ]
-        return {
-            "schema": PLAN_SCHEMA,
-            "model": {"ref": self.model_ref, "sha256": self.model_sha256},
-            "budget": self.budget,
-            "layers": layers,
-            "totals": asdict(self.totals),
-            "metrics": {"predicted_error": None, "calibration": {}, "holdout": {}, **self.metrics},
-        }
+        """``{group: format name}``, the form the search and the applier work with."""
+        return {lay.group: lay.format.name for lay in self.layers}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+    def from_dict(cls, data: object) -> Plan:
         """Parse and validate; any inconsistency is an InputError naming the field."""
-        if not isinstance(data, Mapping):
-            raise InputError("a plan must be a JSON object with schema " + PLAN_SCHEMA)
-        if data.get("schema") != PLAN_SCHEMA:
-            raise InputError(
-                f"unsupported plan schema {data.get('schema')!r}; this bitplan reads {PLAN_SCHEMA}"
-            )
-        try:
-            layers = [_layer_from_dict(item) for item in data["layers"]]
-            totals = PlanTotals(**data["totals"])
-            plan = cls(
-                model_ref=str(data["model"]["ref"]),
-                model_sha256=str(data["model"]["sha256"]),
-                budget=data.get("budget"),
-                layers=layers,
-                totals=totals,
-                metrics=dict(data.get("metrics") or {}),
-            )
-        except (KeyError, TypeError) as exc:
-            raise InputError(
-                f"plan is missing or mistypes a field ({exc}); see the {PLAN_SCHEMA} layout"
-            ) from exc
-        _validate(plan)
-        return plan
+        return _from_json(cls, data, "plan")
 
     def write(self, path: Path | str) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        path.write_text(self.to_json(), encoding="utf-8")
         return path
-
-
-def _layer_from_dict(item: Mapping[str, Any]) -> PlanLayer:
-    shape = item.get("shape")
-    return PlanLayer(
-        name=str(item["name"]),
-        param=str(item["param"]),
-        kind=item.get("kind"),
-        shape=tuple(int(v) for v in shape) if shape else None,
-        numel=int(item["numel"]),
-        tie=item.get("tie") or None,
-        format=str(item["format"]),
-        bits=int(item["bits"]),
-        group_size=item.get("group_size"),
-        symmetric=bool(item["symmetric"]),
-        bytes=int(item["bytes"]),
-    )
-
-
-def _validate(plan: Plan) -> None:
-    if not plan.layers:
-        raise InputError("plan has no layers")
-    budget = plan.budget
-    if budget is not None and (
-        not isinstance(budget, Mapping)
-        or budget.get("kind") not in ("bpw", "bytes", "ratio")
-        or not isinstance(budget.get("value"), int | float)
-    ):
-        raise InputError(
-            f'plan budget {budget!r} must be null or {{"kind": "bpw"|'
-            '"bytes"|"ratio", "value": number}'
-        )
-    formats: dict[str, str] = {}
-    for lay in plan.layers:
-        fmt = parse_format(lay.format)
-        if (lay.bits, lay.group_size, lay.symmetric) != (fmt.bits, fmt.group_size, fmt.symmetric):
-            raise InputError(
-                f"layer {lay.name}: bits/group_size/symmetric do not match format {lay.format}"
-            )
-        if lay.shape is not None and lay.bytes != tensor_bytes(fmt, *lay.shape):
-            raise InputError(
-                f"layer {lay.name}: {lay.bytes} bytes, but a {list(lay.shape)} "
-                f"matrix in {fmt.name} takes {tensor_bytes(fmt, *lay.shape)}"
-            )
-        if formats.setdefault(lay.group, fmt.name) != fmt.name:
-            raise InputError(
-                f"tie group {lay.group} has two formats ({formats[lay.group]}, "
-                f"{fmt.name}); tied layers share one tensor"
-            )
-    t = plan.totals
-    want = _totals(plan.layers, unplanned_bytes=t.unplanned_bytes, fp16_bytes=t.fp16_bytes)
-    for name in ("planned_bytes", "total_bytes", "bpw", "ratio_vs_fp16"):
-        got, expected = getattr(t, name), getattr(want, name)
-        if not math.isclose(got, expected, rel_tol=_REL_TOL, abs_tol=0.0):
-            raise InputError(f"plan totals.{name} is {got} but its layers give {expected}")
 
 
 def read_plan(path: Path | str) -> Plan:
@@ -249,6 +276,8 @@ def make_plan(
     ``choice`` maps each group (tie group name or layer name) to a format; ``metrics`` may hold
     ``calibration`` and ``holdout`` dicts of measured metrics.
     """
+    from bitplan.search.problem import as_layer_rows
+
     rows = as_layer_rows(layers)
     missing = sorted({r.group for r in rows} - set(choice))
     if missing:
@@ -258,11 +287,10 @@ def make_plan(
         raise InputError(
             f"the choice names groups the plan does not have: {', '.join(unknown[:3])}"
         )
-    plan_layers = [_plan_layer(r, choice[r.group]) for r in rows]
+    plan_layers = [_plan_layer(r, as_format(choice[r.group])) for r in rows]
     totals = _totals(plan_layers, unplanned_bytes=unplanned_bytes, fp16_bytes=fp16_bytes)
     return Plan(
-        model_ref=model_ref,
-        model_sha256=model_sha256,
+        model=ModelRef(ref=model_ref, sha256=model_sha256),
         budget=budget.to_dict() if budget is not None else None,
         layers=plan_layers,
         totals=totals,
@@ -275,8 +303,7 @@ def make_plan(
     )
 
 
-def _plan_layer(row: LayerRow, name: str) -> PlanLayer:
-    fmt = parse_format(name)
+def _plan_layer(row: LayerRow, fmt: QuantFormat) -> PlanLayer:
     return PlanLayer(
         name=row.name,
         param=row.param,
@@ -284,7 +311,7 @@ def _plan_layer(row: LayerRow, name: str) -> PlanLayer:
         shape=row.shape,
         numel=row.numel,
         tie=row.tie,
-        format=fmt.name,
+        format=fmt,
         bits=fmt.bits,
         group_size=fmt.group_size,
         symmetric=fmt.symmetric,
@@ -292,22 +319,63 @@ def _plan_layer(row: LayerRow, name: str) -> PlanLayer:
     )
 
 
-@dataclass(frozen=True)
-class FrontierPoint:
-    """One point of a frontier file; ``plan`` is the plan's path relative to the file."""
+def plan_id_of(plan: Plan) -> str:
+    """The id of a frontier plan: ``{bpw:.2f}bpw-{digest}``, from the plan's content alone.
 
-    plan_id: str
-    total_bytes: int
-    bpw: float
-    predicted_error: float | None
-    metrics: dict[str, Any]
-    plan: str
-    source: str
+    The digest is the first 8 hex digits of the SHA-256 of its ``group=format`` lines (sorted),
+    so one plan has one id wherever it is found (``solve``, ``search``, a frontier file, the
+    API) and the id does not move when a search finds other plans; the bpw prefix says the size
+    at a glance. Uniform reference plans are named ``u-{format}`` instead (see
+    :func:`write_frontier`).
+    """
+    lines = "\n".join(f"{group}={fmt}" for group, fmt in sorted(plan.choice().items()))
+    digest = hashlib.sha256(lines.encode()).hexdigest()[:8]
+    return f"{plan.totals.bpw:.2f}bpw-{digest}"
+
+
+class FrontierPoint(_Contract):
+    """One point of a frontier: a plan's size, its predicted and measured errors, where its plan
+    file is (``plan``, relative to the frontier file) and how it was found (``source``:
+    ``exact`` for the proxy frontier, ``search`` for the measured search, ``uniform:<format>``
+    for a reference plan). The one point type of frontier files, job results and the API."""
+
+    plan_id: str = Field(
+        pattern=PLAN_ID_PATTERN,
+        description="the plan's id, '{bpw}bpw-{hash of the per-layer formats}' or 'u-{format}'",
+    )
+    total_bytes: int = Field(
+        ge=0, description="size of the quantized model in bytes, all parameters"
+    )
+    bpw: float = Field(ge=0, description="bits per planned weight")
+    predicted_error: float | None = Field(
+        description="the additive sensitivity model's error estimate; null when not predicted"
+    )
+    metrics: dict[str, dict[str, float]] = Field(
+        description="measured quality on the 'calibration' split and the held-out 'holdout' split"
+    )
+    plan: str = Field(description="the plan file, relative to the frontier file")
+    source: str = Field(
+        description="how the point was found: 'exact', 'search' or 'uniform:<format>'"
+    )
+
+    @model_validator(mode="after")
+    def _known_source(self) -> FrontierPoint:
+        if self.source.split(":")[0] not in SOURCES:
+            raise ValueError(f"unknown point source {self.source!r}; expected one of {SOURCES}")
+        return self
+
+    @property
+    def calibration(self) -> dict[str, float]:
+        """Metrics measured on the calibration split (what the search saw)."""
+        return self.metrics.get("calibration", {})
+
+    @property
+    def holdout(self) -> dict[str, float]:
+        """Metrics measured on the held-out split (what the frontier reports)."""
+        return self.metrics.get("holdout", {})
 
     @classmethod
     def of(cls, plan: Plan, *, plan_id: str, source: str) -> FrontierPoint:
-        if source.split(":")[0] not in SOURCES:
-            raise ValueError(f"unknown point source {source!r}; expected one of {SOURCES}")
         return cls(
             plan_id=plan_id,
             total_bytes=plan.totals.total_bytes,
@@ -322,40 +390,29 @@ class FrontierPoint:
         )
 
 
-@dataclass
-class FrontierFile:
-    """A ``bitplan.frontier/v1`` document: measured points and uniform reference points."""
+class FrontierFile(_Doc):
+    """A ``bitplan.frontier/v1`` document: measured points (smallest first) and uniform
+    reference points. Not frozen: readers may re-sort or filter the lists."""
 
-    model: dict[str, str]
-    budget: dict[str, Any] | None
-    points: list[FrontierPoint]
-    uniform: list[FrontierPoint]
+    model_config = ConfigDict(frozen=False, extra="forbid")
+    SCHEMA: ClassVar[str] = FRONTIER_SCHEMA
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": FRONTIER_SCHEMA,
-            "model": self.model,
-            "budget": self.budget,
-            "points": [asdict(p) for p in self.points],
-            "uniform": [asdict(p) for p in self.uniform],
-        }
+    schema_: Literal["bitplan.frontier/v1"] = Field(
+        default=FRONTIER_SCHEMA, alias="schema", description="'bitplan.frontier/v1'"
+    )
+    model: ModelRef = Field(description="the model: 'ref' and its 'sha256'")
+    budget: PlanBudget | None = Field(
+        description="the requested budget ('kind': bpw, bytes or ratio, and 'value'); null if none"
+    )
+    points: list[FrontierPoint] = Field(description="the frontier, smallest first")
+    uniform: list[FrontierPoint] = Field(
+        default_factory=list, description="uniform-format reference points"
+    )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FrontierFile:
-        if data.get("schema") != FRONTIER_SCHEMA:
-            raise InputError(
-                f"unsupported frontier schema {data.get('schema')!r}; this "
-                f"bitplan reads {FRONTIER_SCHEMA}"
-            )
-        try:
-            return cls(
-                model=dict(data["model"]),
-                budget=data.get("budget"),
-                points=[FrontierPoint(**p) for p in data["points"]],
-                uniform=[FrontierPoint(**p) for p in data.get("uniform", [])],
-            )
-        except (KeyError, TypeError) as exc:
-            raise InputError(f"frontier file is missing or mistypes a field ({exc})") from exc
+    def from_dict(cls, data: object) -> FrontierFile:
+        """Parse and validate; any problem is an InputError naming the field."""
+        return _from_json(cls, data, "frontier file")
 
     def csv_text(self) -> str:
         """One row a point (uniform points too, told apart by ``source``)."""
@@ -368,12 +425,18 @@ class FrontierFile:
         header += [f"{split}_{k}" for split, names in keys.items() for k in names] + ["plan"]
         lines = [",".join(header)]
         for p in points:
-            cells = [p.plan_id, p.source, p.total_bytes, p.bpw, p.predicted_error]
+            cells: list[object] = [p.plan_id, p.source, p.total_bytes, p.bpw, p.predicted_error]
             cells += [
                 p.metrics.get(split, {}).get(k) for split, names in keys.items() for k in names
             ]
-            lines.append(",".join("" if c is None else str(c) for c in cells + [p.plan]))
+            lines.append(",".join("" if c is None else str(c) for c in [*cells, p.plan]))
         return "\n".join(lines) + "\n"
+
+
+def _uniform_id(plan: Plan) -> str:
+    # A uniform plan's unpinned layers share one format; name it after the commonest.
+    names = [lay.format.name for lay in plan.layers]
+    return f"u-{max(names, key=names.count)}"
 
 
 def write_frontier(
@@ -384,50 +447,48 @@ def write_frontier(
     budget: Budget | None,
     points: Sequence[tuple[Plan, str]],
     uniform: Sequence[tuple[Plan, str]] = (),
+    best: Plan | None = None,
 ) -> FrontierFile:
     """Write ``plans/<plan_id>.json`` for every point, ``frontier.json`` and ``frontier.csv``.
 
-    ``points`` and ``uniform`` are ``(plan, source)`` pairs; points are ranked by total bytes
-    for their ids, uniform points are named after their format (see the module docstring).
+    ``points`` and ``uniform`` are ``(plan, source)`` pairs; points are listed by total bytes
+    and named by :func:`plan_id_of`, uniform points after their format. ``best`` (one of the
+    points' plans: the answer to the budget) is also written as ``plans/best.json``, a handle
+    that works whatever plans a run found. Exactly the listed points' plans are written.
     """
     out = Path(out_dir)
     ranked = sorted(points, key=lambda pair: pair[0].totals.total_bytes)
-    entries = []
-    for rank, (plan, source) in enumerate(ranked):
-        entries.append(
-            FrontierPoint.of(plan, plan_id=f"p{rank:03d}-{plan.totals.bpw:.2f}bpw", source=source)
-        )
-    refs = []
-    for plan, source in uniform:
-        # A uniform plan's unpinned layers share one format; name it after the commonest.
-        names = [lay.format for lay in plan.layers]
-        refs.append(
-            FrontierPoint.of(plan, plan_id=f"u-{max(names, key=names.count)}", source=source)
-        )
+    entries = [
+        FrontierPoint.of(plan, plan_id=plan_id_of(plan), source=source) for plan, source in ranked
+    ]
+    refs = [FrontierPoint.of(plan, plan_id=_uniform_id(plan), source=src) for plan, src in uniform]
     ids = [e.plan_id for e in entries + refs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two frontier points would share a plan id: {sorted(ids)}")
-    for entry, (plan, _) in zip(entries + refs, list(ranked) + list(uniform), strict=True):
+    if best is not None and not any(best is plan for plan, _ in points):
+        raise ValueError("the best plan must be one of the frontier's points")
+    for entry, (plan, _) in zip(entries + refs, [*ranked, *uniform], strict=True):
         plan.write(out / entry.plan)
+    if best is not None:
+        best.write(out / "plans" / f"{BEST_PLAN_ID}.json")
     result = FrontierFile(
-        model={"ref": model_ref, "sha256": model_sha256},
+        model=ModelRef(ref=model_ref, sha256=model_sha256),
         budget=budget.to_dict() if budget is not None else None,
         points=entries,
         uniform=refs,
     )
-    (out / "frontier.json").write_text(
-        json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8"
-    )
+    (out / "frontier.json").write_text(result.to_json(), encoding="utf-8")
     (out / "frontier.csv").write_text(result.csv_text(), encoding="utf-8")
     return result
 
 
 def read_frontier(path: Path | str) -> FrontierFile:
-    """Load a ``frontier.json``."""
+    """Load and validate a ``frontier.json``."""
     path = Path(path)
     try:
-        return FrontierFile.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise InputError(f"frontier file {path} does not exist") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"frontier file {path} is not JSON ({exc})") from exc
+    return FrontierFile.from_dict(data)

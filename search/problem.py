@@ -70,7 +70,7 @@ class LayerRow:
             numel=layer.numel,
             tie=layer.tie,
             kind=layer.kind,
-            shape=tuple(layer.shape),
+            shape=layer.shape,
             pinned=layer.pinned,
         )
 

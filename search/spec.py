@@ -1,63 +1,122 @@
-"""What one job asks for: the request shared by the CLI, the REST API and the worker.
+"""What one job asks for: the request shared by the CLI, the REST and Python APIs and the worker.
 
-A :class:`JobSpec` is plain data (JSON-serialisable through :meth:`JobSpec.to_dict`), so the
-service can store it in a job row and a worker on another machine can run it unchanged.
+A :class:`JobSpec` is a frozen pydantic model: plain data that a job row stores
+(:meth:`JobSpec.to_dict`) and a worker on another machine rebuilds unchanged
+(``JobSpec(**spec.to_dict())``). It is the one place the job defaults are written; read them
+from ``JobSpec.model_fields[name]`` (``.get_default(call_default_factory=True)``). Formats are
+parsed once into :class:`~bitplan.sensitivity.format_spec.QuantFormat` and written back as names.
+
+Bad values raise :class:`~bitplan.sensitivity.errors.InputError` with one line naming the field
+(the CLI turns it into exit code 2), not pydantic's multi-line ``ValidationError``. Importing this
+module imports neither torch nor pandas nor Optuna: the CLI reads the defaults at start-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bitplan.sensitivity.analyzer import METHODS
-from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import DEFAULT_FORMATS, parse_formats
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["METHODS", "SAMPLERS", "JobSpec"]
+from bitplan.search.budgets import parse_budget
+from bitplan.search.fields import Format
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.format_spec import DEFAULT_FORMATS, QuantFormat, parse_formats
+from bitplan.sensitivity.method_names import METHODS
+
+__all__ = ["METHODS", "SAMPLERS", "JobSpec", "validation_message"]
 
 # The samplers :func:`bitplan.search.measured.measured_search` knows (it imports this list); defined
 # here so that validating a request does not import Optuna.
 SAMPLERS = ("nsga2", "tpe")
 
 
-@dataclass
-class JobSpec:
+def validation_message(exc: ValidationError) -> str:
+    """One line from a pydantic error: ``field: why`` for each problem, ``; ``-joined.
+
+    A validator that raised :class:`InputError` (or any ValueError) keeps its own message, which
+    already names the value and what is accepted.
+    """
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        why = str(cause) if isinstance(cause, ValueError) else err["msg"]
+        if err["type"] not in ("value_error", "missing", "extra_forbidden"):
+            why += f", got {err['input']!r}"
+        parts.append(f"{field}: {why}" if field else why)
+    return "; ".join(parts)
+
+
+class JobSpec(BaseModel):
     """One planning request. ``calib`` is ``builtin`` or a data file path; ``budget`` uses the
     syntax of DESIGN §5 (``4.5bpw``, ``60MB``, ``0.3x``)."""
 
-    model: str
-    budget: str
-    calib: str = "builtin"
-    formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
-    method: str = "fisher"
-    task: str | None = None
-    trials: int = 40
-    timeout: float | None = None
-    seed: int = 0
-    sampler: str = "nsga2"
-    exclude: list[str] = field(default_factory=list)
-    pins: dict[str, str] = field(default_factory=dict)
-    holdout: float = 0.25
-    max_length: int = 128
-    max_samples: int | None = None
-    batch_size: int = 32
-    device: str = "auto"
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {self.sampler!r}; accepted: {', '.join(SAMPLERS)}")
-        if self.trials < 0:
-            raise InputError(f"trials must be >= 0, got {self.trials}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise InputError(f"timeout must be positive seconds, got {self.timeout}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.holdout < 1.0:
-            raise InputError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
-        self.formats = [f.name for f in parse_formats(self.formats)]
+    model: str = Field(min_length=1, description="builtin:<name>, a model folder, zip or file")
+    budget: str = Field(min_length=1, description="4.5bpw, 60MB, 58MiB or 0.3x (DESIGN §5)")
+    calib: str = Field("builtin", min_length=1, description="'builtin' or a data file path")
+    formats: list[Format] = Field(
+        default_factory=lambda: parse_formats(DEFAULT_FORMATS),
+        min_length=1,
+        description="the formats a layer may take",
+    )
+    method: str = Field("fisher", description="sensitivity method: " + ", ".join(METHODS))
+    task: str | None = Field(None, description="model task; None infers it from the model")
+    trials: int = Field(40, ge=1, description="measured-search trials, seeds included")
+    timeout: float | None = Field(None, gt=0, description="seconds for the measured search")
+    seed: int = Field(0, description="seeds the data split, the sensitivity and the search")
+    sampler: str = Field("nsga2", description="Optuna sampler: " + ", ".join(SAMPLERS))
+    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns left unplanned")
+    pins: dict[str, Format] = Field(
+        default_factory=dict, description="layer pattern -> the format it must take"
+    )
+    holdout: float = Field(0.25, gt=0, lt=1, description="share of the data held out")
+    max_length: int = Field(128, ge=1, description="tokens a text sample is cut to")
+    max_samples: int | None = Field(None, ge=1, description="calibration samples to use at most")
+    batch_size: int = Field(32, ge=1, description="samples a forward pass")
+    # The model loader checks the name (it owns the list of devices, and torch).
+    device: str = Field("auto", description="auto, cpu or cuda")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise InputError(validation_message(exc)) from None
+
+    @field_validator("budget")
+    @classmethod
+    def _check_budget(cls, value: str) -> str:
+        return parse_budget(value).text  # the text as written, stripped
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; accepted: {', '.join(METHODS)}")
+        return value
+
+    @field_validator("sampler")
+    @classmethod
+    def _check_sampler(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown sampler {value!r}; accepted: {', '.join(SAMPLERS)}")
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _check_formats(cls, value: list[QuantFormat]) -> list[QuantFormat]:
+        return parse_formats(value)  # rejects a format listed twice
+
+    @property
+    def format_names(self) -> list[str]:
+        """The formats' canonical names, in order."""
+        return [fmt.name for fmt in self.formats]
+
+    def pin_names(self) -> dict[str, str]:
+        """``{pattern: format name}``, the form the model loader takes."""
+        return {pattern: fmt.name for pattern, fmt in self.pins.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; ``JobSpec(**spec.to_dict())`` rebuilds it."""
-        return asdict(self)
+        """JSON-ready dict (formats as names); ``JobSpec(**spec.to_dict())`` rebuilds it."""
+        return self.model_dump(mode="json")

@@ -30,6 +30,8 @@ import torch
 
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import QuantFormat, parse_formats
+from bitplan.sensitivity.layers import QuantLayer
+from bitplan.sensitivity.method_names import METHODS
 from bitplan.sensitivity.methods import (
     Scores,
     e2e_errors,
@@ -55,8 +57,6 @@ if TYPE_CHECKING:
 __all__ = ["METHODS", "analyze", "read_table", "write_table"]
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("weight", "layer", "fisher", "e2e")
 
 
 def _formats(formats: Sequence[QuantFormat | str]) -> list[QuantFormat]:
@@ -94,12 +94,20 @@ def _measure_scores(
     seed: int,
     progress: ProgressFn | None,
     should_cancel: CancelFn | None,
-) -> Scores:
+) -> tuple[Scores, dict[str, str]]:
+    """Scores of every layer and ``{layer: method}`` for layers another method had to score.
+
+    fisher cannot score a layer that no gradient reaches (a pooler beside the hidden states
+    the metrics compare, an unused head): its Fisher is 0, which would make it free to drop to
+    the smallest format. Such layers are scored by ``layer`` (their own output error), or by
+    ``weight`` when they never ran on the calibration data.
+    """
     module, layers = model.module, model.layers
     if method == "weight":
-        return weight_errors(
+        scores = weight_errors(
             module, layers, formats, progress=progress, should_cancel=should_cancel
         )
+        return scores, {}
     if len(calib) == 0:
         raise InputError(f"the calibration data is empty; method {method} needs samples")
 
@@ -108,7 +116,7 @@ def _measure_scores(
 
     n_batches = math.ceil(len(calib) / batch_size)
     if method == "layer":
-        return layer_errors(
+        scores = layer_errors(
             module,
             layers,
             formats,
@@ -117,23 +125,38 @@ def _measure_scores(
             progress=progress,
             should_cancel=should_cancel,
         )
+        return scores, {}
     if method == "fisher":
         kind = output_kind(model.task)
-        n_batches = _fisher_batches(n_batches)
-        return fisher_errors(
+        n_fisher = _fisher_batches(n_batches)
+        scores = fisher_errors(
             module,
             layers,
             formats,
-            batches=lambda: itertools.islice(batches(), n_batches),
+            batches=lambda: itertools.islice(batches(), n_fisher),
             output_fn=lambda batch: forward_output(model, batch),
             target="categorical" if kind in ("classification", "lm") else "projection",
             seed=seed,
-            n_batches=n_batches,
+            n_batches=n_fisher,
             progress=progress,
             should_cancel=should_cancel,
         )
+        unreached = [lay for lay in layers if lay.name not in scores]
+        if not unreached:
+            return scores, {}
+        fallback = layer_errors(
+            module, unreached, formats, batches=batches, should_cancel=should_cancel
+        )
+        scored_by = _fill_unreached(module, unreached, formats, fallback, scores)
+        logger.warning(
+            "fisher: no gradient reached %s (they do not change the output bitplan "
+            "measures); scored instead by the method named (column 'method'), on that "
+            "method's relative scale, which keeps them at high precision",
+            ", ".join(f"{name} (by {how})" for name, how in scored_by.items()),
+        )
+        return scores, scored_by
     reference = collect_reference(model, calib, batch_size=batch_size)
-    return e2e_errors(
+    scores = e2e_errors(
         module,
         layers,
         formats,
@@ -141,6 +164,27 @@ def _measure_scores(
         progress=progress,
         should_cancel=should_cancel,
     )
+    return scores, {}
+
+
+def _fill_unreached(
+    module: torch.nn.Module,
+    unreached: Sequence[QuantLayer],
+    formats: Sequence[QuantFormat],
+    layer_scores: Scores,
+    scores: Scores,
+) -> dict[str, str]:
+    """Put ``layer`` scores of the ``unreached`` layers into ``scores``, or ``weight`` scores
+    for those that never ran (all-zero ``layer`` scores); returns ``{layer: method used}``."""
+    scored_by: dict[str, str] = {}
+    for lay in unreached:
+        errors = layer_scores[lay.name]
+        scored_by[lay.name] = "layer"
+        if not any(errors.values()):  # the layer never ran: only its weights can tell
+            errors = weight_errors(module, [lay], formats)[lay.name]
+            scored_by[lay.name] = "weight"
+        scores[lay.name] = errors
+    return scored_by
 
 
 def analyze(
@@ -157,7 +201,9 @@ def analyze(
 ) -> pd.DataFrame:
     """The sensitivity table of ``model.layers`` in ``formats`` (pinned layers: their format).
 
-    Returns a DataFrame with columns ``layer, param, format, error, numel, bytes, tie``. With
+    Returns a DataFrame with columns ``layer, param, format, error, numel, bytes, tie,
+    method`` (``method``: what scored the row; ``fisher`` falls back to ``layer`` or
+    ``weight`` for layers no gradient reaches, and says so in a warning). With
     ``cache_dir`` the table is looked up first and stored after (``<cache_dir>/sensitivity``).
     ``seed`` seeds the fisher method's sampling. Progress: stage ``"analyze"`` per layer, and
     ``"collect"`` per batch of the data pass of ``layer`` and ``fisher``; ``should_cancel`` is
@@ -191,7 +237,7 @@ def analyze(
         method,
         model.device,
     )
-    scores = _measure_scores(
+    scores, scored_by = _measure_scores(
         model,
         calib,
         method,
@@ -201,7 +247,7 @@ def analyze(
         progress=progress,
         should_cancel=should_cancel,
     )
-    table = build_table(model.layers, scores)
+    table = build_table(model.layers, scores, method=method, scored_by=scored_by)
     if cache_dir is not None:
         store_cached(cache_dir, key, table)
     return table

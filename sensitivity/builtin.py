@@ -29,6 +29,7 @@ from torch import nn
 
 from bitplan.sensitivity.builtin_nets import ByteTokenizer, DigitsCNN, TinyLM, TinyLMConfig
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.progress import ProgressFn, report
 from bitplan.sensitivity.safety import files_sha256
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "text_split",
     "train_digits_cnn",
     "train_tiny_lm",
+    "training_stage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,20 +137,31 @@ def text_split() -> tuple[torch.Tensor, torch.Tensor]:
     return blocks[~held], blocks[held]
 
 
-def train_digits_cnn(*, seed: int = 0, epochs: int = 30) -> DigitsCNN:
-    """Train :class:`DigitsCNN` on the training part of digits; same seed, same weights."""
+# ``on_step(done, total)``: a training loop's progress, in epochs or optimizer steps.
+StepFn = Callable[[int, int], None]
+
+
+def train_digits_cnn(
+    *, seed: int = 0, epochs: int = 30, on_step: StepFn | None = None
+) -> DigitsCNN:
+    """Train :class:`DigitsCNN` on the training part of digits; same seed, same weights.
+
+    ``on_step`` is called after every epoch with ``(done, epochs)``.
+    """
     train_x, train_y, _, _ = digits_split()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitsCNN()
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)  # converges in ~20 epochs here
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(train_y), generator=gen).split(64):
+        for epoch in range(epochs):
+            for idx in torch.split(torch.randperm(len(train_y), generator=gen), 64):
                 loss = F.cross_entropy(model(pixel_values=train_x[idx]), train_y[idx])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                torch.autograd.backward(loss)
                 opt.step()
+            if on_step is not None:
+                on_step(epoch + 1, epochs)
     return model.eval()
 
 
@@ -158,8 +171,11 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
-def train_tiny_lm(*, seed: int = 0, steps: int = 300) -> TinyLM:
-    """Train :class:`TinyLM` on the training blocks of the docstring corpus."""
+def train_tiny_lm(*, seed: int = 0, steps: int = 300, on_step: StepFn | None = None) -> TinyLM:
+    """Train :class:`TinyLM` on the training blocks of the docstring corpus.
+
+    ``on_step`` is called after every optimizer step with ``(done, steps)``.
+    """
     train_blocks, _ = text_split()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -168,14 +184,16 @@ def train_tiny_lm(*, seed: int = 0, steps: int = 300) -> TinyLM:
         # linear decay to 0 so the short schedule ends on a settled loss
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
+        for step in range(steps):
             batch = train_blocks[torch.randint(len(train_blocks), (32,), generator=gen)]
             loss = lm_loss(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if on_step is not None:
+                on_step(step + 1, steps)
     return model.eval()
 
 
@@ -200,8 +218,21 @@ _RECIPES = {
 }
 
 
-def load_builtin(name: str, *, cache_dir: Path, seed: int = 0) -> BuiltinModel:
-    """Load ``builtin:<name>`` from ``cache_dir``, training and caching it on first use."""
+def training_stage(name: str) -> str:
+    """The progress stage of training ``builtin:<name>``: a person waits through it once.
+
+    A stage of its own, not ``load``, so a bar that sits for a minute says why.
+    """
+    return f"training builtin:{name} (first use, cached afterwards)"
+
+
+def load_builtin(
+    name: str, *, cache_dir: Path, seed: int = 0, progress: ProgressFn | None = None
+) -> BuiltinModel:
+    """Load ``builtin:<name>`` from ``cache_dir``, training and caching it on first use.
+
+    Training reports :func:`training_stage` to ``progress``, in epochs or steps.
+    """
     recipe = _RECIPES.get(name)
     if recipe is None:
         raise InputError(
@@ -211,8 +242,13 @@ def load_builtin(name: str, *, cache_dir: Path, seed: int = 0) -> BuiltinModel:
     folder = cache_dir / "builtin"
     path = folder / f"{name}-{_RECIPE_VERSION}-seed{seed}.safetensors"
     if not path.is_file():
-        logger.info("training builtin:%s (first use; cached at %s)", name, path)
-        trained = recipe.train(seed=seed)
+        stage = training_stage(name)
+        logger.info("%s: about a minute on a laptop CPU, then read from %s", stage, path)
+
+        def on_step(done: int, total: int) -> None:
+            report(progress, stage, done, total)
+
+        trained = recipe.train(seed=seed, on_step=on_step)
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".train-", suffix=".safetensors", dir=folder)
         os.close(fd)

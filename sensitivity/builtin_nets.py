@@ -42,7 +42,8 @@ class DigitsCNN(nn.Module):
         x = x.flatten(1)  # (B, 512)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        logits: torch.Tensor = self.fc3(x)  # (B, 10)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class _Attention(nn.Module):
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D/H)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+        out: torch.Tensor = self.o_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+        return out
 
 
 class _Block(nn.Module):
@@ -87,7 +89,8 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask)
-        return x + self.fc_out(F.gelu(self.fc_in(self.ln_2(x))))
+        mlp: torch.Tensor = self.fc_out(F.gelu(self.fc_in(self.ln_2(x))))  # (B, T, D)
+        return x + mlp
 
 
 class TinyLM(nn.Module):
@@ -126,7 +129,8 @@ class TinyLM(nn.Module):
             mask = (causal & keys) | eye  # (B, 1, T, T)
         for block in self.blocks:
             x = block(x, mask)
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        logits: torch.Tensor = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return logits
 
 
 class ByteTokenizer:

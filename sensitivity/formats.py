@@ -1,9 +1,11 @@
-"""Quantization formats: names, the reference fake-quant arithmetic, and exact byte accounting.
+"""Quantization formats: the reference fake-quant arithmetic, plus names and byte accounting.
 
 This module is a contract (DESIGN §3): other tools re-implement it, and the packed artifact that
-``bitplan apply`` writes must have exactly the bytes that :func:`tensor_bytes` predicts. Every
-weight is seen as a matrix ``[rows, cols]`` (see :mod:`bitplan.sensitivity.layers`); groups run
-along ``cols`` and a last group shorter than ``G`` is allowed.
+``bitplan apply`` writes must have exactly the bytes that :func:`tensor_bytes` predicts. The
+names, :class:`QuantFormat` and :func:`tensor_bytes` live in the torch-free
+:mod:`bitplan.sensitivity.format_spec` and are re-exported here. Every weight is seen as a matrix
+``[rows, cols]`` (see :mod:`bitplan.sensitivity.layers`); groups run along ``cols`` and a last
+group shorter than ``G`` is allowed.
 
 References: GPTQ (Frantar et al., 2022) and AWQ (Lin et al., 2023) for group-wise integer
 quantization with fp16 scales; the OCP 8-bit floating point spec for e4m3.
@@ -11,15 +13,19 @@ quantization with fp16 scales; the OCP 8-bit floating point spec for e4m3.
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.format_spec import (
+    ALLOWED_BITS,
+    DEFAULT_FORMATS,
+    FormatError,
+    QuantFormat,
+    parse_format,
+    parse_formats,
+    tensor_bytes,
+)
 
 __all__ = [
     "ALLOWED_BITS",
@@ -35,122 +41,12 @@ __all__ = [
     "tensor_bytes",
 ]
 
-ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
-FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The largest finite e4m3 value (OCP FP8 spec, "fn" variant: no infinities).
 FP8_E4M3_MAX = 448.0
 # Rows are processed in chunks of at most this many elements so that the float32 work buffer
 # stays bounded (≈64 MiB) however large the layer is.
 _CHUNK_ELEMENTS = 1 << 24
-DEFAULT_FORMATS = ("int8", "int6-g128", "int4-g128", "int3-g64", "int2-g32-asym")
-
-_INT_RE = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?$")
-_ACCEPTED = (
-    "fp32, bf16, fp16, fp8-e4m3, or int{b}[-g{G}][-asym] with b in "
-    + "{"
-    + ",".join(map(str, ALLOWED_BITS))
-    + "} and G a positive integer (e.g. int8, int4-g128, int3-g64-asym)"
-)
-
-
-class FormatError(InputError):
-    """A format name that bitplan does not accept; the message lists what it accepts."""
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """One storage format for a weight matrix.
-
-    ``kind`` is ``float`` (fp32/bf16/fp16: a cast), ``fp8`` (per-row scaled e4m3) or ``int``
-    (uniform integer grid). ``group_size`` is ``None`` for one scale per row.
-    """
-
-    name: str
-    kind: Literal["float", "fp8", "int"]
-    bits: int
-    group_size: int | None = None
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind == "int":
-            if self.bits not in ALLOWED_BITS:
-                raise FormatError(f"unsupported bit width {self.bits}; accepted: {_ACCEPTED}")
-            if self.group_size is not None and self.group_size < 1:
-                raise FormatError(f"group size must be positive; accepted: {_ACCEPTED}")
-        elif self.group_size is not None or not self.symmetric:
-            raise FormatError(f"{self.kind} formats take no group size or -asym")
-
-    @property
-    def is_quantized(self) -> bool:
-        """True for formats with scales (int, fp8); False for plain casts."""
-        return self.kind != "float"
-
-    def n_groups(self, rows: int, cols: int) -> int:
-        """Number of scales for a ``[rows, cols]`` matrix (0 for plain casts)."""
-        if self.kind == "float":
-            return 0
-        if self.kind == "fp8" or self.group_size is None:
-            return rows
-        return rows * math.ceil(cols / self.group_size)
-
-    def bits_per_weight(self, cols: int = 4096) -> float:
-        """Storage bits per weight for a matrix with ``cols`` columns, scales included."""
-        rows = 1024  # any row count: per-row overheads scale with rows like the weights do
-        return 8 * tensor_bytes(self, rows, cols) / (rows * cols)
-
-
-def parse_format(name: str) -> QuantFormat:
-    """Parse a format name (DESIGN §3); the error message says what is accepted."""
-    text = name.strip().lower()
-    if text in FLOAT_BYTES:
-        return QuantFormat(name=text, kind="float", bits=8 * FLOAT_BYTES[text])
-    if text == "fp8-e4m3":
-        return QuantFormat(name=text, kind="fp8", bits=8)
-    match = _INT_RE.match(text)
-    if match is None:
-        raise FormatError(f"unknown format {name!r}; accepted: {_ACCEPTED}")
-    bits = int(match["bits"])
-    group = int(match["group"]) if match["group"] is not None else None
-    if bits not in ALLOWED_BITS:
-        raise FormatError(f"unsupported format {name!r} (int{bits}); accepted: {_ACCEPTED}")
-    if group is not None and group < 1:
-        raise FormatError(f"unsupported format {name!r} (group size 0); accepted: {_ACCEPTED}")
-    return QuantFormat(
-        name=text, kind="int", bits=bits, group_size=group, symmetric=match["asym"] is None
-    )
-
-
-def parse_formats(names: str | Sequence[str | QuantFormat]) -> list[QuantFormat]:
-    """Parse a comma-separated list (or a sequence) of names, rejecting duplicates.
-
-    Items of a sequence that are already :class:`QuantFormat` are kept as they are.
-    """
-    items = names.split(",") if isinstance(names, str) else list(names)
-    formats = [
-        item if isinstance(item, QuantFormat) else parse_format(item)
-        for item in items
-        if isinstance(item, QuantFormat) or item.strip()
-    ]
-    if not formats:
-        raise FormatError(f"no format given; accepted: {_ACCEPTED}")
-    seen = [f.name for f in formats]
-    dupes = sorted({n for n in seen if seen.count(n) > 1})
-    if dupes:
-        raise FormatError(f"format listed twice: {', '.join(dupes)}")
-    return formats
-
-
-def tensor_bytes(fmt: QuantFormat, rows: int, cols: int) -> int:
-    """Exact stored bytes of a ``[rows, cols]`` matrix in ``fmt`` (DESIGN §3)."""
-    numel = rows * cols
-    if fmt.kind == "float":
-        return numel * FLOAT_BYTES[fmt.name]
-    if fmt.kind == "fp8":
-        return numel + 2 * rows
-    n_groups = fmt.n_groups(rows, cols)
-    bits = numel * fmt.bits + n_groups * 16 + (0 if fmt.symmetric else n_groups * fmt.bits)
-    return math.ceil(bits / 8)
 
 
 @dataclass

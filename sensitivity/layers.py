@@ -151,7 +151,10 @@ def apply_pins(layers: Sequence[QuantLayer], pins: dict[str, str]) -> list[Quant
 
 def get_weight(model: nn.Module, layer: QuantLayer) -> torch.nn.Parameter:
     """The weight parameter of ``layer`` in ``model``."""
-    return model.get_submodule(layer.name).weight
+    weight = model.get_submodule(layer.name).weight
+    if not isinstance(weight, torch.nn.Parameter):
+        raise TypeError(f"{layer.name}.weight is not a parameter but {type(weight).__name__}")
+    return weight
 
 
 def parameter_bytes(model: nn.Module, layers: Sequence[QuantLayer]) -> tuple[int, int]:

@@ -90,7 +90,8 @@ def forward_output(model: LoadedModel, batch: Mapping[str, torch.Tensor]) -> tor
         out = out[0]  # Hugging Face's return_dict=False order: the main output first
     if isinstance(out, Mapping):  # ModelOutput is a Mapping of its non-None fields
         if out.get("logits") is not None:
-            return out["logits"]
+            logits: torch.Tensor = out["logits"]
+            return logits
         if out.get("last_hidden_state") is not None:
             return _mean_pool(out["last_hidden_state"], batch.get("attention_mask"))
         out = next((v for v in out.values() if isinstance(v, torch.Tensor)), out)
@@ -162,7 +163,7 @@ def _rows(
 
 
 def counted_positions(
-    mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device
+    mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
     """``[B, T-1]`` bool: LM position ``t`` counts when tokens ``t`` and ``t + 1`` are both real.
 
@@ -211,7 +212,9 @@ def collect_reference(
             dist = compress(rows, top_k=top_k)
             dists.append(dist)
             if targets is not None:
-                nll += float(compare(dist, rows, targets=targets).nll.double().sum())
+                token_nll = compare(dist, rows, targets=targets).nll
+                assert token_nll is not None  # compare() returns it whenever targets are given
+                nll += float(token_nll.double().sum())
             elif data.labels is not None:
                 labels = _labels(data.labels, start, rows.shape[0], rows.shape[1])
                 correct += float((dist.top1 == labels).sum())

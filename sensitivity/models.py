@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitplan.sensitivity.builtin import BUILTIN_MODELS, load_builtin
+from bitplan.sensitivity.builtin import BUILTIN_MODELS, BuiltinModel, load_builtin
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.hf import load_hf_folder, unpack_model_zip
+from bitplan.sensitivity.hf import HFModel, load_hf_folder, unpack_model_zip
 from bitplan.sensitivity.layers import QuantLayer, apply_pins, find_quant_layers
+from bitplan.sensitivity.progress import ProgressFn
 from bitplan.sensitivity.safety import check_finite
 
 __all__ = ["TASKS", "LoadedModel", "load_model", "resolve_cache_dir", "resolve_device"]
@@ -97,7 +98,8 @@ def _torch_file_error(path: Path, *, trusted: bool) -> InputError:
     """Why a torch archive is not loaded: code-carrying formats need trust, and none is planned yet.
 
     ``.pt2`` (torch.export) and TorchScript archives drop the module types that layer discovery
-    relies on, and a pickled state dict has no architecture at all.
+    relies on, and a pickled state dict has no architecture at all. A file that is none of these
+    (random bytes named ``.bin``) is called what it is, not a state dict.
     """
     if path.suffix == ".pt2" or _is_torchscript(path):
         kind = "torch.export (.pt2)" if path.suffix == ".pt2" else "TorchScript"
@@ -113,10 +115,30 @@ def _torch_file_error(path: Path, *, trusted: bool) -> InputError:
             "cannot plan them; provide a Hugging Face folder (config.json + "
             "*.safetensors) instead"
         )
+    if _is_torch_save(path):
+        return InputError(
+            f"{path.name} is a pickled state dict (torch.save), which has no architecture; "
+            "save the model as a Hugging Face folder (config.json + *.safetensors)"
+        )
     return InputError(
-        f"{path.name} looks like a pickled state dict, which has no architecture; "
-        "save the model as a Hugging Face folder (config.json + *.safetensors)"
+        f"{path.name} is not a loadable state dict (neither a torch.save archive nor a "
+        "pickle); bitplan expects builtin:<name>, a Hugging Face folder (config.json + "
+        "*.safetensors) or a .zip of one"
     )
+
+
+def _is_torch_save(path: Path) -> bool:
+    """Whether ``path`` looks like ``torch.save`` output, from its first bytes, unpickling nothing.
+
+    Current ``torch.save`` writes a zip holding ``<name>/data.pkl``; the legacy format (and a
+    plain pickle) starts with the pickle PROTO opcode ``0x80`` and a protocol number 2 to 5.
+    """
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    with path.open("rb") as stream:
+        head = stream.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _select_layers(
@@ -152,6 +174,7 @@ def load_model(
     trusted: bool = False,
     cache_dir: Path | None = None,
     max_unzip_bytes: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> LoadedModel:
     """Load ``ref`` (``builtin:<name>``, a Hugging Face folder, or a ``.zip`` of one).
 
@@ -159,14 +182,17 @@ def load_model(
     over layer names to leave unplanned; ``pins`` maps patterns to format names the plan must
     use. ``cache_dir`` overrides where builtin weights and unzipped models are cached;
     ``max_unzip_bytes`` the extraction limit (env ``BITPLAN_MAX_UNZIP_BYTES``, default 4 GiB).
+    ``progress`` sees the training of a builtin model on its first use (its own stage, see
+    :func:`~bitplan.sensitivity.builtin.training_stage`).
     """
     if task is not None and task not in TASKS:
         raise InputError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
     target = resolve_device(device)
     cache = resolve_cache_dir(cache_dir)
     builtin_data = None
+    loaded: BuiltinModel | HFModel
     if ref.startswith("builtin:"):
-        loaded = load_builtin(ref.removeprefix("builtin:"), cache_dir=cache)
+        loaded = load_builtin(ref.removeprefix("builtin:"), cache_dir=cache, progress=progress)
         if task is not None and task != loaded.task:
             raise InputError(f"{ref} has task {loaded.task}; drop the task or pass {loaded.task}")
         builtin_data = loaded.data
@@ -179,6 +205,11 @@ def load_model(
             loaded = load_hf_folder(root, task=task, label=ref)
         elif path.is_file() and path.suffix in _TORCH_SUFFIXES:
             raise _torch_file_error(path, trusted=trusted)
+        elif not path.exists():
+            raise InputError(
+                f"model {ref!r} does not exist: no such file or folder (for a builtin "
+                "model write builtin:<name>: " + ", ".join(BUILTIN_MODELS) + ")"
+            )
         else:
             raise InputError(
                 f"model {ref!r} is not a model: pass builtin:<name> ("

@@ -1,9 +1,10 @@
 """The sensitivity table: building it, writing it, importing a user's, and caching it.
 
-One row per (layer, format) with columns ``layer, param, format, error, numel, bytes, tie``
-(DESIGN §6): ``error`` is the method's loss estimate (>= 0, lower is better), ``bytes`` the
-exact stored size of the layer's matrix in that format
-(:func:`bitplan.sensitivity.formats.tensor_bytes`) and ``tie`` the tie group's name or empty. A tie
+One row per (layer, format) with columns ``layer, param, format, error, numel, bytes, tie,
+method`` (DESIGN §6): ``error`` is the method's loss estimate (>= 0, lower is better), ``bytes``
+the exact stored size of the layer's matrix in that format
+(:func:`bitplan.sensitivity.formats.tensor_bytes`), ``tie`` the tie group's name or empty, and
+``method`` what scored the row (empty in imported tables). A tie
 group's error is the sum of its members' rows and its bytes count once. Pinned layers have a row for
 their pinned format only.
 
@@ -45,16 +46,25 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ("layer", "param", "format", "error", "numel", "bytes", "tie")
+TABLE_COLUMNS = ("layer", "param", "format", "error", "numel", "bytes", "tie", "method")
 _USER_COLUMNS = "layer, format, error[, bytes][, numel][, tie]"
 # Bump when a method's numbers change for the same inputs, so stale cached tables are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the method column
 
 
 def build_table(
-    layers: Sequence[QuantLayer], scores: Mapping[str, Mapping[str, float]]
+    layers: Sequence[QuantLayer],
+    scores: Mapping[str, Mapping[str, float]],
+    *,
+    method: str = "",
+    scored_by: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """The table from per-layer scores ``{layer: {format: error}}``, in layer order."""
+    """The table from per-layer scores ``{layer: {format: error}}``, in layer order.
+
+    ``method`` fills the ``method`` column; ``scored_by`` names another method for the
+    layers it scored instead (see :func:`bitplan.sensitivity.analyzer.analyze`).
+    """
+    scored_by = scored_by or {}
     records = []
     for lay in layers:
         rows, cols = lay.shape
@@ -68,6 +78,7 @@ def build_table(
                     lay.numel,
                     tensor_bytes(parse_format(name), rows, cols),
                     lay.tie or "",
+                    scored_by.get(lay.name, method),
                 )
             )
     return _typed(pd.DataFrame.from_records(records, columns=list(TABLE_COLUMNS)))
@@ -84,6 +95,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
             "numel": "int64",
             "bytes": "int64",
             "tie": str,
+            "method": str,
         }
     ).reset_index(drop=True)
 
@@ -236,7 +248,7 @@ def load_cached(cache_dir: Path | str, key: str) -> pd.DataFrame | None:
         df = pd.read_csv(
             path,
             keep_default_na=False,
-            dtype={"tie": str, "layer": str, "param": str, "format": str},
+            dtype={"tie": str, "layer": str, "param": str, "format": str, "method": str},
         )
         return _typed(df[list(TABLE_COLUMNS)])
     except (ValueError, KeyError, pd.errors.ParserError) as exc:

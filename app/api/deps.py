@@ -1,6 +1,6 @@
 """FastAPI dependencies shared by the routes: settings, a database session, the caller's key.
 
-The app keeps its settings and session factory on ``bitplan.app.state`` (set by
+The app keeps its settings and session factory on ``app.state`` (set by
 :func:`bitplan.app.main.create_app`), so every app instance — one per test — has its own database.
 Sessions are only ever obtained through :data:`SessionDep`.
 """
@@ -10,15 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from bitplan.app import crud
 from bitplan.app.auth import authenticate
 from bitplan.app.models import ApiKey
 from bitplan.app.settings import Settings
 
-__all__ = ["CurrentKeyDep", "OwnerDep", "SessionDep", "SettingsDep"]
+__all__ = ["CurrentKeyDep", "OwnerDep", "PageCursor", "PageLimit", "SessionDep", "SettingsDep"]
 
 # auto_error=False: a missing header must become our problem+json 401 (or pass when auth is off),
 # not FastAPI's own 403.
@@ -65,3 +66,11 @@ async def get_owner_id(key: CurrentKeyDep) -> str | None:
 
 
 OwnerDep = Annotated[str | None, Depends(get_owner_id)]
+
+# The query parameters of every list route.
+PageLimit = Annotated[
+    int, Query(ge=1, le=crud.MAX_PAGE, description="how many items a page holds at most")
+]
+PageCursor = Annotated[
+    str | None, Query(description="the next_cursor of the previous page; omit for the first")
+]

@@ -27,9 +27,11 @@ from bitplan.sensitivity.layers import QuantLayer
 
 __all__ = ["InputStats", "stats_bytes"]
 
+Conv = nn.Conv1d | nn.Conv2d
 
-def _conv_groups(module: nn.Module, layer: QuantLayer) -> int:
-    return module.groups if layer.kind in ("conv1d", "conv2d") else 1
+
+def _conv_groups(module: nn.Module) -> int:
+    return module.groups if isinstance(module, Conv) else 1
 
 
 def stats_bytes(module: nn.Module, layer: QuantLayer) -> int:
@@ -37,36 +39,38 @@ def stats_bytes(module: nn.Module, layer: QuantLayer) -> int:
     rows, cols = layer.shape
     if layer.kind == "embedding":
         return 4 * rows
-    return 4 * _conv_groups(module, layer) * cols * cols
+    return 4 * _conv_groups(module) * cols * cols
 
 
-def _pad_amounts(module: nn.Module) -> list[int]:
+def _pad_amounts(module: Conv) -> list[int]:
     """The module's padding as ``F.pad`` amounts (last dim first), ``"same"``/``"valid"`` too.
 
     For ``"same"`` PyTorch puts the odd pixel of an even kernel on the right/bottom; so do we.
     """
     amounts: list[int] = []
     for i in reversed(range(len(module.kernel_size))):
-        if module.padding == "valid":
-            left = right = 0
-        elif module.padding == "same":
-            total = module.dilation[i] * (module.kernel_size[i] - 1)
+        padding = module.padding
+        if isinstance(padding, str):  # "valid": none; "same": the kernel's reach, split
+            total = 0 if padding == "valid" else module.dilation[i] * (module.kernel_size[i] - 1)
             left, right = total // 2, total - total // 2
         else:
-            left = right = module.padding[i]
+            left = right = padding[i]
         amounts += [left, right]
     return amounts
 
 
-def _conv_patches(module: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+def _conv_patches(module: Conv, x: torch.Tensor) -> torch.Tensor:
     """Input patches of a convolution as ``[groups, n_patches, cols]`` float32."""
-    spatial = 1 if kind == "conv1d" else 2
+    conv1d = isinstance(module, nn.Conv1d)
+    spatial = 1 if conv1d else 2
     if x.dim() == spatial + 1:  # unbatched input
         x = x.unsqueeze(0)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     x = F.pad(x.to(torch.float32), _pad_amounts(module), mode=mode)
-    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    if kind == "conv1d":  # unfold is 2-D only: treat a sequence as a 1-pixel-high image
+    kernel: tuple[int, ...] = module.kernel_size
+    dilation: tuple[int, ...] = module.dilation
+    stride: tuple[int, ...] = module.stride
+    if conv1d:  # unfold is 2-D only: treat a sequence as a 1-pixel-high image
         x = x.unsqueeze(2)  # (B, C, 1, L)
         kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
     patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C·k…, L)
@@ -75,7 +79,8 @@ def _conv_patches(module: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor
     # unfold orders features channel-major like weight.view(out, -1), so group g's channels
     # are the g-th contiguous slice.
     patches = patches.view(batch, groups, width // groups, length)  # (B, groups, cols, L)
-    return patches.permute(1, 0, 3, 2).reshape(groups, batch * length, -1)  # (groups, B·L, cols)
+    grouped: torch.Tensor = patches.permute(1, 0, 3, 2)  # (groups, B, L, cols)
+    return grouped.reshape(groups, batch * length, -1)  # (groups, B·L, cols)
 
 
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -90,9 +95,9 @@ class InputStats:
 
     def __init__(self, module: nn.Module, layer: QuantLayer, device: torch.device) -> None:
         self.layer = layer
-        self.module = module
+        self.conv = module if isinstance(module, Conv) else None
         rows, cols = layer.shape
-        groups = _conv_groups(module, layer)
+        groups = _conv_groups(module)
         # Rows (output channels) per convolution group: each block of rows has its own H.
         self.block = rows // groups
         if layer.kind == "embedding":
@@ -105,22 +110,26 @@ class InputStats:
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Fold one call's input into the statistics (``mask``: the batch's attention mask)."""
-        kind = self.layer.kind
-        if kind == "embedding":
+        if self.counts is not None:  # an embedding: its inputs are token ids
             ids = _token_rows(x.unsqueeze(-1), mask).flatten()  # (n_kept,)
             self.counts += torch.bincount(ids, minlength=self.counts.numel()).to(self.counts)
             self.samples += ids.numel()
             return
-        if kind in ("conv1d", "conv2d"):
-            xs = _conv_patches(self.module, x, kind)  # (groups, n, cols)
+        if self.conv is not None:
+            xs = _conv_patches(self.conv, x)  # (groups, n, cols)
         else:
             xs = _token_rows(x, mask).to(torch.float32).unsqueeze(0)  # (1, n, cols)
-        self.gram.baddbmm_(xs.transpose(1, 2), xs)
+        self._gram().baddbmm_(xs.transpose(1, 2), xs)
         self.samples += xs.shape[1]
+
+    def _gram(self) -> torch.Tensor:
+        if self.gram is None:
+            raise TypeError(f"{self.layer.name} is an embedding: it has token counts, no H")
+        return self.gram
 
     def energy(self, start: int, stop: int, m: torch.Tensor) -> float:
         """``‖M·X‖²`` for rows ``start:stop`` of a ``[rows, cols]`` matrix, given as ``m``."""
         if self.counts is not None:
             return float((self.counts[start:stop, None] * m.square()).sum())
-        h = self.gram[start // self.block]  # (cols, cols); chunks never straddle a group
+        h = self._gram()[start // self.block]  # (cols, cols); chunks never straddle a group
         return float(((m @ h) * m).sum())

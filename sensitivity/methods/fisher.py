@@ -109,13 +109,16 @@ def _accumulate(
 
     def make_hook(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            acc.add_(param.grad.to(acc.dtype).square())
+            if param.grad is not None:  # always set after accumulation; None adds nothing
+                acc.add_(param.grad.to(acc.dtype).square())
             param.grad = None
 
         return hook
 
     handles = [
-        w.register_post_accumulate_grad_hook(make_hook(fisher[key])) for key, w in weights.items()
+        # torch leaves this method unannotated; it takes a (Tensor) -> None hook
+        w.register_post_accumulate_grad_hook(make_hook(fisher[key]))  # type: ignore[no-untyped-call]
+        for key, w in weights.items()
     ]
     gen: torch.Generator | None = None
     n_predictions = 0
@@ -132,7 +135,7 @@ def _accumulate(
                 if gen is None:
                     gen = torch.Generator(device=out.device).manual_seed(seed)
                 loss, n = _pseudo_loss(out, target, batch.get("attention_mask"), gen)
-                loss.backward()
+                torch.autograd.backward(loss)
             n_predictions += n
             on_batch()
     finally:
@@ -159,6 +162,10 @@ def fisher_errors(
     ``output_fn(batch)`` returns the model output (logits for ``categorical``) with autograd
     history. Progress: stage ``"collect"`` per backward pass (when ``n_batches`` is known) and
     ``"analyze"`` per layer. Requires-grad flags and gradients are restored afterwards.
+
+    Layers that no gradient reached (they do not influence ``output_fn``'s output: a pooler
+    beside the hidden states, an unused head) are left out of the result: a Fisher of zero
+    would call them free to quantize, so the caller scores them another way.
     """
     if target not in FISHER_TARGETS:
         raise ValueError(f"unknown fisher target {target!r}; accepted: {FISHER_TARGETS}")
@@ -196,8 +203,9 @@ def fisher_errors(
         check_cancel(should_cancel)
         lay = g[0]
         f = weight_matrix(fisher.pop(lay.group), lay.kind)  # (rows, cols) like the weight view
-        if not f.any():
-            logger.warning("no gradient reached %s; its fisher error is scored 0", lay.name)
+        if not f.any():  # an unused head or pooler: no score (not 0) rather than a free int2
+            logger.info("no gradient reached %s; left for another method", lay.name)
+            continue
         matrix = layer_matrix(module, lay)
         errors = {}
         for fmt in candidates(lay, formats):

@@ -66,7 +66,7 @@ def _collect(
     handles = []
 
     def make_hook(st: InputStats) -> Callable[..., None]:
-        def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             st.add(args[0] if args else kwargs["input"], current_mask[0])
 
         return hook

@@ -15,6 +15,7 @@ from bitplan.app.main import create_app
 from bitplan.app.models import Job, utcnow
 from bitplan.app.settings import Settings
 from bitplan.search.plans import Plan, write_frontier
+from bitplan.sensitivity.format_spec import parse_format
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -51,8 +52,17 @@ def job_body(**overrides: Any) -> dict[str, Any]:
     }
 
 
-def plan_document() -> dict[str, Any]:
+# Planned bytes of the one 10 x 64 layer of :func:`plan_document` in each format (DESIGN §3):
+# int4-g32: ceil((640·4 + 20 groups·16) / 8) = 360; int8 (a scale a row): ceil((640·8 + 10·16) / 8)
+PLAN_LAYER_BYTES = {"int4-g32": 360, "int8": 660}
+_UNPLANNED_BYTES, _FP16_BYTES = 40, 1320
+
+
+def plan_document(fmt: str = "int4-g32") -> dict[str, Any]:
     """A one-layer plan in the v1 format of DESIGN §4 (totals consistent with the byte rules)."""
+    planned = PLAN_LAYER_BYTES[fmt]
+    bits = parse_format(fmt).bits
+    total = planned + _UNPLANNED_BYTES
     return {
         "schema": "bitplan.plan/v1",
         "model": {"ref": "builtin:digits-cnn", "sha256": "0" * 64},
@@ -65,21 +75,20 @@ def plan_document() -> dict[str, Any]:
                 "shape": [10, 64],
                 "numel": 640,
                 "tie": None,
-                "format": "int4-g32",
-                "bits": 4,
-                "group_size": 32,
-                # ceil((640·4 + 20 groups·16) / 8) = 360 bytes (DESIGN §3)
+                "format": fmt,
+                "bits": bits,
+                "group_size": parse_format(fmt).group_size,
                 "symmetric": True,
-                "bytes": 360,
+                "bytes": planned,
             }
         ],
         "totals": {
-            "planned_bytes": 360,
-            "unplanned_bytes": 40,
-            "total_bytes": 400,
-            "bpw": 4.5,
-            "fp16_bytes": 1320,
-            "ratio_vs_fp16": 400 / 1320,
+            "planned_bytes": planned,
+            "unplanned_bytes": _UNPLANNED_BYTES,
+            "total_bytes": total,
+            "bpw": 8 * planned / 640,
+            "fp16_bytes": _FP16_BYTES,
+            "ratio_vs_fp16": total / _FP16_BYTES,
         },
         "metrics": {"predicted_error": 0.01, "calibration": {}, "holdout": {"accuracy": 0.9}},
     }
@@ -88,10 +97,11 @@ def plan_document() -> dict[str, Any]:
 def finish_job(
     app: FastAPI, job_id: str, *, state: str = "succeeded", n_plans: int = 1, report: bool = True
 ) -> list[str]:
-    """Write a job's artifacts as a worker would, mark the row ``state``; returns plan ids."""
+    """Write a job's artifacts as a worker would, mark the row ``state``; returns plan ids,
+    smallest plan first (at most one plan a format of :data:`PLAN_LAYER_BYTES`)."""
     settings: Settings = app.state.settings
     out = settings.artifact_dir / job_id
-    plans = [(Plan.from_dict(plan_document()), "exact") for _ in range(n_plans)]
+    plans = [(Plan.from_dict(plan_document(fmt)), "exact") for fmt in PLAN_LAYER_BYTES][:n_plans]
     frontier = write_frontier(
         out, model_ref="builtin:digits-cnn", model_sha256="0" * 64, budget=None, points=plans
     )

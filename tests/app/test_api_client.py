@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bitplan.app.client import ApiError, BitplanClient
+from bitplan.app.service_cli import file_sha256
 from bitplan.app.settings import Settings
 from tests.app._api_fixtures import api_client, finish_job, job_body
 
@@ -47,6 +48,22 @@ def test_client_round_trip(client: TestClient, tmp_path: Path) -> None:
     assert api.sensitivity(job["id"]).startswith("layer,")
     report = api.download_report(job["id"], tmp_path / "report.html")
     assert report.read_text().startswith("<html>")
+
+
+def test_find_upload_looks_through_every_page(client: TestClient, tmp_path: Path) -> None:
+    api = BitplanClient(http=client)
+    uploaded = []
+    for i in range(51):  # more than one page of the API's default size (50)
+        data_file = tmp_path / f"calib-{i}.txt"
+        data_file.write_text(f"sample {i}\nanother sample\n")
+        uploaded.append((api.upload_dataset(data_file), file_sha256(data_file)))
+    first_page = client.get("/v1/datasets").json()
+    assert first_page["next_cursor"] is not None  # the premise: the oldest is on a later page
+    assert uploaded[0][0]["id"] not in {blob["id"] for blob in first_page["data"]}
+    oldest, oldest_sha = uploaded[0]
+    assert api.find_upload("dataset", sha256=oldest_sha) == oldest
+    assert api.find_upload("model", sha256=oldest_sha) is None  # datasets are not models
+    assert api.find_upload("dataset", sha256="0" * 64) is None
 
 
 def test_client_raises_problems_and_times_out(client: TestClient) -> None:

@@ -1,20 +1,47 @@
-"""The planning commands of the `bitplan` CLI: output files, summaries, exit codes."""
+"""The planning commands of the `bitplan` CLI: output files, summaries, exit codes, Ctrl-C."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from bitplan.app.cli import app
+from bitplan.app.console import CTRL_C_EXIT
+from bitplan.search import pipeline
 from bitplan.search.artifact import load_artifact, tensor_bytes_of
-from bitplan.search.plans import read_plan
+from bitplan.search.plans import read_frontier, read_plan
+from bitplan.search.spec import JobSpec
+from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.models import load_model
+from bitplan.sensitivity.progress import ProgressFn
+from tests.helpers import SENTENCES
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _restore_quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI quiets Hugging Face through environment variables; undo that after each test."""
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _files_written(output: str) -> int:
+    """The plan-file count a command printed (``… (N files)``)."""
+    found = re.search(r"\((\d+) files\)", output)
+    assert found, output
+    return int(found[1])
 
 
 def _ok(args: list[str]) -> str:
@@ -93,6 +120,7 @@ def test_search_then_apply_writes_exact_bytes(tmp_path: Path) -> None:
         ]
     )
     assert "Pareto frontier" in out and "u-int8" in out
+    assert _files_written(out) == len(list((tmp_path / "job" / "plans").glob("*.json")))
     frontier = json.loads((tmp_path / "job" / "frontier.json").read_text())
     plan_path = tmp_path / "job" / frontier["points"][-1]["plan"]
     _ok(["apply", "builtin:digits-cnn", str(plan_path), "-o", str(tmp_path / "packed")])
@@ -111,7 +139,144 @@ def test_solve_on_a_user_table(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
     out = _ok(["solve", str(tmp_path / "t.csv"), "--budget", "5bpw", "-o", str(tmp_path / "o")])
     assert "best under 5bpw" in out
+    assert _files_written(out) == len(list((tmp_path / "o" / "plans").glob("*.json")))
     frontier = json.loads((tmp_path / "o" / "frontier.json").read_text())
     assert frontier["points"] and all(
         (tmp_path / "o" / p["plan"]).is_file() for p in frontier["points"]
     )
+
+
+def _capture(monkeypatch: pytest.MonkeyPatch, name: str) -> list[JobSpec]:
+    """Replace the pipeline function ``name`` by one that records its spec and fails."""
+    seen: list[JobSpec] = []
+
+    def fake(spec: JobSpec, **_: Any) -> None:
+        seen.append(spec)
+        raise InputError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, name, fake)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("args", "function", "budget"),
+    [
+        (["analyze", "builtin:digits-cnn"], "analyze_spec", "16bpw"),
+        (["search", "builtin:digits-cnn", "--budget", "3bpw"], "run_job", "3bpw"),
+    ],
+)
+def test_commands_take_their_defaults_from_jobspec(
+    args: list[str], function: str, budget: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _capture(monkeypatch, function)
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "stopped by the test" in result.output
+    assert seen == [JobSpec(model="builtin:digits-cnn", budget=budget)]
+
+
+def test_a_failed_command_removes_the_folders_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails_after_writing(spec: JobSpec, *, out_dir: Path, **_: Any) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "sensitivity.csv").write_text("layer,format,error\n")
+        raise InputError("the model does not load")
+
+    monkeypatch.setattr(pipeline, "run_job", fails_after_writing)
+    new = tmp_path / "new" / "job"
+    result = runner.invoke(
+        app, ["search", "builtin:digits-cnn", "--budget", "4bpw", "-o", str(new)]
+    )
+    assert result.exit_code == 2
+    assert not (tmp_path / "new").exists()
+    # A folder that was there before is the user's: left as it was found (plus what was written).
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = runner.invoke(
+        app, ["search", "builtin:digits-cnn", "--budget", "4bpw", "-o", str(kept)]
+    )
+    assert result.exit_code == 2 and (kept / "notes.txt").read_text() == "mine"
+
+
+def test_missing_model_leaves_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    result = runner.invoke(
+        app, ["search", "builtin:nope", "--budget", "4bpw", "-o", str(out), "--device", "cpu"]
+    )
+    assert result.exit_code == 2 and "builtin" in result.output
+    assert not out.exists()
+
+
+def _interrupting(stage: str, after: int) -> Callable[..., pipeline.JobResult]:
+    """The real run_job, with Ctrl-C (a real SIGINT) pressed once ``stage`` reports ``after``."""
+    real = pipeline.run_job
+
+    def run_job(spec: JobSpec, *, progress: ProgressFn, **kwargs: Any) -> pipeline.JobResult:
+        pressed = False
+
+        def press_ctrl_c(name: str, done: int, total: int) -> None:
+            nonlocal pressed
+            progress(name, done, total)
+            if name == stage and done >= after and not pressed:
+                pressed = True
+                signal.raise_signal(signal.SIGINT)
+
+        return real(spec, progress=press_ctrl_c, **kwargs)
+
+    return run_job
+
+
+def test_ctrl_c_in_the_search_keeps_the_finished_trials_and_exits_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "run_job", _interrupting("search", after=2))
+    out = tmp_path / "job"
+    args = ["search", "builtin:digits-cnn", "--budget", "4.5bpw", "--method", "weight"]
+    result = runner.invoke(app, [*args, "--trials", "40", "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == CTRL_C_EXIT, result.output
+    assert "search stopped early" in result.output
+    frontier = read_frontier(out / "frontier.json")
+    assert frontier.points
+    assert _files_written(result.output) == len(list((out / "plans").glob("*.json")))
+    # The command's Ctrl-C watch is gone: Python's own handler is back.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_before_the_search_exits_130_and_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "run_job", _interrupting("load", after=1))
+    out = tmp_path / "job"
+    args = ["search", "builtin:digits-cnn", "--budget", "4.5bpw", "--method", "weight"]
+    result = runner.invoke(app, [*args, "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == CTRL_C_EXIT, result.output
+    assert "interrupted" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_hugging_face_progress_bars_stay_out_of_search_and_apply(
+    tiny_hf_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """In a fresh process, as a user runs it: transformers is imported after the CLI started."""
+    folder = tiny_hf_model("bert", task="feature-extraction")
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(SENTENCES))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_", "TRANSFORMERS_"))}
+    bitplan = [sys.executable, "-m", "bitplan.app.cli"]
+    search = subprocess.run(
+        [*bitplan, "search", str(folder), "--budget", "8bpw", "--calib", str(data)]
+        + ["--method", "weight", "--trials", "1", "--device", "cpu", "-o", str(tmp_path / "job")],
+        env=env, capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stderr
+    plan = tmp_path / "job" / read_frontier(tmp_path / "job" / "frontier.json").points[0].plan
+    applied = subprocess.run(
+        [*bitplan, "apply", str(folder), str(plan), "-o", str(tmp_path / "packed")],
+        env=env, capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    assert "tensor bytes" in applied.stdout
+    for run in (search, applied):
+        assert "Loading weights" not in run.stderr and "it/s]" not in run.stderr, run.stderr
+    assert applied.stderr == ""

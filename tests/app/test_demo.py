@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from bitplan.app.service_cli import register
+from bitplan.app.cli import app
 from bitplan.search.plans import read_frontier, read_plan
 
 
@@ -19,9 +18,6 @@ def test_demo_runs_the_service_and_downloads_every_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    app = typer.Typer()
-    app.callback()(lambda: None)  # multi-command mode, like bitplan's own app
-    register(app)
     result = CliRunner().invoke(app, ["demo", "--trials", "8"])
     assert result.exit_code == 0, result.output
 

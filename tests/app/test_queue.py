@@ -9,13 +9,26 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from bitplan.app import crud, queue
 from bitplan.app.db import make_engine, make_sessionmaker
+from bitplan.app.job_progress import ProgressSnapshot
 from bitplan.app.models import Job, utcnow
+from bitplan.app.states import JobState
 
 LEASE_S = 1.0
+
+
+def _snapshot(stage_progress: float, progress: float) -> ProgressSnapshot:
+    """A search-stage snapshot (3 s left in the stage, 6 s in the job)."""
+    return ProgressSnapshot(
+        stage="search",
+        stage_progress=stage_progress,
+        stage_eta_s=3.0,
+        progress=progress,
+        eta_s=6.0,
+    )
 
 
 def _enqueue(engine: Engine, count: int = 1, *, max_attempts: int = 3) -> list[str]:
@@ -90,16 +103,19 @@ def test_stale_holder_is_fenced_out(engine: Engine) -> None:
     assert new.id == job_id and new.lease_version == old.lease_version + 1
     fence = {"job_id": job_id, "lease_version": old.lease_version}
     assert not queue.heartbeat(engine, worker_id="old", lease_s=LEASE_S, **fence)
-    assert not queue.set_progress(engine, stage="search", progress=0.9, **fence)
+    assert not queue.set_progress(engine, snapshot=_snapshot(0.9, 0.95), **fence)
     assert not queue.finish_job(engine, state="failed", error="stale", **fence)
     assert not queue.release_job(engine, **fence)
     assert queue.set_progress(
-        engine,
-        job_id=job_id,
-        lease_version=new.lease_version,
-        stage="search",
-        progress=0.5,
-        eta_s=3.0,
+        engine, job_id=job_id, lease_version=new.lease_version, snapshot=_snapshot(0.5, 0.7)
+    )
+    job = _job(engine, job_id)
+    assert (job.stage, job.stage_progress, job.stage_eta_s, job.progress, job.eta_s) == (
+        "search",
+        0.5,
+        3.0,
+        0.7,
+        6.0,
     )
     assert queue.finish_job(
         engine,
@@ -109,13 +125,15 @@ def test_stale_holder_is_fenced_out(engine: Engine) -> None:
         result={"plan_ids": ["p"]},
     )
     job = _job(engine, job_id)
-    assert (job.state, job.error, job.result, job.progress) == (
-        "succeeded",
+    assert (job.state, job.error, job.result, job.progress, job.stage_progress) == (
+        JobState.SUCCEEDED,
         None,
         {"plan_ids": ["p"]},
         1.0,
+        1.0,
     )
     assert job.lease_owner is None and job.finished_at is not None
+    assert job.eta_s is None and job.stage_eta_s is None
     # finished: nobody can write any more, not even the last holder
     assert not queue.finish_job(
         engine, job_id=job_id, lease_version=new.lease_version, state="failed"
@@ -206,3 +224,31 @@ def test_finish_needs_a_terminal_state(engine: Engine) -> None:
     job = queue.claim_job(engine, worker_id="w", lease_s=LEASE_S)
     with pytest.raises(ValueError, match="terminal|succeeded"):
         queue.finish_job(engine, job_id=job.id, lease_version=job.lease_version, state="queued")
+
+
+def test_requeued_job_starts_its_progress_over(engine: Engine) -> None:
+    """Overall progress only grows within an attempt; a job back in the queue shows 0 again, and
+    a failed one keeps how far it got."""
+    (job_id,) = _enqueue(engine, max_attempts=2)
+    first = queue.claim_job(engine, worker_id="w1", lease_s=LEASE_S)
+    fence = {"job_id": job_id, "lease_version": first.lease_version}
+    assert queue.set_progress(engine, snapshot=_snapshot(0.5, 0.7), **fence)
+    assert queue.reap_expired(engine, now=utcnow() + timedelta(seconds=10 * LEASE_S)) == 1
+    job = _job(engine, job_id)
+    assert (job.state, job.stage, job.progress, job.stage_progress) == ("queued", "queued", 0, 0)
+    assert job.eta_s is None and job.stage_eta_s is None
+    second = queue.claim_job(engine, worker_id="w2", lease_s=LEASE_S)
+    fence = {"job_id": job_id, "lease_version": second.lease_version}
+    assert queue.set_progress(engine, snapshot=_snapshot(0.25, 0.55), **fence)
+    assert queue.finish_job(engine, state=JobState.FAILED, error="boom", **fence)
+    job = _job(engine, job_id)
+    assert (job.state, job.progress, job.stage_progress, job.eta_s) == ("failed", 0.55, 0.25, None)
+
+
+def test_state_is_a_job_state_stored_as_its_plain_value(engine: Engine) -> None:
+    (job_id,) = _enqueue(engine)
+    job = _job(engine, job_id)
+    assert type(job.state) is JobState and job.state is JobState.QUEUED
+    with engine.connect() as connection:
+        stored = connection.scalar(text("SELECT state FROM jobs WHERE id = :id"), {"id": job_id})
+    assert stored == "queued" and type(stored) is str

@@ -24,8 +24,9 @@ from sqlalchemy import create_engine, inspect
 from test_report import write_job
 from typer.testing import CliRunner
 
+from bitplan.app.cli import app
 from bitplan.app.client import BitplanClient
-from bitplan.app.service_cli import embedded_service, register
+from bitplan.app.embedded import embedded_service
 from bitplan.app.settings import Settings, get_settings
 from bitplan.app.worker import run_worker
 from bitplan.search.plans import read_frontier
@@ -50,13 +51,6 @@ def fake_runner(spec: JobSpec, *, out_dir: Path, progress: ProgressFn, **_: Any)
 
 @pytest.fixture
 def cli() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _main() -> None:  # a callback keeps typer in multi-command mode, like bitplan's app
-        pass
-
-    register(app)
     return app
 
 
@@ -145,6 +139,8 @@ def test_submit_wait_status_download_end_to_end(
     assert (shown["request"]["budget"], shown["request"]["trials"]) == ("4kB", 3)
     line = runner.invoke(cli, ["status", job_id, "--url", live]).stdout
     assert f"{job_id}: succeeded" in line and "100%" in line
+    late = runner.invoke(cli, ["cancel", job_id, "--url", live])
+    assert late.exit_code == 2 and "409" in _one_line(late.stderr)
 
     out = tmp_path / "download"
     got = runner.invoke(cli, ["download", job_id, "-o", str(out), "--url", live])
@@ -165,23 +161,103 @@ def test_submit_wait_status_download_end_to_end(
     assert f'href="plans/{plans[0].name}"' in (out / "report.html").read_text()
 
 
-def test_submit_uploads_a_model_folder_and_a_data_file(
+def test_submit_uploads_a_model_folder_and_a_data_file_once(
     cli: typer.Typer, live: str, tiny_hf_model: Any, tmp_path: Path
 ) -> None:
     folder = tiny_hf_model("bert", task="feature-extraction")
     data = tmp_path / "calib.txt"
     data.write_text("\n".join(SENTENCES))
-    submitted = runner.invoke(
-        cli, ["submit", str(folder), "--budget", "4kB", "--calib", str(data), "--url", live]
-    )
-    assert submitted.exit_code == 0, submitted.output
+    args = ["submit", str(folder), "--budget", "4kB", "--calib", str(data), "--url", live]
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert f"uploading {folder}" in first.stderr and f"uploading {data}" in first.stderr
+    # The folder's files get new timestamps: the zip is still the same bytes, so the server's
+    # copies are reused and nothing is sent again.
+    for item in folder.iterdir():
+        os.utime(item, (item.stat().st_atime, item.stat().st_mtime + 60))
+    second = runner.invoke(cli, args)
+    assert second.exit_code == 0, second.output
+    assert f"uploading {folder}" not in second.stderr
+    assert f"uploading {data}" not in second.stderr
+    assert second.stderr.count("the server has these bytes already") == 2
     with BitplanClient(live) as client:
-        request = client.get_job(submitted.stdout.strip())["request"]
+        requests = [client.get_job(r.stdout.strip())["request"] for r in (first, second)]
         models = client.http.get("/v1/models").json()["data"]
         datasets = client.http.get("/v1/datasets").json()["data"]
     assert [m["filename"] for m in models] == [f"{folder.name}.zip"]
     assert [d["filename"] for d in datasets] == ["calib.txt"]
-    assert (request["model"], request["calib"]) == (models[0]["id"], datasets[0]["id"])
+    for request in requests:
+        assert (request["model"], request["calib"]) == (models[0]["id"], datasets[0]["id"])
+
+
+def test_submit_sends_jobspec_defaults_and_every_request_option(
+    cli: typer.Typer, live: str
+) -> None:
+    plain = runner.invoke(cli, ["submit", "builtin:digits-cnn", "--budget", "4kB", "--url", live])
+    assert plain.exit_code == 0, plain.output
+    full = runner.invoke(
+        cli,
+        [
+            "submit", "builtin:digits-cnn", "--budget", "4kB", "--url", live,
+            "--task", "text-classification", "--exclude", "conv*", "--exclude", "fc2",
+            "--pin", "fc1=INT8", "--formats", "int8,int4-g64", "--sampler", "tpe",
+            "--holdout", "0.5", "--max-length", "64", "--max-samples", "100", "--timeout", "9",
+        ],
+    )  # fmt: skip
+    assert full.exit_code == 0, full.output
+    with BitplanClient(live) as client:
+        defaults = client.get_job(plain.stdout.strip())["request"]
+        chosen = client.get_job(full.stdout.strip())["request"]
+    expected = JobSpec(model="builtin:digits-cnn", budget="4kB").to_dict()
+    assert {name: defaults[name] for name in defaults if name != "model"} == {
+        name: expected[name] for name in defaults if name != "model"
+    }
+    assert chosen["task"] == "text-classification"
+    assert chosen["exclude"] == ["conv*", "fc2"] and chosen["pins"] == {"fc1": "int8"}
+    assert chosen["formats"] == ["int8", "int4-g64"] and chosen["sampler"] == "tpe"
+    assert (chosen["holdout"], chosen["max_length"], chosen["max_samples"], chosen["timeout"]) == (
+        0.5,
+        64,
+        100,
+        9.0,
+    )
+
+
+@pytest.fixture
+def idle(settings: Settings) -> Iterator[str]:
+    """The API on a free port with no worker: submitted jobs stay queued."""
+    with embedded_service(settings.model_copy(update={"port": 0}), workers=0) as url:
+        yield url
+
+
+def test_cancel_a_queued_job(cli: typer.Typer, idle: str) -> None:
+    job_id = runner.invoke(cli, ["submit", "builtin:digits-cnn", "--budget", "4kB", "--url", idle])
+    job_id = job_id.stdout.strip()
+    cancelled = runner.invoke(cli, ["cancel", job_id, "--url", idle])
+    assert cancelled.exit_code == 0, cancelled.output
+    assert f"{job_id}: cancelled" in cancelled.stdout
+    with BitplanClient(idle) as client:
+        assert client.get_job(job_id)["state"] == "cancelled"
+    again = runner.invoke(cli, ["cancel", job_id, "--url", idle])  # cancelling is idempotent
+    assert again.exit_code == 0 and f"{job_id}: cancelled" in again.stdout
+    missing = runner.invoke(cli, ["cancel", "no-such-job", "--url", idle])
+    assert missing.exit_code == 2 and "404" in _one_line(missing.stderr)
+
+
+def test_a_failed_download_leaves_no_folder(cli: typer.Typer, idle: str, tmp_path: Path) -> None:
+    job_id = runner.invoke(cli, ["submit", "builtin:digits-cnn", "--budget", "4kB", "--url", idle])
+    out = tmp_path / "results" / "job"
+    got = runner.invoke(cli, ["download", job_id.stdout.strip(), "-o", str(out), "--url", idle])
+    assert got.exit_code == 2 and "409" in _one_line(got.stderr)  # queued: nothing to download
+    assert not (tmp_path / "results").exists()
+
+
+def test_serve_help_shows_the_settings_defaults_and_variables(cli: typer.Typer) -> None:
+    shown = runner.invoke(cli, ["serve", "--help"], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    for name in ("host", "port", "workers"):
+        assert f"BITPLAN_{name.upper()}" in shown.stdout
+        assert f"[default: {Settings.model_fields[name].default}]" in shown.stdout
 
 
 def test_errors_are_one_line_with_exit_code_2(cli: typer.Typer, live: str) -> None:
@@ -201,12 +277,6 @@ def test_a_failed_job_makes_wait_exit_1_with_the_reason(cli: typer.Typer, live: 
     assert "failed" in submitted.stderr and "smallest reachable size" in submitted.stderr
 
 
-_SERVE = (
-    "import typer; from bitplan.app.service_cli import register; app = typer.Typer(); "
-    "app.callback()(lambda: None); register(app); app()"
-)
-
-
 @pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, 128 + 15)])
 def test_serve_runs_the_api_and_workers_and_stops_them(
     tmp_path: Path, stop: signal.Signals, code: int
@@ -224,7 +294,7 @@ def test_serve_runs_the_api_and_workers_and_stops_them(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     serve = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, "serve", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "bitplan.app.cli", "serve", "--port", str(port), "--workers", "1"],
         env=env,
         cwd=ROOT,
     )

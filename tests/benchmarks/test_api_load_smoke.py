@@ -52,12 +52,16 @@ def test_quick_run_polls_a_running_job_and_the_baseline_without_errors(tmp_path:
     # is not asserted here; tests/app/test_api_jobs.py checks ETag/304 deterministically.
     for mode in MODES:
         assert set(phases[("bitplan", mode)]["statuses"]) <= {"200", "304"}
-    # Paced clients never poll faster than their interval; saturated ones do far more.
+    # What the pollers guarantee, however fast this machine is: every client starts polling at
+    # once (paced ones within one interval, shorter than the phase), and a paced client never
+    # polls faster than its interval. How many more requests the saturated clients fit in
+    # depends on the machine's speed, so that ratio is a result, not an assertion.
     clients, seconds = report["clients"], report["seconds"]
+    assert POLL_INTERVAL_S < seconds
     most_paced = clients * (seconds / POLL_INTERVAL_S + 1)
     for target in ("bitplan", "bare"):
-        assert phases[(target, "paced")]["requests"] <= most_paced
-        assert phases[(target, "saturated")]["rps"] > phases[(target, "paced")]["rps"]
+        assert clients <= phases[(target, "paced")]["requests"] <= most_paced
+        assert phases[(target, "saturated")]["requests"] >= clients
     # The job ran during every phase (the load is measured "while a job runs").
     assert report["job_seen"] and all(s.startswith("running/") for s in report["job_seen"])
     assert "| bitplan | saturated |" in done.stdout

@@ -8,18 +8,17 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from benchmarks.frontier import SECTION, main, pareto_holdout
-from bitplan.search.outputs import PointRecord
+from bitplan.search.plans import FrontierPoint
 
 
-def _point(total_bytes: int, error: float) -> PointRecord:
-    return PointRecord(
-        choice={},
-        planned_bytes=total_bytes,
+def _point(total_bytes: int, error: float) -> FrontierPoint:
+    return FrontierPoint(
+        plan_id=f"p{total_bytes}-{error}",
         total_bytes=total_bytes,
         bpw=0.0,
         predicted_error=0.0,
-        calibration={},
-        holdout={"error": error},
+        metrics={"calibration": {}, "holdout": {"error": error}},
+        plan="plans/p.json",
         source="search",
     )
 

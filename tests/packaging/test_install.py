@@ -8,6 +8,7 @@ installed service could not migrate its database.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,11 +17,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+_NOT_SOURCE = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".bitplan")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built from a copy of the source: setuptools' build/ folder keeps files that were
+    deleted since the last build, so building in the checkout could pass on stale modules."""
     out = tmp_path_factory.mktemp("wheel")
+    source = tmp_path_factory.mktemp("source") / "bitplan"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
     subprocess.run(
         [
             sys.executable,
@@ -32,7 +38,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-build-isolation",
             "-w",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         env={**os.environ, "PIP_NO_INPUT": "1"},
@@ -56,6 +62,9 @@ def test_wheel_has_one_top_level_package_and_the_migrations(wheel: Path) -> None
         "bitplan/migrations/versions/0001_initial.py",
     ):
         assert expected in names
+    for folder in ("app", "search", "sensitivity", "migrations"):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            assert f"bitplan/{init.relative_to(ROOT).as_posix()}" in names, init
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "bitplan = bitplan.app.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

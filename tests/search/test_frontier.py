@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitplan.search.budgets import parse_budget
-from bitplan.search.frontier import best_under, exact_frontier, planned_cap
+from bitplan.search.frontier import best_under, budget_headroom, exact_frontier, planned_cap
 from bitplan.search.problem import LayerRow, Problem, build_problem
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import parse_format, tensor_bytes
@@ -224,5 +224,27 @@ def test_spread_covers_both_ends() -> None:
     problem = _problem([[(1, 9), (5, 4), (9, 1)]] * 4)
     frontier = exact_frontier(problem)
     picks = frontier.spread(4)
-    assert picks[0] == 0 and picks[-1] == len(frontier) - 1 and len(picks) <= 4
+    assert picks[0] == 0 and picks[-1] == len(frontier) - 1 and len(picks) == 4
     assert frontier.spread(100) == list(range(len(frontier)))
+
+
+def test_spread_gives_exactly_n_distinct_points_where_targets_collide() -> None:
+    """Byte targets evenly spaced over a frontier with one far outlier all land on the dense
+    cluster's few points; the spread still returns n distinct points, kept ones included."""
+    problem = _problem([[(1, 9), (2, 8), (3, 7), (4, 6), (1000, 0)]])
+    frontier = exact_frontier(problem)
+    assert len(frontier) == 5
+    for n in range(1, 6):
+        picks = frontier.spread(n, keep=[2] if n >= 3 else [])
+        assert len(picks) == n == len(set(picks))
+        assert picks[-1] == len(frontier) - 1 or n == 1
+        assert n < 3 or 2 in picks
+    with pytest.raises(ValueError, match="keep"):
+        frontier.spread(1, keep=[0, 1])
+
+
+def test_budget_headroom_only_when_everything_fits() -> None:
+    problem = _problem([[(1, 9), (5, 4), (9, 1)]] * 2)
+    assert budget_headroom(problem, parse_budget("17B"), 17) is None
+    note = budget_headroom(problem, parse_budget("1MB"), 1_000_000)
+    assert note is not None and "everything fits" in note and "18 bytes" in note

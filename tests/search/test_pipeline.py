@@ -43,7 +43,10 @@ def test_writes_every_artifact(job: tuple) -> None:
     for name in ("frontier.json", "frontier.csv", "sensitivity.csv", "layers.json"):
         assert (out / name).is_file(), name
     frontier = read_frontier(out / "frontier.json")
-    assert [p.plan_id for p in frontier.points] == result.plan_ids
+    assert frontier == result.frontier
+    assert [p.plan_id for p in frontier.points + frontier.uniform] == result.plan_ids
+    written = sorted(path.stem for path in (out / "plans").glob("*.json"))
+    assert written == sorted([*result.plan_ids, "best"])  # exactly the listed plans + best
     assert len(frontier.points) >= 2
     assert {u.plan_id for u in frontier.uniform} >= {"u-int8", "u-int4-g128"}
     for point in frontier.points + frontier.uniform:
@@ -83,7 +86,8 @@ def test_reports_progress_per_stage(job: tuple) -> None:
 
 
 def test_second_job_reuses_the_cached_table(job: tuple, tmp_path: Path) -> None:
-    out, _, _ = job
+    out, _, first_stages = job
+    assert "collect" in {s for s, _, _ in first_stages}  # the first job did run the data pass
     stages: list[str] = []
     run_job(
         _spec(trials=2, budget="3.5bpw"),
@@ -125,4 +129,21 @@ def test_timeout_keeps_finished_trials_and_writes_the_frontier(tmp_path: Path) -
     result = run_job(_spec(trials=100_000, timeout=1.5), out_dir=tmp_path)
     assert result.interrupted
     frontier = read_frontier(tmp_path / "frontier.json")
-    assert frontier.points and [p.plan_id for p in frontier.points] == result.plan_ids
+    assert (
+        frontier.points
+        and [p.plan_id for p in frontier.points] == result.plan_ids[: len(frontier.points)]
+    )
+
+
+def test_best_plan_is_the_lowest_calibration_error_under_the_budget(job: tuple) -> None:
+    out, result, _ = job
+    best = min(result.points, key=lambda p: p.calibration["error"])
+    assert result.best_plan_id == best.plan_id and result.budget_note is None
+    copy = (out / "plans" / "best.json").read_text()
+    assert copy == (out / "plans" / f"{best.plan_id}.json").read_text()
+
+
+def test_a_budget_above_the_model_says_everything_fits(tmp_path: Path) -> None:
+    result = run_job(_spec(trials=2, budget="100MB"), out_dir=tmp_path)
+    assert result.budget_note is not None
+    assert "100000000 bytes" in result.budget_note and "everything fits" in result.budget_note

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bitplan.search.budgets import parse_budget
 from bitplan.search.plans import (
+    BEST_PLAN_ID,
     FRONTIER_SCHEMA,
     PLAN_SCHEMA,
+    FrontierPoint,
     Plan,
     make_plan,
+    plan_id_of,
     read_frontier,
     read_plan,
     write_frontier,
@@ -69,7 +74,9 @@ def test_totals_follow_the_byte_rules() -> None:
     assert t.ratio_vs_fp16 == pytest.approx((emb + fc + 500) / (2 * 6240 + 500))
     assert [lay.bytes for lay in plan.layers] == [emb, fc, emb]
     head = plan.layers[2]
-    assert (head.format, head.bits, head.group_size, head.symmetric) == ("int4-g32", 4, 32, True)
+    assert head.format == parse_format("int4-g32")  # parsed once, written as its name
+    assert (head.bits, head.group_size, head.symmetric) == (4, 32, True)
+    assert plan.to_dict()["layers"][2]["format"] == "int4-g32"
     assert plan.choice() == CHOICE
 
 
@@ -131,8 +138,10 @@ def _broken(edit) -> dict:
         ),
         (lambda d: d["totals"].update(bpw=4.0), "totals.bpw"),
         (lambda d: d["totals"].update(total_bytes=1), "totals.total_bytes"),
-        (lambda d: d.pop("layers"), "missing"),
-        (lambda d: d.update(budget={"kind": "watts", "value": 3}), "must be null or"),
+        (lambda d: d.pop("layers"), "layers: Field required"),
+        (lambda d: d.update(budget={"kind": "watts", "value": 3}), "budget.kind: Input should be"),
+        (lambda d: d["layers"][0].update(colour="red"), "colour: Extra inputs"),
+        (lambda d: d["layers"][0].update(format=4), "a format is a name"),
     ],
 )
 def test_validation_errors(edit, needle: str) -> None:
@@ -188,12 +197,19 @@ def test_frontier_file_round_trip(tmp_path: Path) -> None:
         model_sha256="ab" * 32,
         budget=parse_budget("4.5bpw"),
         points=[(big, "search"), (small, "exact")],
-        uniform=[(uniform, "uniform")],
+        uniform=[(uniform, "uniform:int8")],
+        best=big,
     )
     data = json.loads((tmp_path / "frontier.json").read_text())
     assert data["schema"] == FRONTIER_SCHEMA
     ids = [p["plan_id"] for p in data["points"]]
-    assert ids == [f"p000-{small.totals.bpw:.2f}bpw", f"p001-{big.totals.bpw:.2f}bpw"]
+    assert ids == [plan_id_of(small), plan_id_of(big)]  # smallest first
+    assert ids[0].startswith(f"{small.totals.bpw:.2f}bpw-")
+    # exactly the listed plans are written, plus best.json: a copy of the best plan
+    names = sorted(path.stem for path in (tmp_path / "plans").glob("*.json"))
+    assert names == sorted([*ids, "u-int8", BEST_PLAN_ID])
+    best_text = (tmp_path / "plans" / f"{BEST_PLAN_ID}.json").read_text()
+    assert best_text == (tmp_path / "plans" / f"{ids[1]}.json").read_text()
     assert data["points"][1]["metrics"] == {
         "calibration": {"error": 0.1},
         "holdout": {"error": 0.2},
@@ -213,5 +229,56 @@ def test_frontier_file_round_trip(tmp_path: Path) -> None:
     ]
     assert "holdout_error" in csv_lines[0] and len(csv_lines) == 4
     (tmp_path / "frontier.json").write_text(json.dumps({**data, "schema": "x/v9"}))
-    with pytest.raises(InputError, match="unsupported frontier schema"):
+    with pytest.raises(InputError, match="unsupported frontier file schema"):
         read_frontier(tmp_path / "frontier.json")
+
+
+def test_plan_id_depends_on_the_choice_only() -> None:
+    """One plan, one id: measured metrics, budget or the other points found do not move it."""
+    plain = _plan()
+    measured = _plan(metrics={"calibration": {"error": 0.3}})
+    other = _plan(choice={"emb.weight": "int8", "fc": "int8"})
+    assert plan_id_of(plain) == plan_id_of(measured)
+    assert plan_id_of(plain) != plan_id_of(other)
+    assert plan_id_of(other).startswith(f"{other.totals.bpw:.2f}bpw-")
+
+
+def test_best_must_be_one_of_the_points(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="one of the frontier's points"):
+        write_frontier(
+            tmp_path,
+            model_ref="builtin:toy",
+            model_sha256="ab" * 32,
+            budget=None,
+            points=[(_plan(), "exact")],
+            best=_plan(),  # equal content, but not a listed point
+        )
+
+
+def test_frontier_point_rejects_unknown_source_and_bad_id() -> None:
+    good = {
+        "plan_id": "u-int8",
+        "total_bytes": 10,
+        "bpw": 8.0,
+        "predicted_error": None,
+        "metrics": {"holdout": {"error": 0.1}},
+        "plan": "plans/u-int8.json",
+        "source": "uniform:int8",
+    }
+    point = FrontierPoint.model_validate(good)
+    assert point.holdout == {"error": 0.1} and point.calibration == {}
+    with pytest.raises(ValueError, match="unknown point source"):
+        FrontierPoint.model_validate({**good, "source": "guess"})
+    with pytest.raises(ValueError, match="plan_id"):
+        FrontierPoint.model_validate({**good, "plan_id": "../etc"})
+
+
+def test_plan_and_frontier_modules_import_without_torch() -> None:
+    """The REST API uses these models as response models: reading a plan needs no torch."""
+    code = (
+        "import sys\n"
+        "from bitplan.search import plans, spec\n"
+        "heavy = [m for m in ('torch', 'pandas', 'numpy', 'optuna') if m in sys.modules]\n"
+        "assert plans.Plan and spec.JobSpec and not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bitplan.search.plans import read_frontier, read_plan
-from bitplan.search.problem import estimated_bytes
+from bitplan.search.plans import make_plan, read_frontier, read_plan
+from bitplan.search.problem import estimated_bytes, rows_from_table
 from bitplan.search.solve import solve_table
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import parse_format
+from bitplan.sensitivity.table import read_table
 
 # layer -> {format: (bytes, error)}; "e1"/"e2" are one tie group "e".
 TABLE = {
@@ -60,7 +61,7 @@ def test_solve_with_bytes_column(tmp_path: Path) -> None:
     assert best.totals.total_bytes == nbytes <= 5000
     assert best.predicted_error == pytest.approx(err)
     assert best.model_ref == "table:t.csv" and best.layers[0].shape is None
-    assert {lay.format for lay in best.layers if lay.tie == "e"} == {best.choice()["e"]}
+    assert {lay.format.name for lay in best.layers if lay.tie == "e"} == {best.choice()["e"]}
     assert best.totals.bpw == pytest.approx(8 * nbytes / (1024 + 4096 + 2048))
     sizes = [p.total_bytes for p in frontier.points]
     assert sizes == sorted(sizes) and sizes[0] == 350 + 1300 + 1100
@@ -83,7 +84,7 @@ def test_solve_without_bytes_column_estimates_from_numel(tmp_path: Path) -> None
     assert best.totals.ratio_vs_fp16 == pytest.approx(nbytes / fp16) and nbytes <= cap
     assert best.predicted_error == pytest.approx(err)
     a = next(lay for lay in best.layers if lay.name == "a")
-    assert a.bytes == estimated_bytes(parse_format(a.format), 1024)
+    assert a.bytes == estimated_bytes(a.format, 1024)
 
 
 def test_solve_without_budget_writes_the_spread(tmp_path: Path) -> None:
@@ -92,6 +93,7 @@ def test_solve_without_budget_writes_the_spread(tmp_path: Path) -> None:
     assert result.best_plan_id is None
     data = json.loads((tmp_path / "out" / "frontier.json").read_text())
     assert data["budget"] is None and len(data["points"]) == 3
+    assert not (tmp_path / "out" / "plans" / "best.json").exists()  # no budget, no best
     assert len(result.frontier) > 3 and result.frontier.exact
     assert data["points"][0]["total_bytes"] == int(result.frontier.bytes[0])
     assert data["points"][-1]["total_bytes"] == int(result.frontier.bytes[-1])
@@ -108,3 +110,51 @@ def test_solve_needs_bytes_or_numel(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("layer,format,error\na,int8,0.1\n")
     with pytest.raises(InputError, match="bytes or a numel column"):
         solve_table(tmp_path / "t.csv", budget="4bpw", out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("points", [2, 5, 9])
+def test_solve_writes_exactly_the_points_asked_for(tmp_path: Path, points: int) -> None:
+    """Evenly spaced byte targets collide on a sparse frontier; the count must not shrink."""
+    table = _write(tmp_path / "t.csv", with_bytes=True)
+    result = solve_table(table, budget="5000B", out_dir=tmp_path / "out", points=points)
+    assert len(result.frontier) >= 9  # the premise: the frontier has enough points
+    assert len(result.file.points) == points
+    assert result.best_plan_id in [p.plan_id for p in result.file.points]
+    written = sorted(path.stem for path in (tmp_path / "out" / "plans").glob("*.json"))
+    assert written == sorted([*result.plan_ids, "best"])  # exactly the listed plans + best
+    best = (tmp_path / "out" / "plans" / "best.json").read_text()
+    assert best == (tmp_path / "out" / "plans" / f"{result.best_plan_id}.json").read_text()
+
+
+def test_solve_says_when_the_budget_does_not_bind(tmp_path: Path) -> None:
+    table = _write(tmp_path / "t.csv", with_bytes=True)
+    loose = solve_table(table, budget="1MB", out_dir=tmp_path / "loose")
+    assert loose.budget_note is not None and "everything fits" in loose.budget_note
+    assert "1000000 bytes" in loose.budget_note and "7400 bytes" in loose.budget_note
+    tight = solve_table(table, budget="5000B", out_dir=tmp_path / "tight")
+    assert tight.budget_note is None
+
+
+def test_solve_like_a_plan_takes_its_model_and_unplanned_bytes(tmp_path: Path) -> None:
+    """Re-solving with a plan of the model: same totals and ids as that model's plans."""
+    table = _write(tmp_path / "t.csv", with_bytes=True)
+    first = solve_table(table, budget="5000B", out_dir=tmp_path / "first")
+    ref = read_plan(tmp_path / "first" / "plans" / "best.json")
+    job_like = make_plan(  # the same layers, as a model with 100 unplanned bytes would plan them
+        model_ref="builtin:toy",
+        model_sha256="ab" * 32,
+        layers=rows_from_table(read_table(table)),
+        choice=ref.choice(),
+        budget=None,
+        unplanned_bytes=100,
+        fp16_bytes=ref.totals.fp16_bytes,
+        predicted_error=None,
+    )
+    job_like.write(tmp_path / "job.json")
+    again = solve_table(
+        table, budget="5100B", out_dir=tmp_path / "again", like=tmp_path / "job.json"
+    )
+    best = read_plan(tmp_path / "again" / "plans" / "best.json")
+    assert best.model_ref == "builtin:toy" and best.totals.unplanned_bytes == 100
+    assert again.best_plan_id == first.best_plan_id  # same choice, same id
+    assert best.totals.total_bytes == ref.totals.total_bytes + 100

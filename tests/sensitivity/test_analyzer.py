@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from bitplan.sensitivity.analyzer import METHODS, analyze
 from bitplan.sensitivity.data import CalibData
@@ -74,6 +76,44 @@ def _setup(task: str, seed: int = 0) -> tuple[LoadedModel, CalibData]:
     return model, CalibData(inputs=inputs, labels=None, sha256=f"data-{seed}")
 
 
+class Pooled(nn.Module):
+    """A feature extractor like ``BertModel``: its pooler runs but the hidden states, not the
+    pooled output, are what the metrics compare; ``unused`` never runs at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(24, 12)
+        self.mix = nn.Linear(12, 12)
+        self.pooler = nn.Linear(12, 12)
+        self.unused = nn.Linear(12, 3)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> BaseModelOutputWithPooling:
+        h = self.emb(input_ids)
+        h = h + torch.tanh(self.mix(h))  # (B, T, 12)
+        pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, 12)
+        return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=pooled)
+
+
+def test_fisher_scores_layers_without_gradient_by_layer_or_weight_and_says_so(caplog) -> None:
+    model, calib = _setup("feature-extraction")
+    torch.manual_seed(0)
+    module = Pooled().eval()
+    model = replace(model, module=module, layers=find_quant_layers(module))
+    with caplog.at_level(logging.WARNING, logger="bitplan.sensitivity.analyzer"):
+        df = analyze(model, calib, method="fisher", formats=FORMATS, batch_size=5)
+    by = df.groupby("layer")["method"].agg(set).to_dict()
+    assert by == {"emb": {"fisher"}, "mix": {"fisher"}, "pooler": {"layer"}, "unused": {"weight"}}
+    for name, method in (("pooler", "layer"), ("unused", "weight")):
+        alone = analyze(model, calib, method=method, formats=FORMATS, batch_size=5)
+        expected = alone[alone["layer"] == name]["error"].tolist()
+        got = df[df["layer"] == name]["error"].tolist()
+        assert got == expected and 0 < got[0] < got[1] < got[2]  # int8 < int4 < int2
+    (warning,) = [r.getMessage() for r in caplog.records if "no gradient" in r.getMessage()]
+    assert "pooler (by layer)" in warning and "unused (by weight)" in warning
+
+
 def _count_forwards(module: nn.Module) -> list[int]:
     calls: list[int] = []
     module.register_forward_hook(lambda *_: calls.append(1))
@@ -85,7 +125,17 @@ def _count_forwards(module: nn.Module) -> list[int]:
 def test_every_method_gives_a_complete_ordered_table(method: str, task: str) -> None:
     model, calib = _setup(task)
     df = analyze(model, calib, method=method, formats=FORMATS, batch_size=5)
-    assert list(df.columns) == ["layer", "param", "format", "error", "numel", "bytes", "tie"]
+    assert list(df.columns) == [
+        "layer",
+        "param",
+        "format",
+        "error",
+        "numel",
+        "bytes",
+        "tie",
+        "method",
+    ]
+    assert set(df["method"]) == {method}
     assert len(df) == len(model.layers) * len(FORMATS)
     for lay in model.layers:
         rows = df[df["layer"] == lay.name].set_index("format")

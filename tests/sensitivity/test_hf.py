@@ -119,7 +119,7 @@ def test_folder_without_config_is_refused(tmp_path):
 
 
 def test_missing_path_and_unknown_file_are_refused(tmp_path):
-    _assert_refused("is not a model", tmp_path / "nope", tmp_path)
+    _assert_refused("'.*nope' does not exist: no such file or folder", tmp_path / "nope", tmp_path)
     (tmp_path / "notes.txt").write_text("hi")
     _assert_refused("is not a model", tmp_path / "notes.txt", tmp_path)
 

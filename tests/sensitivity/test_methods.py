@@ -314,6 +314,23 @@ def test_fisher_equals_the_hand_computed_true_fisher_of_a_linear_classifier() ->
         )
 
 
+def test_fisher_leaves_out_layers_no_gradient_reaches() -> None:
+    torch.manual_seed(0)
+    used, unused = nn.Linear(8, 4), nn.Linear(8, 4)
+    model = nn.ModuleDict({"used": used, "unused": unused})
+    xs = [{"input": torch.randn(5, 8)} for _ in range(2)]
+    scores = fisher_errors(
+        model,
+        find_quant_layers(model),
+        FORMATS,
+        batches=lambda: xs,
+        output_fn=lambda b: used(b["input"]),
+        target="categorical",
+    )
+    assert set(scores) == {"used"}  # no score, rather than a Fisher of 0 that calls it free
+    _rising(scores)
+
+
 def test_fisher_projection_for_tensor_outputs() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).eval()

@@ -131,7 +131,17 @@ def test_code_carrying_archives_need_trusted_mode(tmp_path):
             load_model(str(path), device="cpu", cache_dir=tmp_path, trusted=True)
 
 
-def test_pickled_state_dict_is_refused(tmp_path):
-    torch.save(nn.Linear(4, 3).state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(InputError, match="pickled state dict, which has no architecture"):
-        load_model(str(tmp_path / "weights.pt"), device="cpu", cache_dir=tmp_path, trusted=True)
+@pytest.mark.parametrize("zipped", [True, False])  # torch.save's current and legacy formats
+def test_pickled_state_dict_is_refused(tmp_path, zipped):
+    path = tmp_path / "weights.bin"
+    torch.save(nn.Linear(4, 3).state_dict(), path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(InputError, match="pickled state dict .torch.save., which has no arch"):
+        load_model(str(path), device="cpu", cache_dir=tmp_path, trusted=True)
+
+
+def test_random_bytes_named_bin_are_not_called_a_state_dict(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InputError, match="weights.bin is not a loadable state dict") as info:
+        load_model(str(path), device="cpu", cache_dir=tmp_path)
+    assert "pickled" not in str(info.value) and "Hugging Face folder" in str(info.value)

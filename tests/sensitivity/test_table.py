@@ -38,7 +38,7 @@ def _table(pins: dict[str, str] | None = None) -> tuple[pd.DataFrame, list]:
         lay.name: ({lay.pinned: 0.5} if lay.pinned else {"int8": 0.1, "int4-g4": 0.3})
         for lay in layers
     }
-    return build_table(layers, scores), layers
+    return build_table(layers, scores, method="layer", scored_by={"proj": "weight"}), layers
 
 
 def test_build_table_rows_columns_bytes_and_ties() -> None:
@@ -53,6 +53,8 @@ def test_build_table_rows_columns_bytes_and_ties() -> None:
     # 80 weights x 4 bits + 20 groups x 16-bit scales = 640 bits
     assert row["bytes"] == tensor_bytes(parse_formats("int4-g4")[0], 10, 8) == 80
     assert row["numel"] == 80 and row["error"] == 0.3
+    assert set(df.loc[df["layer"] == "proj", "method"]) == {"weight"}
+    assert set(df.loc[df["layer"] != "proj", "method"]) == {"layer"}
 
 
 def test_write_table_round_trips_through_read_table_and_read_layers(tmp_path: Path) -> None:

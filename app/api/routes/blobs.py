@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
+from fastapi import Path as PathParam
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from bitplan.app import crud
-from bitplan.app.api.deps import OwnerDep, SessionDep, SettingsDep
+from bitplan.app.api.deps import OwnerDep, PageCursor, PageLimit, SessionDep, SettingsDep
 from bitplan.app.models import Blob
 from bitplan.app.problems import ProblemError, problem_responses
 from bitplan.app.settings import Settings
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # validate(stored_upload, settings) raises InputError for a file that is not acceptable.
 Validator = Callable[[StoredUpload, Settings], None]
 
+BlobId = Annotated[str, PathParam(description="the model's or dataset's id")]
 _LOCATION = {"Location": {"description": "the resource's URL", "schema": {"type": "string"}}}
 
 
@@ -140,8 +142,8 @@ def blob_router(
     def list_(
         session: SessionDep,
         owner_id: OwnerDep,
-        limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 50,
-        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        limit: PageLimit = 50,
+        cursor: PageCursor = None,
     ) -> dict[str, Any]:
         blobs, next_cursor = crud.list_blobs(
             session, owner_id=owner_id, kind=kind, limit=limit, cursor=cursor
@@ -154,7 +156,7 @@ def blob_router(
         summary=f"Get one {kind}",
         responses=problem_responses(401, 404),
     )
-    def get(blob_id: str, session: SessionDep, owner_id: OwnerDep) -> Blob:
+    def get(blob_id: BlobId, session: SessionDep, owner_id: OwnerDep) -> Blob:
         blob = crud.get_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)
         if blob is None:
             raise ProblemError(404, f"no {kind} with id {blob_id!r}", slug="not-found")
@@ -166,7 +168,7 @@ def blob_router(
         summary=f"Delete a {kind}",
         responses=problem_responses(401, 404, 409),
     )
-    def delete(blob_id: str, session: SessionDep, owner_id: OwnerDep) -> Response:
+    def delete(blob_id: BlobId, session: SessionDep, owner_id: OwnerDep) -> Response:
         try:
             blob = crud.delete_blob(session, blob_id=blob_id, owner_id=owner_id, kind=kind)
         except crud.BlobInUse as exc:

@@ -6,7 +6,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -21,8 +21,10 @@ router = APIRouter(prefix="/v1", tags=["health"])
 
 
 class HealthRead(BaseModel):
-    status: str
-    version: str
+    """The service is up and its database answers."""
+
+    status: str = Field(description="'ok'")
+    version: str = Field(description="the installed bitplan version ('unknown' from a source tree)")
 
 
 def _version() -> str:

@@ -27,13 +27,22 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
 from bitplan.app import crud
-from bitplan.app.api.deps import OwnerDep, SessionDep, SettingsDep
+from bitplan.app.api.deps import OwnerDep, PageCursor, PageLimit, SessionDep, SettingsDep
 from bitplan.app.models import Job
 from bitplan.app.problems import ProblemError, problem_responses
-from bitplan.app.schemas import BUILTIN_PREFIX, FrontierRead, JobCreate, JobRead, JobsRead, JobState
+from bitplan.app.schemas import (
+    BUILTIN_PREFIX,
+    FrontierPointRead,
+    FrontierRead,
+    JobCreate,
+    JobRead,
+    JobsRead,
+)
 from bitplan.app.settings import Settings
+from bitplan.app.states import JobState
 from bitplan.search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
-from bitplan.search.plans import read_frontier, read_plan
+from bitplan.search.fields import as_format
+from bitplan.search.plans import FrontierPoint, read_frontier, read_plan
 
 __all__ = ["router"]
 
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 PlanFormat = Literal["json", "csv", "torchao", "llamacpp"]
+JobId = Annotated[str, PathParam(description="the job's id (from POST /v1/jobs)")]
 # Plan ids name files under plans/: letters, digits, '.', '_', '-', never a path separator.
 _PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
@@ -65,19 +75,24 @@ def _request_of(job: Job) -> JobCreate:
     model = job.model_id or (builtin if builtin.startswith(BUILTIN_PREFIX) else "deleted")
     calib = job.dataset_id or ("builtin" if job.spec.get("calib") == "builtin" else "deleted")
     fields = {name: job.spec[name] for name in JobCreate.model_fields if name in job.spec}
+    # The stored spec holds format names; the schema holds parsed formats.
+    fields["formats"] = [as_format(name) for name in fields.get("formats", [])]
+    fields["pins"] = {pattern: as_format(name) for pattern, name in fields.get("pins", {}).items()}
     # model_construct: the stored spec was validated on submission; a deleted resource shows as
     # "deleted" rather than failing the read.
     return JobCreate.model_construct(**{**fields, "model": model, "calib": calib})
 
 
 def _job_read(job: Job) -> JobRead:
-    plans = (job.result or {}).get("plan_ids", []) if job.state == "succeeded" else []
+    plans = (job.result or {}).get("plan_ids", []) if job.state == JobState.SUCCEEDED else []
     return JobRead(
         id=job.id,
         state=job.state,
         stage=job.stage,
         progress=job.progress,
         eta_s=job.eta_s,
+        stage_progress=job.stage_progress,
+        stage_eta_s=job.stage_eta_s,
         attempts=job.attempts,
         error=job.error,
         cancel_requested=job.cancel_requested,
@@ -147,7 +162,15 @@ def create_job(
     session: SessionDep,
     settings: SettingsDep,
     owner_id: OwnerDep,
-    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="a key of your choice: retrying with the same key and body returns the "
+            "same job instead of queueing another",
+        ),
+    ] = None,
 ) -> JobRead:
     if body.model.startswith(BUILTIN_PREFIX):
         model_ref, model_id = body.model, None
@@ -183,9 +206,9 @@ def create_job(
 def list_jobs(
     session: SessionDep,
     owner_id: OwnerDep,
-    state: JobState | None = None,  # type: ignore[valid-type]
-    limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+    limit: PageLimit = 50,
+    cursor: PageCursor = None,
 ) -> JobsRead:
     jobs, next_cursor = crud.list_jobs(
         session, owner_id=owner_id, state=state, limit=limit, cursor=cursor
@@ -204,10 +227,12 @@ def list_jobs(
     },
 )
 def get_job(
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     owner_id: OwnerDep,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[
+        str | None, Header(description="the ETag of a previous answer: 304 while unchanged")
+    ] = None,
 ) -> Response:
     # Serialised once: the same bytes are hashed for the ETag and sent as the body.
     payload = _job_read(_owned_job(session, owner_id, job_id)).model_dump_json().encode()
@@ -226,9 +251,9 @@ def get_job(
     summary="Cancel a job",
     responses=problem_responses(401, 404, 409),
 )
-def cancel_job(job_id: str, session: SessionDep, owner_id: OwnerDep) -> JobRead:
+def cancel_job(job_id: JobId, session: SessionDep, owner_id: OwnerDep) -> JobRead:
     job = _owned_job(session, owner_id, job_id)
-    if job.state in ("succeeded", "failed"):
+    if job.state in (JobState.SUCCEEDED, JobState.FAILED):
         raise ProblemError(
             409,
             f"job {job_id} already {job.state}; nothing to cancel",
@@ -246,7 +271,7 @@ def _artifact(
 ) -> Path:
     """A result file of a succeeded job; 409 before it succeeded, ``missing_status`` when the
     job has no such file."""
-    if job.state != "succeeded":
+    if job.state != JobState.SUCCEEDED:
         raise ProblemError(
             409,
             f"job {job.id} is {job.state}; its {what} is ready once it has succeeded",
@@ -269,13 +294,21 @@ def _artifact(
     responses=problem_responses(401, 404, 409),
 )
 def get_frontier(
-    job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
+    job_id: JobId, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> FrontierRead:
     job = _owned_job(session, owner_id, job_id)
-    frontier = read_frontier(_artifact(settings, job, "frontier.json", what="frontier")).to_dict()
-    for point in (*frontier["points"], *frontier["uniform"]):
-        point["href"] = f"/v1/jobs/{job.id}/plans/{point['plan_id']}"
-    return FrontierRead.model_validate(frontier)
+    frontier = read_frontier(_artifact(settings, job, "frontier.json", what="frontier"))
+
+    def linked(point: FrontierPoint) -> FrontierPointRead:
+        href = f"/v1/jobs/{job.id}/plans/{point.plan_id}"
+        return FrontierPointRead(**point.model_dump(), href=href)
+
+    return FrontierRead(
+        model=frontier.model,
+        budget=frontier.budget,
+        points=[linked(point) for point in frontier.points],
+        uniform=[linked(point) for point in frontier.uniform],
+    )
 
 
 _PLAN_MEDIA = {
@@ -298,12 +331,20 @@ _PLAN_MEDIA = {
     },
 )
 def get_plan(
-    job_id: str,
-    plan_id: Annotated[str, PathParam(pattern=_PLAN_ID)],
+    job_id: JobId,
+    plan_id: Annotated[
+        str, PathParam(pattern=_PLAN_ID, description="a plan id from the job's frontier")
+    ],
     session: SessionDep,
     settings: SettingsDep,
     owner_id: OwnerDep,
-    format: PlanFormat = "json",
+    format: Annotated[
+        PlanFormat,
+        Query(
+            description="json: the plan file; csv: one row a layer; torchao: an FqnToConfig "
+            "map; llamacpp: --tensor-type arguments"
+        ),
+    ] = "json",
 ) -> Response:
     job = _owned_job(session, owner_id, job_id)
     path = _artifact(settings, job, f"plans/{plan_id}.json", what=f"plan {plan_id!r}")
@@ -330,7 +371,7 @@ class _HTMLFile(FileResponse):
     responses=problem_responses(401, 404, 409),
 )
 def get_sensitivity(
-    job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
+    job_id: JobId, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> _CSVFile:
     job = _owned_job(session, owner_id, job_id)
     return _CSVFile(_artifact(settings, job, "sensitivity.csv", what="sensitivity table"))
@@ -343,7 +384,7 @@ def get_sensitivity(
     responses=problem_responses(401, 404, 409),
 )
 def get_report(
-    job_id: str, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
+    job_id: JobId, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> _HTMLFile:
     job = _owned_job(session, owner_id, job_id)
     # The report is written after the job's other results, so its absence means "not yet".

@@ -1,0 +1,199 @@
+"""``submit``, ``status``, ``wait``, ``cancel`` and ``download``: a job on a bitplan service.
+
+They talk HTTP through :class:`~bitplan.app.client.BitplanClient` (``--url``/``--api-key`` or
+``BITPLAN_URL``/``BITPLAN_API_KEY``); the client is imported inside each command, so ``bitplan
+--help`` does not load an HTTP stack. Bad input, API problems and an unreachable server are one
+line and exit code 2; a job that ends failed or cancelled makes ``wait`` (and ``submit --wait``)
+exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bitplan.app.commands._options import (
+    DEFAULT_FORMATS,
+    BudgetOpt,
+    ExcludeOpt,
+    FormatsOpt,
+    HoldoutOpt,
+    MaxLengthOpt,
+    MaxSamplesOpt,
+    MethodOpt,
+    OutOpt,
+    PinOpt,
+    SamplerOpt,
+    SeedOpt,
+    TaskOpt,
+    TimeoutOpt,
+    TrialsOpt,
+    request_fields,
+)
+from bitplan.app.console import console, err_console, output_folder
+from bitplan.app.settings import Settings
+from bitplan.app.spec_defaults import spec_default
+from bitplan.app.states import JobState
+
+__all__ = ["DEFAULT_URL", "cancel", "download", "status", "submit", "wait"]
+
+# Where `bitplan serve` listens when nothing overrides its settings.
+DEFAULT_URL = (
+    f"http://{Settings.model_fields['host'].default}:{Settings.model_fields['port'].default}"
+)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="BITPLAN_URL", help="The server's URL.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="BITPLAN_API_KEY", help="An API key from `bitplan keys create`."
+    ),
+]
+JobIdArg = Annotated[str, typer.Argument(help="The job id.")]
+
+
+def submit(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="builtin:NAME, an uploaded model id, or a model file/folder to upload."
+        ),
+    ],
+    budget: BudgetOpt,
+    calib: Annotated[
+        str,
+        typer.Option(help="builtin, an uploaded dataset id, or a .txt/.jsonl/.safetensors file."),
+    ] = spec_default("calib"),
+    task: TaskOpt = spec_default("task"),
+    formats: FormatsOpt = DEFAULT_FORMATS,
+    method: MethodOpt = spec_default("method"),
+    trials: TrialsOpt = spec_default("trials"),
+    timeout: TimeoutOpt = spec_default("timeout"),
+    seed: SeedOpt = spec_default("seed"),
+    sampler: SamplerOpt = spec_default("sampler"),
+    exclude: ExcludeOpt = None,
+    pin: PinOpt = None,
+    holdout: HoldoutOpt = spec_default("holdout"),
+    max_length: MaxLengthOpt = spec_default("max_length"),
+    max_samples: MaxSamplesOpt = spec_default("max_samples"),
+    wait: Annotated[bool, typer.Option(help="Wait with a progress bar.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Queue a planning job and print its id.
+
+    A local model or data file is uploaded unless the server already has the same bytes.
+    """
+    from bitplan.app.client import BitplanClient
+    from bitplan.app.service_cli import finished, guarded, upload_ref, wait_with_progress
+
+    def run() -> dict[str, Any]:
+        fields = request_fields(
+            formats=formats,
+            exclude=exclude,
+            pin=pin,
+            task=task,
+            method=method,
+            trials=trials,
+            timeout=timeout,
+            seed=seed,
+            sampler=sampler,
+            holdout=holdout,
+            max_length=max_length,
+            max_samples=max_samples,
+        )
+        with BitplanClient(url, api_key=api_key) as client:
+            job = client.submit_job(
+                model=upload_ref(client, model, kind="model"),
+                calib=upload_ref(client, calib, kind="dataset"),
+                budget=budget,
+                **fields,
+            )
+            typer.echo(job["id"])
+            return wait_with_progress(client, job["id"]) if wait else job
+
+    job = guarded(run)
+    if wait:
+        finished(job)
+
+
+def status(
+    job_id: JobIdArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job's JSON.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Show a job's state, stage and progress."""
+    from bitplan.app.client import BitplanClient
+    from bitplan.app.service_cli import guarded, status_line
+
+    def get() -> dict[str, Any]:
+        with BitplanClient(url, api_key=api_key) as client:
+            return client.get_job(job_id)
+
+    job = guarded(get)
+    if as_json:
+        typer.echo(json.dumps(job, indent=1))
+        return
+    console.print(status_line(job), highlight=False)
+    if job.get("error"):
+        console.print(f"error: {job['error']}", highlight=False)
+    if job["plans"]:
+        console.print(f"plans: {', '.join(job['plans'])}", highlight=False)
+
+
+def wait(
+    job_id: JobIdArg,
+    timeout: Annotated[float | None, typer.Option(help="Give up after S seconds.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Wait for a job with a progress bar; exit 1 unless it succeeded."""
+    from bitplan.app.client import BitplanClient
+    from bitplan.app.service_cli import finished, guarded, wait_with_progress
+    from bitplan.sensitivity.errors import InputError
+
+    def run() -> dict[str, Any]:
+        with BitplanClient(url, api_key=api_key) as client:
+            try:
+                return wait_with_progress(client, job_id, timeout=timeout)
+            except TimeoutError as exc:
+                raise InputError(str(exc)) from None
+
+    finished(guarded(run))
+
+
+def cancel(job_id: JobIdArg, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Cancel a job: a queued one at once, a running one at its next check."""
+    from bitplan.app.client import BitplanClient
+    from bitplan.app.service_cli import guarded, status_line
+
+    def run() -> dict[str, Any]:
+        with BitplanClient(url, api_key=api_key) as client:
+            return client.cancel_job(job_id)
+
+    job = guarded(run)
+    console.print(status_line(job), highlight=False)
+    if job["state"] == JobState.RUNNING:
+        err_console.print("its worker stops it at the next check (between layers or trials)")
+
+
+def download(
+    job_id: JobIdArg,
+    out: OutOpt,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Save a succeeded job's frontier, plans, sensitivity table and report."""
+    from bitplan.app.client import BitplanClient
+    from bitplan.app.service_cli import download_job, guarded
+
+    def run() -> list[Path]:
+        with BitplanClient(url, api_key=api_key) as client, output_folder(out):
+            return download_job(client, job_id, out)
+
+    files = guarded(run)
+    console.print(f"wrote {len(files)} files to {out}; open {out / 'report.html'}")

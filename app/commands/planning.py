@@ -1,0 +1,228 @@
+"""``analyze``, ``search`` and ``solve``: planning on this machine.
+
+Each command is a thin shell around the library function the service's worker calls too
+(:func:`~bitplan.search.pipeline.analyze_spec`, :func:`~bitplan.search.pipeline.run_job`,
+:func:`~bitplan.search.solve.solve_table`), so the CLI and the service cannot drift apart. The
+library (torch, pandas, Optuna) is imported inside the commands, so ``bitplan --help`` stays
+fast. A failed command removes the output folder it created; Ctrl-C exits 130, and a search
+stopped by Ctrl-C first writes the frontier of the trials it finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from bitplan.app.commands._options import (
+    DEFAULT_FORMATS,
+    BudgetOpt,
+    CalibOpt,
+    ExcludeOpt,
+    FormatsOpt,
+    HoldoutOpt,
+    MaxLengthOpt,
+    MaxSamplesOpt,
+    MethodOpt,
+    ModelArg,
+    OutOpt,
+    PinOpt,
+    SamplerOpt,
+    SeedOpt,
+    TaskOpt,
+    TimeoutOpt,
+    TrialsOpt,
+    request_fields,
+)
+from bitplan.app.console import (
+    CTRL_C_EXIT,
+    console,
+    ctrl_c_watch,
+    output_folder,
+    progress_bars,
+    run_command,
+)
+from bitplan.app.spec_defaults import spec_default, spec_help
+
+if TYPE_CHECKING:
+    from bitplan.search.spec import JobSpec
+
+__all__ = ["analyze", "search", "solve"]
+
+# `analyze` measures no plan, but a JobSpec needs a budget: 16 bpw is always feasible.
+_ANALYZE_BUDGET = "16bpw"
+
+DeviceOpt = Annotated[str, typer.Option(help=spec_help("device"))]
+BatchSizeOpt = Annotated[int, typer.Option(help=spec_help("batch_size"))]
+
+
+def _job_spec(**fields: object) -> JobSpec:
+    from bitplan.search.spec import JobSpec
+
+    return JobSpec(**fields)
+
+
+def _cache_dir() -> Path:
+    """The sensitivity cache shared by CLI runs (BITPLAN_CACHE_DIR overrides)."""
+    from bitplan.sensitivity.models import resolve_cache_dir
+
+    return resolve_cache_dir()
+
+
+def analyze(
+    model: ModelArg,
+    out: OutOpt,
+    calib: CalibOpt = spec_default("calib"),
+    task: TaskOpt = spec_default("task"),
+    formats: FormatsOpt = DEFAULT_FORMATS,
+    method: MethodOpt = spec_default("method"),
+    exclude: ExcludeOpt = None,
+    pin: PinOpt = None,
+    device: DeviceOpt = spec_default("device"),
+    max_length: MaxLengthOpt = spec_default("max_length"),
+    max_samples: MaxSamplesOpt = spec_default("max_samples"),
+    holdout: HoldoutOpt = spec_default("holdout"),
+    batch_size: BatchSizeOpt = spec_default("batch_size"),
+    seed: SeedOpt = spec_default("seed"),
+) -> None:
+    """Measure each layer's sensitivity to each format; write sensitivity.csv and layers.json."""
+
+    def run() -> None:
+        from bitplan.app.summary import sensitivity_table
+        from bitplan.search.pipeline import analyze_spec
+
+        spec = _job_spec(
+            model=model,
+            budget=_ANALYZE_BUDGET,
+            **request_fields(
+                calib=calib,
+                task=task,
+                formats=formats,
+                method=method,
+                exclude=exclude,
+                pin=pin,
+                device=device,
+                max_length=max_length,
+                max_samples=max_samples,
+                holdout=holdout,
+                batch_size=batch_size,
+                seed=seed,
+            ),
+        )
+        with output_folder(out), progress_bars() as progress:
+            table = analyze_spec(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
+        console.print(sensitivity_table(table))
+        console.print(f"wrote {out / 'sensitivity.csv'} and {out / 'layers.json'}")
+
+    run_command(run)
+
+
+def search(
+    model: ModelArg,
+    budget: BudgetOpt,
+    out: OutOpt,
+    calib: CalibOpt = spec_default("calib"),
+    task: TaskOpt = spec_default("task"),
+    formats: FormatsOpt = DEFAULT_FORMATS,
+    method: MethodOpt = spec_default("method"),
+    trials: TrialsOpt = spec_default("trials"),
+    timeout: TimeoutOpt = spec_default("timeout"),
+    seed: SeedOpt = spec_default("seed"),
+    sampler: SamplerOpt = spec_default("sampler"),
+    exclude: ExcludeOpt = None,
+    pin: PinOpt = None,
+    device: DeviceOpt = spec_default("device"),
+    max_length: MaxLengthOpt = spec_default("max_length"),
+    max_samples: MaxSamplesOpt = spec_default("max_samples"),
+    holdout: HoldoutOpt = spec_default("holdout"),
+    batch_size: BatchSizeOpt = spec_default("batch_size"),
+) -> None:
+    """Find the size/quality Pareto frontier under BUDGET and write a plan for every point."""
+
+    def run() -> None:
+        from bitplan.app.report import render_report
+        from bitplan.app.summary import frontier_table, plans_written
+        from bitplan.search.pipeline import run_job
+
+        spec = _job_spec(
+            model=model,
+            budget=budget,
+            **request_fields(
+                calib=calib,
+                task=task,
+                formats=formats,
+                method=method,
+                trials=trials,
+                timeout=timeout,
+                seed=seed,
+                sampler=sampler,
+                exclude=exclude,
+                pin=pin,
+                device=device,
+                max_length=max_length,
+                max_samples=max_samples,
+                holdout=holdout,
+                batch_size=batch_size,
+            ),
+        )
+        with output_folder(out), ctrl_c_watch() as ctrl_c, progress_bars() as progress:
+            result = run_job(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
+        console.print(frontier_table(result.frontier))
+        if result.interrupted:
+            console.print(
+                "[yellow]search stopped early: the frontier holds the trials that finished[/yellow]"
+            )
+        report = render_report(out)
+        written = plans_written(result.frontier, out / "plans", best_plan_id=result.best_plan_id)
+        console.print(
+            f"wrote {result.frontier_path}, {written}, and the report {report}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if ctrl_c():
+            raise typer.Exit(code=CTRL_C_EXIT)
+
+    run_command(run)
+
+
+def solve(
+    table: Annotated[
+        Path, typer.Argument(help="Sensitivity CSV: layer, format, error[, bytes][, numel][, tie].")
+    ],
+    out: OutOpt,
+    budget: Annotated[str | None, typer.Option(help="4.5bpw, 60MB, 58MiB or 0.3x.")] = None,
+    points: Annotated[
+        int | None,
+        typer.Option(help="Frontier points to write as plans (default: the solver's own)."),
+    ] = None,
+) -> None:
+    """Exact proxy frontier of a sensitivity table (no model needed), with a plan per point."""
+
+    def run() -> None:
+        from bitplan.app.summary import plans_written
+        from bitplan.search.solve import DEFAULT_POINTS, solve_table
+
+        with output_folder(out), progress_bars(transient=True) as progress:
+            result = solve_table(
+                table,
+                budget=budget,
+                out_dir=out,
+                points=DEFAULT_POINTS if points is None else points,
+                progress=progress,
+            )
+        console.print(
+            f"{len(result.frontier)} Pareto-optimal plans "
+            f"({'exact' if result.frontier.exact else 'thinned'}); "
+            f"wrote {plans_written(result.file, out / 'plans', best_plan_id=result.best_plan_id)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if result.best_plan_id is not None:
+            best = next(p for p in result.file.points if p.plan_id == result.best_plan_id)
+            console.print(
+                f"best under {budget}: {best.plan_id} ({best.total_bytes} bytes, "
+                f"{best.bpw:.3f} bpw, predicted error {best.predicted_error:.4g})"
+            )
+
+    run_command(run)

@@ -1,0 +1,96 @@
+"""``bitplan.load_plan``, ``bitplan.solve`` and ``bitplan.apply``: working with plan files.
+
+Thin keyword-only wrappers of the functions the CLI's ``solve`` and ``apply`` call
+(:func:`~bitplan.search.plans.read_plan`, :func:`~bitplan.search.solve.solve_table`,
+:func:`~bitplan.search.artifact.apply_plan`), so scripts and the command line agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from bitplan._spec import PathLike
+from bitplan.search.artifact import ArtifactReport, apply_plan
+from bitplan.search.plans import Plan, read_plan
+from bitplan.search.solve import DEFAULT_POINTS, SolveResult, solve_table
+from bitplan.sensitivity.models import load_model
+from bitplan.sensitivity.progress import ProgressFn
+
+__all__ = ["apply", "load_plan", "solve"]
+
+# Packing quantizes one chunk of rows at a time on the CPU; `bitplan apply` defaults to it too.
+_APPLY_DEVICE = "cpu"
+
+
+def load_plan(*, path: PathLike) -> Plan:
+    """Read and validate a plan file (``bitplan.plan/v1``).
+
+    The totals are recomputed from the layers and a file whose totals disagree is rejected with
+    :class:`~bitplan.sensitivity.errors.InputError`. ``plan.layers`` lists each layer's
+    ``name``, ``format`` and ``bytes``; ``plan.totals`` the ``total_bytes`` and ``bpw``;
+    ``plan.metrics`` the predicted and measured errors.
+
+    Example::
+
+        bitplan.search(model="builtin:digits-cnn", budget="4bpw", out_dir="job")
+        plan = bitplan.load_plan(path="job/plans/best.json")
+        {layer.name: layer.format for layer in plan.layers}
+    """
+    return read_plan(Path(path))
+
+
+def solve(
+    *,
+    table: PathLike,
+    out_dir: PathLike,
+    budget: str | None = None,
+    points: int = DEFAULT_POINTS,
+    progress: ProgressFn | None = None,
+) -> SolveResult:
+    """The exact proxy frontier of a sensitivity table, no model needed, like ``bitplan solve``.
+
+    ``table`` is a CSV with columns ``layer, format, error[, bytes][, numel][, tie][, group]``
+    (one :func:`~bitplan.analyze` wrote, or another tool's). Writes ``frontier.json``,
+    ``frontier.csv`` and a plan for an even spread of ``points`` frontier points (plus the best
+    one under ``budget``) into ``out_dir``. Returns the result: ``.file`` is the frontier file
+    written (a :class:`Frontier`), ``.best_plan_id`` the plan the budget asks for (None without
+    a budget), ``.frontier`` every Pareto-optimal plan of the additive proxy.
+
+    Example::
+
+        result = bitplan.solve(table="sens/sensitivity.csv", budget="4.5bpw", out_dir="solved")
+        plan = bitplan.load_plan(path=f"solved/plans/{result.best_plan_id}.json")
+    """
+    return solve_table(
+        Path(table), budget=budget, out_dir=Path(out_dir), points=points, progress=progress
+    )
+
+
+def apply(
+    *,
+    model: PathLike,
+    plan: Plan | PathLike,
+    out_dir: PathLike,
+    device: str = _APPLY_DEVICE,
+) -> ArtifactReport:
+    """Write ``model`` quantized per ``plan`` as bit-packed safetensors, like ``bitplan apply``.
+
+    ``plan`` is a :class:`Plan` or the path of a plan file; it must have been made for this
+    model (same weights), and the artifact's tensor bytes equal the plan's ``total_bytes``
+    (both checked before anything is written). Layers the plan leaves out (excluded when it was
+    made) stay unquantized. Returns the report: ``.path`` of ``model.safetensors`` and its
+    ``.total_bytes``. ``bitplan.search.artifact.load_artifact(out_dir, module)`` loads it back.
+
+    Example::
+
+        report = bitplan.apply(
+            model="builtin:digits-cnn", plan="job/plans/best.json", out_dir="packed"
+        )
+    """
+    parsed = plan if isinstance(plan, Plan) else read_plan(Path(plan))
+    loaded = load_model(os.fspath(model), device=device)
+    planned = {layer.name for layer in parsed.layers}
+    loaded = replace(loaded, layers=[lay for lay in loaded.layers if lay.name in planned])
+    return apply_plan(model=loaded, plan=parsed.to_dict(), out_dir=Path(out_dir))
