@@ -34,13 +34,13 @@ lint: $(STAMP) typecheck
 	$(BIN)/ruff format --check .
 
 # mypy cannot follow setuptools' package-dir mapping, so it reads the code through a tree of links
-# that has the installed layout (bitplan/app -> app, …). Strict on the library layers.
+# that has the installed layout (bitplan/app -> app, …). Strict on the whole package.
 TYPECHECK := $(VENV)/typecheck
 typecheck: $(STAMP)
 	mkdir -p $(TYPECHECK)/bitplan
 	for f in bitplan/*.py; do ln -sfn $(CURDIR)/$$f $(TYPECHECK)/bitplan/; done
 	for pkg in app search sensitivity migrations; do ln -sfn $(CURDIR)/$$pkg $(TYPECHECK)/bitplan/$$pkg; done
-	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml --strict -p bitplan.search -p bitplan.sensitivity
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml --strict -p bitplan
 
 # Run as modules: benchmarks/sensitivity.py would otherwise shadow the sensitivity package.
 # Each script records its own section of benchmarks/RESULTS.md with the machine and date.

@@ -1,30 +1,100 @@
 """The ``bitplan`` command line: the root Typer app and the list of its commands.
 
 Each command is a module-level function (or a Typer sub-app) in a small module of
-:mod:`bitplan.app.commands`; this file only assembles them, so the whole CLI can be read here:
+:mod:`bitplan.app.commands`; :data:`COMMANDS` lists them all, in the order ``--help`` shows:
 
 - planning on this machine: ``formats``, ``analyze``, ``search``, ``solve``, ``apply``;
 - the service, as its operator: ``db upgrade``, ``keys create``, ``serve``, ``worker``;
 - a job on a service: ``submit``, ``status``, ``wait``, ``cancel``, ``download``; ``demo``.
 
-Starting the CLI imports no torch, pandas, Optuna, SQLAlchemy or HTTP client: commands import
-what they use when they run, so ``bitplan --help`` and ``bitplan status`` start at once.
+A command's module is imported only when that command runs or shows its own help: the planning
+commands read their defaults from :class:`~bitplan.search.spec.JobSpec` (pydantic) and the
+operator commands from the settings (pydantic-settings), which ``bitplan --help`` and ``bitplan
+status`` do not need, so these start at once. ``bitplan --help`` lists the one-line summaries
+below. Nothing here imports torch, pandas, Optuna, SQLAlchemy or the HTTP client either.
 Bad input prints one line and exits with code 2; Ctrl-C exits with code 130.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from bitplan.app.commands import apply, demo, formats, jobs, planning, server
 from bitplan.app.console import quiet_third_party, setup_logging
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """Where a command lives (``module:attribute``, a function or a Typer sub-app) and its
+    summary line in ``bitplan --help``."""
+
+    target: str
+    summary: str
+
+    def load(self, name: str) -> Any:
+        """The command's click object, built by Typer from its function or sub-app."""
+        module, _, attribute = self.target.partition(":")
+        target = getattr(importlib.import_module(module), attribute)
+        if isinstance(target, typer.Typer):
+            group = typer.main.get_group(target)
+            group.name = name
+            return group
+        single = typer.Typer(add_completion=False)
+        single.command(name, short_help=self.summary)(target)
+        return typer.main.get_command(single)
+
+
+_PKG = "bitplan.app.commands"
+COMMANDS = {
+    "formats": Command(f"{_PKG}.formats:formats", "Format names and their bits per weight."),
+    "analyze": Command(f"{_PKG}.planning:analyze", "Per-layer sensitivity of a model."),
+    "search": Command(f"{_PKG}.planning:search", "Size/quality frontier and plans under a budget."),
+    "solve": Command(f"{_PKG}.planning:solve", "Exact frontier of a sensitivity table."),
+    "apply": Command(f"{_PKG}.apply:apply", "Quantize a model per a plan (packed safetensors)."),
+    "db": Command(f"{_PKG}.server:db_app", "The service database: upgrade."),
+    "keys": Command(f"{_PKG}.server:keys_app", "The service's API keys: create."),
+    "serve": Command(f"{_PKG}.server:serve", "Run the REST service and its workers."),
+    "worker": Command(f"{_PKG}.server:worker", "Run one worker of the service's job queue."),
+    "submit": Command(f"{_PKG}.submit:submit", "Queue a planning job on a service."),
+    "status": Command(f"{_PKG}.jobs:status", "A job's state, stage and progress."),
+    "wait": Command(f"{_PKG}.jobs:wait", "Wait for a job with a progress bar."),
+    "cancel": Command(f"{_PKG}.jobs:cancel", "Cancel a job."),
+    "download": Command(f"{_PKG}.jobs:download", "Save a finished job's results."),
+    "demo": Command(f"{_PKG}.demo:demo", "The whole service locally, on a builtin model."),
+}
+
+
+class _LazyGroup(TyperGroup):
+    """The root group: lists :data:`COMMANDS` by their summaries and loads a command when it
+    is resolved (to run it, or to show its help), not before."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Until loaded, a command is a placeholder that only knows its name and summary.
+        for name, command in COMMANDS.items():
+            self.commands[name] = TyperCommand(name, short_help=command.summary)
+        self._loaded: set[str] = set()
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else None
+        if name in COMMANDS and name not in self._loaded:
+            self.commands[name] = COMMANDS[name].load(name)
+            self._loaded.add(name)
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     name="bitplan",
+    cls=_LazyGroup,
     no_args_is_help=True,
     add_completion=False,
     help="Mixed-precision quantization planning: per-layer sensitivity, "
@@ -39,23 +109,6 @@ def _main(
     setup_logging(verbose)
     if not verbose:
         quiet_third_party()
-
-
-app.command("formats")(formats.formats)
-app.command("analyze")(planning.analyze)
-app.command("search")(planning.search)
-app.command("solve")(planning.solve)
-app.command("apply")(apply.apply)
-app.add_typer(server.db_app, name="db")
-app.add_typer(server.keys_app, name="keys")
-app.command("serve")(server.serve)
-app.command("worker")(server.worker)
-app.command("submit")(jobs.submit)
-app.command("status")(jobs.status)
-app.command("wait")(jobs.wait)
-app.command("cancel")(jobs.cancel)
-app.command("download")(jobs.download)
-app.command("demo")(demo.demo)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import httpx
 
+from bitplan.app.endpoint import DEFAULT_URL
 from bitplan.app.states import TERMINAL_STATES
 
 __all__ = ["ApiError", "BitplanClient"]
@@ -48,7 +49,7 @@ class BitplanClient:
 
     def __init__(
         self,
-        base_url: str = "http://127.0.0.1:8000",
+        base_url: str = DEFAULT_URL,
         *,
         api_key: str | None = None,
         http: httpx.Client | None = None,
@@ -108,19 +109,11 @@ class BitplanClient:
     ) -> dict[str, Any] | None:
         """The caller's uploaded model or dataset with these bytes (by sha256), or None.
 
-        Lets a client skip re-sending a file the server already has. The API has no lookup by
-        hash, so this pages through the caller's uploads (newest first).
+        Lets a client skip re-sending a file the server already has: one request, answered by
+        the list route's ``sha256`` filter (the server keeps one upload per owner and bytes).
         """
-        cursor: str | None = None
-        while True:
-            params: dict[str, str] = {} if cursor is None else {"cursor": cursor}
-            page = self._json("GET", f"/v1/{kind}s", params=params)
-            found: dict[str, Any] | None = next(
-                (blob for blob in page["data"] if blob["sha256"] == sha256), None
-            )
-            if found is not None or page["next_cursor"] is None:
-                return found
-            cursor = page["next_cursor"]
+        page = self._json("GET", f"/v1/{kind}s", params={"sha256": sha256, "limit": 1})
+        return next(iter(page["data"]), None)
 
     def submit_job(self, *, idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
         """Queue a job; ``fields`` are those of ``JobCreate`` (model, budget, calib, ...)."""

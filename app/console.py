@@ -19,23 +19,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import ProgressFn
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 __all__ = [
     "CTRL_C_EXIT",
@@ -139,6 +133,16 @@ def ctrl_c_watch() -> Iterator[Callable[[], bool]]:
 @contextmanager
 def progress_bars(*, transient: bool = False) -> Iterator[ProgressFn]:
     """A ``ProgressFn`` that draws one rich bar per stage (``analyze``, ``search``, …)."""
+    # Imported here: only commands that show bars pay for it, not `--help` or `status`.
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     tasks: dict[str, TaskID] = {}
     with Progress(
         TextColumn("[bold]{task.description:<10}"),

@@ -318,12 +318,17 @@ def list_blobs(
     *,
     owner_id: str | None,
     kind: str,
+    sha256: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Blob], str | None]:
-    """The owner's models or datasets, newest first; returns (page, next_cursor)."""
+    """The owner's models or datasets, newest first, optionally only those whose bytes have
+    this ``sha256`` (hex, either case); returns (page, next_cursor)."""
     _check_kind(kind)
     conditions = [_owned(Blob.owner_id, owner_id), Blob.kind == kind]
+    if sha256 is not None:
+        # Stored digests are hashlib's lowercase hexdigest.
+        conditions.append(Blob.sha256 == sha256.lower())
     return _page(session, Blob, conditions, limit=limit, cursor=cursor)
 
 

@@ -4,24 +4,26 @@ A frontier is judged by looking at it: where the uniform formats sit, how much a
 saves at equal quality, which layers keep their bits. The page is the Jinja2 template
 ``templates/report.html.j2`` with the package's ``static/report.css`` and ``static/report.js``
 inlined (no CDN, no external file: it works from a downloaded folder and from the API alike).
-This module only prepares data: it reads the job folder and computes every plot coordinate,
-label position, table cell and link, so the plot, the layers x plans heatmap and the tables
-render without JavaScript; the script adds the selected plan's layer table.
+This module only prepares data: it reads the job folder and computes every table cell and link,
+and :mod:`bitplan.app.report_plot` every plot coordinate and label position, so the plot, the
+layers x plans heatmap and the tables render without JavaScript; the script adds the selected
+plan's layer table.
 
 Autoescape is on, so every job string (model refs, layer names, formats) is escaped by the
 template; the embedded JSON goes through Jinja2's ``tojson``, which escapes ``<``, ``>``, ``&``
 and ``'`` so no value can close its script element.
 
-Links: in a job folder (``links_base=None``) they are relative, and the plan exports (CSV,
-torchao, llama.cpp) are written beside the report under ``exports/`` so the offline page
-offers the same downloads as the served one, whose links are the API's export routes.
+Links: in a job folder (``links_base=None``) they are relative, and the plan exports (those of
+:data:`bitplan.search.exports.EXPORTS` that are not the plan file itself) are written beside the
+report under ``exports/`` so the offline page offers the same downloads as the served one, whose
+links are the API's export routes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -32,8 +34,9 @@ import jinja2
 import pandas as pd
 from markupsafe import Markup
 
+from bitplan.app.report_plot import frontier_plot, holdout_error, size_text
 from bitplan.search.budgets import Budget
-from bitplan.search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
+from bitplan.search.exports import EXPORTS
 from bitplan.search.plans import FrontierFile, FrontierPoint, Plan, read_frontier, read_plan
 from bitplan.sensitivity.errors import InputError
 
@@ -56,34 +59,7 @@ BIT_COLOURS = {
     32: "#4575b4",
 }
 _UNKNOWN_COLOUR = "#cccccc"
-# Plot geometry in SVG user units; the SVG scales to the page width.
-_W, _H = 820, 440
-_LEFT, _RIGHT, _TOP, _BOTTOM = 78, 24, 20, 56
-# Log axis once the errors span more than two decades: a linear axis would flatten them all.
-_LOG_SPAN = 100.0
-# Point labels: 11-unit text is about 0.6 em a character wide, reaches 10.5 units above its
-# baseline and 3.5 below (measured in Chromium with DejaVu Sans, plus 1 unit to spare); markers
-# reach 9 units from their centre (the diamond's half-diagonal).
-_CHAR_W, _ASCENT, _DESCENT, _MARK_R = 6.6, 10.5, 3.5, 9.0
-_LINE = 14.0  # label line spacing: ascent + descent
 
-
-@dataclass(frozen=True)
-class _Export:
-    """One download of a plan: the API's ``?format=`` and the offline file's suffix."""
-
-    label: str
-    api_format: str
-    suffix: str
-    render: Callable[[Plan], str] | None  # None: the plan file itself
-
-
-_EXPORTS = (
-    _Export("JSON", "json", ".json", None),
-    _Export("CSV", "csv", ".csv", plan_to_csv),
-    _Export("torchao", "torchao", ".torchao.json", plan_to_torchao),
-    _Export("llama.cpp", "llamacpp", ".llamacpp.txt", plan_to_llamacpp),
-)
 # Job files and their API routes ("" : the API does not serve it, so a served report omits it).
 _JOB_FILES = {
     "frontier.json": "/frontier",
@@ -152,20 +128,8 @@ def _budget_total(budget: Mapping[str, Any] | None, plan: Plan | None) -> tuple[
         unplanned_bytes=plan.totals.unplanned_bytes,
         fp16_bytes=plan.totals.fp16_bytes,
     )
-    label = {"bpw": f"{value:g} bpw", "bytes": _size(value), "ratio": f"{value:g}x fp16"}[kind]
+    label = {"bpw": f"{value:g} bpw", "bytes": size_text(value), "ratio": f"{value:g}x fp16"}[kind]
     return cap + plan.totals.unplanned_bytes, f"budget {label}"
-
-
-def _holdout_error(point: FrontierPoint) -> float:
-    return float(point.metrics.get("holdout", {}).get("error", math.nan))
-
-
-def _mb(nbytes: float) -> float:
-    return nbytes / 1e6  # MB = 10^6 bytes, the unit budgets like "60MB" use
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 1e3:,.1f} kB" if nbytes < 1e6 else f"{_mb(nbytes):,.2f} MB"
 
 
 def _num(value: float | None) -> str:
@@ -182,196 +146,6 @@ def _bit_colours(bits: int) -> tuple[str, str]:
     """(background, text colour) of a bit width."""
     bg = BIT_COLOURS.get(bits, _UNKNOWN_COLOUR)
     return bg, _text_colour(bg)
-
-
-# --- the frontier plot --------------------------------------------------------------------------
-
-
-def _nice_step(span: float, count: int) -> float:
-    raw = span / max(count, 1)
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= raw)
-
-
-class _Axis:
-    """Maps data values to SVG coordinates, linear or log10, and picks readable ticks."""
-
-    def __init__(
-        self, values: list[float], lo_px: float, hi_px: float, *, log: bool, from_zero: bool = False
-    ) -> None:
-        self.log, self.lo_px, self.hi_px = log, lo_px, hi_px
-        self.lo: float
-        self.hi: float
-        self.step = 1.0  # a decade on a log axis
-        if log:
-            lo, hi = math.log10(min(values)), math.log10(max(values))
-            self.lo, self.hi = math.floor(lo), max(math.ceil(hi), math.floor(lo) + 1)
-        else:
-            lo, hi = (0.0 if from_zero else min(values)), max(values)
-            pad = (hi - lo) * 0.06 or abs(hi) * 0.1 or 1.0  # room so no point sits on a border
-            step = _nice_step(hi - lo + 2 * pad, 6)
-            self.lo = math.floor((lo - (0 if from_zero else pad)) / step) * step
-            if min(values) >= 0:  # sizes and errors: no axis into negative values
-                self.lo = max(self.lo, 0.0)
-            self.hi, self.step = math.ceil((hi + pad) / step) * step, step
-
-    def __call__(self, value: float) -> float:
-        v = math.log10(value) if self.log else value
-        return round(
-            self.lo_px + (v - self.lo) / (self.hi - self.lo) * (self.hi_px - self.lo_px), 1
-        )
-
-    def ticks(self) -> list[_Tick]:
-        if self.log:
-            return [_Tick(self(10.0**e), f"1e{e}") for e in range(int(self.lo), int(self.hi) + 1)]
-        count = round((self.hi - self.lo) / self.step)
-        values = [self.lo + i * self.step for i in range(count + 1)]
-        return [_Tick(self(v), f"{v:.4g}") for v in values]
-
-
-@dataclass(frozen=True)
-class _Tick:
-    pos: float
-    label: str
-
-
-@dataclass(frozen=True)
-class _Label:
-    text: str
-    x: float
-    y: float  # the text's baseline
-    anchor: str  # SVG text-anchor
-    leader: bool  # placed away from its marker: a line joins them
-
-
-@dataclass(frozen=True)
-class _Marker:
-    plan_id: str
-    x: float
-    y: float
-    uniform: bool
-    tooltip: str
-    label: _Label | None
-
-    @property
-    def diamond(self) -> str:
-        r = _MARK_R
-        x, y = self.x, self.y
-        return f"M{x:.1f} {y - r:.1f}L{x + r:.1f} {y:.1f}L{x:.1f} {y + r:.1f}L{x - r:.1f} {y:.1f}Z"
-
-
-@dataclass(frozen=True)
-class _Plot:
-    width: int
-    height: int
-    left: float
-    right: float
-    top: float
-    bottom: float
-    x_ticks: list[_Tick]
-    y_ticks: list[_Tick]
-    y_title: str
-    budget: _Tick | None
-    line: str
-    markers: list[_Marker]  # frontier points first, uniform ones last: drawn on top
-
-
-def _tooltip(p: FrontierPoint) -> str:
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in p.metrics.get("holdout", {}).items())
-    return f"{p.plan_id} ({p.source}): {_size(p.total_bytes)}, {p.bpw:.2f} bpw; held-out {metrics}"
-
-
-def _label_text(p: FrontierPoint, *, uniform: bool) -> str:
-    """Uniform points by their format; frontier points by plan id, with bpw unless it says it."""
-    if uniform:
-        return p.source.partition(":")[2] or p.plan_id
-    bpw = f"{p.bpw:.2f}"
-    return p.plan_id if f"{bpw}bpw" in p.plan_id else f"{p.plan_id} · {bpw} bpw"
-
-
-_Box = tuple[float, float, float, float]  # x0, y0, x1, y1
-
-
-def _overlaps(a: _Box, b: _Box) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _place_label(text: str, x: float, y: float, taken: list[_Box]) -> _Label | None:
-    """The first spot around (x, y) where the label stays in the plot and clear of every marker
-    and earlier label: beside the marker, then just above or below it, then one line further
-    with a leader line. None when there is none (the point's tooltip still names it)."""
-    width = len(text) * _CHAR_W
-    gap = _MARK_R + 3
-    for dy in (0.0, -_LINE, _LINE, -2 * _LINE, 2 * _LINE):  # text middle minus marker centre
-        for side in (1, -1):
-            baseline = y + dy + 4  # lower-case letters and digits centre 4 units above it
-            x0 = x + gap if side == 1 else x - gap - width
-            box = (x0, baseline - _ASCENT, x0 + width, baseline + _DESCENT)
-            inside = _LEFT <= box[0] and box[2] <= _W - _RIGHT
-            inside = inside and _TOP <= box[1] and box[3] <= _H - _BOTTOM
-            if inside and not any(_overlaps(box, t) for t in taken):
-                taken.append(box)
-                return _Label(
-                    text=text,
-                    x=round(x + gap * side, 1),
-                    y=round(baseline, 1),
-                    anchor="start" if side == 1 else "end",
-                    leader=abs(dy) > _LINE,
-                )
-    return None
-
-
-def _plot(job: _Job) -> _Plot | None:
-    points, uniform = job.points, job.uniform
-    shown = [p for p in points + uniform if not math.isnan(_holdout_error(p))]
-    if not shown:
-        return None
-    budget = job.budget
-    xs = [_mb(p.total_bytes) for p in shown] + ([_mb(budget[0])] if budget else [])
-    ys = [_holdout_error(p) for p in shown]
-    positive = [v for v in ys if v > 0]
-    log = bool(positive) and max(positive) / min(positive) > _LOG_SPAN
-    floor = min(positive) if log else 0.0  # on a log axis an error of 0 sits on the bottom
-    x = _Axis(xs, _LEFT, _W - _RIGHT, log=False)
-    y = _Axis([max(v, floor) for v in ys], _H - _BOTTOM, _TOP, log=log, from_zero=True)
-    centres = {p.plan_id: (x(_mb(p.total_bytes)), y(max(_holdout_error(p), floor))) for p in shown}
-    r = _MARK_R
-    taken: list[_Box] = [(cx - r, cy - r, cx + r, cy + r) for cx, cy in centres.values()]
-    budget_at = _Tick(x(_mb(budget[0])), budget[1]) if budget else None
-    if budget_at is not None:  # its label sits left of the line's top: keep point labels off it
-        right = budget_at.pos - 6
-        taken.append((right - len(budget_at.label) * _CHAR_W, _TOP, right, _TOP + 18))
-    markers = []
-    for p in shown:  # frontier points first: they get the first pick of label spots
-        cx, cy = centres[p.plan_id]
-        is_uniform = job.is_uniform(p)
-        text = _label_text(p, uniform=is_uniform)
-        markers.append(
-            _Marker(
-                plan_id=p.plan_id,
-                x=cx,
-                y=cy,
-                uniform=is_uniform,
-                tooltip=_tooltip(p),
-                label=_place_label(text, cx, cy, taken),
-            )
-        )
-    return _Plot(
-        width=_W,
-        height=_H,
-        left=_LEFT,
-        right=_W - _RIGHT,
-        top=_TOP,
-        bottom=_H - _BOTTOM,
-        x_ticks=x.ticks(),
-        y_ticks=y.ticks(),
-        y_title="held-out error (log)" if log else "held-out error",
-        budget=budget_at,
-        line=" ".join(
-            f"{centres[p.plan_id][0]:.1f},{centres[p.plan_id][1]:.1f}" for p in points if p in shown
-        ),
-        markers=markers,
-    )
 
 
 # --- heatmap, sensitivity, downloads ------------------------------------------------------------
@@ -433,12 +207,12 @@ def _sensitivity(job: _Job) -> dict[str, Any] | None:
 def _export_texts(plan: Plan) -> dict[str, str | InputError]:
     """Each export's text, or the reason the plan has none (llama.cpp names few models)."""
     texts: dict[str, str | InputError] = {}
-    for export in _EXPORTS:
+    for export in EXPORTS.values():
         if export.render is not None:
             try:
-                texts[export.api_format] = export.render(plan)
+                texts[export.name] = export.render(plan)
             except InputError as error:
-                texts[export.api_format] = error
+                texts[export.name] = error
     return texts
 
 
@@ -448,8 +222,8 @@ def _write_exports(job_dir: Path, job: _Job) -> _Texts:
     folder.mkdir(exist_ok=True)
     texts = {plan_id: _export_texts(plan) for plan_id, plan in job.plans.items()}
     for plan_id, per_format in texts.items():
-        for export in _EXPORTS:
-            text = per_format.get(export.api_format)
+        for export in EXPORTS.values():
+            text = per_format.get(export.name)
             if isinstance(text, str):
                 (folder / f"{plan_id}{export.suffix}").write_text(text, encoding="utf-8")
     return texts
@@ -461,8 +235,8 @@ def _downloads(job: _Job, links_base: str | None, texts: _Texts) -> list[dict[st
     rows = []
     for p in job.planned_points:
         links = []
-        for export in _EXPORTS:
-            made = texts[p.plan_id].get(export.api_format, "")
+        for export in EXPORTS.values():
+            made = texts[p.plan_id].get(export.name, "")
             if isinstance(made, InputError):
                 links.append({"label": export.label, "href": None, "reason": str(made)})
             elif links_base is None:
@@ -472,14 +246,14 @@ def _downloads(job: _Job, links_base: str | None, texts: _Texts) -> list[dict[st
                 links.append({"label": export.label, "href": href})
             else:
                 base = f"{links_base.rstrip('/')}/plans/{p.plan_id}"
-                links.append({"label": export.label, "href": f"{base}?format={export.api_format}"})
+                links.append({"label": export.label, "href": f"{base}?format={export.name}"})
         rows.append(
             {
                 "plan_id": p.plan_id,
                 "source": p.source,
-                "size": _size(p.total_bytes),
+                "size": size_text(p.total_bytes),
                 "bpw": f"{p.bpw:.2f}",
-                "error": _num(_holdout_error(p)),
+                "error": _num(holdout_error(p)),
                 "links": links,
             }
         )
@@ -504,7 +278,7 @@ def _best(job: _Job) -> FrontierPoint | None:
     frontier = [p for p in planned if not job.is_uniform(p)] or planned
 
     def key(p: FrontierPoint) -> float:
-        error = _holdout_error(p)
+        error = holdout_error(p)
         return math.inf if math.isnan(error) else error
 
     return min(frontier, key=key, default=None)
@@ -521,7 +295,7 @@ def _cards(job: _Job, best: FrontierPoint | None) -> list[dict[str, str]]:
         {
             "key": "budget",
             "value": budget[1].removeprefix("budget ") if budget else "none",
-            "sub": f"at most {_size(budget[0])} in total" if budget else "",
+            "sub": f"at most {size_text(budget[0])} in total" if budget else "",
         },
     ]
     if best is not None:
@@ -535,11 +309,11 @@ def _cards(job: _Job, best: FrontierPoint | None) -> list[dict[str, str]]:
             {
                 "key": "best plan (held-out)",
                 "value": best.plan_id,
-                "sub": f"error {_num(_holdout_error(best))}; {shown}",
+                "sub": f"error {_num(holdout_error(best))}; {shown}",
             },
             {
                 "key": "size",
-                "value": _size(best.total_bytes),
+                "value": size_text(best.total_bytes),
                 "sub": f"{best.bpw:.2f} bpw, {ratio:.1%} of fp16",
             },
         ]
@@ -623,7 +397,7 @@ def _page(job: _Job, links_base: str | None, texts: _Texts) -> str:
         .render(
             model={"ref": job.frontier.model.get("ref", "?")},
             cards=_cards(job, best),
-            plot=_plot(job),
+            plot=frontier_plot(job.points, job.uniform, job.budget),
             selected=best.plan_id if best else None,
             bit_chips=[
                 {"bits": b, "bg": bg, "fg": fg} for b in used_bits for bg, fg in [_bit_colours(b)]

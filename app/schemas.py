@@ -190,7 +190,10 @@ class JobRead(BaseModel):
     error: str | None = Field(description="why the job failed; null unless it failed")
     cancel_requested: bool = Field(description="whether a cancel was requested")
     request: JobCreate = Field(description="the request as submitted")
-    plans: list[str] = Field(description="plan ids on the frontier, once the job succeeded")
+    plans: list[str] = Field(
+        description="ids of the job's plans (frontier points and uniform baselines; "
+        "'best' is an alias of one of them), once the job succeeded"
+    )
     created_at: datetime = Field(description="when the job was submitted (UTC)")
     started_at: datetime | None = Field(description="when a worker first claimed it (UTC)")
     finished_at: datetime | None = Field(description="when it reached its final state (UTC)")
@@ -216,5 +219,11 @@ class FrontierPointRead(FrontierPoint):
 class FrontierRead(FrontierFile):
     """The job's ``bitplan.frontier/v1`` file, with a download link on every point."""
 
-    points: list[FrontierPointRead] = Field(description="the frontier, smallest first")
-    uniform: list[FrontierPointRead] = Field(description="uniform-format reference points")
+    # Narrowing a field's type in a subclass is how pydantic models specialise; lists are
+    # invariant to mypy, so it calls this an incompatible override.
+    points: list[FrontierPointRead] = Field(  # type: ignore[assignment]
+        description="the frontier, smallest first"
+    )
+    uniform: list[FrontierPointRead] = Field(  # type: ignore[assignment]
+        description="uniform-format reference points"
+    )

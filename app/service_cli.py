@@ -222,5 +222,6 @@ def finished(job: dict[str, Any]) -> None:
         err_console.print(f"[red]job {job['id']} {job['state']}[/red]{reason}", highlight=False)
         raise typer.Exit(code=1)
     err_console.print(
-        f"[green]job {job['id']} succeeded[/green]: {len(job['plans'])} frontier plans"
+        f"[green]job {job['id']} succeeded[/green]: {len(job['plans'])} plans (frontier points "
+        "and uniform baselines)"
     )

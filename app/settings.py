@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bitplan.app.endpoint import DEFAULT_HOST, DEFAULT_PORT
+
 __all__ = ["Settings", "get_settings"]
 
 _GIB = 1024**3
@@ -34,8 +36,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2 * _GIB, gt=0)
     workers: int = Field(default=1, ge=0)
     auth: Literal["auto", "on", "off"] = "auto"
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = DEFAULT_HOST
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)

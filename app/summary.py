@@ -16,10 +16,43 @@ if TYPE_CHECKING:
 
     from bitplan.search.plans import FrontierFile
 
-__all__ = ["frontier_table", "plans_written", "sensitivity_table"]
+__all__ = ["fallback_note", "frontier_table", "plans_written", "sensitivity_table"]
 
 # The metric shown beside the error, per task family, in order of preference.
 _HEADLINE = ("accuracy", "agreement", "perplexity", "cosine", "sqnr_db")
+# Marks a layer that another method than the one asked for scored (see fallback_note).
+FALLBACK_MARK = "†"
+
+
+def _fallbacks(table: pd.DataFrame, *, method: str) -> dict[str, str]:
+    """``{layer: method that scored it}`` for layers ``method`` could not score itself (the
+    table's ``method`` column, e.g. ``fisher`` falls back to ``layer`` or ``weight`` for layers
+    no gradient reaches); empty for a table without that column (a user-supplied one)."""
+    if "method" not in table.columns:
+        return {}
+    by_layer = table.drop_duplicates("layer").set_index("layer")["method"]
+    return {str(name): str(how) for name, how in by_layer.items() if how != method}
+
+
+def fallback_note(table: pd.DataFrame, *, method: str) -> str | None:
+    """``† fisher could not score 2 layers (no gradient reached them); scored instead by
+    layer: pooler; by weight: unused (column 'method' of sensitivity.csv)``, or None when
+    ``method`` scored every layer."""
+    fallbacks = _fallbacks(table, method=method)
+    if not fallbacks:
+        return None
+    by_method: dict[str, list[str]] = {}
+    for name, how in fallbacks.items():
+        by_method.setdefault(how, []).append(name)
+    scored = "; ".join(f"by {how}: {', '.join(names)}" for how, names in by_method.items())
+    layers, them = (
+        ("1 layer", "it") if len(fallbacks) == 1 else (f"{len(fallbacks)} layers", "them")
+    )
+    reason = f" (no gradient reached {them})" if method == "fisher" else ""
+    return (
+        f"{FALLBACK_MARK} {method} could not score {layers}{reason}; scored instead {scored} "
+        "(column 'method' of sensitivity.csv)"
+    )
 
 
 def _headline(metrics: dict[str, float]) -> str:
@@ -64,14 +97,16 @@ def plans_written(frontier: FrontierFile, plans_dir: Path, *, best_plan_id: str 
     return f"{text} ({points + uniform + (best_plan_id is not None)} files)"
 
 
-def sensitivity_table(table: pd.DataFrame, *, top: int = 5) -> Table:
+def sensitivity_table(table: pd.DataFrame, *, method: str, top: int = 5) -> Table:
     """The most and least sensitive layers, ranked by their error in the smallest format,
-    with their error in every format (columns from smallest to largest)."""
+    with their error in every format (columns from smallest to largest). Layers that
+    ``method`` could not score carry a mark, and a caption names what scored them."""
     import pandas as pd
 
     formats = table.groupby("format")["bytes"].sum().sort_values().index.tolist()
     wide = table.pivot_table(index="layer", columns="format", values="error", aggfunc="first")
     ranked = wide.sort_values(formats[0], ascending=False, na_position="last")
+    fallbacks = _fallbacks(table, method=method)
     shown = ranked.index.tolist()
     if len(shown) > 2 * top:
         shown = shown[:top] + [None] + shown[-top:]
@@ -80,6 +115,8 @@ def sensitivity_table(table: pd.DataFrame, *, top: int = 5) -> Table:
         "layer",
         *formats,
         title=f"Layer sensitivity (error; ranked by {formats[0]}, most sensitive first)",
+        caption=fallback_note(table, method=method),
+        caption_justify="left",
     )
     for name in shown:
         if name is None:
@@ -88,7 +125,7 @@ def sensitivity_table(table: pd.DataFrame, *, top: int = 5) -> Table:
         rank = ranked.index.get_loc(name) + 1
         out.add_row(
             str(rank),
-            str(name),
+            f"{name} {FALLBACK_MARK}" if name in fallbacks else str(name),
             *[
                 ("" if pd.isna(ranked.at[name, f]) else f"{ranked.at[name, f]:.3g}")
                 for f in formats

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine
 
@@ -50,6 +50,7 @@ from bitplan.app.queue import (
 from bitplan.app.report import render_report
 from bitplan.app.settings import Settings, get_settings
 from bitplan.app.states import JobState
+from bitplan.search.plans import BEST_PLAN_ID
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import Cancelled
@@ -93,7 +94,7 @@ def load_runner(dotted: str) -> Runner:
     runner = getattr(importlib.import_module(module_name), attribute)
     if not callable(runner):
         raise ValueError(f"worker runner {dotted!r} is not callable")
-    return runner
+    return cast(Runner, runner)
 
 
 class _JobRun:
@@ -238,7 +239,12 @@ class _JobRun:
             return
         shutil.rmtree(self.final_dir, ignore_errors=True)  # a crashed attempt's leftovers
         self.staging.rename(self.final_dir)
-        plan_ids = sorted(path.stem for path in (self.final_dir / "plans").glob("*.json"))
+        # best.json is a copy of one of the plans (a handle), not a plan of its own.
+        plan_ids = sorted(
+            path.stem
+            for path in (self.final_dir / "plans").glob("*.json")
+            if path.stem != BEST_PLAN_ID
+        )
         result = {"artifact_dir": str(self.final_dir), "plan_ids": plan_ids}
         finish_job(
             self.engine,

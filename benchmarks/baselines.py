@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bitplan.search.problem import Group, Problem
 from bitplan.sensitivity.data import CLASSIFICATION_TASKS, CalibData
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import fake_quantize, parse_format
+from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
 from bitplan.sensitivity.layers import get_weight, weight_matrix
 from bitplan.sensitivity.metrics import forward_output
 from bitplan.sensitivity.models import LoadedModel
@@ -71,7 +71,7 @@ def _chain(group: Group) -> list[int]:
     return chain
 
 
-def greedy_promotion(problem: Problem, cap: int) -> dict[str, str]:
+def greedy_promotion(problem: Problem, cap: int) -> dict[str, QuantFormat]:
     """AIMET-AMP-style greedy: start every group at its cheapest option, then repeatedly take
     the promotion (to any costlier, more accurate option of one group) with the largest error
     drop per extra byte that still fits ``cap`` planned bytes; stop when none fits."""
@@ -99,7 +99,7 @@ def greedy_promotion(problem: Problem, cap: int) -> dict[str, str]:
     return problem.choice_of([c[a] for c, a in zip(chains, at, strict=True)])
 
 
-def ilp_allocation(problem: Problem, cap: int) -> dict[str, str]:
+def ilp_allocation(problem: Problem, cap: int) -> dict[str, QuantFormat]:
     """HAWQ-V3's ILP: one binary variable per (group, option), exactly one option per group,
     total bytes <= ``cap``, minimising the summed error of the chosen options."""
     _check_cap(problem, cap)

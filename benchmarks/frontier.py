@@ -55,6 +55,7 @@ from bitplan.search.applier import PlanApplier  # noqa: E402
 from bitplan.search.frontier import best_under, exact_frontier  # noqa: E402
 from bitplan.search.measured import SearchResult, measured_search  # noqa: E402
 from bitplan.search.plans import FrontierPoint  # noqa: E402
+from bitplan.search.points import Choice  # noqa: E402
 from bitplan.search.problem import build_problem  # noqa: E402
 from bitplan.search.spec import JobSpec  # noqa: E402
 from bitplan.sensitivity.analyzer import analyze  # noqa: E402
@@ -226,12 +227,12 @@ def bench_model(
     with PlanApplier(model.module, model.layers, workdir=work_dir) as applier:
         reference = collect_reference(model, holdout, batch_size=base.batch_size)
 
-        def held_out(choice: dict[str, str]) -> float:
+        def held_out(choice: Choice) -> float:
             applier.apply(choice)
             return measure(model, holdout, reference)["error"]
 
         for fmt in uniform:
-            cap = problem.cost(problem.uniform_choice(fmt))[0]
+            cap = problem.cost(problem.uniform_choice(parse_format(fmt)))[0]
             spec = JobSpec(**{**base.to_dict(), "budget": f"{cap + unplanned}B"})
             logger.info("%s: budget of uniform %s, %d bytes", case.name, fmt, cap + unplanned)
             with recorded_searches() as searches:

@@ -23,6 +23,7 @@ from bitplan._spec import (
     job_spec,
 )
 from bitplan.search.pipeline import JobResult, ScoreFn, UserMetric, analyze_spec, run_job
+from bitplan.search.spec import ANALYZE_BUDGET
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.models import resolve_cache_dir
 from bitplan.sensitivity.progress import ProgressFn
@@ -30,9 +31,6 @@ from bitplan.sensitivity.progress import ProgressFn
 __all__ = ["analyze", "search"]
 
 logger = logging.getLogger(__name__)
-
-# `analyze` measures sensitivities only, but a JobSpec needs a budget: fp16 everywhere fits it.
-_NO_BUDGET = "16bpw"
 
 
 def analyze(
@@ -74,7 +72,7 @@ def analyze(
     """
     spec = job_spec(
         model=model,
-        budget=_NO_BUDGET,
+        budget=ANALYZE_BUDGET,
         calib=calib,
         formats=formats,
         exclude=exclude,

@@ -93,4 +93,4 @@ def apply(
     loaded = load_model(os.fspath(model), device=device)
     planned = {layer.name for layer in parsed.layers}
     loaded = replace(loaded, layers=[lay for lay in loaded.layers if lay.name in planned])
-    return apply_plan(model=loaded, plan=parsed.to_dict(), out_dir=Path(out_dir))
+    return apply_plan(model=loaded, plan=parsed, out_dir=Path(out_dir))

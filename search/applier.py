@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from bitplan.search.points import Choice
+from bitplan.sensitivity.formats import QuantFormat, fake_quantize
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
 
 __all__ = ["PlanApplier"]
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 class PlanApplier:
     """Context manager that sets per-group formats on ``model`` and restores it on exit.
 
-    ``apply(choice)`` takes ``{group: format name}`` (a group is a tie group or a layer FQN, see
+    ``apply(choice)`` takes ``{group: format}`` (a group is a tie group or a layer FQN, see
     :attr:`QuantLayer.group`); groups left out are restored to full precision.
     """
 
@@ -46,7 +47,7 @@ class PlanApplier:
             self._by_param.setdefault(lay.param, lay)  # a tied tensor is written once
         self._tmp = tempfile.TemporaryDirectory(prefix="bitplan-weights-", dir=workdir)
         self._path = Path(self._tmp.name) / "originals.safetensors"
-        self._current: dict[str, str | None] = {p: None for p in self._by_param}
+        self._current: dict[str, QuantFormat | None] = {p: None for p in self._by_param}
         self._file: safe_open | None = None
 
     def __enter__(self) -> PlanApplier:
@@ -87,15 +88,15 @@ class PlanApplier:
             dst = weight_matrix(weight.data, lay.kind)
             fake_quantize(src.to(dst.device), fmt, out=dst)
 
-    def apply(self, choice: Mapping[str, str]) -> None:
+    def apply(self, choice: Choice) -> None:
         """Set every planned layer to ``choice[layer.group]`` (full precision when absent)."""
         if self._file is None:
             raise RuntimeError("PlanApplier.apply() outside its `with` block")
         for param, lay in self._by_param.items():
-            name = choice.get(lay.group)
-            if self._current[param] != name:
-                self._write(param, parse_format(name) if name is not None else None)
-                self._current[param] = name
+            fmt = choice.get(lay.group)
+            if self._current[param] != fmt:
+                self._write(param, fmt)
+                self._current[param] = fmt
 
     def restore(self) -> None:
         """Put the full-precision weights back."""

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from bitplan.search.packing import BitPacker, packed_size, unpack_bits
+from bitplan.search.plans import Plan
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import (
     FLOAT_DTYPES,
@@ -196,7 +197,7 @@ def _quantized(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> list[_Tens
 
 
 def _resolve_formats(
-    layers: list[QuantLayer], formats: Mapping[str, str]
+    layers: list[QuantLayer], formats: Mapping[str, QuantFormat]
 ) -> dict[str, tuple[QuantLayer, QuantFormat]]:
     """``param -> (layer, format)``, one entry per stored tensor (a tie group once)."""
     unknown = sorted(set(formats) - {lay.name for lay in layers})
@@ -207,20 +208,20 @@ def _resolve_formats(
         groups.setdefault(lay.param, []).append(lay)
     resolved = {}
     for param, members in groups.items():
-        chosen = {parse_format(formats[m.name]).name for m in members if m.name in formats}
+        chosen = {formats[m.name] for m in members if m.name in formats}
         if not chosen:
             raise InputError(f"no format for layer {members[0].name}; give every planned layer one")
         if len(chosen) > 1:
             raise InputError(
                 f"tied layers of {param} have different formats "
-                f"{sorted(chosen)}; a shared tensor takes one format"
+                f"{sorted(f.name for f in chosen)}; a shared tensor takes one format"
             )
-        resolved[param] = (members[0], parse_format(chosen.pop()))
+        resolved[param] = (members[0], chosen.pop())
     return resolved
 
 
 def _layout(
-    model: nn.Module, layers: list[QuantLayer], formats: Mapping[str, str]
+    model: nn.Module, layers: list[QuantLayer], formats: Mapping[str, QuantFormat]
 ) -> tuple[list[_Tensor], dict[str, str]]:
     """Every tensor of ``model.safetensors`` in file order, and the per-parameter metadata."""
     resolved = _resolve_formats(layers, formats)
@@ -283,15 +284,15 @@ def write_artifact(
     *,
     model: nn.Module,
     layers: list[QuantLayer],
-    formats: Mapping[str, str],
+    formats: Mapping[str, QuantFormat],
     out_dir: Path,
-    plan: Mapping[str, Any] | None = None,
+    plan: Plan | None = None,
     model_ref: str | None = None,
 ) -> ArtifactReport:
     """Write ``out_dir/model.safetensors`` (+ ``buffers.safetensors``, ``plan.json``).
 
-    ``formats`` maps layer FQNs to format names; members of a tie group may each be listed
-    (with one format) or only one of them. Every layer of ``layers`` needs a format.
+    ``formats`` maps layer FQNs to formats; members of a tie group may each be listed (with one
+    format) or only one of them. Every layer of ``layers`` needs a format.
     """
     out_dir = Path(out_dir)
     tensors, meta = _layout(model, layers, formats)
@@ -309,7 +310,7 @@ def write_artifact(
     plan_path = out_dir / PLAN_FILE
     plan_path.unlink(missing_ok=True)
     if plan is not None:
-        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+        plan.write(plan_path)
     sizes = {t.name: t.nbytes for t in tensors}
     total = sum(sizes.values())
     log.info("wrote %s: %d tensors, %d tensor bytes", path, len(sizes), total)
@@ -321,21 +322,16 @@ def write_artifact(
     )
 
 
-def apply_plan(*, model: LoadedModel, plan: Mapping[str, Any], out_dir: Path) -> ArtifactReport:
+def apply_plan(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactReport:
     """``bitplan apply``: write ``model`` quantized per a plan (DESIGN §4), checking it fits.
 
     The plan must be for this model (same weights hash) and its ``total_bytes`` must equal the
-    artifact's; both are checked before anything is written.
+    artifact's; both are checked before anything is written. (Reading and validating a plan file
+    is :func:`~bitplan.search.plans.read_plan`'s job.)
     """
-    try:
-        want = plan["model"].get("sha256")
-        formats = {entry["name"]: entry["format"] for entry in plan["layers"]}
-        expected = int(plan["totals"]["total_bytes"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise InputError(
-            f"not a bitplan.plan/v1 file (bad or missing {err}); "
-            "pass a plan JSON that bitplan wrote"
-        ) from None
+    want = plan.model_sha256
+    formats = {lay.name: lay.format for lay in plan.layers}
+    expected = plan.totals.total_bytes
     if want and want != model.sha256:
         raise InputError(
             f"the plan was made for model sha256 {want[:12]}…, this model is "
@@ -453,13 +449,14 @@ def _codes(f: Any, name: str, fmt: QuantFormat, rows: int, cols: int) -> QuantCo
     return QuantCodes(q=q, scale=scale, zero=values[rows * cols :].view(rows, groups))  # (rows, G)
 
 
-def _load_planned(f: Any, name: str, param: torch.Tensor, info: dict[str, Any]) -> None:
+def _load_planned(
+    f: Any, name: str, param: torch.Tensor, info: dict[str, Any], fmt: QuantFormat
+) -> None:
     if list(info["shape"]) != list(param.shape):
         raise InputError(
             f"{name} has shape {info['shape']} in the artifact but "
             f"{list(param.shape)} in the model; {_SAME_ARCH}"
         )
-    fmt = parse_format(info["format"])
     if fmt.kind == "float":
         _load_plain(f, name, param)
         return
@@ -494,15 +491,14 @@ def load_artifact(out_dir: Path, module: nn.Module) -> nn.Module:
                 f"{path.name} is not a bitplan artifact (schema "
                 f"{info.get('schema')!r}, expected {ARTIFACT_SCHEMA})"
             )
-        quantized = {
-            n for n, i in planned.items() if n in params and parse_format(i["format"]).is_quantized
-        }
+        formats = {n: parse_format(i["format"]) for n, i in planned.items()}  # once, on reading
+        quantized = {n for n, fmt in formats.items() if n in params and fmt.is_quantized}
         expected = {n for n in params if n not in quantized}
         expected |= {f"{n}.{part}" for n in quantized for part in ("qdata", "scales")}
         _check_names(path, set(f.keys()), expected)
         for name, param in params.items():
             if name in planned:
-                _load_planned(f, name, param, planned[name])
+                _load_planned(f, name, param, planned[name], formats[name])
             else:
                 _load_plain(f, name, param)
     buffers = _persistent_buffers(module)

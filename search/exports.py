@@ -10,6 +10,10 @@
   LLaMA-style and GPT-2-style models; integer widths map to the k-quant of the same width
   (llama.cpp picks its own block layout, so group size and symmetry do not carry over). A tie
   group is one GGUF tensor and appears once.
+
+:data:`EXPORTS` is the one registry of these downloads (name, label, media type, file suffix,
+exporter): the REST API's ``?format=`` choices and media types and the report's download links
+and offline files all come from it, so a new export is added in one place.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ import io
 import json
 import re
 import shlex
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
 
 from bitplan.search.plans import Plan, PlanLayer
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat
 
 __all__ = [
+    "EXPORTS",
+    "Export",
     "gguf_name",
     "llamacpp_args",
     "llamacpp_type",
@@ -229,3 +237,47 @@ def plan_to_llamacpp(plan: Plan) -> str:
     args = llamacpp_args(plan)
     pairs = [shlex.join(args[i : i + 2]) for i in range(0, len(args), 2)]
     return " \\\n".join(pairs) + "\n"
+
+
+@dataclass(frozen=True)
+class Export:
+    """One download of a plan.
+
+    ``name`` is the API's ``?format=`` value, ``label`` what a person reads, ``description``
+    what it holds (the API documents it), ``media_type`` the HTTP content type, ``suffix`` the
+    file name's ending after the plan id (offline report). ``render`` makes the text from a plan,
+    raising :class:`InputError` when the plan has no such export (llama.cpp names few models);
+    None means the export is the plan file itself.
+    """
+
+    name: str
+    label: str
+    description: str
+    media_type: str
+    suffix: str
+    render: Callable[[Plan], str] | None
+
+
+EXPORTS: Final[dict[str, Export]] = {
+    export.name: export
+    for export in (
+        Export("json", "JSON", "the plan file", "application/json", ".json", None),
+        Export("csv", "CSV", "one row a layer", "text/csv", ".csv", plan_to_csv),
+        Export(
+            "torchao",
+            "torchao",
+            "an FqnToConfig map",
+            "application/json",
+            ".torchao.json",
+            plan_to_torchao,
+        ),
+        Export(
+            "llamacpp",
+            "llama.cpp",
+            "--tensor-type arguments",
+            "text/plain",
+            ".llamacpp.txt",
+            plan_to_llamacpp,
+        ),
+    )
+}

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bitplan.search.budgets import Budget
+from bitplan.search.points import Point
 from bitplan.search.problem import Group, Problem
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = [
     "Frontier",
-    "ProxyPoint",
     "best_under",
     "budget_headroom",
     "exact_frontier",
@@ -45,18 +45,6 @@ log = logging.getLogger(__name__)
 # Thinning keeps at most half the cap, so a thinned set has room to grow for several merges
 # before it must be thinned again (each thinning costs a pass over the set).
 DEFAULT_MAX_POINTS = 200_000
-
-
-@dataclass(frozen=True)
-class ProxyPoint:
-    """One frontier point: its plan and its size and predicted error under the proxy model."""
-
-    index: int
-    planned_bytes: int
-    total_bytes: int
-    bpw: float
-    predicted_error: float
-    choice: dict[str, str]
 
 
 @dataclass
@@ -87,20 +75,23 @@ class Frontier:
             at = int(self._parents[step][at])
         return chosen
 
-    def point(self, index: int) -> ProxyPoint:
-        """Point ``index`` with its plan (``{group key: format}``)."""
+    def point(self, index: int) -> Point:
+        """Point ``index`` with its plan (``{group key: format}``); its ``number`` is ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"frontier has {len(self)} points, no point {index}")
-        planned = int(self.bytes[index])
-        numel = self.problem.planned_numel
-        return ProxyPoint(
-            index=index,
-            planned_bytes=planned,
-            total_bytes=planned + self.problem.unplanned_bytes,
-            bpw=8 * planned / numel,
-            predicted_error=float(self.error[index]),
+        return Point(
             choice=self.problem.choice_of(self.options(index)),
+            planned_bytes=int(self.bytes[index]),
+            predicted_error=float(self.error[index]),
+            source="exact",
+            number=index,
         )
+
+    def index_under(self, cap: int) -> int | None:
+        """The index of the lowest-error point with planned bytes <= ``cap``; None when none
+        fits (errors fall as bytes grow, so it is the largest point that fits)."""
+        index = int(np.searchsorted(self.bytes, cap, side="right")) - 1
+        return index if index >= 0 else None
 
     def spread(self, n: int, *, keep: Sequence[int] = ()) -> list[int]:
         """``min(n, len(self))`` point indices spread evenly in bytes, both ends included.
@@ -244,10 +235,10 @@ def exact_frontier(
     )
 
 
-def best_under(frontier: Frontier, cap: int) -> ProxyPoint | None:
+def best_under(frontier: Frontier, cap: int) -> Point | None:
     """The lowest-error point with planned bytes <= ``cap``; None when none fits."""
-    index = int(np.searchsorted(frontier.bytes, cap, side="right")) - 1
-    return frontier.point(index) if index >= 0 else None
+    index = frontier.index_under(cap)
+    return frontier.point(index) if index is not None else None
 
 
 def _bound_text(problem: Problem) -> str:
@@ -259,7 +250,7 @@ def _bound_text(problem: Problem) -> str:
             "excluded layers)"
         )
     smallest = sorted(((int(g.bytes.min()), g) for g in problem.groups), key=lambda pair: -pair[0])
-    pinned = [f"{g.key}={g.pinned} ({b} bytes)" for b, g in smallest if g.pinned][:3]
+    pinned = [f"{g.key}={g.pinned.name} ({b} bytes)" for b, g in smallest if g.pinned][:3]
     if pinned:
         parts.append("pinned " + ", ".join(pinned))
     ties = [
@@ -270,7 +261,7 @@ def _bound_text(problem: Problem) -> str:
     if ties:
         parts.append("tie groups " + ", ".join(ties))
     largest = [
-        f"{g.key} ({b} bytes in {g.formats[int(np.argmin(g.bytes))]})" for b, g in smallest[:3]
+        f"{g.key} ({b} bytes in {g.formats[int(np.argmin(g.bytes))].name})" for b, g in smallest[:3]
     ]
     parts.append("largest minimum-size layers " + ", ".join(largest))
     return "; ".join(parts)

@@ -7,7 +7,10 @@ error that the caller measures on the calibration split, minimising ``(bytes, er
 How the search is set up, and why:
 
 * **One categorical parameter per group** (a layer or a tie group), named after the group.
-  Groups with one allowed format (pinned) are fixed and never suggested.
+  Groups with one allowed format (pinned) are fixed and never suggested. Formats cross into
+  Optuna as their names (its categorical choices, seeds and user attrs are JSON) and come back
+  as the caller's :class:`~bitplan.sensitivity.format_spec.QuantFormat` objects: choices in and
+  out of this module are parsed formats.
 * **Size is exact, error is measured.** ``bytes = Σ group_bytes[group][format]`` is computed from
   the choice and stored as the trial's user attr ``"bytes"``; the objective returns
   ``(bytes, error)``, both minimised.
@@ -57,11 +60,13 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from bitplan.search.points import Choice, Point, choice_names
 from bitplan.search.spec import SAMPLERS
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.format_spec import QuantFormat
 from bitplan.sensitivity.progress import CancelFn, Cancelled, ProgressFn, report
 
-__all__ = ["SAMPLERS", "Candidate", "SearchResult", "measured_search", "pareto_front"]
+__all__ = ["SAMPLERS", "SearchResult", "measured_search", "pareto_front"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +77,22 @@ _CAP_CONSTRAINT = "bytes_over_cap"
 _MIN_POPULATION, _MAX_POPULATION, _GENERATIONS = 8, 50, 4
 
 
-@dataclass
-class Candidate:
-    """One evaluated plan: ``choice`` maps every group to its format."""
-
-    choice: dict[str, str]
-    bytes: int
-    error: float
-    number: int | None = None
-    source: str = "sampler"
+# Per group: its allowed formats; and per group and format: the group's planned bytes.
+Options = Mapping[str, Sequence[QuantFormat]]
+GroupBytes = Mapping[str, Mapping[QuantFormat, int]]
 
 
 @dataclass
 class SearchResult:
     """Every complete trial, the feasible Pareto set over ``(bytes, error)`` sorted by bytes,
-    whether the search stopped early, and where the time went (``eval_s`` inside ``evaluate``)."""
+    whether the search stopped early, and where the time went (``eval_s`` inside ``evaluate``).
 
-    trials: list[Candidate]
-    pareto: list[Candidate]
+    Each trial is a :class:`Point` with its ``planned_bytes``, its measured error as
+    ``calibration["error"]``, its trial ``number`` and ``source`` ``seed`` or ``sampler``.
+    """
+
+    trials: list[Point]
+    pareto: list[Point]
     interrupted: bool
     wall_s: float
     eval_s: float
@@ -97,11 +100,11 @@ class SearchResult:
 
 def measured_search(
     *,
-    options: Mapping[str, Sequence[str]],
-    group_bytes: Mapping[str, Mapping[str, int]],
+    options: Options,
+    group_bytes: GroupBytes,
     cap_bytes: int | None,
-    evaluate: Callable[[dict[str, str]], float],
-    seeds: Sequence[Mapping[str, str]] = (),
+    evaluate: Callable[[dict[str, QuantFormat]], float],
+    seeds: Sequence[Choice] = (),
     trials: int,
     timeout: float | None = None,
     seed: int = 0,
@@ -113,7 +116,7 @@ def measured_search(
 ) -> SearchResult:
     """Search formats per group, minimising (planned bytes, measured error) under ``cap_bytes``.
 
-    ``options`` maps each group to its allowed format names (one for a pinned group);
+    ``options`` maps each group to its allowed formats (one for a pinned group);
     ``group_bytes[group][format]`` is that group's planned bytes (a tie group counted once).
     ``evaluate(choice)`` applies the choice in place, measures the error on the calibration
     split and restores the model; it is called only for choices within the cap, at most once per
@@ -137,14 +140,14 @@ def measured_search(
         )
         for params in seed_params:
             study.enqueue_trial(params, user_attrs={"source": "seed"}, skip_if_exists=True)
-        objective.remember(_candidates(study, objective.groups, objective.fixed))
+        objective.remember(objective.points(study))
         tracker = _Tracker(trials=trials, progress=progress, should_cancel=should_cancel)
         if trials > 0 and not (should_cancel is not None and should_cancel()):
             try:
                 study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[tracker])
             except KeyboardInterrupt:  # Ctrl-C outside evaluate, inside Optuna's own loop
                 logger.warning("search interrupted after %d of %d trials", tracker.done, trials)
-        found = _candidates(study, objective.groups, objective.fixed)
+        found = objective.points(study)
 
     result = SearchResult(
         trials=found,
@@ -166,34 +169,38 @@ class _Objective:
     def __init__(
         self,
         *,
-        options: Mapping[str, Sequence[str]],
-        group_bytes: Mapping[str, Mapping[str, int]],
+        options: Options,
+        group_bytes: GroupBytes,
         cap_bytes: int | None,
-        evaluate: Callable[[dict[str, str]], float],
+        evaluate: Callable[[dict[str, QuantFormat]], float],
     ) -> None:
         self.options, self.group_bytes, self.cap_bytes = options, group_bytes, cap_bytes
         self.evaluate = evaluate
         self.groups = list(options)
         self.free = [g for g in self.groups if len(options[g]) > 1]
         self.fixed = {g: options[g][0] for g in self.groups if len(options[g]) == 1}
-        self.cache: dict[tuple[str, ...], float] = {}
+        # The Optuna boundary: a free group's categorical choices are its formats' names.
+        self.names = {g: [f.name for f in options[g]] for g in self.free}
+        self.by_name = {g: {f.name: f for f in options[g]} for g in self.groups}
+        self.cache: dict[tuple[QuantFormat, ...], float] = {}
         self.eval_s = 0.0
 
-    def remember(self, known: Sequence[Candidate]) -> None:
+    def remember(self, known: Sequence[Point]) -> None:
         """Seed the cache with choices already measured (a continued or shared study)."""
-        self.cache.update((_key(c.choice, self.groups), c.error) for c in known)
+        self.cache.update((_key(p.choice, self.groups), p.error) for p in known)
 
     def __call__(self, trial: Trial) -> tuple[float, float]:
         choice = dict(self.fixed)
         for group in self.free:
-            choice[group] = trial.suggest_categorical(group, self.options[group])
+            name = trial.suggest_categorical(group, self.names[group])
+            choice[group] = self.by_name[group][name]
         size = _size(choice, self.group_bytes)
         if self.cap_bytes is not None:
             trial.set_constraint(_CAP_CONSTRAINT, size - self.cap_bytes)
             if size > self.cap_bytes:
                 repaired = _repair(choice, self.options, self.group_bytes, self.cap_bytes)
                 changed = {g: f for g, f in repaired.items() if f != choice[g]}
-                trial.set_user_attr("repaired", changed)
+                trial.set_user_attr("repaired", choice_names(changed))
                 choice, size = repaired, _size(repaired, self.group_bytes)
         trial.set_user_attr("bytes", size)
         key = _key(choice, self.groups)
@@ -201,7 +208,24 @@ class _Objective:
             self.cache[key] = self._measure(trial, choice)
         return float(size), self.cache[key]
 
-    def _measure(self, trial: Trial, choice: dict[str, str]) -> float:
+    def points(self, study: optuna.Study) -> list[Point]:
+        """Every complete trial of the study as a point, in trial order."""
+        found = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            names = {**choice_names(self.fixed), **t.params, **t.user_attrs.get("repaired", {})}
+            choice = {g: self.by_name[g][names[g]] for g in self.groups}
+            found.append(
+                Point(
+                    choice=choice,
+                    planned_bytes=int(t.user_attrs["bytes"]),
+                    calibration={"error": float(t.values[1])},
+                    source=t.user_attrs.get("source", "sampler"),
+                    number=t.number,
+                )
+            )
+        return found
+
+    def _measure(self, trial: Trial, choice: dict[str, QuantFormat]) -> float:
         started = time.perf_counter()
         try:
             error = float(self.evaluate(dict(choice)))
@@ -236,35 +260,35 @@ class _Tracker:
             study.stop()
 
 
-def pareto_front(candidates: Sequence[Candidate], *, cap_bytes: int | None) -> list[Candidate]:
-    """Non-dominated candidates over (bytes, error) within the cap, sorted by bytes.
+def pareto_front(points: Sequence[Point], *, cap_bytes: int | None) -> list[Point]:
+    """Non-dominated points over (planned bytes, measured error) within the cap, by bytes.
 
-    Candidates with a non-finite error never qualify; of several with the same (bytes, error),
-    the earliest (lowest trial number, then first given) is kept.
+    Points with a non-finite (or unmeasured) error never qualify; of several with the same
+    (bytes, error), the earliest (lowest number, then first given) is kept.
     """
     feasible = [
-        c
-        for c in candidates
-        if math.isfinite(c.error) and (cap_bytes is None or c.bytes <= cap_bytes)
+        p
+        for p in points
+        if math.isfinite(p.error) and (cap_bytes is None or p.planned_bytes <= cap_bytes)
     ]
     order = sorted(
         range(len(feasible)),
-        key=lambda i: (feasible[i].bytes, feasible[i].error, _number(feasible[i]), i),
+        key=lambda i: (feasible[i].planned_bytes, feasible[i].error, _number(feasible[i]), i),
     )
-    front: list[Candidate] = []
+    front: list[Point] = []
     for i in order:
         if not front or feasible[i].error < front[-1].error:
             front.append(feasible[i])
     return front
 
 
-def _number(candidate: Candidate) -> float:
-    return math.inf if candidate.number is None else candidate.number
+def _number(point: Point) -> float:
+    return math.inf if point.number is None else point.number
 
 
 def _check_arguments(
-    options: Mapping[str, Sequence[str]],
-    group_bytes: Mapping[str, Mapping[str, int]],
+    options: Options,
+    group_bytes: GroupBytes,
     cap_bytes: int | None,
     trials: int,
     timeout: float | None,
@@ -285,7 +309,7 @@ def _check_arguments(
     for group, allowed in options.items():
         if not allowed:
             raise InputError(f"group {group!r} has no allowed format; give at least one")
-        missing = [f for f in allowed if f not in group_bytes.get(group, {})]
+        missing = [f.name for f in allowed if f not in group_bytes.get(group, {})]
         if missing:
             raise InputError(f"group {group!r} has no byte count for {', '.join(missing)}")
     smallest = sum(min(group_bytes[g][f] for f in allowed) for g, allowed in options.items())
@@ -296,9 +320,10 @@ def _check_arguments(
 
 
 def _seed_params(
-    seeds: Sequence[Mapping[str, str]], options: Mapping[str, Sequence[str]], free: list[str]
+    seeds: Sequence[Choice], options: Options, free: list[str]
 ) -> list[dict[str, str]]:
-    """Seed choices as Optuna params (free groups only), validated and deduplicated in order."""
+    """Seed choices as Optuna params (free groups only, format names), validated and
+    deduplicated in order."""
     out: list[dict[str, str]] = []
     for index, choice in enumerate(seeds):
         for group, fmt in choice.items():
@@ -306,13 +331,13 @@ def _seed_params(
                 raise InputError(f"seed {index} names unknown group {group!r}")
             if fmt not in options[group]:
                 raise InputError(
-                    f"seed {index} gives {group!r} format {fmt!r}; "
-                    f"allowed: {', '.join(options[group])}"
+                    f"seed {index} gives {group!r} format {fmt.name!r}; "
+                    f"allowed: {', '.join(f.name for f in options[group])}"
                 )
         missing = [g for g in free if g not in choice]
         if missing:
             raise InputError(f"seed {index} gives no format for {', '.join(missing[:3])}")
-        params = {g: choice[g] for g in free}
+        params = {g: choice[g].name for g in free}
         if params not in out:
             out.append(params)
     return out
@@ -325,20 +350,17 @@ def _make_sampler(name: str, *, seed: int, trials: int) -> optuna.samplers.BaseS
     return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
 
 
-def _size(choice: Mapping[str, str], group_bytes: Mapping[str, Mapping[str, int]]) -> int:
+def _size(choice: Choice, group_bytes: GroupBytes) -> int:
     return sum(group_bytes[g][f] for g, f in choice.items())
 
 
-def _key(choice: Mapping[str, str], groups: list[str]) -> tuple[str, ...]:
+def _key(choice: Choice, groups: list[str]) -> tuple[QuantFormat, ...]:
     return tuple(choice[g] for g in groups)
 
 
 def _repair(
-    choice: dict[str, str],
-    options: Mapping[str, Sequence[str]],
-    group_bytes: Mapping[str, Mapping[str, int]],
-    cap_bytes: int,
-) -> dict[str, str]:
+    choice: dict[str, QuantFormat], options: Options, group_bytes: GroupBytes, cap_bytes: int
+) -> dict[str, QuantFormat]:
     """Move the currently largest group to its next smaller format until the choice fits.
 
     Ties go to the group listed first. Terminates within the cap because the caller checked
@@ -359,23 +381,6 @@ def _repair(
         out[group] = fmt
         heapq.heappush(heap, (-group_bytes[group][fmt], rank, group))
     return out
-
-
-def _candidates(study: optuna.Study, groups: list[str], fixed: dict[str, str]) -> list[Candidate]:
-    """Every complete trial of the study as a candidate, in trial order."""
-    found = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        choice = {**fixed, **t.params, **t.user_attrs.get("repaired", {})}
-        found.append(
-            Candidate(
-                choice={g: choice[g] for g in groups},
-                bytes=int(t.user_attrs["bytes"]),
-                error=float(t.values[1]),
-                number=t.number,
-                source=t.user_attrs.get("source", "sampler"),
-            )
-        )
-    return found
 
 
 @contextmanager

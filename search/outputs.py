@@ -1,45 +1,40 @@
-"""A job's artifacts: one plan file per frontier point, the frontier file and its CSV.
+"""Publishing points: one plan file per frontier point, the frontier file and its CSV.
 
 Layout of ``out_dir`` (the service serves these files as they are)::
 
     frontier.json        bitplan.frontier/v1: every point, the uniform baselines, plan paths
     frontier.csv         one row a point (uniform baselines included, marked by ``source``)
     plans/<plan_id>.json bitplan.plan/v1 for every frontier point and uniform baseline
-    plans/best.json      a copy of the best plan under the budget (the lowest calibration error)
-    sensitivity.csv      the sensitivity table (written by the analyze stage)
-    layers.json          the planned layers (written by the analyze stage)
+    plans/best.json      a copy of the best plan under the budget
+    sensitivity.csv      the sensitivity table (written by the analyze stage of a job)
+    layers.json          the planned layers (written by the analyze stage of a job)
 
-The best plan is chosen on the calibration split, the one the search optimised: choosing it by
-the held-out numbers would make them no longer held out.
+:func:`publish` is where an algorithm's :class:`~bitplan.search.points.Point` becomes a published
+:class:`~bitplan.search.plans.FrontierPoint` (see :mod:`bitplan.search.points` for why there are
+two): ``bitplan solve`` publishes exact-frontier points, a job its measured and validated ones.
+Which point is best is the caller's call: ``solve`` takes the proxy's answer to the budget, a job
+the lowest *calibration* error (:func:`best_measured`), the split the search optimised: choosing
+by the held-out numbers would make them no longer held out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bitplan.search.budgets import Budget
 from bitplan.search.plans import FrontierFile, Plan, make_plan, plan_id_of, write_frontier
+from bitplan.search.points import Point
 from bitplan.search.problem import Problem
 
-__all__ = ["JobOutputs", "Measured", "write_job_outputs"]
-
-
-@dataclass(frozen=True)
-class Measured:
-    """A choice and what was measured of it: the input of a frontier point's plan."""
-
-    choice: Mapping[str, str]
-    calibration: Mapping[str, float]
-    holdout: Mapping[str, float]
-    source: str
+__all__ = ["JobOutputs", "best_measured", "publish"]
 
 
 @dataclass(frozen=True)
 class JobOutputs:
-    """What :func:`write_job_outputs` wrote: the frontier file (its points and uniform baselines
-    name exactly the plan files written) and the best plan's id (also ``plans/best.json``)."""
+    """What :func:`publish` wrote: the frontier file (its points and uniform baselines name
+    exactly the plan files written) and the best plan's id (also ``plans/best.json``)."""
 
     frontier_path: Path
     frontier: FrontierFile
@@ -51,20 +46,30 @@ class JobOutputs:
         return [p.plan_id for p in self.frontier.points + self.frontier.uniform]
 
 
-def write_job_outputs(
-    *,
+def best_measured(points: Sequence[Point]) -> Point | None:
+    """The point with the lowest measured calibration error; None for no points."""
+    return min(points, key=lambda p: p.error, default=None)
+
+
+def publish(
     out_dir: Path,
+    *,
     model_ref: str,
     model_sha256: str,
     problem: Problem,
-    budget: Budget,
-    points: Sequence[Measured],
-    uniform: Sequence[Measured],
+    budget: Budget | None,
+    points: Sequence[Point],
+    uniform: Sequence[Point] = (),
+    best: Point | None = None,
 ) -> JobOutputs:
-    """Write a plan per frontier point and per uniform baseline, ``best.json`` and the frontier
-    files."""
+    """Write a plan per point and per uniform baseline, ``best.json`` and the frontier files.
 
-    def plan_of(point: Measured) -> Plan:
+    Each plan takes its layers and byte totals from ``problem``, its predicted error and its
+    measured ``calibration``/``holdout`` metrics from the point, and the point's ``source``.
+    ``best`` must be one of ``points``.
+    """
+
+    def plan_of(point: Point) -> Plan:
         return make_plan(
             model_ref=model_ref,
             model_sha256=model_sha256,
@@ -73,23 +78,25 @@ def write_job_outputs(
             budget=budget,
             unplanned_bytes=problem.unplanned_bytes,
             fp16_bytes=problem.fp16_bytes,
-            predicted_error=problem.cost(point.choice)[1],
+            predicted_error=point.predicted_error,
             metrics={"calibration": dict(point.calibration), "holdout": dict(point.holdout)},
         )
 
-    plans = [(plan_of(p), p.source) for p in points]
-    best = min(plans, key=lambda pair: pair[0].metrics["calibration"]["error"], default=None)
+    plans = [plan_of(p) for p in points]
+    if best is not None and best not in points:
+        raise ValueError("the best point must be one of the published points")
+    best_plan = plans[list(points).index(best)] if best is not None else None
     written = write_frontier(
         out_dir,
         model_ref=model_ref,
         model_sha256=model_sha256,
         budget=budget,
-        points=plans,
+        points=[(plan, p.source) for plan, p in zip(plans, points, strict=True)],
         uniform=[(plan_of(p), p.source) for p in uniform],
-        best=best[0] if best is not None else None,
+        best=best_plan,
     )
     return JobOutputs(
         frontier_path=out_dir / "frontier.json",
         frontier=written,
-        best_plan_id=plan_id_of(best[0]) if best is not None else None,
+        best_plan_id=plan_id_of(best_plan) if best_plan is not None else None,
     )

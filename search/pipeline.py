@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -24,22 +24,17 @@ from torch import nn
 
 from bitplan.search.applier import PlanApplier
 from bitplan.search.budgets import Budget, parse_budget
-from bitplan.search.frontier import (
-    Frontier,
-    best_under,
-    budget_headroom,
-    exact_frontier,
-    planned_cap,
-)
-from bitplan.search.measured import Candidate, measured_search
-from bitplan.search.outputs import Measured, write_job_outputs
+from bitplan.search.frontier import Frontier, budget_headroom, exact_frontier, planned_cap
+from bitplan.search.measured import measured_search
+from bitplan.search.outputs import best_measured, publish
 from bitplan.search.plans import FrontierFile, FrontierPoint
-from bitplan.search.problem import Problem, build_problem
+from bitplan.search.points import Choice, Point
+from bitplan.search.problem import Problem, as_layer_rows, build_problem
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.analyzer import analyze, write_table
 from bitplan.sensitivity.data import CalibData, load_calibration, split_calibration
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import parse_format, tensor_bytes
+from bitplan.sensitivity.format_spec import QuantFormat
 from bitplan.sensitivity.layers import parameter_bytes
 from bitplan.sensitivity.metrics import collect_reference, measure
 from bitplan.sensitivity.models import LoadedModel, load_model
@@ -174,15 +169,10 @@ def _check_budget(
 ) -> None:
     """Fail before any measurement when even the smallest formats miss the budget."""
     rows = []
-    for lay in model.layers:
-        formats = [parse_format(lay.pinned)] if lay.pinned else spec.formats
+    for lay in as_layer_rows(model.layers):
+        formats = [lay.pinned] if lay.pinned is not None else spec.formats
         rows += [
-            {
-                "layer": lay.name,
-                "format": f.name,
-                "error": 0.0,
-                "bytes": tensor_bytes(f, *lay.shape),
-            }
+            {"layer": lay.name, "format": f.name, "error": 0.0, "bytes": lay.bytes_for(f)}
             for f in formats
         ]
     planned_cap(
@@ -194,15 +184,14 @@ def _check_budget(
 
 
 def _seeds(
-    problem: Problem, frontier: Frontier, cap: int, formats: list[str]
-) -> list[dict[str, str]]:
+    problem: Problem, frontier: Frontier, cap: int, formats: list[QuantFormat]
+) -> list[Choice]:
     """Exact-frontier points near the budget and across the range, then uniform plans."""
-    seeds: list[dict[str, str]] = []
-    best = best_under(frontier, cap)
+    seeds: list[Choice] = []
+    best = frontier.index_under(cap)
     if best is not None:
         seeds += [
-            frontier.point(i).choice
-            for i in range(best.index, max(-1, best.index - _SEEDS_NEAR_BUDGET), -1)
+            frontier.point(i).choice for i in range(best, max(-1, best - _SEEDS_NEAR_BUDGET), -1)
         ]
         seeds += [
             frontier.point(i).choice
@@ -304,7 +293,7 @@ class _Evaluator:
         holdout: bool = False,
     ) -> None:
         self.applier = applier
-        self.metrics: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
+        self.metrics: dict[frozenset[tuple[str, QuantFormat]], dict[str, float]] = {}
         applier.restore()  # both references are taken on the full-precision model
         self._measure: Callable[[], dict[str, float]]
         if metric is not None:
@@ -313,11 +302,11 @@ class _Evaluator:
             reference = collect_reference(model, data, batch_size=batch_size)
             self._measure = lambda: measure(model, data, reference, batch_size=batch_size)
 
-    def __call__(self, choice: Mapping[str, str]) -> float:
+    def __call__(self, choice: Choice) -> float:
         return self.measure(choice)["error"]
 
-    def measure(self, choice: Mapping[str, str]) -> dict[str, float]:
-        key = tuple(sorted(choice.items()))
+    def measure(self, choice: Choice) -> dict[str, float]:
+        key = frozenset(choice.items())
         if key not in self.metrics:
             self.applier.apply(choice)
             self.metrics[key] = self._measure()
@@ -384,7 +373,7 @@ def run_job(
             },
             cap_bytes=cap,
             evaluate=on_calib,
-            seeds=_seeds(problem, frontier, cap, spec.format_names),
+            seeds=_seeds(problem, frontier, cap, spec.formats),
             trials=spec.trials,
             timeout=spec.timeout,
             seed=spec.seed,
@@ -395,17 +384,18 @@ def run_job(
             should_cancel=should_cancel,
         )
         check_cancel(should_cancel)
-        points = _validate(result.pareto, on_calib, on_holdout, progress, should_cancel)
-        uniform = _uniform_points(problem, spec.format_names, on_calib, on_holdout, should_cancel)
+        points = _validate(problem, result.pareto, on_calib, on_holdout, progress, should_cancel)
+        uniform = _uniform_points(problem, spec.formats, on_calib, on_holdout, should_cancel)
 
-    written = write_job_outputs(
-        out_dir=out_dir,
+    written = publish(
+        out_dir,
         model_ref=model.ref,
         model_sha256=model.sha256,
         problem=problem,
         budget=budget,
         points=points,
         uniform=uniform,
+        best=best_measured(points),
     )
     return JobResult(
         out_dir=out_dir,
@@ -417,45 +407,45 @@ def run_job(
     )
 
 
-def _record(
-    choice: Mapping[str, str], source: str, on_calib: _Evaluator, on_holdout: _Evaluator
-) -> Measured:
-    return Measured(
-        choice=dict(choice),
-        calibration=on_calib.measure(choice),
-        holdout=on_holdout.measure(choice),
-        source=source,
+def _measured(point: Point, on_calib: _Evaluator, on_holdout: _Evaluator) -> Point:
+    """``point`` with its metrics on both splits."""
+    return replace(
+        point, calibration=on_calib.measure(point.choice), holdout=on_holdout.measure(point.choice)
     )
 
 
 def _validate(
-    pareto: list[Candidate],
+    problem: Problem,
+    pareto: list[Point],
     on_calib: _Evaluator,
     on_holdout: _Evaluator,
     progress: ProgressFn | None,
     should_cancel: CancelFn | None,
-) -> list[Measured]:
-    """Every measured Pareto point, re-measured on the held-out split."""
+) -> list[Point]:
+    """Every measured Pareto point, predicted by the proxy and re-measured on the held-out
+    split."""
     points = []
-    for done, cand in enumerate(pareto):
+    for done, found in enumerate(pareto):
         check_cancel(should_cancel)
-        points.append(_record(cand.choice, "search", on_calib, on_holdout))
+        point = problem.point(found.choice, source="search", number=found.number)
+        points.append(_measured(point, on_calib, on_holdout))
         report(progress, "validate", done + 1, len(pareto))
     return points
 
 
 def _uniform_points(
     problem: Problem,
-    formats: list[str],
+    formats: list[QuantFormat],
     on_calib: _Evaluator,
     on_holdout: _Evaluator,
     should_cancel: CancelFn | None,
-) -> list[Measured]:
+) -> list[Point]:
     """One format everywhere (pins kept), measured the same way: the baselines to beat."""
     points = []
     for fmt in formats:
         check_cancel(should_cancel)
         choice = problem.uniform_choice(fmt)
         if choice is not None:
-            points.append(_record(choice, f"uniform:{fmt}", on_calib, on_holdout))
+            point = problem.point(choice, source=f"uniform:{fmt.name}")
+            points.append(_measured(point, on_calib, on_holdout))
     return points

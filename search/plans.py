@@ -31,7 +31,8 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from bitplan.search.budgets import Budget
 from bitplan.search.budgets import BudgetDict as PlanBudget
-from bitplan.search.fields import Format, as_format
+from bitplan.search.fields import Format
+from bitplan.search.points import Choice, choice_names
 from bitplan.search.spec import validation_message
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat, tensor_bytes
@@ -231,9 +232,9 @@ class Plan(_Doc):
         value = self.metrics.get("predicted_error")
         return None if value is None else float(value)
 
-    def choice(self) -> dict[str, str]:
-        """``{group: format name}``, the form the search and the applier work with."""
-        return {lay.group: lay.format.name for lay in self.layers}
+    def choice(self) -> dict[str, QuantFormat]:
+        """``{group: format}``, the form the search and the applier work with."""
+        return {lay.group: lay.format for lay in self.layers}
 
     @classmethod
     def from_dict(cls, data: object) -> Plan:
@@ -264,7 +265,7 @@ def make_plan(
     model_ref: str,
     model_sha256: str,
     layers: Sequence[QuantLayer | LayerRow],
-    choice: Mapping[str, str],
+    choice: Choice,
     budget: Budget | None,
     unplanned_bytes: int,
     fp16_bytes: int,
@@ -287,7 +288,7 @@ def make_plan(
         raise InputError(
             f"the choice names groups the plan does not have: {', '.join(unknown[:3])}"
         )
-    plan_layers = [_plan_layer(r, as_format(choice[r.group])) for r in rows]
+    plan_layers = [_plan_layer(r, choice[r.group]) for r in rows]
     totals = _totals(plan_layers, unplanned_bytes=unplanned_bytes, fp16_bytes=fp16_bytes)
     return Plan(
         model=ModelRef(ref=model_ref, sha256=model_sha256),
@@ -328,7 +329,8 @@ def plan_id_of(plan: Plan) -> str:
     at a glance. Uniform reference plans are named ``u-{format}`` instead (see
     :func:`write_frontier`).
     """
-    lines = "\n".join(f"{group}={fmt}" for group, fmt in sorted(plan.choice().items()))
+    names = choice_names(plan.choice())
+    lines = "\n".join(f"{group}={fmt}" for group, fmt in sorted(names.items()))
     digest = hashlib.sha256(lines.encode()).hexdigest()[:8]
     return f"{plan.totals.bpw:.2f}bpw-{digest}"
 
@@ -337,7 +339,9 @@ class FrontierPoint(_Contract):
     """One point of a frontier: a plan's size, its predicted and measured errors, where its plan
     file is (``plan``, relative to the frontier file) and how it was found (``source``:
     ``exact`` for the proxy frontier, ``search`` for the measured search, ``uniform:<format>``
-    for a reference plan). The one point type of frontier files, job results and the API."""
+    for a reference plan). The one point type of frontier files, job results and the API; the
+    algorithms' own is :class:`~bitplan.search.points.Point` (that module says why there are
+    two), which :func:`bitplan.search.outputs.publish` turns into this one."""
 
     plan_id: str = Field(
         pattern=PLAN_ID_PATTERN,

@@ -7,6 +7,10 @@ count once (its members store one tensor) and its error is the sum of its member
 that format; a pinned group has one option; excluded layers are not in the problem at all and
 count with the unplanned bytes.
 
+Formats are parsed once, where they enter: a table's ``format`` column when the problem is built,
+a pin when a layer row is made. From there on a group's options, its pin and every choice hold
+:class:`~bitplan.sensitivity.format_spec.QuantFormat` objects, never names.
+
 A table may come with the model's layers (shapes known: bytes follow from
 :func:`bitplan.sensitivity.formats.tensor_bytes`) or alone, as a user CSV (bytes come from its
 ``bytes`` column, or are estimated from ``numel`` when it has none).
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from bitplan.search.points import Choice, Point
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import QuantFormat, parse_format, tensor_bytes
 from bitplan.sensitivity.layers import QuantLayer
@@ -54,8 +59,8 @@ class LayerRow:
     tie: str | None = None
     kind: str | None = None
     shape: tuple[int, int] | None = None
-    pinned: str | None = None
-    table_bytes: Mapping[str, int] = field(default_factory=dict)
+    pinned: QuantFormat | None = None
+    table_bytes: Mapping[QuantFormat, int] = field(default_factory=dict)
 
     @property
     def group(self) -> str:
@@ -64,6 +69,7 @@ class LayerRow:
 
     @classmethod
     def from_quant_layer(cls, layer: QuantLayer) -> LayerRow:
+        """The row of a model's layer; its pin (a name, as the model loader keeps it) parsed."""
         return cls(
             name=layer.name,
             param=layer.param,
@@ -71,19 +77,18 @@ class LayerRow:
             tie=layer.tie,
             kind=layer.kind,
             shape=layer.shape,
-            pinned=layer.pinned,
+            pinned=parse_format(layer.pinned) if layer.pinned is not None else None,
         )
 
-    def bytes_for(self, fmt: QuantFormat | str) -> int:
+    def bytes_for(self, fmt: QuantFormat) -> int:
         """Exact bytes of this layer's tensor in ``fmt`` (from the shape, else the table)."""
-        fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
         if self.shape is not None:
             return tensor_bytes(fmt, *self.shape)
-        if fmt.name not in self.table_bytes:
+        if fmt not in self.table_bytes:
             raise InputError(
                 f"no bytes known for layer {self.name} in {fmt.name}; add a row for it to the table"
             )
-        return int(self.table_bytes[fmt.name])
+        return int(self.table_bytes[fmt])
 
 
 def as_layer_rows(layers: Sequence[QuantLayer | LayerRow]) -> list[LayerRow]:
@@ -113,10 +118,10 @@ class Group:
     key: str
     members: list[str]
     numel: int
-    formats: list[str]
+    formats: list[QuantFormat]
     bytes: np.ndarray  # int64 (n_options,)
     error: np.ndarray  # float64 (n_options,)
-    pinned: str | None = None
+    pinned: QuantFormat | None = None
 
 
 @dataclass
@@ -133,11 +138,11 @@ class Problem:
         """Weights in planned tensors, each tie group counted once."""
         return sum(g.numel for g in self.groups)
 
-    def choice_of(self, option: Sequence[int]) -> dict[str, str]:
+    def choice_of(self, option: Sequence[int]) -> dict[str, QuantFormat]:
         """``{group key: format}`` for one option index per group."""
         return {g.key: g.formats[i] for g, i in zip(self.groups, option, strict=True)}
 
-    def uniform_choice(self, fmt: str) -> dict[str, str] | None:
+    def uniform_choice(self, fmt: QuantFormat) -> dict[str, QuantFormat] | None:
         """Every group in ``fmt`` (pinned groups keep their pin); None when some group has no
         ``fmt`` option in the table."""
         choice = {}
@@ -148,7 +153,7 @@ class Problem:
             choice[g.key] = want
         return choice
 
-    def cost(self, choice: Mapping[str, str]) -> tuple[int, float]:
+    def cost(self, choice: Choice) -> tuple[int, float]:
         """``(planned_bytes, predicted_error)`` of a choice under the additive model."""
         nbytes, error = 0, 0.0
         for g in self.groups:
@@ -157,17 +162,30 @@ class Problem:
             error += float(g.error[i])
         return nbytes, error
 
+    def point(self, choice: Choice, *, source: str, number: int | None = None) -> Point:
+        """``choice`` as a :class:`Point` sized and predicted by the additive model."""
+        nbytes, error = self.cost(choice)
+        return Point(
+            choice=dict(choice),
+            planned_bytes=nbytes,
+            predicted_error=error,
+            source=source,
+            number=number,
+        )
+
 
 def _group_options(
-    key: str, members: list[LayerRow], errors: dict[str, dict[str, float]]
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Formats every member has a row for, with the tie's bytes (once) and summed error."""
+    key: str, members: list[LayerRow], errors: dict[str, dict[QuantFormat, float]]
+) -> tuple[list[QuantFormat], np.ndarray, np.ndarray]:
+    """Formats every member has a row for (by name), with the tie's bytes (once) and summed
+    error."""
     per_member = [errors.get(m.name, {}) for m in members]
     pinned = members[0].pinned
     if pinned is not None:
-        formats = [parse_format(pinned).name]
+        formats = [pinned]
     else:
-        formats = sorted(set.intersection(*(set(e) for e in per_member)))
+        common = set.intersection(*(set(e) for e in per_member))
+        formats = sorted(common, key=lambda f: f.name)
     if not formats:
         raise InputError(
             f"{key}: no format has a table row for every member "
@@ -189,7 +207,7 @@ def _group_options(
                 "%s is pinned to %s, which the table does not measure; its error "
                 "counts as 0 (a constant offset: the frontier's plans are unchanged)",
                 key,
-                fmt,
+                fmt.name,
             )
             error.append(0.0)
     return formats, np.asarray(nbytes, dtype=np.int64), np.asarray(error, dtype=np.float64)
@@ -246,7 +264,7 @@ def rows_from_table(table: pd.DataFrame) -> list[LayerRow]:
                 param=str(param) if _tie_of(param) else f"{name}.weight",
                 numel=numel,
                 tie=tie,
-                table_bytes={f.name: int(b) for f, b in zip(formats, sizes, strict=True)},
+                table_bytes={f: int(b) for f, b in zip(formats, sizes, strict=True)},
             )
         )
     return rows
@@ -281,16 +299,17 @@ def build_problem(
             len(extra),
             ", ".join(sorted(extra)[:5]),
         )
-    canonical = {f: parse_format(f).name for f in table["format"].unique()}
-    errors: dict[str, dict[str, float]] = {}
-    for layer, fmt, err in zip(table["layer"], table["format"], table["error"], strict=True):
+    parsed = {name: parse_format(name) for name in table["format"].unique()}  # once a name
+    errors: dict[str, dict[QuantFormat, float]] = {}
+    for layer, name, err in zip(table["layer"], table["format"], table["error"], strict=True):
         cell = errors.setdefault(layer, {})
-        if canonical[fmt] in cell:
+        fmt = parsed[name]
+        if fmt in cell:
             raise InputError(
-                f"the table has two rows for layer {layer} in {canonical[fmt]}; "
+                f"the table has two rows for layer {layer} in {fmt.name}; "
                 "keep one row per (layer, format)"
             )
-        cell[canonical[fmt]] = float(err)
+        cell[fmt] = float(err)
     by_group: dict[str, list[LayerRow]] = {}
     for r in rows:
         by_group.setdefault(r.group, []).append(r)
@@ -298,9 +317,8 @@ def build_problem(
     for key, members in by_group.items():
         pins = {m.pinned for m in members}
         if len(pins) > 1:
-            raise InputError(
-                f"tie group {key} has members pinned differently: {sorted(map(str, pins))}"
-            )
+            names = sorted(p.name if p is not None else "nothing" for p in pins)
+            raise InputError(f"tie group {key} has members pinned differently: {names}")
         formats, nbytes, error = _group_options(key, members, errors)
         groups.append(
             Group(

@@ -23,21 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitplan.search.budgets import parse_budget
-from bitplan.search.frontier import (
-    Frontier,
-    best_under,
-    budget_headroom,
-    exact_frontier,
-    planned_cap,
-)
-from bitplan.search.plans import (
-    FrontierFile,
-    Plan,
-    make_plan,
-    plan_id_of,
-    read_plan,
-    write_frontier,
-)
+from bitplan.search.frontier import Frontier, budget_headroom, exact_frontier, planned_cap
+from bitplan.search.outputs import publish
+from bitplan.search.plans import FrontierFile, Plan, read_plan
 from bitplan.search.problem import LayerRow, build_problem, rows_from_table
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import ProgressFn
@@ -131,55 +119,47 @@ def solve_table(
     if note is not None:
         log.warning("%s", note)
     frontier = exact_frontier(problem, progress=progress)
-    best = best_under(frontier, cap) if cap is not None else None
-    picks = frontier.spread(points, keep=[best.index] if best is not None else [])
-
-    def plan_of(choice: dict[str, str], predicted: float) -> Plan:
-        return make_plan(
-            model_ref=model_ref,
-            model_sha256=sha,
-            layers=rows,
-            choice=choice,
-            budget=parsed,
-            unplanned_bytes=unplanned,
-            fp16_bytes=problem.fp16_bytes,
-            predicted_error=predicted,
-        )
-
-    exact = {i: plan_of(frontier.point(i).choice, frontier.point(i).predicted_error) for i in picks}
-    formats = sorted({f for g in problem.groups for f in g.formats})
+    best = frontier.index_under(cap) if cap is not None else None
+    picks = frontier.spread(points, keep=[best] if best is not None else [])
+    exact = [frontier.point(i) for i in picks]
+    formats = sorted({f for g in problem.groups for f in g.formats}, key=lambda f: f.name)
     uniform = []
     for fmt in formats:
         choice = problem.uniform_choice(fmt)
         if choice is not None:
-            uniform.append((plan_of(choice, problem.cost(choice)[1]), f"uniform:{fmt}"))
-    best_plan = exact[best.index] if best is not None else None
-    written = write_frontier(
+            uniform.append(problem.point(choice, source=f"uniform:{fmt.name}"))
+    written = publish(
         out,
         model_ref=model_ref,
         model_sha256=sha,
+        problem=problem,
         budget=parsed,
-        points=[(plan, "exact") for plan in exact.values()],
+        points=exact,
         uniform=uniform,
-        best=best_plan,
+        best=exact[picks.index(best)] if best is not None else None,
     )
-    best_id = plan_id_of(best_plan) if best_plan is not None else None
-    if best is not None and parsed is not None:
+    best_id = written.best_plan_id
+    if best_id is not None and parsed is not None:
+        entry = next(p for p in written.frontier.points if p.plan_id == best_id)
         log.info(
             "best plan under %s: %s (%d bytes, %.3f bpw, predicted error %.4g)",
             parsed.text,
             best_id,
-            best.total_bytes,
-            best.bpw,
-            best.predicted_error,
+            entry.total_bytes,
+            entry.bpw,
+            entry.predicted_error,
         )
     log.info(
         "exact frontier: %d points (exact=%s); wrote %d plans to %s",
         len(frontier),
         frontier.exact,
-        len(written.points) + len(written.uniform),
+        len(written.plan_ids),
         out,
     )
     return SolveResult(
-        out_dir=out, frontier=frontier, file=written, best_plan_id=best_id, budget_note=note
+        out_dir=out,
+        frontier=frontier,
+        file=written.frontier,
+        best_plan_id=best_id,
+        budget_note=note,
     )

@@ -23,11 +23,14 @@ from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import DEFAULT_FORMATS, QuantFormat, parse_formats
 from bitplan.sensitivity.method_names import METHODS
 
-__all__ = ["METHODS", "SAMPLERS", "JobSpec", "validation_message"]
+__all__ = ["ANALYZE_BUDGET", "METHODS", "SAMPLERS", "JobSpec", "validation_message"]
 
 # The samplers :func:`bitplan.search.measured.measured_search` knows (it imports this list); defined
 # here so that validating a request does not import Optuna.
 SAMPLERS = ("nsga2", "tpe")
+# `analyze` measures sensitivities only, but a JobSpec needs a budget: 16 bpw (fp16 everywhere)
+# always fits.
+ANALYZE_BUDGET = "16bpw"
 
 
 def validation_message(exc: ValidationError) -> str:

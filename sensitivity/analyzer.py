@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,7 +100,7 @@ def _measure_scores(
     fisher cannot score a layer that no gradient reaches (a pooler beside the hidden states
     the metrics compare, an unused head): its Fisher is 0, which would make it free to drop to
     the smallest format. Such layers are scored by ``layer`` (their own output error), or by
-    ``weight`` when they never ran on the calibration data.
+    ``weight`` when their output carried no signal on the calibration data (they never ran).
     """
     module, layers = model.module, model.layers
     if method == "weight":
@@ -144,17 +144,9 @@ def _measure_scores(
         unreached = [lay for lay in layers if lay.name not in scores]
         if not unreached:
             return scores, {}
-        fallback = layer_errors(
-            module, unreached, formats, batches=batches, should_cancel=should_cancel
+        return scores, _score_unreached(
+            module, unreached, formats, scores, batches=batches, should_cancel=should_cancel
         )
-        scored_by = _fill_unreached(module, unreached, formats, fallback, scores)
-        logger.warning(
-            "fisher: no gradient reached %s (they do not change the output bitplan "
-            "measures); scored instead by the method named (column 'method'), on that "
-            "method's relative scale, which keeps them at high precision",
-            ", ".join(f"{name} (by {how})" for name, how in scored_by.items()),
-        )
-        return scores, scored_by
     reference = collect_reference(model, calib, batch_size=batch_size)
     scores = e2e_errors(
         module,
@@ -167,23 +159,49 @@ def _measure_scores(
     return scores, {}
 
 
-def _fill_unreached(
+# Why each fallback scored a layer that fisher could not, as the user reads it.
+_FALLBACK_REASON = {
+    "layer": "scored by its own output error instead",
+    "weight": "and no calibration input reached it either (it never ran, or saw only zeros): "
+    "scored by its weight error instead",
+}
+
+
+def _score_unreached(
     module: torch.nn.Module,
     unreached: Sequence[QuantLayer],
     formats: Sequence[QuantFormat],
-    layer_scores: Scores,
     scores: Scores,
+    *,
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
+    should_cancel: CancelFn | None,
 ) -> dict[str, str]:
-    """Put ``layer`` scores of the ``unreached`` layers into ``scores``, or ``weight`` scores
-    for those that never ran (all-zero ``layer`` scores); returns ``{layer: method used}``."""
-    scored_by: dict[str, str] = {}
-    for lay in unreached:
-        errors = layer_scores[lay.name]
-        scored_by[lay.name] = "layer"
-        if not any(errors.values()):  # the layer never ran: only its weights can tell
-            errors = weight_errors(module, [lay], formats)[lay.name]
-            scored_by[lay.name] = "weight"
-        scores[lay.name] = errors
+    """Score the layers no fisher gradient reached by ``layer``, or by ``weight`` for those
+    whose output carried no signal on the data; add them to ``scores``, warn once per layer
+    and return ``{layer: method used}``."""
+    scored_by = dict.fromkeys((lay.name for lay in unreached), "weight")
+    by_layer = layer_errors(
+        module,
+        unreached,
+        formats,
+        batches=batches,
+        skip_unmeasured=True,
+        should_cancel=should_cancel,
+    )
+    scores.update(by_layer)
+    scored_by.update(dict.fromkeys(by_layer, "layer"))
+    by_weight = [lay for lay in unreached if lay.name not in by_layer]
+    if by_weight:
+        scores.update(weight_errors(module, by_weight, formats, should_cancel=should_cancel))
+    for name, how in scored_by.items():
+        logger.warning(
+            "fisher: no gradient reached %s (it does not change the output bitplan measures); "
+            "%s (method %r in the table), on that method's relative scale, which keeps it at "
+            "high precision",
+            name,
+            _FALLBACK_REASON[how],
+            how,
+        )
     return scored_by
 
 

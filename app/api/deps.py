@@ -27,7 +27,8 @@ _bearer = HTTPBearer(auto_error=False, description="an API key from `bitplan key
 
 
 async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings  # set by create_app
+    return settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -8,11 +8,11 @@ fields), so each command builds its request the same way.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from bitplan.app.commands._paths import OutOpt
 from bitplan.app.spec_defaults import spec_default, spec_help
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import parse_format
@@ -43,7 +43,6 @@ __all__ = [
 DEFAULT_FORMATS = ",".join(fmt.name for fmt in spec_default("formats"))
 
 ModelArg = Annotated[str, typer.Argument(help="builtin:NAME, a Hugging Face folder or .zip.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 BudgetOpt = Annotated[str, typer.Option(help="4.5bpw, 60MB, 58MiB or 0.3x (of the fp16 size).")]
 CalibOpt = Annotated[str, typer.Option(help="builtin, or a .txt/.jsonl/.safetensors file.")]
 TaskOpt = Annotated[str | None, typer.Option(help="Override the task inferred from the model.")]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bitplan.app.commands._options import OutOpt
+from bitplan.app.commands._paths import OutOpt
 from bitplan.app.console import console, output_folder, run_command
 
 __all__ = ["apply"]

@@ -1,4 +1,5 @@
-"""``submit``, ``status``, ``wait``, ``cancel`` and ``download``: a job on a bitplan service.
+"""``status``, ``wait``, ``cancel`` and ``download``: a job on a bitplan service (``submit`` is
+in :mod:`~bitplan.app.commands.submit`, with the job options).
 
 They talk HTTP through :class:`~bitplan.app.client.BitplanClient` (``--url``/``--api-key`` or
 ``BITPLAN_URL``/``BITPLAN_API_KEY``); the client is imported inside each command, so ``bitplan
@@ -15,35 +16,12 @@ from typing import Annotated, Any
 
 import typer
 
-from bitplan.app.commands._options import (
-    DEFAULT_FORMATS,
-    BudgetOpt,
-    ExcludeOpt,
-    FormatsOpt,
-    HoldoutOpt,
-    MaxLengthOpt,
-    MaxSamplesOpt,
-    MethodOpt,
-    OutOpt,
-    PinOpt,
-    SamplerOpt,
-    SeedOpt,
-    TaskOpt,
-    TimeoutOpt,
-    TrialsOpt,
-    request_fields,
-)
+from bitplan.app.commands._paths import OutOpt
 from bitplan.app.console import console, err_console, output_folder
-from bitplan.app.settings import Settings
-from bitplan.app.spec_defaults import spec_default
+from bitplan.app.endpoint import DEFAULT_URL
 from bitplan.app.states import JobState
 
-__all__ = ["DEFAULT_URL", "cancel", "download", "status", "submit", "wait"]
-
-# Where `bitplan serve` listens when nothing overrides its settings.
-DEFAULT_URL = (
-    f"http://{Settings.model_fields['host'].default}:{Settings.model_fields['port'].default}"
-)
+__all__ = ["JobIdArg", "KeyOpt", "UrlOpt", "cancel", "download", "status", "wait"]
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="BITPLAN_URL", help="The server's URL.")]
 KeyOpt = Annotated[
@@ -53,71 +31,6 @@ KeyOpt = Annotated[
     ),
 ]
 JobIdArg = Annotated[str, typer.Argument(help="The job id.")]
-
-
-def submit(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="builtin:NAME, an uploaded model id, or a model file/folder to upload."
-        ),
-    ],
-    budget: BudgetOpt,
-    calib: Annotated[
-        str,
-        typer.Option(help="builtin, an uploaded dataset id, or a .txt/.jsonl/.safetensors file."),
-    ] = spec_default("calib"),
-    task: TaskOpt = spec_default("task"),
-    formats: FormatsOpt = DEFAULT_FORMATS,
-    method: MethodOpt = spec_default("method"),
-    trials: TrialsOpt = spec_default("trials"),
-    timeout: TimeoutOpt = spec_default("timeout"),
-    seed: SeedOpt = spec_default("seed"),
-    sampler: SamplerOpt = spec_default("sampler"),
-    exclude: ExcludeOpt = None,
-    pin: PinOpt = None,
-    holdout: HoldoutOpt = spec_default("holdout"),
-    max_length: MaxLengthOpt = spec_default("max_length"),
-    max_samples: MaxSamplesOpt = spec_default("max_samples"),
-    wait: Annotated[bool, typer.Option(help="Wait with a progress bar.")] = False,
-    url: UrlOpt = DEFAULT_URL,
-    api_key: KeyOpt = None,
-) -> None:
-    """Queue a planning job and print its id.
-
-    A local model or data file is uploaded unless the server already has the same bytes.
-    """
-    from bitplan.app.client import BitplanClient
-    from bitplan.app.service_cli import finished, guarded, upload_ref, wait_with_progress
-
-    def run() -> dict[str, Any]:
-        fields = request_fields(
-            formats=formats,
-            exclude=exclude,
-            pin=pin,
-            task=task,
-            method=method,
-            trials=trials,
-            timeout=timeout,
-            seed=seed,
-            sampler=sampler,
-            holdout=holdout,
-            max_length=max_length,
-            max_samples=max_samples,
-        )
-        with BitplanClient(url, api_key=api_key) as client:
-            job = client.submit_job(
-                model=upload_ref(client, model, kind="model"),
-                calib=upload_ref(client, calib, kind="dataset"),
-                budget=budget,
-                **fields,
-            )
-            typer.echo(job["id"])
-            return wait_with_progress(client, job["id"]) if wait else job
-
-    job = guarded(run)
-    if wait:
-        finished(job)
 
 
 def status(

@@ -50,9 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["analyze", "search", "solve"]
 
-# `analyze` measures no plan, but a JobSpec needs a budget: 16 bpw is always feasible.
-_ANALYZE_BUDGET = "16bpw"
-
 DeviceOpt = Annotated[str, typer.Option(help=spec_help("device"))]
 BatchSizeOpt = Annotated[int, typer.Option(help=spec_help("batch_size"))]
 
@@ -91,10 +88,11 @@ def analyze(
     def run() -> None:
         from bitplan.app.summary import sensitivity_table
         from bitplan.search.pipeline import analyze_spec
+        from bitplan.search.spec import ANALYZE_BUDGET
 
         spec = _job_spec(
             model=model,
-            budget=_ANALYZE_BUDGET,
+            budget=ANALYZE_BUDGET,
             **request_fields(
                 calib=calib,
                 task=task,
@@ -112,7 +110,7 @@ def analyze(
         )
         with output_folder(out), progress_bars() as progress:
             table = analyze_spec(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
-        console.print(sensitivity_table(table))
+        console.print(sensitivity_table(table, method=spec.method))
         console.print(f"wrote {out / 'sensitivity.csv'} and {out / 'layers.json'}")
 
     run_command(run)
@@ -142,8 +140,9 @@ def search(
 
     def run() -> None:
         from bitplan.app.report import render_report
-        from bitplan.app.summary import frontier_table, plans_written
+        from bitplan.app.summary import fallback_note, frontier_table, plans_written
         from bitplan.search.pipeline import run_job
+        from bitplan.sensitivity.table import read_table
 
         spec = _job_spec(
             model=model,
@@ -169,6 +168,9 @@ def search(
         with output_folder(out), ctrl_c_watch() as ctrl_c, progress_bars() as progress:
             result = run_job(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
         console.print(frontier_table(result.frontier))
+        note = fallback_note(read_table(out / "sensitivity.csv"), method=spec.method)
+        if note is not None:
+            console.print(note, highlight=False, soft_wrap=True)
         if result.interrupted:
             console.print(
                 "[yellow]search stopped early: the frontier holds the trials that finished[/yellow]"

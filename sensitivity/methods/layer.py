@@ -90,8 +90,10 @@ def _collect(
 
 def _score(
     matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat]
-) -> dict[str, float]:
-    """``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` per format; the denominator is computed once."""
+) -> tuple[dict[str, float], bool]:
+    """``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` per format (the denominator is computed once), and whether
+    that denominator is positive: when it is 0 the layer's output carried no signal to compare
+    against, and every error reads 0."""
     errors: dict[str, float] = {}
     den: float | None = None
     for fmt in formats:
@@ -102,10 +104,12 @@ def _score(
                 total += st.energy(start, stop, w)
         den = total if den is None else den
         errors[fmt.name] = num / den if den > 0 else 0.0
-    if not den:
-        seen = "only zero inputs" if st.samples else "no calibration input (it never ran)"
-        logger.warning("layer %s saw %s; its output error is scored 0", st.layer.name, seen)
-    return errors
+    return errors, den is not None and den > 0
+
+
+def _seen(st: InputStats) -> str:
+    """What an unmeasured layer saw, for a log line."""
+    return "only zero inputs" if st.samples else "no calibration input (it never ran)"
 
 
 def layer_errors(
@@ -117,6 +121,7 @@ def layer_errors(
     forward: Callable[[Batch], Any] | None = None,
     n_batches: int | None = None,
     max_stats_bytes: int = DEFAULT_STATS_BYTES,
+    skip_unmeasured: bool = False,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> Scores:
@@ -125,6 +130,11 @@ def layer_errors(
     ``batches()`` returns a fresh iterable of input dicts on the module's device each call;
     ``forward(batch)`` runs the model (default ``module(**batch)``). Progress: stage
     ``"collect"`` per batch (when ``n_batches`` is known) and ``"analyze"`` per layer.
+
+    A layer whose output carried no signal (it never ran on the data, or saw only zeros, so
+    ``tr(W·H·Wᵀ) = 0``) has no relative error: it is scored 0 with a warning, or, with
+    ``skip_unmeasured``, left out of the result for a caller that scores it another way (and
+    tells the user how, so that no warning here contradicts it).
     """
     forward = forward or (lambda batch: module(**batch))
     passes = _plan_passes(module, layers, max_stats_bytes)
@@ -141,11 +151,20 @@ def layer_errors(
             report(progress, "collect", collected[0], total_batches)
 
     scores: Scores = {}
+    done = 0
     for group in passes:
         stats = _collect(module, group, batches, forward, on_batch, should_cancel)
         for lay in group:
             check_cancel(should_cancel)
             st = stats.pop(lay.name)  # dropped from the dict: H is freed once scored
-            scores[lay.name] = _score(layer_matrix(module, lay), st, candidates(lay, formats))
-            report(progress, "analyze", len(scores), len(layers))
+            errors, measured = _score(layer_matrix(module, lay), st, candidates(lay, formats))
+            if measured:
+                scores[lay.name] = errors
+            elif skip_unmeasured:
+                logger.info("layer %s saw %s; left for another method", lay.name, _seen(st))
+            else:
+                logger.warning("layer %s saw %s; its output error is scored 0", lay.name, _seen(st))
+                scores[lay.name] = errors
+            done += 1
+            report(progress, "analyze", done, len(layers))
     return scores

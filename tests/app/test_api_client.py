@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -50,18 +51,18 @@ def test_client_round_trip(client: TestClient, tmp_path: Path) -> None:
     assert report.read_text().startswith("<html>")
 
 
-def test_find_upload_looks_through_every_page(client: TestClient, tmp_path: Path) -> None:
+def test_find_upload_asks_the_server_once(client: TestClient, tmp_path: Path) -> None:
     api = BitplanClient(http=client)
     uploaded = []
-    for i in range(51):  # more than one page of the API's default size (50)
+    for i in range(3):
         data_file = tmp_path / f"calib-{i}.txt"
         data_file.write_text(f"sample {i}\nanother sample\n")
         uploaded.append((api.upload_dataset(data_file), file_sha256(data_file)))
-    first_page = client.get("/v1/datasets").json()
-    assert first_page["next_cursor"] is not None  # the premise: the oldest is on a later page
-    assert uploaded[0][0]["id"] not in {blob["id"] for blob in first_page["data"]}
-    oldest, oldest_sha = uploaded[0]
+    requests: list[httpx.Request] = []
+    client.event_hooks["request"].append(requests.append)
+    oldest, oldest_sha = uploaded[0]  # the last one a newest-first listing would reach
     assert api.find_upload("dataset", sha256=oldest_sha) == oldest
+    assert len(requests) == 1 and requests[0].url.params["sha256"] == oldest_sha
     assert api.find_upload("model", sha256=oldest_sha) is None  # datasets are not models
     assert api.find_upload("dataset", sha256="0" * 64) is None
 

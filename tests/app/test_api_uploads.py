@@ -166,3 +166,32 @@ def test_list_pages_uploads(client: TestClient) -> None:
     assert [d["id"] for d in first["data"] + second["data"]] == ids[::-1]
     assert second["next_cursor"] is None
     assert first["data"][0]["filename"] == "d2.txt"
+
+
+def test_list_filters_by_sha256(client: TestClient) -> None:
+    uploads = [_upload(client, "datasets", f"s{i}.txt", f"text {i}\n".encode()) for i in range(3)]
+    oldest = uploads[0].json()
+    for sha in (oldest["sha256"], oldest["sha256"].upper()):
+        found = client.get("/v1/datasets", params={"sha256": sha, "limit": 1}).json()
+        assert found == {"data": [oldest], "next_cursor": None}  # not the newest: the match
+    assert client.get("/v1/models", params={"sha256": oldest["sha256"]}).json()["data"] == []
+    assert client.get("/v1/datasets", params={"sha256": "0" * 64}).json()["data"] == []
+
+
+@pytest.mark.parametrize("sha", ["abc", "g" * 64, "0" * 65, ""])
+def test_sha256_filter_must_be_64_hex_digits(client: TestClient, sha: str) -> None:
+    body = assert_problem(client.get("/v1/datasets", params={"sha256": sha}), 422)
+    assert body["errors"][0]["loc"] == "query.sha256"
+
+
+def test_sha256_filter_sees_only_the_callers_uploads(settings: Settings) -> None:
+    from bitplan.app import crud
+
+    with api_client(settings.model_copy(update={"auth": "on"})) as client:
+        with client.app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+            keys = [crud.create_api_key(session, name=name)[1] for name in ("a", "b")]
+        key_a, key_b = ({"Authorization": f"Bearer {key}"} for key in keys)
+        mine = client.post("/v1/datasets", files={"file": ("a.txt", b"a's\n")}, headers=key_a)
+        query = {"sha256": mine.json()["sha256"]}
+        assert client.get("/v1/datasets", params=query, headers=key_a).json()["data"] != []
+        assert client.get("/v1/datasets", params=query, headers=key_b).json()["data"] == []

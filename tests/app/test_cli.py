@@ -77,6 +77,38 @@ def test_analyze_writes_table_and_prints_summary(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "layers.json").read_text())
 
 
+@pytest.fixture
+def fisher_misses_fc2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fisher scores every layer of builtin:digits-cnn but fc2, as if no gradient reached it,
+    so the analyzer's fallback scores fc2; the doctored table never enters the shared cache."""
+    from bitplan.sensitivity import analyzer
+
+    real = analyzer.fisher_errors
+
+    def misses_fc2(*args: Any, **kwargs: Any) -> dict[str, dict[str, float]]:
+        scores = real(*args, **kwargs)
+        del scores["fc2"]
+        return scores
+
+    monkeypatch.setattr(analyzer, "fisher_errors", misses_fc2)
+    monkeypatch.setattr(analyzer, "load_cached", lambda *_: None)
+    monkeypatch.setattr(analyzer, "store_cached", lambda *_: None)
+
+
+@pytest.mark.usefixtures("fisher_misses_fc2")
+def test_analyze_and_search_show_which_layers_a_fallback_scored(tmp_path: Path) -> None:
+    common = ["--method", "fisher", "--device", "cpu", "--batch-size", "256"]
+    analyzed = _ok(["analyze", "builtin:digits-cnn", *common, "-o", str(tmp_path / "sens")])
+    assert "fc2 †" in analyzed and "conv1 †" not in analyzed
+    note = "† fisher could not score 1 layer (no gradient reached it); scored instead by layer: fc2"
+    assert note in " ".join(analyzed.split())  # the terminal wraps the line
+    searched = _ok(
+        ["search", "builtin:digits-cnn", "--budget", "4.5bpw", "--trials", "2", *common]
+        + ["-o", str(tmp_path / "job")]
+    )
+    assert note in " ".join(searched.split())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

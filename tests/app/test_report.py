@@ -55,7 +55,7 @@ def _plan(
         model_ref=ref,
         model_sha256="ab" * 32,
         layers=layers,
-        choice=dict(zip([lay.name for lay in layers], formats, strict=True)),
+        choice=dict(zip([lay.name for lay in layers], map(parse_format, formats), strict=True)),
         budget=parse_budget(budget) if budget else None,
         unplanned_bytes=1000,
         fp16_bytes=2 * sum(lay.numel for lay in layers) + 1000,

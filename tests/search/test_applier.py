@@ -7,8 +7,12 @@ import torch
 from torch import nn
 
 from bitplan.search.applier import PlanApplier
-from bitplan.sensitivity.formats import fake_quantize, parse_format
+from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
 from bitplan.sensitivity.layers import find_quant_layers
+
+
+def _parsed(choice: dict[str, str]) -> dict[str, QuantFormat]:
+    return {group: parse_format(name) for group, name in choice.items()}
 
 
 def _model() -> nn.Module:
@@ -26,14 +30,14 @@ def test_apply_switches_formats_and_restores() -> None:
     groups = {lay.group for lay in layers}
     assert groups == {"0.weight", "1", "3"}
     with PlanApplier(model, layers) as applier:
-        applier.apply({"0.weight": "int4-g8", "1": "int2-g4-asym"})
+        applier.apply(_parsed({"0.weight": "int4-g8", "1": "int2-g4-asym"}))
         expect = fake_quantize(originals["0.weight"], parse_format("int4-g8"))
         assert torch.equal(model[0].weight, expect) and model[4].weight is model[0].weight
         assert torch.equal(
             model[1].weight, fake_quantize(originals["1.weight"], parse_format("int2-g4-asym"))
         )
         assert torch.equal(model[3].weight, originals["3.weight"])  # absent: full precision
-        applier.apply({"0.weight": "int8", "1": "int2-g4-asym", "3": "fp8-e4m3"})
+        applier.apply(_parsed({"0.weight": "int8", "1": "int2-g4-asym", "3": "fp8-e4m3"}))
         assert torch.equal(
             model[0].weight, fake_quantize(originals["0.weight"], parse_format("int8"))
         )
@@ -48,9 +52,9 @@ def test_restores_on_error_and_refuses_use_outside_block() -> None:
     before = model[1].weight.detach().clone()
     applier = PlanApplier(model, layers)
     with pytest.raises(RuntimeError, match="outside"):
-        applier.apply({"1": "int8"})
+        applier.apply(_parsed({"1": "int8"}))
     with pytest.raises(KeyError), applier:
-        applier.apply({"1": "int2"})
+        applier.apply(_parsed({"1": "int2"}))
         assert not torch.equal(model[1].weight, before)  # the restore below has work to do
         raise KeyError("trial failed")
     assert torch.equal(model[1].weight, before)

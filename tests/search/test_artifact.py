@@ -15,8 +15,9 @@ from torch import nn
 
 from bitplan.search import artifact
 from bitplan.search.artifact import apply_plan, load_artifact, tensor_bytes_of, write_artifact
+from bitplan.search.plans import Plan, make_plan, read_plan
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import fake_quantize, parse_format, tensor_bytes
+from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format, tensor_bytes
 from bitplan.sensitivity.layers import (
     QuantLayer,
     find_quant_layers,
@@ -85,6 +86,26 @@ def _expected_bytes(model: nn.Module, layers: list[QuantLayer], formats: dict[st
     return sum(planned.values()) + parameter_bytes(model, layers)[0]
 
 
+def _parsed(formats: dict[str, str]) -> dict[str, QuantFormat]:
+    """The tests name formats; the writer takes them parsed."""
+    return {name: parse_format(fmt) for name, fmt in formats.items()}
+
+
+def _plan(model: nn.Module, layers: list[QuantLayer], *, extra_bytes: int = 0) -> Plan:
+    """MIXED as a plan of ``model`` (``extra_bytes`` more unplanned bytes than it has)."""
+    unplanned, fp16 = parameter_bytes(model, layers)
+    return make_plan(
+        model_ref="builtin:test",
+        model_sha256="ab" * 32,
+        layers=layers,
+        choice={lay.group: parse_format(MIXED[lay.name]) for lay in layers},
+        budget=None,
+        unplanned_bytes=unplanned + extra_bytes,
+        fp16_bytes=fp16,
+        predicted_error=None,
+    )
+
+
 def _trained(seed: int, dtype: torch.dtype = torch.float32) -> Mixed:
     torch.manual_seed(seed)
     model = Mixed()
@@ -105,7 +126,11 @@ def test_reload_is_bit_equal_and_bytes_match_the_plan(
     assert {lay.name for lay in layers} == set(MIXED)
     assert sum(lay.tie is not None for lay in layers) == 2
     report = write_artifact(
-        model=model, layers=layers, formats=MIXED, out_dir=tmp_path, model_ref="builtin:test"
+        model=model,
+        layers=layers,
+        formats=_parsed(MIXED),
+        out_dir=tmp_path,
+        model_ref="builtin:test",
     )
     expected = _expected_bytes(model, layers, MIXED)
     assert tensor_bytes_of(report.path) == report.total_bytes == expected
@@ -127,7 +152,7 @@ def test_reload_is_bit_equal_and_bytes_match_the_plan(
 def test_file_layout(tmp_path: Path) -> None:
     model = _trained(0)
     layers = find_quant_layers(model)
-    report = write_artifact(model=model, layers=layers, formats=MIXED, out_dir=tmp_path)
+    report = write_artifact(model=model, layers=layers, formats=_parsed(MIXED), out_dir=tmp_path)
     size = report.path.stat().st_size
     with report.path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
@@ -168,7 +193,7 @@ def test_gpt2_conv1d_round_trip(tmp_path: Path) -> None:
     cycle = ["int4-g32", "int3-g16-asym", "int5-g64", "int2-g8-asym", "int6", "fp8-e4m3"]
     formats = {lay.name: cycle[i % len(cycle)] for i, lay in enumerate(layers) if lay.tie is None}
     formats.update({lay.name: "int8" for lay in layers if lay.tie is not None})
-    write_artifact(model=model, layers=layers, formats=formats, out_dir=tmp_path)
+    write_artifact(model=model, layers=layers, formats=_parsed(formats), out_dir=tmp_path)
     assert tensor_bytes_of(tmp_path / "model.safetensors") == _expected_bytes(
         model, layers, formats
     )
@@ -188,23 +213,21 @@ def test_formats_are_validated(tmp_path: Path) -> None:
         write_artifact(
             model=model,
             layers=layers,
-            formats={k: v for k, v in MIXED.items() if k != "up"},
+            formats=_parsed({k: v for k, v in MIXED.items() if k != "up"}),
             out_dir=tmp_path,
         )
     with pytest.raises(InputError, match="different formats"):
         write_artifact(
-            model=model, layers=layers, formats={**MIXED, "head": "int4"}, out_dir=tmp_path
+            model=model, layers=layers, formats=_parsed({**MIXED, "head": "int4"}), out_dir=tmp_path
         )
     with pytest.raises(InputError, match="does not plan: nope"):
         write_artifact(
-            model=model, layers=layers, formats={**MIXED, "nope": "int8"}, out_dir=tmp_path
-        )
-    with pytest.raises(InputError, match="unknown format"):
-        write_artifact(
-            model=model, layers=layers, formats={**MIXED, "up": "int7x"}, out_dir=tmp_path
+            model=model, layers=layers, formats=_parsed({**MIXED, "nope": "int8"}), out_dir=tmp_path
         )
     only_embed = {k: v for k, v in MIXED.items() if k != "head"}  # one tie member is enough
-    report = write_artifact(model=model, layers=layers, formats=only_embed, out_dir=tmp_path)
+    report = write_artifact(
+        model=model, layers=layers, formats=_parsed(only_embed), out_dir=tmp_path
+    )
     assert report.tensor_bytes["embed.weight.qdata"] == VOCAB * DIM  # int8: a byte each
 
 
@@ -238,7 +261,9 @@ class _Untied(Mixed):
 )
 def test_load_rejects_other_architectures(tmp_path: Path, target: object, message: str) -> None:
     model = _trained(0)
-    write_artifact(model=model, layers=find_quant_layers(model), formats=MIXED, out_dir=tmp_path)
+    write_artifact(
+        model=model, layers=find_quant_layers(model), formats=_parsed(MIXED), out_dir=tmp_path
+    )
     module = target() if isinstance(target, type) else target
     with pytest.raises(InputError, match=message):
         load_artifact(tmp_path, module)
@@ -261,12 +286,8 @@ def test_apply_plan_checks_model_and_bytes(tmp_path: Path) -> None:
     model = _trained(0)
     layers = find_quant_layers(model)
     total = _expected_bytes(model, layers, MIXED)
-    plan = {
-        "schema": "bitplan.plan/v1",
-        "model": {"ref": "builtin:test", "sha256": "ab" * 32},
-        "layers": [{"name": k, "format": v} for k, v in MIXED.items()],
-        "totals": {"total_bytes": total},
-    }
+    plan = _plan(model, layers)
+    assert plan.totals.total_bytes == total
     loaded = SimpleNamespace(module=model, layers=layers, sha256="ab" * 32, ref="builtin:test")
     with pytest.raises(InputError, match="plan was made for model"):
         apply_plan(
@@ -275,17 +296,11 @@ def test_apply_plan_checks_model_and_bytes(tmp_path: Path) -> None:
             out_dir=tmp_path / "a",
         )
     with pytest.raises(InputError, match=f"says {total + 1} bytes but this model packs to {total}"):
-        apply_plan(
-            model=loaded,
-            plan={**plan, "totals": {"total_bytes": total + 1}},
-            out_dir=tmp_path / "b",
-        )
+        apply_plan(model=loaded, plan=_plan(model, layers, extra_bytes=1), out_dir=tmp_path / "b")
     assert not (tmp_path / "b").exists()
-    with pytest.raises(InputError, match="not a bitplan.plan/v1"):
-        apply_plan(model=loaded, plan={"model": {}}, out_dir=tmp_path / "c")
     report = apply_plan(model=loaded, plan=plan, out_dir=tmp_path / "d")
     assert report.total_bytes == total
-    assert json.loads((tmp_path / "d" / "plan.json").read_text()) == plan
+    assert read_plan(tmp_path / "d" / "plan.json") == plan
 
 
 def test_rewrite_into_the_same_folder_drops_stale_files(tmp_path: Path) -> None:
@@ -293,15 +308,18 @@ def test_rewrite_into_the_same_folder_drops_stale_files(tmp_path: Path) -> None:
     write_artifact(
         model=model,
         layers=find_quant_layers(model),
-        formats=MIXED,
+        formats=_parsed(MIXED),
         out_dir=tmp_path,
-        plan={"schema": "bitplan.plan/v1"},
+        plan=_plan(model, find_quant_layers(model)),
     )
     torch.manual_seed(0)
     small = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3))
     layers = find_quant_layers(small)
     report = write_artifact(
-        model=small, layers=layers, out_dir=tmp_path, formats={"0": "int4-g8", "2": "int2-g4-asym"}
+        model=small,
+        layers=layers,
+        out_dir=tmp_path,
+        formats=_parsed({"0": "int4-g8", "2": "int2-g4-asym"}),
     )
     assert Path(report) == tmp_path / "model.safetensors"
     assert report.plan_path is None

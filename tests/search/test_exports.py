@@ -10,6 +10,7 @@ import shlex
 import pytest
 
 from bitplan.search.exports import (
+    EXPORTS,
     gguf_name,
     llamacpp_args,
     plan_to_csv,
@@ -19,17 +20,19 @@ from bitplan.search.exports import (
 )
 from bitplan.search.plans import Plan, make_plan
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format
 from bitplan.sensitivity.layers import QuantLayer
 
 D, F, V = 64, 128, 256  # hidden, MLP and vocabulary sizes of the toy models
 
 
 def _plan(layers: list[QuantLayer], choice: dict[str, str]) -> Plan:
+    """A plan of ``layers``; ``choice`` is given by format names."""
     return make_plan(
         model_ref="toy",
         model_sha256="0" * 64,
         layers=layers,
-        choice=choice,
+        choice={group: parse_format(name) for group, name in choice.items()},
         budget=None,
         unplanned_bytes=0,
         fp16_bytes=10**6,
@@ -218,3 +221,20 @@ def test_torchao_text_is_json_with_runnable_looking_code() -> None:
     assert "'model.layers.0.self_attn.q_proj': Int4WeightOnlyConfig(group_size=64)," in code
     assert "'model.embed_tokens': None," in code
     assert "from torchao.quantization import FqnToConfig, quantize_, Int4WeightOnlyConfig" in code
+
+
+def test_every_registered_export_matches_its_media_type_and_file_name() -> None:
+    """The registry the API and the report both read: each export's text is what its media type
+    says, and each has its own offline file name."""
+    plan = _plan(*_llama())
+    for name, export in EXPORTS.items():
+        assert name == export.name
+        text = plan.to_json() if export.render is None else export.render(plan)
+        if export.media_type == "application/json":
+            json.loads(text)
+        elif export.media_type == "text/csv":
+            assert len(list(csv.DictReader(io.StringIO(text)))) == len(plan.layers)
+        else:
+            assert export.media_type == "text/plain" and text.endswith("\n")
+    assert len({e.suffix for e in EXPORTS.values()}) == len(EXPORTS)
+    assert EXPORTS["json"].render is None  # the plan file itself, served as written

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from bitplan.search.budgets import parse_budget
 from bitplan.search.frontier import best_under, budget_headroom, exact_frontier, planned_cap
+from bitplan.search.points import choice_names
 from bitplan.search.problem import LayerRow, Problem, build_problem
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import parse_format, tensor_bytes
@@ -29,7 +30,7 @@ def _problem(options: list[list[tuple[int, int]]], *, unplanned: int = 0) -> Pro
         sizes = {}
         for fmt, (nbytes, err) in zip(FORMATS, opts, strict=False):
             rows.append({"layer": f"l{i}", "format": fmt, "error": float(err)})
-            sizes[fmt] = nbytes
+            sizes[parse_format(fmt)] = nbytes
         layers.append(LayerRow(name=f"l{i}", param=f"l{i}.weight", numel=64, table_bytes=sizes))
     return build_problem(
         pd.DataFrame(rows), layers, unplanned_bytes=unplanned, fp16_bytes=128 * len(options)
@@ -85,6 +86,7 @@ def test_best_under_is_brute_force_best_and_never_exceeds(
     else:
         assert best is not None and best.planned_bytes <= cap
         assert (best.predicted_error, best.planned_bytes) == min(fits)
+        assert best.source == "exact" and best.number == exact_frontier(problem).index_under(cap)
 
 
 def _tied_table() -> tuple[pd.DataFrame, list[QuantLayer]]:
@@ -122,12 +124,12 @@ def test_tie_group_counts_bytes_once_and_sums_errors() -> None:
     tie = next(g for g in problem.groups if g.key == "emb.weight")
     assert tie.members == ["emb", "head"]
     assert tie.numel == 256 * 64 and problem.planned_numel == 256 * 64 + 32 * 64
-    int8 = tie.formats.index("int8")
+    int8 = tie.formats.index(parse_format("int8"))
     assert tie.bytes[int8] == tensor_bytes(parse_format("int8"), 256, 64)
     assert tie.error[int8] == pytest.approx(0.5)
     frontier = exact_frontier(problem)
     smallest = frontier.point(0)
-    assert smallest.choice == {"emb.weight": "int2-g32-asym", "fc": "int2-g32-asym"}
+    assert choice_names(smallest.choice) == {"emb.weight": "int2-g32-asym", "fc": "int2-g32-asym"}
     assert smallest.predicted_error == pytest.approx(9.0)
     assert len(frontier) == 4  # 2 decisions x 2 formats, all Pareto-optimal here
 
@@ -137,9 +139,11 @@ def test_pins_leave_one_option() -> None:
     layers[1] = QuantLayer(**{**layers[1].__dict__, "pinned": "int8"})
     problem = build_problem(table, layers, unplanned_bytes=0, fp16_bytes=1)
     frontier = exact_frontier(problem)
-    assert {frontier.point(i).choice["fc"] for i in range(len(frontier))} == {"int8"}
+    assert {frontier.point(i).choice["fc"] for i in range(len(frontier))} == {parse_format("int8")}
     assert len(frontier) == 2
-    assert problem.uniform_choice("int2-g32-asym") == {"emb.weight": "int2-g32-asym", "fc": "int8"}
+    uniform = problem.uniform_choice(parse_format("int2-g32-asym"))
+    assert uniform is not None
+    assert choice_names(uniform) == {"emb.weight": "int2-g32-asym", "fc": "int8"}
 
 
 def test_pin_to_unmeasured_format_costs_its_bytes() -> None:
@@ -147,7 +151,7 @@ def test_pin_to_unmeasured_format_costs_its_bytes() -> None:
     layers[1] = QuantLayer(**{**layers[1].__dict__, "pinned": "fp16"})
     problem = build_problem(table, layers, unplanned_bytes=0, fp16_bytes=1)
     fc = next(g for g in problem.groups if g.key == "fc")
-    assert fc.formats == ["fp16"] and fc.bytes.tolist() == [32 * 64 * 2]
+    assert fc.formats == [parse_format("fp16")] and fc.bytes.tolist() == [32 * 64 * 2]
     assert fc.error.tolist() == [0.0]
 
 
@@ -155,9 +159,10 @@ def test_rows_of_excluded_layers_are_ignored() -> None:
     table, layers = _tied_table()
     problem = build_problem(table, layers[:2] + [], unplanned_bytes=7, fp16_bytes=1)
     assert [g.key for g in problem.groups] == ["emb.weight", "fc"]
-    assert exact_frontier(problem).point(0).total_bytes == 7 + sum(
+    assert exact_frontier(problem).point(0).planned_bytes == sum(
         int(g.bytes.min()) for g in problem.groups
     )
+    assert problem.unplanned_bytes == 7
 
 
 @pytest.mark.parametrize(

@@ -9,53 +9,66 @@ import time
 import optuna
 import pytest
 
-from bitplan.search.measured import Candidate, SearchResult, measured_search, pareto_front
+from bitplan.search.measured import SearchResult, measured_search, pareto_front
+from bitplan.search.points import Choice, Point, choice_names
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import QuantFormat, parse_format
 from bitplan.sensitivity.progress import Cancelled
 
-BITS = {"int8": 8, "int4": 4, "int2": 2}
+# The tests spell choices by format name; the search takes and returns parsed formats.
+FORMATS = {name: parse_format(name) for name in ("int8", "int4", "int2")}
 # Per-group (numel, sensitivity): different sizes and weights so the front is not trivial.
 GROUPS = {"a": (4096, 1.0), "b": (1024, 5.0), "c": (2048, 0.3), "d": (512, 2.0)}
-OPTIONS = {g: list(BITS) for g in GROUPS}
-GROUP_BYTES = {g: {f: n * b // 8 for f, b in BITS.items()} for g, (n, _) in GROUPS.items()}
-FULL = sum(GROUP_BYTES[g]["int8"] for g in GROUPS)
+OPTIONS = {g: list(FORMATS.values()) for g in GROUPS}
+GROUP_BYTES = {g: {f: n * f.bits // 8 for f in FORMATS.values()} for g, (n, _) in GROUPS.items()}
+FULL = sum(GROUP_BYTES[g][FORMATS["int8"]] for g in GROUPS)
 
 
-def synthetic_error(choice: dict[str, str]) -> float:
+def parsed(names: dict[str, str]) -> dict[str, QuantFormat]:
+    return {g: parse_format(name) for g, name in names.items()}
+
+
+def synthetic_error(choice: Choice) -> float:
     """Additive, deterministic: each group loses ``weight · 4^-(bits/2)``."""
-    return sum(GROUPS[g][1] * 4.0 ** (-BITS[f] / 2) for g, f in choice.items())
+    return sum(GROUPS[g][1] * 4.0 ** (-f.bits / 2) for g, f in choice.items())
 
 
 class Recorder:
-    """An evaluate function that records its calls and can fail on a given call."""
+    """An evaluate function that records its calls (by format name) and can fail on a given
+    call."""
 
     def __init__(self, *, raise_on: int | None = None, exc: BaseException | None = None) -> None:
         self.calls: list[dict[str, str]] = []
         self.raise_on, self.exc = raise_on, exc
 
-    def __call__(self, choice: dict[str, str]) -> float:
+    def __call__(self, choice: dict[str, QuantFormat]) -> float:
         if self.raise_on is not None and len(self.calls) == self.raise_on:
             raise self.exc  # type: ignore[misc]
-        self.calls.append(dict(choice))
+        self.calls.append(choice_names(choice))
         return synthetic_error(choice)
 
 
-def size(choice: dict[str, str]) -> int:
-    return sum(GROUP_BYTES[g][f] for g, f in choice.items())
+def size(names: dict[str, str]) -> int:
+    return sum(GROUP_BYTES[g][parse_format(f)] for g, f in names.items())
 
 
-def run(evaluate=synthetic_error, **kw) -> SearchResult:
+def run(evaluate=synthetic_error, *, seeds: list[dict[str, str]] = (), **kw) -> SearchResult:
+    """The search over GROUPS; ``seeds`` by format names."""
     args = dict(options=OPTIONS, group_bytes=GROUP_BYTES, cap_bytes=FULL // 2, trials=12)
     args.update(kw)
-    return measured_search(evaluate=evaluate, **args)
+    return measured_search(evaluate=evaluate, seeds=[parsed(s) for s in seeds], **args)
 
 
 def all_choices() -> list[dict[str, str]]:
-    return [dict(zip(GROUPS, fs, strict=True)) for fs in itertools.product(BITS, repeat=4)]
+    return [dict(zip(GROUPS, fs, strict=True)) for fs in itertools.product(FORMATS, repeat=4)]
 
 
-def points(candidates: list[Candidate]) -> list[tuple[int, float]]:
-    return [(c.bytes, c.error) for c in candidates]
+def names(found: list[Point]) -> list[dict[str, str]]:
+    return [choice_names(p.choice) for p in found]
+
+
+def points(found: list[Point]) -> list[tuple[int, float]]:
+    return [(p.planned_bytes, p.error) for p in found]
 
 
 def test_pareto_equals_brute_force_front_when_every_choice_is_seeded() -> None:
@@ -63,29 +76,35 @@ def test_pareto_equals_brute_force_front_when_every_choice_is_seeded() -> None:
     rec = Recorder()
     result = run(rec, seeds=all_choices(), trials=len(all_choices()), cap_bytes=cap)
 
-    feasible = [(size(c), synthetic_error(c)) for c in all_choices() if size(c) <= cap]
+    feasible = [(size(c), synthetic_error(parsed(c))) for c in all_choices() if size(c) <= cap]
     truth = [p for p in feasible if not any(q[0] <= p[0] and q[1] < p[1] for q in feasible)]
     truth = sorted(set(truth), key=lambda p: p[0])
     truth = [p for i, p in enumerate(truth) if all(p[1] < q[1] for q in truth[:i])]
-    assert [c.bytes for c in result.pareto] == [p[0] for p in truth]
+    assert [c.planned_bytes for c in result.pareto] == [p[0] for p in truth]
     assert [c.error for c in result.pareto] == pytest.approx([p[1] for p in truth])
     assert not result.interrupted
     # The budget is never broken, not even by a forward pass, and nothing is evaluated twice.
     assert all(size(c) <= cap for c in rec.calls)
     assert len({tuple(c.values()) for c in rec.calls}) == len(rec.calls)
     for cand in result.trials:
-        assert cand.bytes == size(cand.choice) <= cap
+        assert cand.planned_bytes == size(choice_names(cand.choice)) <= cap
         assert cand.error == pytest.approx(synthetic_error(cand.choice))
+        # the caller's own format objects come back, not names re-parsed from Optuna
+        assert all(any(f is o for o in OPTIONS[g]) for g, f in cand.choice.items())
 
 
 def test_pareto_front_filters_dominated_infeasible_and_nan_points() -> None:
+    def trial(name: str, nbytes: int, error: float, number: int) -> Point:
+        return Point(parsed({"a": name}), nbytes, calibration={"error": error}, number=number)
+
     cands = [
-        Candidate({"a": "int8"}, 100, 0.5, 0),
-        Candidate({"a": "int4"}, 50, 0.5, 1),  # dominates trial 0
-        Candidate({"a": "int2"}, 30, 0.9, 2),
-        Candidate({"a": "x"}, 30, 0.9, 3),  # same point as trial 2: the earlier one stays
-        Candidate({"a": "y"}, 20, math.inf, 4),  # broken measurement
-        Candidate({"a": "z"}, 200, 0.1, 5),  # over the cap
+        trial("int8", 100, 0.5, 0),
+        trial("int4", 50, 0.5, 1),  # dominates trial 0
+        trial("int2", 30, 0.9, 2),
+        trial("int3", 30, 0.9, 3),  # same point as trial 2: the earlier one stays
+        trial("int5", 20, math.inf, 4),  # broken measurement
+        trial("int6", 200, 0.1, 5),  # over the cap
+        Point(parsed({"a": "fp16"}), 10, predicted_error=0.0, number=6),  # never measured
     ]
     front = pareto_front(cands, cap_bytes=150)
     assert [c.number for c in front] == [2, 1]
@@ -96,9 +115,11 @@ def test_search_finds_points_near_the_true_front_and_respects_cap() -> None:
     cap = int(FULL * 0.45)
     result = run(cap_bytes=cap, trials=40, seeds=[{g: "int2" for g in GROUPS}])
     assert len(result.trials) == 40
-    assert result.pareto and all(c.bytes <= cap for c in result.pareto)
-    assert [c.bytes for c in result.pareto] == sorted(c.bytes for c in result.pareto)
-    best_true = min(synthetic_error(c) for c in all_choices() if size(c) <= cap)
+    assert result.pareto and all(c.planned_bytes <= cap for c in result.pareto)
+    assert [c.planned_bytes for c in result.pareto] == sorted(
+        c.planned_bytes for c in result.pareto
+    )
+    best_true = min(synthetic_error(parsed(c)) for c in all_choices() if size(c) <= cap)
     # 40 trials over 81 choices: the best found is within 1.5x of the optimum under the cap.
     assert min(c.error for c in result.pareto) <= 1.5 * best_true
 
@@ -120,16 +141,16 @@ def test_infeasible_sample_is_repaired_by_shrinking_the_largest_group_first() ->
     cap = FULL - 2048
     result = run(rec, seeds=[{g: "int8" for g in GROUPS}], trials=1, cap_bytes=cap)
     assert rec.calls == [{"a": "int4", "b": "int8", "c": "int8", "d": "int8"}]
-    assert result.trials[0].choice == rec.calls[0]
-    assert result.trials[0].bytes == cap
+    assert names(result.trials) == rec.calls
+    assert result.trials[0].planned_bytes == cap
 
 
 def test_pinned_groups_are_fixed_and_not_suggested() -> None:
-    options = {**OPTIONS, "d": ["int4"]}
+    options = {**OPTIONS, "d": [FORMATS["int4"]]}
     rec = Recorder()
     result = run(rec, options=options, trials=8, storage=None)
     assert all(c["d"] == "int4" for c in rec.calls)
-    assert all(c.choice["d"] == "int4" for c in result.trials)
+    assert all(c["d"] == "int4" for c in names(result.trials))
 
 
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
@@ -137,8 +158,8 @@ def test_same_seed_gives_same_trials(sampler: str) -> None:
     a = run(seed=7, trials=15, sampler=sampler)
     b = run(seed=7, trials=15, sampler=sampler)
     c = run(seed=8, trials=15, sampler=sampler)
-    assert [(t.choice, t.bytes, t.error) for t in a.trials] == [
-        (t.choice, t.bytes, t.error) for t in b.trials
+    assert [(t.choice, t.planned_bytes, t.error) for t in a.trials] == [
+        (t.choice, t.planned_bytes, t.error) for t in b.trials
     ]
     assert [t.choice for t in a.trials] != [t.choice for t in c.trials]
 
@@ -147,12 +168,12 @@ def test_tpe_sampler_completes_within_budget() -> None:
     cap = FULL // 2
     result = run(sampler="tpe", trials=20, cap_bytes=cap)
     assert len(result.trials) == 20 and not result.interrupted
-    assert result.pareto and all(c.bytes <= cap for c in result.trials)
+    assert result.pareto and all(c.planned_bytes <= cap for c in result.trials)
 
 
 def test_cancel_mid_search_keeps_finished_trials() -> None:
     rec = Recorder()
-    seeds = [{**{g: "int2" for g in GROUPS}, "a": f} for f in BITS]
+    seeds = [{**{g: "int2" for g in GROUPS}, "a": f} for f in FORMATS]
     cancel = lambda: len(rec.calls) >= 2  # noqa: E731
     result = run(rec, seeds=seeds, trials=30, cap_bytes=None, should_cancel=cancel)
     assert result.interrupted
@@ -171,7 +192,7 @@ def test_cancel_before_start_runs_nothing() -> None:
 def test_interrupt_inside_evaluate_keeps_earlier_trials(
     exc: BaseException, trials: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seeds = [{**{g: "int2" for g in GROUPS}, "a": f, "b": h} for f in BITS for h in BITS]
+    seeds = [{**{g: "int2" for g in GROUPS}, "a": f, "b": h} for f in FORMATS for h in FORMATS]
     rec = Recorder(raise_on=3, exc=exc)
     optuna.logging.enable_propagation()  # let caplog see Optuna's own failure reports
     try:
@@ -180,13 +201,13 @@ def test_interrupt_inside_evaluate_keeps_earlier_trials(
         optuna.logging.disable_propagation()
     assert result.interrupted
     assert [t.number for t in result.trials] == [0, 1, 2]
-    assert [t.choice for t in result.trials] == seeds[:3]
+    assert names(result.trials) == seeds[:3]
     assert result.pareto
     assert not any(r.exc_info for r in caplog.records)  # one line, no traceback spam
 
 
 def test_timeout_stops_early_and_keeps_trials() -> None:
-    def slow(choice: dict[str, str]) -> float:
+    def slow(choice: Choice) -> float:
         time.sleep(0.02)  # long enough that 1000 trials cannot fit in the timeout
         return synthetic_error(choice)
 
@@ -226,9 +247,10 @@ def test_optuna_verbosity_is_restored() -> None:
 
 
 def test_nan_error_is_ranked_worst_and_never_on_the_front() -> None:
-    result = run(lambda c: math.nan if c["a"] == "int2" else synthetic_error(c), trials=12)
-    assert any(t.choice["a"] == "int2" and t.error == math.inf for t in result.trials)
-    assert all(c.choice["a"] != "int2" for c in result.pareto)
+    int2 = FORMATS["int2"]
+    result = run(lambda c: math.nan if c["a"] == int2 else synthetic_error(c), trials=12)
+    assert any(t.choice["a"] == int2 and t.error == math.inf for t in result.trials)
+    assert all(c.choice["a"] != int2 for c in result.pareto)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +264,10 @@ def test_nan_error_is_ranked_worst_and_never_on_the_front() -> None:
         ({"seeds": [{**{g: "int8" for g in GROUPS}, "a": "fp16"}]}, "allowed: int8, int4, int2"),
         ({"seeds": [{"a": "int8"}]}, "seed 0 gives no format for b, c, d"),
         ({"seeds": [{"zz": "int8"}]}, "unknown group 'zz'"),
-        ({"group_bytes": {**GROUP_BYTES, "a": {"int8": 1}}}, "no byte count for int4, int2"),
+        (
+            {"group_bytes": {**GROUP_BYTES, "a": {FORMATS["int8"]: 1}}},
+            "no byte count for int4, int2",
+        ),
     ],
 )
 def test_bad_input_is_rejected(kw: dict, match: str) -> None:

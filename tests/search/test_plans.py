@@ -24,7 +24,7 @@ from bitplan.search.plans import (
 )
 from bitplan.search.problem import LayerRow
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import parse_format, tensor_bytes
+from bitplan.sensitivity.formats import QuantFormat, parse_format, tensor_bytes
 from bitplan.sensitivity.layers import QuantLayer
 
 LAYERS = [
@@ -49,12 +49,19 @@ LAYERS = [
 CHOICE = {"emb.weight": "int4-g32", "fc": "int3-g64-asym"}
 
 
+def _parsed(choice: dict[str, str]) -> dict[str, QuantFormat]:
+    return {group: parse_format(name) for group, name in choice.items()}
+
+
 def _plan(**overrides) -> Plan:
+    """A plan of LAYERS; ``choice`` is given by format names."""
+    if "choice" in overrides:
+        overrides["choice"] = _parsed(overrides["choice"])
     args = {
         "model_ref": "builtin:toy",
         "model_sha256": "ab" * 32,
         "layers": LAYERS,
-        "choice": CHOICE,
+        "choice": _parsed(CHOICE),
         "budget": parse_budget("4.5bpw"),
         "unplanned_bytes": 500,
         "fp16_bytes": 2 * (4800 + 1440) + 500,
@@ -77,7 +84,7 @@ def test_totals_follow_the_byte_rules() -> None:
     assert head.format == parse_format("int4-g32")  # parsed once, written as its name
     assert (head.bits, head.group_size, head.symmetric) == (4, 32, True)
     assert plan.to_dict()["layers"][2]["format"] == "int4-g32"
-    assert plan.choice() == CHOICE
+    assert plan.choice() == _parsed(CHOICE)
 
 
 def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
@@ -165,15 +172,16 @@ def test_make_plan_rejects_incomplete_or_foreign_choices() -> None:
 
 
 def test_table_rows_without_shapes_take_bytes_from_the_table() -> None:
+    int4 = parse_format("int4-g128")
     rows = [
-        LayerRow(name="a", param="a.weight", numel=1000, table_bytes={"int4-g128": 530}),
-        LayerRow(name="b", param="b.weight", numel=3000, table_bytes={"int4-g128": 1590}),
+        LayerRow(name="a", param="a.weight", numel=1000, table_bytes={int4: 530}),
+        LayerRow(name="b", param="b.weight", numel=3000, table_bytes={int4: 1590}),
     ]
     plan = make_plan(
         model_ref="table:t.csv",
         model_sha256="0" * 64,
         layers=rows,
-        choice={"a": "int4-g128", "b": "int4-g128"},
+        choice={"a": int4, "b": int4},
         budget=None,
         unplanned_bytes=0,
         fp16_bytes=8000,

@@ -61,7 +61,7 @@ def test_solve_with_bytes_column(tmp_path: Path) -> None:
     assert best.totals.total_bytes == nbytes <= 5000
     assert best.predicted_error == pytest.approx(err)
     assert best.model_ref == "table:t.csv" and best.layers[0].shape is None
-    assert {lay.format.name for lay in best.layers if lay.tie == "e"} == {best.choice()["e"]}
+    assert {lay.format for lay in best.layers if lay.tie == "e"} == {best.choice()["e"]}
     assert best.totals.bpw == pytest.approx(8 * nbytes / (1024 + 4096 + 2048))
     sizes = [p.total_bytes for p in frontier.points]
     assert sizes == sorted(sizes) and sizes[0] == 350 + 1300 + 1100

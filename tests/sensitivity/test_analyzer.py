@@ -101,8 +101,9 @@ def test_fisher_scores_layers_without_gradient_by_layer_or_weight_and_says_so(ca
     torch.manual_seed(0)
     module = Pooled().eval()
     model = replace(model, module=module, layers=find_quant_layers(module))
-    with caplog.at_level(logging.WARNING, logger="bitplan.sensitivity.analyzer"):
+    with caplog.at_level(logging.WARNING, logger="bitplan.sensitivity"):
         df = analyze(model, calib, method="fisher", formats=FORMATS, batch_size=5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     by = df.groupby("layer")["method"].agg(set).to_dict()
     assert by == {"emb": {"fisher"}, "mix": {"fisher"}, "pooler": {"layer"}, "unused": {"weight"}}
     for name, method in (("pooler", "layer"), ("unused", "weight")):
@@ -110,8 +111,13 @@ def test_fisher_scores_layers_without_gradient_by_layer_or_weight_and_says_so(ca
         expected = alone[alone["layer"] == name]["error"].tolist()
         got = df[df["layer"] == name]["error"].tolist()
         assert got == expected and 0 < got[0] < got[1] < got[2]  # int8 < int4 < int2
-    (warning,) = [r.getMessage() for r in caplog.records if "no gradient" in r.getMessage()]
-    assert "pooler (by layer)" in warning and "unused (by weight)" in warning
+    # One warning per fallback layer, naming the method that scored it; nothing else (the
+    # layer method's own "never ran ... scored 0" would contradict the weight fallback).
+    assert len(warnings) == 2, warnings
+    pooler, unused = warnings
+    assert "no gradient reached pooler" in pooler and "'layer'" in pooler
+    assert "no gradient reached unused" in unused and "'weight'" in unused
+    assert "never ran" in unused and "scored 0" not in unused
 
 
 def _count_forwards(module: nn.Module) -> list[int]:

@@ -4,6 +4,7 @@ ordering by bit width, tie groups, pins, progress and cancellation."""
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -236,6 +237,49 @@ def test_layer_one_forward_pass_or_several_under_a_memory_cap() -> None:
     for name in one:
         assert capped[name] == pytest.approx(one[name])
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+class _WithIdle(nn.Module):
+    """``used`` runs on the data; ``idle`` never runs; ``zeros`` sees only zero inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(6, 6)
+        self.idle = nn.Linear(6, 6)
+        self.zeros = nn.Linear(6, 6)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.used(input) + self.zeros(torch.zeros_like(input))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_layer_without_signal_is_scored_0_with_a_warning_or_left_out(
+    skip: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = _WithIdle()
+    x = torch.randn(4, 6)
+    progress: list[tuple[str, int, int]] = []
+    with caplog.at_level(logging.INFO, logger="bitplan.sensitivity.methods.layer"):
+        scores = layer_errors(
+            model,
+            find_quant_layers(model),
+            FORMATS,
+            batches=lambda: [{"input": x}],
+            skip_unmeasured=skip,
+            progress=lambda *a: progress.append(a),
+        )
+    _rising({"used": scores["used"]})
+    assert [s for s in progress if s[0] == "analyze"][-1] == ("analyze", 3, 3)
+    said = {r.getMessage().split()[1]: r for r in caplog.records}
+    assert "never ran" in said["idle"].getMessage()
+    assert "only zero inputs" in said["zeros"].getMessage()
+    if skip:  # the caller scores them and says how; here only an info line
+        assert set(scores) == {"used"}
+        assert {r.levelno for r in said.values()} == {logging.INFO}
+    else:
+        assert scores["idle"] == scores["zeros"] == dict.fromkeys(["int8", "int4", "int2"], 0.0)
+        assert {r.levelno for r in said.values()} == {logging.WARNING}
 
 
 def test_progress_and_cancel() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 Validator = Callable[[StoredUpload, Settings], None]
 
 BlobId = Annotated[str, PathParam(description="the model's or dataset's id")]
+# A client that hashed a file asks whether the server already has its bytes, in one request.
+Sha256Filter = Annotated[
+    str | None,
+    Query(
+        pattern="^[0-9a-fA-F]{64}$",
+        description="only the upload of these bytes: their sha256 as 64 hex digits",
+    ),
+]
 _LOCATION = {"Location": {"description": "the resource's URL", "schema": {"type": "string"}}}
 
 
@@ -137,16 +145,22 @@ def blob_router(
         return blob
 
     @router.get(
-        "", response_model=list_schema, summary=f"List {plural}", responses=problem_responses(401)
+        "",
+        response_model=list_schema,
+        summary=f"List {plural}",
+        description=f"The caller's {plural}, newest first; with `sha256`, only the {kind} "
+        "with those bytes (an empty list when there is none).",
+        responses=problem_responses(401),
     )
     def list_(
         session: SessionDep,
         owner_id: OwnerDep,
+        sha256: Sha256Filter = None,
         limit: PageLimit = 50,
         cursor: PageCursor = None,
     ) -> dict[str, Any]:
         blobs, next_cursor = crud.list_blobs(
-            session, owner_id=owner_id, kind=kind, limit=limit, cursor=cursor
+            session, owner_id=owner_id, kind=kind, sha256=sha256, limit=limit, cursor=cursor
         )
         return {"data": blobs, "next_cursor": next_cursor}
 

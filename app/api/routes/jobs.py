@@ -40,9 +40,9 @@ from bitplan.app.schemas import (
 )
 from bitplan.app.settings import Settings
 from bitplan.app.states import JobState
-from bitplan.search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
+from bitplan.search.exports import EXPORTS
 from bitplan.search.fields import as_format
-from bitplan.search.plans import FrontierPoint, read_frontier, read_plan
+from bitplan.search.plans import PLAN_ID_PATTERN, FrontierPoint, read_frontier, read_plan
 
 __all__ = ["router"]
 
@@ -50,10 +50,9 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-PlanFormat = Literal["json", "csv", "torchao", "llamacpp"]
+# The ?format= choices are the export registry's names; a Literal, so OpenAPI lists them.
+PlanFormat = Literal[tuple(EXPORTS)]  # type: ignore[valid-type]
 JobId = Annotated[str, PathParam(description="the job's id (from POST /v1/jobs)")]
-# Plan ids name files under plans/: letters, digits, '.', '_', '-', never a path separator.
-_PLAN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
 _ETAG = {"ETag": {"description": "validator for If-None-Match", "schema": {"type": "string"}}}
 
@@ -260,10 +259,10 @@ def cancel_job(job_id: JobId, session: SessionDep, owner_id: OwnerDep) -> JobRea
             slug="job-finished",
             state=job.state,
         )
-    job = crud.request_cancel(session, job_id=job_id, owner_id=owner_id)
-    assert job is not None  # it existed a statement ago and jobs are never deleted
-    log.info("job %s: cancel requested (state %s)", job_id, job.state)
-    return _job_read(job)
+    cancelled = crud.request_cancel(session, job_id=job_id, owner_id=owner_id)
+    assert cancelled is not None  # it existed a statement ago and jobs are never deleted
+    log.info("job %s: cancel requested (state %s)", job_id, cancelled.state)
+    return _job_read(cancelled)
 
 
 def _artifact(
@@ -311,21 +310,13 @@ def get_frontier(
     )
 
 
-_PLAN_MEDIA = {
-    "json": "application/json",
-    "csv": "text/csv",
-    "torchao": "application/json",
-    "llamacpp": "text/plain",
-}
-
-
 @router.get(
     "/{job_id}/plans/{plan_id}",
     summary="One plan of the frontier, as JSON or an export",
     responses={
         200: {
             "description": "the plan",
-            "content": {media: {} for media in sorted(set(_PLAN_MEDIA.values()))},
+            "content": {media: {} for media in sorted({e.media_type for e in EXPORTS.values()})},
         },
         **problem_responses(401, 404, 409),
     },
@@ -333,27 +324,23 @@ _PLAN_MEDIA = {
 def get_plan(
     job_id: JobId,
     plan_id: Annotated[
-        str, PathParam(pattern=_PLAN_ID, description="a plan id from the job's frontier")
+        str, PathParam(pattern=PLAN_ID_PATTERN, description="a plan id from the job's frontier")
     ],
     session: SessionDep,
     settings: SettingsDep,
     owner_id: OwnerDep,
     format: Annotated[
-        PlanFormat,
-        Query(
-            description="json: the plan file; csv: one row a layer; torchao: an FqnToConfig "
-            "map; llamacpp: --tensor-type arguments"
-        ),
+        PlanFormat,  # type: ignore[valid-type]  # a Literal built from the export registry
+        Query(description="; ".join(f"{e.name}: {e.description}" for e in EXPORTS.values())),
     ] = "json",
 ) -> Response:
     job = _owned_job(session, owner_id, job_id)
     path = _artifact(settings, job, f"plans/{plan_id}.json", what=f"plan {plan_id!r}")
-    if format == "json":
-        return FileResponse(path, media_type=_PLAN_MEDIA["json"])
-    plan = read_plan(path)
-    exporters = {"csv": plan_to_csv, "torchao": plan_to_torchao, "llamacpp": plan_to_llamacpp}
-    text = exporters[format](plan)
-    return PlainTextResponse(text, media_type=_PLAN_MEDIA[format])
+    export = EXPORTS[format]
+    if export.render is None:  # the plan file itself
+        return FileResponse(path, media_type=export.media_type)
+    text = export.render(read_plan(path))
+    return PlainTextResponse(text, media_type=export.media_type)
 
 
 class _CSVFile(FileResponse):
