@@ -6,16 +6,23 @@
 >>> job = client.wait_job(job["id"], progress=lambda j: print(j["stage"], j["progress"]))
 >>> frontier = client.frontier(job["id"])
 
-Every non-2xx answer raises :class:`ApiError` carrying the server's problem+json. Polling uses
+Every non-2xx answer raises :class:`ApiError` carrying the server's problem+json, except that a
+server shedding load (429 or 503) is asked again after its ``Retry-After`` (a bounded number of
+times, each wait capped): a burst of submissions all get in, just later. Submissions carry an
+``Idempotency-Key`` (a random one unless you pass your own), so a retried submission can never
+queue a job twice. Polling uses
 the job's ``ETag``: an unchanged job costs a 304 with no body. Any ``httpx.Client`` can be
 passed in (tests pass FastAPI's ``TestClient``).
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -25,7 +32,7 @@ import httpx
 from bitplan.app.endpoint import DEFAULT_URL
 from bitplan.app.states import TERMINAL_STATES
 
-__all__ = ["ApiError", "BitplanClient"]
+__all__ = ["DEFAULT_RETRIES", "ApiError", "BitplanClient", "retry_after_s"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,30 @@ log = logging.getLogger(__name__)
 # them; other calls fail after 30 s.
 _DEFAULT_TIMEOUT = httpx.Timeout(30.0)
 _UPLOAD_TIMEOUT = httpx.Timeout(30.0, read=None, write=None)
+# The statuses of a server that is shedding load: the request was not processed, ask again.
+_RETRY_STATUSES = frozenset({429, 503})
+# Retries of one request, and the longest wait before each: about a minute and a half in all at
+# worst, enough for a burst to drain without hanging a script on a server that stays down.
+DEFAULT_RETRIES = 6
+_MAX_RETRY_WAIT_S = 15.0
+# The wait when the server names none: 1, 2, 4, ... seconds (capped as above).
+_FALLBACK_WAIT_S = 1.0
+
+
+def retry_after_s(response: httpx.Response, *, retry: int) -> float:
+    """Seconds to wait before asking again: the answer's ``Retry-After`` (delay-seconds or an
+    HTTP-date, RFC 9110 §10.2.3), else an exponential fallback; at most ``_MAX_RETRY_WAIT_S``."""
+    value = response.headers.get("Retry-After", "").strip()
+    wait = _FALLBACK_WAIT_S * 2.0**retry
+    if value.isdigit():
+        wait = float(value)
+    elif value:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            wait = (when - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            pass  # an unreadable header: keep the fallback
+    return min(max(wait, 0.0), _MAX_RETRY_WAIT_S)
 
 
 class ApiError(Exception):
@@ -45,7 +76,10 @@ class ApiError(Exception):
 
 
 class BitplanClient:
-    """Talks to one bitplan server; usable as a context manager (closes its own connection)."""
+    """Talks to one bitplan server; usable as a context manager (closes its own connection).
+
+    ``retries`` bounds how often one request is repeated after a 429/503 (0: never);
+    ``sleep`` waits between them (tests pass a recorder)."""
 
     def __init__(
         self,
@@ -53,8 +87,13 @@ class BitplanClient:
         *,
         api_key: str | None = None,
         http: httpx.Client | None = None,
+        retries: int = DEFAULT_RETRIES,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retries, self._sleep = retries, sleep
         self._owns_http = http is None
         self.http = http or httpx.Client(base_url=base_url, timeout=_DEFAULT_TIMEOUT)
         self.http.headers.update(headers)
@@ -75,7 +114,24 @@ class BitplanClient:
         self.close()
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Send; repeat after a 429/503 up to ``retries`` times; raise :class:`ApiError` for
+        any other non-2xx. (An upload is re-sent whole: httpx rewinds the file it streams.)"""
         response = self.http.request(method, url, **kwargs)
+        for retry in range(self.retries):
+            if response.status_code not in _RETRY_STATUSES:
+                break
+            wait = retry_after_s(response, retry=retry)
+            log.info(
+                "%s %s answered %d; retry %d of %d in %.1f s",
+                method,
+                url,
+                response.status_code,
+                retry + 1,
+                self.retries,
+                wait,
+            )
+            self._sleep(wait)
+            response = self.http.request(method, url, **kwargs)
         if response.status_code >= 400:
             try:
                 problem = response.json()
@@ -116,8 +172,11 @@ class BitplanClient:
         return next(iter(page["data"]), None)
 
     def submit_job(self, *, idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
-        """Queue a job; ``fields`` are those of ``JobCreate`` (model, budget, calib, ...)."""
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        """Queue a job; ``fields`` are those of ``JobCreate`` (model, budget, calib, ...).
+
+        Without an ``idempotency_key`` a random one is sent, so that a retry after a 429/503
+        (or a lost answer) returns the same job instead of queueing a second one."""
+        headers = {"Idempotency-Key": idempotency_key or f"bitplan-client-{uuid.uuid4().hex}"}
         return self._json("POST", "/v1/jobs", json=fields, headers=headers)
 
     def get_job(self, job_id: str) -> dict[str, Any]:

@@ -37,9 +37,11 @@ __all__ = [
     "get_blob",
     "get_job",
     "hash_api_key",
+    "list_api_keys",
     "list_blobs",
     "list_jobs",
     "request_cancel",
+    "revoke_api_key",
 ]
 
 # Bytes of randomness in an API key: 32 bytes = 256 bits, so a plain sha256 of the key is a safe
@@ -93,6 +95,31 @@ def find_api_key(session: Session, *, plaintext: str) -> ApiKey | None:
             ApiKey.key_hash == hash_api_key(plaintext), ApiKey.revoked_at.is_(None)
         )
     )
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    """Every key, revoked ones included, oldest first (for ``bitplan keys list``)."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
+
+
+def revoke_api_key(session: Session, *, ref: str) -> tuple[ApiKey, bool]:
+    """Revoke the key whose id or name is ``ref``; returns it and whether this call revoked it
+    (False: it was revoked already). A name shared by several active keys is refused: an
+    operator revoking by name must not cut off more clients than they meant to."""
+    matches = list(session.scalars(select(ApiKey).where(ApiKey.id == ref)))
+    if not matches:
+        matches = list(session.scalars(select(ApiKey).where(ApiKey.name == ref.strip())))
+    if not matches:
+        raise InputError(f"no API key has the id or name {ref!r}; see `bitplan keys list`")
+    active = [key for key in matches if key.revoked_at is None]
+    if len(active) > 1:
+        ids = ", ".join(key.id for key in active)
+        raise InputError(f"{len(active)} active API keys are named {ref!r} ({ids}); revoke by id")
+    if not active:
+        return matches[0], False
+    active[0].revoked_at = utcnow()
+    session.commit()
+    return active[0], True
 
 
 # --- pagination --------------------------------------------------------------------------------

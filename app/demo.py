@@ -54,7 +54,7 @@ def run_demo(
     from bitplan.app.settings import Settings
     from bitplan.app.states import JobState
     from bitplan.app.summary import frontier_table, plans_written
-    from bitplan.search.plans import read_frontier
+    from bitplan.search.plans import BEST_PLAN_ID, plan_id_of, read_frontier, read_plan
     from bitplan.sensitivity.models import resolve_cache_dir
 
     settings = Settings(
@@ -90,10 +90,12 @@ def run_demo(
                 return job
             files = download_job(client, job["id"], out_dir)
     frontier = read_frontier(out_dir / "frontier.json")
+    best_id = plan_id_of(read_plan(out_dir / "plans" / f"{BEST_PLAN_ID}.json"))
     console.print(frontier_table(frontier))
     console.print(
         f"downloaded {len(files)} files into {out_dir}/: frontier.json, frontier.csv, "
-        f"sensitivity.csv and {plans_written(frontier, out_dir / 'plans', best_plan_id=None)}",
+        f"sensitivity.csv, report.html, its exports/ and "
+        f"{plans_written(frontier, out_dir / 'plans', best_plan_id=best_id)}",
         highlight=False,
     )
     console.print(f"open [bold]{out_dir / 'report.html'}[/bold] in a browser")

@@ -1,16 +1,16 @@
 """Running the service on this machine: the API on a background thread plus worker processes.
 
 :func:`embedded_service` is what ``bitplan demo`` and the tests run (migrations, the API on a
-free loopback port, ``workers`` worker processes, everything stopped on the way out);
-``bitplan serve`` uses :func:`stop_workers` and :func:`exit_on_sigterm` around its own
-foreground API. This module sits below the CLI and the demo and imports neither, so nothing here
-can form an import cycle with them.
+free loopback port, ``workers`` supervised worker processes, everything stopped on the way
+out); ``bitplan serve`` uses :func:`exit_on_sigterm` and the supervisor
+(:mod:`bitplan.app.supervisor`, which stops its workers with :func:`stop_workers`) around its
+own foreground API. This module sits below the CLI and the demo and imports neither, so nothing
+here can form an import cycle with them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import threading
@@ -76,7 +76,7 @@ def embedded_service(
 
     from bitplan.app.db import upgrade_database
     from bitplan.app.main import create_app
-    from bitplan.app.worker import spawn_workers
+    from bitplan.app.supervisor import WorkerSupervisor
 
     upgrade_database(settings.database_url)
     config = uvicorn.Config(
@@ -89,7 +89,7 @@ def embedded_service(
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="bitplan-api", daemon=True)
     thread.start()
-    processes: list[subprocess.Popen[bytes]] = []
+    supervisor: WorkerSupervisor | None = None
     try:
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while not server.started:
@@ -97,28 +97,13 @@ def embedded_service(
                 raise InputError(f"the API could not listen on {settings.host}:{settings.port}")
             time.sleep(_STARTUP_POLL_S)
         port = server.servers[0].sockets[0].getsockname()[1]
-        with _stderr_to(worker_log):
-            processes = spawn_workers(settings.model_copy(update={"port": port}), count=workers)
+        supervisor = WorkerSupervisor(
+            settings.model_copy(update={"port": port}), count=workers, log_path=worker_log
+        )
+        supervisor.start()
         yield f"http://{settings.host}:{port}"
     finally:
-        stop_workers(processes)
+        if supervisor is not None:
+            supervisor.stop()
         server.should_exit = True
         thread.join(STOP_GRACE_S)
-
-
-@contextmanager
-def _stderr_to(path: Path | None) -> Iterator[None]:
-    """Point file descriptor 2 at ``path`` while child processes are started (they inherit
-    it); this process's own stderr is restored right after."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    saved = os.dup(2)
-    with path.open("ab") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)

@@ -17,10 +17,12 @@ from fastapi import FastAPI
 
 from bitplan.app.api import api_router
 from bitplan.app.api.docs import install_docs
+from bitplan.app.api.limits import install_body_limits
 from bitplan.app.auth import auth_required
-from bitplan.app.db import make_engine, make_sessionmaker
+from bitplan.app.db import engine_for, make_sessionmaker
 from bitplan.app.problems import install_problems
 from bitplan.app.settings import Settings, get_settings
+from bitplan.app.sweeper import sweep_settings
 
 __all__ = ["create_app"]
 
@@ -37,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for ``settings`` (default: the environment's ``BITPLAN_*`` settings)."""
     settings = settings or get_settings()
     keys = auth_required(settings)  # refuses auth=off on a non-loopback host before serving
-    engine = make_engine(settings.database_url)
+    engine = engine_for(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine.url.render_as_string(),
             "required" if keys else "off",
         )
+        sweep_settings(settings, _app.state.sessionmaker)  # leftovers of a killed process
         yield
         engine.dispose()
 
@@ -64,4 +67,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problems(app)
     app.include_router(api_router)
     install_docs(app)
+    install_body_limits(app, settings)  # last: its middleware must run before all others
     return app

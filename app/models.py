@@ -43,6 +43,7 @@ __all__ = [
     "Job",
     "JobStateType",
     "UTCDateTime",
+    "WorkerBeat",
     "new_id",
     "utcnow",
 ]
@@ -176,3 +177,16 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WorkerBeat(Base):
+    """A running worker's presence: the worker rewrites ``last_seen_at`` every few seconds, so
+    the API can count the workers able to run jobs, embedded in ``serve`` or on other machines
+    alike (app/worker_presence.py). A worker that stops cleanly deletes its row; a killed one
+    simply goes stale."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # the worker id of its leases
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -4,8 +4,9 @@ Clients get ``application/problem+json`` bodies with ``type``, ``title``, ``stat
 and ``instance`` for every failure: our own errors (:class:`ProblemError`), Starlette's HTTP
 errors (404 for an unknown route, 405), FastAPI's request validation errors (with an extra
 ``errors`` list that points at the offending fields),
-:class:`~bitplan.sensitivity.errors.InputError` raised anywhere below the API (422), and unhandled
-exceptions (500, logged, details withheld).
+:class:`~bitplan.sensitivity.errors.InputError` raised anywhere below the API (422), a busy or
+unreachable database (503 with ``Retry-After``: backpressure, not a failure; see
+:func:`bitplan.app.db.is_transient`), and unhandled exceptions (500, logged, details withheld).
 
 ``type`` is ``about:blank`` when the status code says it all (RFC 9457 §4.2.1); problems a client
 may want to tell apart carry a ``tag:`` URI (RFC 4151), which names a kind without pretending to
@@ -24,8 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bitplan.app.db import is_transient
+from bitplan.app.settings import Settings
 from bitplan.sensitivity.errors import InputError
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "problem_response",
     "problem_responses",
     "problem_type",
+    "service_busy",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,16 @@ class ProblemError(Exception):
         self.type = problem_type(slug) if slug else "about:blank"
         self.headers = headers
         self.extensions = extensions
+
+
+def service_busy(settings: Settings, detail: str) -> ProblemError:
+    """A 503 telling the client to come back after ``settings.busy_retry_after_s`` seconds."""
+    return ProblemError(
+        503,
+        f"{detail}; retry after {settings.busy_retry_after_s} s",
+        slug="busy",
+        headers={"Retry-After": str(settings.busy_retry_after_s)},
+    )
 
 
 def _title(status: int) -> str:
@@ -167,6 +182,16 @@ async def _on_input_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_transient(exc):
+        return await _on_unhandled(request, exc)
+    log.warning(
+        "database busy on %s %s: %s", request.method, request.url.path, str(exc).partition("\n")[0]
+    )
+    settings: Settings = request.app.state.settings  # set by create_app
+    return await _on_problem(request, service_busy(settings, "the database is busy"))
+
+
 async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -181,6 +206,9 @@ def install_problems(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(InputError, _on_input_error)
+    # The pool's TimeoutError is not a DBAPIError: both bases are needed.
+    app.add_exception_handler(sa_exc.DBAPIError, _on_database_error)
+    app.add_exception_handler(sa_exc.TimeoutError, _on_database_error)
     app.add_exception_handler(Exception, _on_unhandled)
     base_openapi = app.openapi
 
@@ -206,9 +234,10 @@ def install_problems(app: FastAPI) -> None:
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries declaring problem+json bodies for ``statuses``.
 
-    422 (validation) and 500 (unhandled) can happen on every route, so they are always included.
+    422 (validation), 500 (unhandled) and 503 (busy database, with ``Retry-After``) can happen
+    on every route, so they are always included.
     """
-    codes = sorted({*statuses, 422, 500})
+    codes = sorted({*statuses, 422, 500, 503})
     return {
         code: {
             "description": _title(code),

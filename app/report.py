@@ -220,6 +220,9 @@ def _write_exports(job_dir: Path, job: _Job) -> _Texts:
     """Write ``exports/<plan_id><suffix>`` for every export a plan has, for an offline report."""
     folder = job_dir / EXPORTS_DIR
     folder.mkdir(exist_ok=True)
+    for stale in folder.iterdir():  # an earlier run's exports in a reused folder
+        if stale.is_file():
+            stale.unlink()
     texts = {plan_id: _export_texts(plan) for plan_id, plan in job.plans.items()}
     for plan_id, per_format in texts.items():
         for export in EXPORTS.values():

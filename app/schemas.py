@@ -30,6 +30,7 @@ __all__ = [
     "DatasetsRead",
     "FrontierPointRead",
     "FrontierRead",
+    "HealthRead",
     "JobCreate",
     "JobRead",
     "JobState",
@@ -40,6 +41,8 @@ __all__ = [
 
 BUILTIN_PREFIX = "builtin:"
 
+# Resource ids and builtin names are short; a longer reference cannot name anything.
+_MAX_REF_LENGTH = 128
 _NEXT_CURSOR = "pass as ?cursor= for the next page; null on the last page"
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
@@ -96,12 +99,14 @@ class JobCreate(BaseModel):
 
     model: str = Field(
         min_length=1,
+        max_length=_MAX_REF_LENGTH,
         description="the id of an uploaded model, or a builtin such as 'builtin:digits-cnn'",
         examples=["builtin:digits-cnn"],
     )
     calib: str = Field(
         "builtin",
         min_length=1,
+        max_length=_MAX_REF_LENGTH,
         description="the id of an uploaded dataset, or 'builtin' for the model's builtin data",
     )
     budget: str = _spec_field("budget")
@@ -226,4 +231,21 @@ class FrontierRead(FrontierFile):
     )
     uniform: list[FrontierPointRead] = Field(  # type: ignore[assignment]
         description="uniform-format reference points"
+    )
+
+
+class HealthRead(BaseModel):
+    """The service is up and its database answers; how many workers can run jobs, and how long
+    the queue is (``/v1/health`` and ``/v1/health/ready``)."""
+
+    status: Literal["ok", "degraded"] = Field(
+        description="'ok', or 'degraded' while no worker is alive and submitted jobs would wait"
+    )
+    version: str = Field(description="the installed bitplan version ('unknown' from a source tree)")
+    workers_alive: int = Field(
+        ge=0, description="workers (on any machine) that reported within the last lease"
+    )
+    queue_depth: int = Field(ge=0, description="jobs waiting for a worker")
+    oldest_queued_age_s: float | None = Field(
+        ge=0, description="seconds the oldest queued job has waited; null when none waits"
     )

@@ -193,16 +193,21 @@ def local_frontier(api_frontier: dict[str, Any]) -> FrontierFile:
 
 
 def download_job(client: BitplanClient, job_id: str, dest: Path) -> list[Path]:
-    """Save a succeeded job's frontier (``frontier.json``/``.csv``), every plan, the sensitivity
-    table and an offline ``report.html`` (links relative to ``dest``) into ``dest``."""
-    from bitplan.app.report import render_report
+    """Save a succeeded job's frontier (``frontier.json``/``.csv``), every plan (and
+    ``plans/best.json``), the sensitivity table and an offline ``report.html`` with its
+    ``exports/`` (links relative to ``dest``) into ``dest``; returns every file written."""
+    from bitplan.app.report import EXPORTS_DIR, render_report
+    from bitplan.search.plans import BEST_PLAN_ID
 
     frontier = client.frontier(job_id)
     (dest / "plans").mkdir(parents=True, exist_ok=True)
+    for stale in (dest / "plans").glob("*.json"):  # an earlier download into the same folder
+        stale.unlink()
     written = []
-    for point in [*frontier["points"], *frontier["uniform"]]:
-        path = dest / "plans" / f"{point['plan_id']}.json"
-        path.write_text(client.plan(job_id, point["plan_id"]), encoding="utf-8")
+    plan_ids = [point["plan_id"] for point in [*frontier["points"], *frontier["uniform"]]]
+    for plan_id in [*plan_ids, BEST_PLAN_ID]:
+        path = dest / "plans" / f"{plan_id}.json"
+        path.write_text(client.plan(job_id, plan_id), encoding="utf-8")
         written.append(path)
     document = local_frontier(frontier)
     (dest / "frontier.json").write_text(
@@ -212,6 +217,7 @@ def download_job(client: BitplanClient, job_id: str, dest: Path) -> list[Path]:
     (dest / "sensitivity.csv").write_text(client.sensitivity(job_id), encoding="utf-8")
     written += [dest / "frontier.json", dest / "frontier.csv", dest / "sensitivity.csv"]
     written.append(render_report(dest))
+    written += sorted((dest / EXPORTS_DIR).iterdir())
     return written
 
 

@@ -49,6 +49,24 @@ class Settings(BaseSettings):
     worker_runner: str = "bitplan.search.pipeline:run_job"
     # How often an idle worker looks for work (seconds).
     poll_seconds: float = Field(default=1.0, gt=0)
+    # Database connections of one process: SQLAlchemy's pool_size + max_overflow. The API also
+    # admits at most this many requests (and half its threadpool) to the database at once; the
+    # rest wait their turn (bitplan.app.api.deps), so a burst queues instead of deadlocking.
+    # 10 + 10 keeps a few API processes and workers under PostgreSQL's max_connections (100).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    # How long a request (or a worker) waits for a free connection before it is told to come
+    # back later (503 + Retry-After): far above a normal wait, far below a client's timeout.
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # How long a SQLite writer waits for the write lock before "database is locked": long enough
+    # to wait out a burst of short request transactions and a worker's claim.
+    sqlite_busy_timeout_s: float = Field(default=30.0, gt=0)
+    # The Retry-After (seconds) of a 503 that says the database is busy: short, because the
+    # condition is a queue that drains in milliseconds per request.
+    busy_retry_after_s: int = Field(default=2, ge=1)
+    # Largest non-upload request body (bytes). A job request is a few hundred bytes; 1 MiB
+    # leaves ample room while bounding what one anonymous or hostile request can make us hold.
+    max_json_bytes: int = Field(default=1024 * 1024, gt=0)
 
     @field_validator("optuna_storage", mode="before")
     @classmethod

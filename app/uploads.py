@@ -9,7 +9,12 @@ readers never see half a file and equal bytes land on the same path.
 
 Validation happens before a resource is recorded: a model must load with
 :func:`bitplan.sensitivity.models.load_model` (its message is the 422 detail); a dataset must be a
-non-empty ``.txt``, ``.jsonl`` or ``.safetensors`` file that reads as that format.
+non-empty ``.txt``, ``.jsonl`` or ``.safetensors`` file that reads as that format. A zipped model
+is extracted into a private folder that is removed whatever the outcome, so a refused upload
+leaves nothing on disk. Messages name the client's file, never a server path, and any failure of
+a hostile file (not only :class:`InputError`) is a 422, never a 500.
+
+File names are UTF-8 as browsers and httpx send them (latin-1 for a name that is not UTF-8).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -26,15 +32,17 @@ from typing import IO
 import anyio
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
-from safetensors import safe_open
 
 from bitplan.app.problems import ProblemError
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.models import load_model
+from bitplan.sensitivity.safety import read_safetensors_header
 from bitplan.sensitivity.textdata import read_jsonl, read_txt
 
 __all__ = [
     "DATASET_SUFFIXES",
+    "PART_PREFIX",
+    "VALIDATE_PREFIX",
     "StoredUpload",
     "receive_upload",
     "validate_dataset",
@@ -45,6 +53,9 @@ log = logging.getLogger(__name__)
 
 DATASET_SUFFIXES = (".txt", ".jsonl", ".safetensors")
 UPLOAD_FIELD = "file"
+# Temporary names the sweeper (bitplan.app.sweeper) recognises as leftovers of a killed process.
+PART_PREFIX = ".upload-"
+VALIDATE_PREFIX = ".validate-"
 # Multipart framing around the file (boundaries, part headers) is a few hundred bytes; a body
 # larger than the limit plus this slack cannot hold an acceptable file, so it is refused early.
 _FRAMING_SLACK = 16 * 1024
@@ -96,7 +107,7 @@ class _FilePartWriter:
         self.size = 0
         self.filename: str | None = None
         self.ended = False
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, bytes] = {}
         self._field = b""
         self._value = b""
         self._writing = False
@@ -124,14 +135,14 @@ class _FilePartWriter:
 
     def _header_end(self) -> None:
         name = self._field.decode("latin-1").lower()
-        self._headers[name] = self._value.decode("utf-8", "replace")
+        self._headers[name] = self._value  # raw bytes: decoding happens once, below
         self._field, self._value = b"", b""
 
     def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get("content-disposition", ""))
+        _, options = parse_options_header(self._headers.get("content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if name == UPLOAD_FIELD and self.filename is None and b"filename" in options:
-            self.filename = _safe_filename(options[b"filename"].decode("utf-8", "replace"))
+            self.filename = _safe_filename(_decode_filename(options[b"filename"]))
             self._writing = True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
@@ -149,6 +160,14 @@ class _FilePartWriter:
 
     def _end(self) -> None:
         self.ended = True
+
+
+def _decode_filename(raw: bytes) -> str:
+    """UTF-8, as clients send it; a name that is not UTF-8 is read as latin-1 (old clients)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _boundary(request: Request) -> bytes:
@@ -170,7 +189,7 @@ async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) ->
         raise _too_large(max_bytes)
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
-        dir=dest_dir, prefix=".upload-", suffix=".part", delete=False
+        dir=dest_dir, prefix=PART_PREFIX, suffix=".part", delete=False
     ) as sink:
         tmp = Path(sink.name)
         try:
@@ -180,10 +199,18 @@ async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) ->
                 # Hashing and disk writes leave the event loop so other requests keep flowing.
                 await anyio.to_thread.run_sync(parser.write, chunk)
             parser.finalize()
+            sink.flush()
+            os.fsync(sink.fileno())  # the bytes are on disk before the name says they are whole
         except _TooLarge:
             tmp.unlink(missing_ok=True)
             log.info("refused an upload over %d bytes", max_bytes)
             raise _too_large(max_bytes) from None
+        except ProblemError:
+            tmp.unlink(missing_ok=True)
+            raise
+        except Exception as exc:  # the parser's errors for malformed multipart framing
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"malformed multipart body ({type(exc).__name__})") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -203,14 +230,34 @@ async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) ->
     return StoredUpload(path=final, sha256=sha256, size_bytes=writer.size, filename=writer.filename)
 
 
-def validate_model(path: Path, *, filename: str, trusted: bool, cache_dir: Path | None) -> None:
-    """Raise the loader's :class:`InputError` when ``path`` is not a loadable model; the message
-    names the client's ``filename``, never the server's storage path."""
+def _scrub(message: str, replacements: dict[str, str]) -> str:
+    """``message`` with every server path in ``replacements`` swapped for its client name."""
+    for server, client in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(server, client)
+    return message
+
+
+def validate_model(path: Path, *, filename: str, trusted: bool, cache_dir: Path) -> None:
+    """Raise :class:`InputError` when ``path`` is not a loadable model; the message names the
+    client's ``filename``, never a server path.
+
+    A zip is extracted into a fresh ``VALIDATE_PREFIX`` folder under ``cache_dir`` that is
+    removed in every case (a worker extracts the accepted file again into its own cache).
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=VALIDATE_PREFIX, dir=cache_dir))
+    names = {str(path): filename, str(scratch): filename, path.name: filename}
     try:
-        loaded = load_model(str(path), device="cpu", trusted=trusted, cache_dir=cache_dir)
+        loaded = load_model(str(path), device="cpu", trusted=trusted, cache_dir=scratch)
     except InputError as exc:
-        message = str(exc).replace(str(path), filename).replace(path.name, filename)
-        raise InputError(message) from None
+        raise InputError(_scrub(str(exc), names)) from None
+    except Exception as exc:  # a hostile file may break a loader anywhere: still the client's fault
+        log.warning("model %s failed validation", filename, exc_info=True)
+        # Only the error's type: a library's message may hold any server path.
+        why = type(exc).__name__
+        raise InputError(f"{filename} cannot be loaded as a model ({why})") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("validated model %s: task %s, %d layers", filename, loaded.task, len(loaded.layers))
 
 
@@ -232,11 +279,7 @@ def validate_dataset(path: Path, *, filename: str) -> None:
     elif suffix == ".jsonl":
         read_jsonl(path.read_bytes(), shown, with_labels=True)
     else:
-        try:
-            with safe_open(str(path), framework="pt") as tensors:
-                names = [name for name in tensors.keys() if name != "labels"]
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise InputError(f"{filename} is not a valid safetensors file ({exc})") from None
+        names = [name for name in read_safetensors_header(path, label=filename) if name != "labels"]
         if not names:
             raise InputError(
                 f"{filename} holds no input tensors; name them after the model's "

@@ -9,6 +9,13 @@ even its results), or on SIGTERM (the job goes back to the queue for another wor
 :data:`PROGRESS_INTERVAL_S`, fenced by the lease like every other write. The worker's clock is
 injectable (``run_worker(clock=...)``), so tests drive heartbeats and throttling without sleeps.
 
+The database may say "not now" at any moment (a locked SQLite file, a full pool, a restarted
+PostgreSQL): such transient errors (:func:`bitplan.app.db.is_transient`) never end a worker.
+Claims and reaps back off (capped exponential with jitter, logged) and try again; a heartbeat,
+cancel check or progress write that fails is skipped until the next one (the lease outlasts
+several heartbeats); the final write of a job is retried, and if the database stays away
+longer than that, the lease runs out and the reaper gives the job to another attempt.
+
 Artifacts are written to a private staging folder and moved to ``artifact_dir/<job_id>/`` only
 by the lease holder, right before it marks the job succeeded; a crashed attempt leaves nothing
 the API would serve. Run a standalone worker with ``python -m bitplan.app.worker`` (or
@@ -35,7 +42,7 @@ from typing import Any, cast
 
 from sqlalchemy import Engine
 
-from bitplan.app.db import make_engine
+from bitplan.app.db import Backoff, engine_for, is_transient, retry_transient
 from bitplan.app.job_progress import ProgressTracker
 from bitplan.app.queue import (
     ClaimedJob,
@@ -50,6 +57,7 @@ from bitplan.app.queue import (
 from bitplan.app.report import render_report
 from bitplan.app.settings import Settings, get_settings
 from bitplan.app.states import JobState
+from bitplan.app.worker_presence import WorkerPresence
 from bitplan.search.plans import BEST_PLAN_ID
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
@@ -72,6 +80,10 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
 # How often the main thread wakes to notice SIGTERM or a finished job thread (seconds).
 _TICK_S = 0.1
+# Retries of the write that ends a job: with Backoff's 10 s cap about a minute in all, past
+# any burst; after that the lease expires and the reaper requeues the job instead.
+_SETTLE_ATTEMPTS = 10
+_BACKOFF = Backoff()
 
 Runner = Callable[..., Any]
 # Seconds on a monotonic scale (time.monotonic); tests hand in a clock they advance by hand.
@@ -136,9 +148,20 @@ class _JobRun:
         snapshot = self.tracker.update(stage, done, total)
         if snapshot is None:
             return
-        if not set_progress(
-            self.engine, job_id=self.job.id, lease_version=self.job.lease_version, snapshot=snapshot
-        ):
+        try:
+            held = set_progress(
+                self.engine,
+                job_id=self.job.id,
+                lease_version=self.job.lease_version,
+                snapshot=snapshot,
+            )
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            # Progress is advisory: the next write carries newer numbers anyway.
+            logger.warning("job %s: progress not recorded (%s)", self.job.id, error)
+            return
+        if not held:
             self._halt(StopReason.LEASE_LOST)
 
     def _target(self) -> None:
@@ -177,17 +200,35 @@ class _JobRun:
 
     def _supervise(self, thread: threading.Thread) -> None:
         next_beat = self.clock() + self.settings.heartbeat_seconds
+        failures = 0
         while thread.is_alive():
             thread.join(_TICK_S)
             if self.shutdown.is_set():
                 self._halt(StopReason.SHUTDOWN)
             if self.clock() < next_beat or self.reason == StopReason.LEASE_LOST:
                 continue
+            try:
+                self._beat()
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                # The lease outlasts several heartbeats: try again soon, not a beat later.
+                wait = min(_BACKOFF.delay(failures), self.settings.heartbeat_seconds)
+                failures += 1
+                logger.warning(
+                    "job %s: heartbeat failed (%s); retry in %.2f s", self.job.id, error, wait
+                )
+                next_beat = self.clock() + wait
+                continue
+            failures = 0
             next_beat = self.clock() + self.settings.heartbeat_seconds
-            if not self._renew():
-                self._halt(StopReason.LEASE_LOST)
-            elif is_cancel_requested(self.engine, job_id=self.job.id):
-                self._halt(StopReason.CANCEL)
+
+    def _beat(self) -> None:
+        """Renew the lease and look at the cancel flag."""
+        if not self._renew():
+            self._halt(StopReason.LEASE_LOST)
+        elif is_cancel_requested(self.engine, job_id=self.job.id):
+            self._halt(StopReason.CANCEL)
 
     def _renew(self) -> bool:
         """Heartbeat: extend the lease; False when this worker no longer holds it."""
@@ -211,7 +252,26 @@ class _JobRun:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _settle(self) -> None:
-        """Write the outcome, unless the lease is gone (then another worker owns the job)."""
+        """Write the outcome (retried while the database is busy), unless the lease is gone."""
+        try:
+            retry_transient(
+                self._write_outcome,
+                what=f"recording the outcome of job {self.job.id}",
+                attempts=_SETTLE_ATTEMPTS,
+                backoff=_BACKOFF,
+            )
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            logger.error(
+                "job %s: outcome not recorded (%s); its lease will expire and the job be retried",
+                self.job.id,
+                error,
+            )
+
+    def _write_outcome(self) -> None:
+        """Write the outcome, unless the lease is gone (then another worker owns the job).
+        Every write is fenced, so running this again after a failure is harmless."""
         job_id, version = self.job.id, self.job.lease_version
         kind, message = self.outcome
         if self.reason == StopReason.LEASE_LOST:
@@ -237,8 +297,9 @@ class _JobRun:
         if not self._renew():
             logger.warning("job %s: lease lost before publishing; discarding", self.job.id)
             return
-        shutil.rmtree(self.final_dir, ignore_errors=True)  # a crashed attempt's leftovers
-        self.staging.rename(self.final_dir)
+        if self.staging.exists():  # absent when a first try moved it and then lost the database
+            shutil.rmtree(self.final_dir, ignore_errors=True)  # a crashed attempt's leftovers
+            self.staging.rename(self.final_dir)
         # best.json is a copy of one of the plans (a handle), not a plan of its own.
         plan_ids = sorted(
             path.stem
@@ -283,16 +344,36 @@ def run_worker(
         if threading.current_thread() is threading.main_thread():
             _install_signal_handlers(stop_event)
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database_url)
+    engine = engine_for(settings)
     ran = 0
     next_reap = -float("inf")  # reap before the first claim
+    failures = 0  # consecutive transient database errors
     logger.info("worker %s started", worker_id)
+    # presence row for health/readiness (app/worker_presence.py), beating beside the claim loop
+    presence = WorkerPresence(engine, worker_id, interval_s=settings.heartbeat_seconds).start()
     try:
         while not stop_event.is_set():
-            if clock() >= next_reap:  # every worker reaps; the reaper is idempotent
-                reap_expired(engine)
-                next_reap = clock() + settings.heartbeat_seconds
-            job = claim_job(engine, worker_id=worker_id, lease_s=settings.lease_seconds)
+            try:
+                if clock() >= next_reap:  # every worker reaps; the reaper is idempotent
+                    reap_expired(engine)
+                    next_reap = clock() + settings.heartbeat_seconds
+                job = claim_job(engine, worker_id=worker_id, lease_s=settings.lease_seconds)
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                wait = _BACKOFF.delay(failures)
+                failures += 1
+                logger.warning(
+                    "worker %s: database unavailable (%s: %s); try %d failed, next in %.2f s",
+                    worker_id,
+                    type(error).__name__,
+                    str(error).partition("\n")[0],
+                    failures,
+                    wait,
+                )
+                stop_event.wait(wait)
+                continue
+            failures = 0
             if job is None:
                 if once:
                     break
@@ -309,6 +390,7 @@ def run_worker(
             ).run()
             ran += 1
     finally:
+        presence.stop()
         engine.dispose()
         logger.info("worker %s stopped after %d job(s)", worker_id, ran)
     return ran

@@ -57,6 +57,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from benchmarks._common import machine_info, update_results_section
+from bitplan.search.spec import MAX_TRIALS
 
 __all__ = ["LoadResult", "bare_app", "main", "run_benchmark", "run_load"]
 
@@ -78,7 +79,7 @@ JOB_REQUEST = {
     "model": "builtin:digits-cnn",
     "budget": "4bpw",
     "method": "layer",
-    "trials": 100_000,
+    "trials": MAX_TRIALS,
 }
 MODES = ("saturated", "paced")
 

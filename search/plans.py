@@ -458,7 +458,8 @@ def write_frontier(
     ``points`` and ``uniform`` are ``(plan, source)`` pairs; points are listed by total bytes
     and named by :func:`plan_id_of`, uniform points after their format. ``best`` (one of the
     points' plans: the answer to the budget) is also written as ``plans/best.json``, a handle
-    that works whatever plans a run found. Exactly the listed points' plans are written.
+    that works whatever plans a run found. Exactly the listed points' plans are written, and
+    plan files of an earlier run in the same folder are removed.
     """
     out = Path(out_dir)
     ranked = sorted(points, key=lambda pair: pair[0].totals.total_bytes)
@@ -471,6 +472,9 @@ def write_frontier(
         raise ValueError(f"two frontier points would share a plan id: {sorted(ids)}")
     if best is not None and not any(best is plan for plan, _ in points):
         raise ValueError("the best plan must be one of the frontier's points")
+    # A reused output folder must not keep an earlier run's plans beside this frontier's.
+    for stale in (out / "plans").glob("*.json"):
+        stale.unlink()
     for entry, (plan, _) in zip(entries + refs, [*ranked, *uniform], strict=True):
         plan.write(out / entry.plan)
     if best is not None:

@@ -31,6 +31,15 @@ SAMPLERS = ("nsga2", "tpe")
 # `analyze` measures sensitivities only, but a JobSpec needs a budget: 16 bpw (fp16 everywhere)
 # always fits.
 ANALYZE_BUDGET = "16bpw"
+# Upper bounds of the numeric fields: far beyond any useful job, low enough that a request can
+# neither hold a worker for ages (each trial is a measured evaluation) nor overflow a seed.
+MAX_TRIALS = 10_000
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week
+MAX_SEED = 2**32 - 1  # numpy and Optuna seeds are unsigned 32-bit
+MAX_LENGTH_TOKENS = 1 << 20
+MAX_SAMPLES = 10_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_PATTERNS = 1024  # exclude patterns or pins; a model has fewer distinct layer groups
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -57,7 +66,9 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field(min_length=1, description="builtin:<name>, a model folder, zip or file")
-    budget: str = Field(min_length=1, description="4.5bpw, 60MB, 58MiB or 0.3x (DESIGN §5)")
+    budget: str = Field(
+        min_length=1, max_length=64, description="4.5bpw, 60MB, 58MiB or 0.3x (DESIGN §5)"
+    )
     calib: str = Field("builtin", min_length=1, description="'builtin' or a data file path")
     formats: list[Format] = Field(
         default_factory=lambda: parse_formats(DEFAULT_FORMATS),
@@ -66,18 +77,32 @@ class JobSpec(BaseModel):
     )
     method: str = Field("fisher", description="sensitivity method: " + ", ".join(METHODS))
     task: str | None = Field(None, description="model task; None infers it from the model")
-    trials: int = Field(40, ge=1, description="measured-search trials, seeds included")
-    timeout: float | None = Field(None, gt=0, description="seconds for the measured search")
-    seed: int = Field(0, description="seeds the data split, the sensitivity and the search")
+    trials: int = Field(
+        40, ge=1, le=MAX_TRIALS, description="measured-search trials, seeds included"
+    )
+    timeout: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, description="seconds for the measured search"
+    )
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seeds the data split, the sensitivity and the search"
+    )
     sampler: str = Field("nsga2", description="Optuna sampler: " + ", ".join(SAMPLERS))
-    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns left unplanned")
+    exclude: list[str] = Field(
+        default_factory=list, max_length=MAX_PATTERNS, description="fnmatch patterns left unplanned"
+    )
     pins: dict[str, Format] = Field(
-        default_factory=dict, description="layer pattern -> the format it must take"
+        default_factory=dict,
+        max_length=MAX_PATTERNS,
+        description="layer pattern -> the format it must take",
     )
     holdout: float = Field(0.25, gt=0, lt=1, description="share of the data held out")
-    max_length: int = Field(128, ge=1, description="tokens a text sample is cut to")
-    max_samples: int | None = Field(None, ge=1, description="calibration samples to use at most")
-    batch_size: int = Field(32, ge=1, description="samples a forward pass")
+    max_length: int = Field(
+        128, ge=1, le=MAX_LENGTH_TOKENS, description="tokens a text sample is cut to"
+    )
+    max_samples: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES, description="calibration samples to use at most"
+    )
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="samples a forward pass")
     # The model loader checks the name (it owns the list of devices, and torch).
     device: str = Field("auto", description="auto, cpu or cuda")
 

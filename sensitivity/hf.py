@@ -14,16 +14,30 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.safety import extract_zip, file_sha256, files_sha256
+from bitplan.sensitivity.safety import (
+    extract_zip,
+    file_sha256,
+    files_sha256,
+    read_safetensors_header,
+)
 
-__all__ = ["HF_TASKS", "HFModel", "infer_task", "load_hf_folder", "unpack_model_zip"]
+__all__ = [
+    "HF_TASKS",
+    "HFModel",
+    "check_config_fits_weights",
+    "infer_task",
+    "load_hf_folder",
+    "unpack_model_zip",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +55,10 @@ _TOKENIZER_FILES = (
 )
 # At most this many key names are quoted in an error, so the message stays one readable line.
 _QUOTE_KEYS = 3
+# Config sizes that must be at most the largest dimension of any checkpoint tensor: a config that
+# declares more cannot be filled from the file, and building it would only allocate memory.
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "vocab_size")
+_INDEX = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 
 @dataclass
@@ -68,20 +86,64 @@ def infer_task(architectures: list[str] | None) -> str:
     return "feature-extraction"
 
 
-def _read_config_json(folder: Path) -> dict[str, Any]:
+def _read_config_json(folder: Path, *, label: str) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise InputError(
-            f"{folder} is not a model folder: it has no config.json (expected a "
+            f"{label} is not a model folder: it has no config.json (expected a "
             "Hugging Face folder with config.json and *.safetensors)"
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON ({_one_line(exc)})") from None
+        raise InputError(f"{label}: config.json is not valid JSON ({_one_line(exc)})") from None
+    except RecursionError:
+        raise InputError(f"{label}: config.json is nested too deeply") from None
     if not isinstance(raw, dict):
-        raise InputError(f"{path} must hold a JSON object")
+        raise InputError(f"{label}: config.json must hold a JSON object")
     return raw
+
+
+def _indexed_blocks(names: list[str]) -> int:
+    """The most numbered siblings under one prefix (``encoder.layer.0`` … ``.11`` → 12)."""
+    found: dict[str, set[int]] = {}
+    for name in names:
+        match = _INDEX.match(name)
+        if match:
+            found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    return max((len(v) for v in found.values()), default=0)
+
+
+def check_config_fits_weights(config: Any, weights: list[Path], *, label: str) -> None:
+    """Refuse a config whose sizes the checkpoint cannot fill, reading only the headers.
+
+    transformers allocates every parameter the config declares before it looks at the file, so
+    a 85 KB zip whose config says 100000 layers would take minutes and gigabytes to refuse.
+    Checked: no size in :data:`_SIZE_FIELDS` exceeds the largest tensor dimension, and
+    ``num_hidden_layers`` is at most the numbered blocks the weights hold (``num_hidden_groups``
+    instead when layers share weights, as in ALBERT).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weights:
+        shapes.update(read_safetensors_header(path, label=label))
+    largest = max((d for shape in shapes.values() for d in shape), default=0)
+    for field in _SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > largest:
+            raise InputError(
+                f"{label}: config.json declares {field}={value} but no safetensors tensor has "
+                f"a dimension that large (largest: {largest}); the config does not match "
+                "the weights"
+            )
+    layers = getattr(config, "num_hidden_groups", None) or getattr(
+        config, "num_hidden_layers", None
+    )
+    blocks = _indexed_blocks(list(shapes))
+    if isinstance(layers, int) and layers > max(blocks, 1):
+        raise InputError(
+            f"{label}: config.json declares {layers} layers but the safetensors hold weights "
+            f"for {blocks}; the config does not match the weights"
+        )
 
 
 def _quote(keys: Any) -> str:
@@ -132,7 +194,7 @@ def _load_tokenizer(folder: Path, *, label: str) -> Any | None:
 def load_hf_folder(folder: Path, *, task: str | None = None, label: str | None = None) -> HFModel:
     """Build and verify the transformers model in ``folder`` for ``task`` (inferred when None)."""
     label = label or str(folder)
-    raw = _read_config_json(folder)
+    raw = _read_config_json(folder, label=label)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         hint = (
@@ -161,6 +223,7 @@ def load_hf_folder(folder: Path, *, task: str | None = None, label: str | None =
             f"task {task!r} is not available for Hugging Face models; accepted: "
             + ", ".join(HF_TASKS)
         )
+    check_config_fits_weights(config, weights, label=label)
     auto_cls = getattr(transformers, HF_TASKS[task])
     try:
         module, info = auto_cls.from_pretrained(
@@ -170,7 +233,7 @@ def load_hf_folder(folder: Path, *, task: str | None = None, label: str | None =
             output_loading_info=True,
             ignore_mismatched_sizes=True,  # report shape mismatches instead of a bare traceback
         )
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+    except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as exc:
         raise InputError(f"{label}: cannot build a {task} model ({_one_line(exc)})") from None
     own = type(module).__name__ in (getattr(config, "architectures", None) or [])
     _verify_loading(info, label=label, own_architecture=own)

@@ -12,6 +12,7 @@ References: CWE-22 (path traversal, "Zip Slip"); CWE-409 (decompression bombs).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ __all__ = [
     "file_sha256",
     "files_sha256",
     "max_unzip_bytes",
+    "read_safetensors_header",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,15 @@ DEFAULT_MAX_UNZIP_BYTES = 4 << 30
 # Zip members are copied and hashed in 1 MiB chunks so memory stays flat for any file size.
 _CHUNK = 1 << 20
 _ENV_MAX_UNZIP = "BITPLAN_MAX_UNZIP_BYTES"
+# Free space kept on the cache's disk after an extraction, so one upload cannot fill it.
+_DISK_RESERVE = 256 << 20
+# safetensors refuses headers over 100 MB itself; a header is JSON of names, dtypes and shapes.
+_MAX_HEADER = 100_000_000
+# Bytes per element of each safetensors dtype (the format's own list).
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+    "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
 
 
 def max_unzip_bytes(value: int | None = None) -> int:
@@ -93,7 +104,7 @@ def extract_zip(path: Path, dest: Path, *, max_bytes: int | None = None) -> Path
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise InputError(f"{path} is not a readable zip archive ({exc})") from None
+        raise InputError(f"{path.name} is not a readable zip archive ({exc})") from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".unzip-", dir=dest.parent))
     try:
@@ -111,6 +122,7 @@ def extract_zip(path: Path, dest: Path, *, max_bytes: int | None = None) -> Path
                     f"refusing zip {path.name}: it declares {declared} uncompressed bytes, over "
                     f"the limit of {limit} (raise it with {_ENV_MAX_UNZIP})"
                 )
+            _check_disk(work, declared, label=path.name)
             _copy_members(archive, members, work, limit=limit, label=path.name)
         try:
             os.replace(work, dest)
@@ -120,12 +132,23 @@ def extract_zip(path: Path, dest: Path, *, max_bytes: int | None = None) -> Path
             shutil.rmtree(work)  # a concurrent extraction of the same archive won the race
     except zipfile.BadZipFile as exc:
         shutil.rmtree(work, ignore_errors=True)
-        raise InputError(f"{path} is a corrupt zip archive ({exc})") from None
+        raise InputError(f"{path.name} is a corrupt zip archive ({exc})") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    logger.info("extracted %s into %s", path, dest)
+    logger.info("extracted %s into %s", path.name, dest)
     return dest
+
+
+def _check_disk(work: Path, declared: int, *, label: str) -> None:
+    """Refuse an archive whose declared size would leave less than the reserve free on disk
+    (the copy also stops when real bytes exceed the declared ones, so the count holds)."""
+    free = shutil.disk_usage(work).free
+    if declared > free - _DISK_RESERVE:
+        raise InputError(
+            f"refusing zip {label}: it expands to {declared} bytes but the server has "
+            f"{max(free - _DISK_RESERVE, 0)} bytes of disk to spare"
+        )
 
 
 def _copy_members(
@@ -187,3 +210,58 @@ def check_finite(module: nn.Module, *, label: str) -> None:
                 raise InputError(
                     f"{label}: weight {name} contains NaN or Inf values; the checkpoint is corrupt"
                 )
+
+
+def _header_problem(raw: bytes, data_bytes: int) -> tuple[str | None, dict[str, tuple[int, ...]]]:
+    """Why a safetensors header is malformed (or None), and its tensors' shapes."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return "its header is not UTF-8 JSON", {}
+    if not isinstance(header, dict):
+        return "its header is not a JSON object", {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            return f"tensor {name!r} has no description", {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _DTYPE_BYTES:
+            return f"tensor {name!r} has an unknown dtype {dtype!r}", {}
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            return f"tensor {name!r} has an invalid shape", {}
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            return f"tensor {name!r} has data offsets outside the file", {}
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
+            return f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape}", {}
+        shapes[name] = tuple(shape)
+    return None, shapes
+
+
+def read_safetensors_header(path: Path, *, label: str) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file declares, read from its header alone (no tensor
+    is loaded). Any inconsistency with the file's size is an :class:`InputError` naming
+    ``label``, so a malformed file is refused before a loader trips over it."""
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        prefix = stream.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or length > min(_MAX_HEADER, size - 8):
+            problem: str | None = "its header length does not fit the file"
+            shapes: dict[str, tuple[int, ...]] = {}
+        else:
+            problem, shapes = _header_problem(stream.read(length), size - 8 - length)
+    if problem is not None:
+        raise InputError(f"{label}: {path.name} is not a valid safetensors file ({problem})")
+    return shapes

@@ -67,6 +67,11 @@ def _jsonl_record(line: str, lineno: int, path: Path) -> dict[str, Any]:
             f"{path.name} line {lineno} is not valid JSON ({err.msg}); "
             'expected one object a line like {"text": "...", "label": 0}'
         ) from None
+    except RecursionError:  # json recurses once per nesting level: '[[[[…' exhausts the stack
+        raise InputError(
+            f"{path.name} line {lineno} is nested too deeply; "
+            'expected one object a line like {"text": "...", "label": 0}'
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise InputError(
             f'{path.name} line {lineno} has no "text" string; '

@@ -3,13 +3,24 @@
 The app keeps its settings and session factory on ``app.state`` (set by
 :func:`bitplan.app.main.create_app`), so every app instance — one per test — has its own database.
 Sessions are only ever obtained through :data:`SessionDep`.
+
+Backpressure: a request waits (without a thread) for one of a fixed number of database slots
+before its session opens, and gets 503 + ``Retry-After`` when none frees up within
+``db_pool_timeout_s``. Without that gate a burst deadlocks: every threadpool thread blocks
+waiting for a pooled connection or SQLite's write lock, while the requests holding them need
+a thread to run their session's teardown (FastAPI runs a sync dependency's exit in the
+threadpool), so everything times out as 500s. The slots are fewer than the pool's connections
+and than half the threadpool, so a request that holds a slot always gets a connection, and a
+thread to give it back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -17,6 +28,7 @@ from sqlalchemy.orm import Session
 from bitplan.app import crud
 from bitplan.app.auth import authenticate
 from bitplan.app.models import ApiKey
+from bitplan.app.problems import service_busy
 from bitplan.app.settings import Settings
 
 __all__ = ["CurrentKeyDep", "OwnerDep", "PageCursor", "PageLimit", "SessionDep", "SettingsDep"]
@@ -38,7 +50,38 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
-def get_db(request: Request) -> Iterator[Session]:
+def db_slots(settings: Settings) -> int:
+    """How many requests may hold a database session at once."""
+    threads = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+    return max(1, min(settings.db_pool_size + settings.db_max_overflow, threads // 2))
+
+
+def _gate(request: Request, settings: Settings) -> asyncio.Semaphore:
+    """The app's slot semaphore, made on first use in the running event loop (an asyncio
+    semaphore belongs to one loop; a test client may run an app in several in turn)."""
+    loop = asyncio.get_running_loop()
+    gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = getattr(
+        request.app.state, "db_gate", None
+    )
+    if gate is None or gate[0] is not loop:
+        gate = (loop, asyncio.Semaphore(db_slots(settings)))
+        request.app.state.db_gate = gate
+    return gate[1]
+
+
+async def _db_slot(request: Request, settings: SettingsDep) -> AsyncIterator[None]:
+    semaphore = _gate(request, settings)
+    try:
+        await asyncio.wait_for(semaphore.acquire(), timeout=settings.db_pool_timeout_s)
+    except TimeoutError:
+        raise service_busy(settings, "the server is at capacity") from None
+    try:
+        yield
+    finally:
+        semaphore.release()
+
+
+def get_db(request: Request, _slot: Annotated[None, Depends(_db_slot)]) -> Iterator[Session]:
     state = request.app.state
     factory = state.read_sessionmaker if request.method in _READ_METHODS else state.sessionmaker
     with factory() as session:

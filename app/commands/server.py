@@ -1,5 +1,6 @@
 """Operator commands, on this machine's settings (``BITPLAN_*``): ``db upgrade``, ``keys
-create NAME``, ``serve`` (migrations, worker processes, the API) and ``worker``.
+create NAME|list|revoke ID|NAME``, ``serve`` (migrations, supervised worker processes, the
+API) and ``worker``.
 
 ``db`` and ``keys`` are Typer sub-apps; ``serve`` and ``worker`` are plain commands. The
 database, the web server and the worker are imported inside the commands.
@@ -7,7 +8,9 @@ database, the web server and the worker are imported inside the commands.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -15,7 +18,12 @@ from bitplan.app.console import err_console, run_command
 from bitplan.app.settings import Settings, get_settings
 from bitplan.sensitivity.errors import InputError
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 __all__ = ["db_app", "keys_app", "serve", "worker"]
+
+T = TypeVar("T")
 
 db_app = typer.Typer(help="The service database.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -51,20 +59,19 @@ def db_upgrade() -> None:
     err_console.print(f"database schema is up to date ({_safe_url(url)})")
 
 
-@keys_app.command("create")
-def keys_create(name: Annotated[str, typer.Argument(help="Who the key is for.")]) -> None:
-    """Create an API key and print it once; only its hash is stored."""
+def _with_keys(action: Callable[[Session], T]) -> T:
+    """Run ``action`` on a session of this machine's database, as a CLI command: a database
+    without the bitplan tables gets a one-line hint instead of a traceback."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from bitplan.app import crud
     from bitplan.app.db import make_engine, make_sessionmaker
 
-    def create() -> str:
+    def run() -> T:
         url = get_settings().database_url
         engine = make_engine(url)
         try:
             with make_sessionmaker(engine)() as session:
-                return crud.create_api_key(session, name=name)[1]
+                return action(session)
         except (OperationalError, ProgrammingError):
             raise InputError(
                 f"the database {_safe_url(url)} has no bitplan tables; run "
@@ -73,9 +80,60 @@ def keys_create(name: Annotated[str, typer.Argument(help="Who the key is for.")]
         finally:
             engine.dispose()
 
-    plaintext = run_command(create)
+    return run_command(run)
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="Who the key is for.")]) -> None:
+    """Create an API key and print it once; only its hash is stored."""
+    from bitplan.app import crud
+
+    plaintext = _with_keys(lambda session: crud.create_api_key(session, name=name)[1])
     typer.echo(plaintext)
     err_console.print(f"created API key {name!r}; store it now, it is not shown again")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List the API keys: name, id, created, revoked (the secrets are never stored)."""
+    from bitplan.app import crud
+
+    def rows(session: Session) -> list[tuple[str, str, str, str]]:
+        return [
+            (key.name, key.id, _when(key.created_at), _when(key.revoked_at))
+            for key in crud.list_api_keys(session)
+        ]
+
+    keys = _with_keys(rows)
+    if not keys:
+        err_console.print("no API keys; create one with `bitplan keys create NAME`")
+        return
+    table = [("NAME", "ID", "CREATED", "REVOKED"), *keys]
+    widths = [max(len(row[column]) for row in table) for column in range(3)]
+    for row in table:  # plain aligned columns: never wrapped, easy to grep or cut
+        padded = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+        typer.echo("  ".join([*padded, row[3]]))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ref: Annotated[str, typer.Argument(metavar="ID|NAME", help="The key's id or name.")],
+) -> None:
+    """Revoke an API key: requests with it are refused (401) from now on."""
+    from bitplan.app import crud
+
+    def revoke(session: Session) -> tuple[str, str, bool]:
+        key, revoked = crud.revoke_api_key(session, ref=ref)
+        return key.name, key.id, revoked
+
+    name, key_id, revoked = _with_keys(revoke)
+    state = "revoked" if revoked else "was already revoked:"
+    err_console.print(f"{state} API key {name!r} ({key_id})")
+
+
+def _when(moment: datetime | None) -> str:
+    """A key's timestamp for the listing: UTC to the second, '-' for never."""
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def serve(
@@ -87,9 +145,9 @@ def serve(
     import uvicorn
 
     from bitplan.app.db import upgrade_database
-    from bitplan.app.embedded import exit_on_sigterm, stop_workers
+    from bitplan.app.embedded import exit_on_sigterm
     from bitplan.app.main import create_app
-    from bitplan.app.worker import spawn_workers
+    from bitplan.app.supervisor import WorkerSupervisor
 
     settings = get_settings().model_copy(update={"host": host, "port": port, "workers": workers})
 
@@ -98,16 +156,17 @@ def serve(
         return create_app(settings)  # refuses an open server before anything starts
 
     api = run_command(prepare)
-    processes = spawn_workers(settings, count=settings.workers)
+    supervisor = WorkerSupervisor(settings, count=settings.workers)
+    supervisor.start()  # restarts workers that die; they die with this process
     err_console.print(
         f"bitplan API on http://{settings.host}:{settings.port} with "
-        f"{settings.workers} worker(s); Ctrl-C stops everything"
+        f"{settings.workers} supervised worker(s); Ctrl-C stops everything"
     )
     exit_on_sigterm()
     try:
         uvicorn.run(api, host=settings.host, port=settings.port)
     finally:
-        stop_workers(processes)
+        supervisor.stop()
 
 
 def worker(

@@ -103,7 +103,12 @@ def finish_job(
     out = settings.artifact_dir / job_id
     plans = [(Plan.from_dict(plan_document(fmt)), "exact") for fmt in PLAN_LAYER_BYTES][:n_plans]
     frontier = write_frontier(
-        out, model_ref="builtin:digits-cnn", model_sha256="0" * 64, budget=None, points=plans
+        out,
+        model_ref="builtin:digits-cnn",
+        model_sha256="0" * 64,
+        budget=None,
+        points=plans,
+        best=plans[0][0] if plans else None,  # as a job does: plans/best.json
     )
     plan_ids = [point.plan_id for point in frontier.points]
     (out / "sensitivity.csv").write_text(

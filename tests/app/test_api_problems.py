@@ -55,7 +55,8 @@ def test_unhandled_errors_are_500_problems_without_internals(settings: Settings)
 
 def test_health_reports_ok(client: TestClient) -> None:
     response = client.get("/v1/health")
-    assert response.status_code == 200 and response.json()["status"] == "ok"
+    # alive (200) while the database answers; no worker runs here, hence "degraded"
+    assert response.status_code == 200 and response.json()["status"] == "degraded"
 
 
 def _declared(schema: dict, path: str, method: str) -> set[str]:
@@ -65,7 +66,7 @@ def _declared(schema: dict, path: str, method: str) -> set[str]:
 def test_openapi_declares_status_codes_and_problem_bodies(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     expected = {
-        ("/v1/jobs", "post"): {"202", "401", "422", "500"},
+        ("/v1/jobs", "post"): {"202", "400", "401", "413", "422", "500"},
         ("/v1/jobs", "get"): {"200", "401", "422", "500"},
         ("/v1/jobs/{job_id}", "get"): {"200", "304", "401", "404", "422", "500"},
         ("/v1/jobs/{job_id}:cancel", "post"): {"202", "401", "404", "409", "422", "500"},
@@ -73,15 +74,16 @@ def test_openapi_declares_status_codes_and_problem_bodies(client: TestClient) ->
         ("/v1/jobs/{job_id}/plans/{plan_id}", "get"): {"200", "401", "404", "409", "422", "500"},
         ("/v1/jobs/{job_id}/sensitivity", "get"): {"200", "401", "404", "409", "422", "500"},
         ("/v1/jobs/{job_id}/report", "get"): {"200", "401", "404", "409", "422", "500"},
-        ("/v1/models", "post"): {"200", "201", "401", "413", "415", "422", "500"},
+        ("/v1/models", "post"): {"200", "201", "400", "401", "413", "415", "422", "500"},
         ("/v1/models", "get"): {"200", "401", "422", "500"},
         ("/v1/models/{blob_id}", "get"): {"200", "401", "404", "422", "500"},
         ("/v1/models/{blob_id}", "delete"): {"204", "401", "404", "409", "422", "500"},
-        ("/v1/datasets", "post"): {"200", "201", "401", "413", "415", "422", "500"},
+        ("/v1/datasets", "post"): {"200", "201", "400", "401", "413", "415", "422", "500"},
         ("/v1/health", "get"): {"200", "422", "500", "503"},
     }
     for (path, method), codes in expected.items():
-        assert _declared(schema, path, method) == codes, (path, method)
+        # 503 (a busy database, with Retry-After) can happen on every route
+        assert _declared(schema, path, method) == codes | {"503"}, (path, method)
         for code in codes - {"200", "201", "202", "204", "304"}:
             content = schema["paths"][path][method]["responses"][code]["content"]
             assert list(content) == ["application/problem+json"], (path, method, code)

@@ -88,6 +88,7 @@ def write_job(
         budget=parse_budget(budget) if budget else None,
         points=points,
         uniform=uniform,
+        best=points[-1][0] if points else None,  # as a job does: plans/best.json
     )
     rows = [
         {

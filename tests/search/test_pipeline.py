@@ -9,7 +9,7 @@ import pytest
 
 from bitplan.search.pipeline import run_job
 from bitplan.search.plans import read_frontier, read_plan
-from bitplan.search.spec import JobSpec
+from bitplan.search.spec import MAX_TRIALS, JobSpec
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import Cancelled
 
@@ -126,7 +126,7 @@ def test_pins_hold_in_every_plan(tmp_path: Path) -> None:
 
 
 def test_timeout_keeps_finished_trials_and_writes_the_frontier(tmp_path: Path) -> None:
-    result = run_job(_spec(trials=100_000, timeout=1.5), out_dir=tmp_path)
+    result = run_job(_spec(trials=MAX_TRIALS, timeout=1.5), out_dir=tmp_path)
     assert result.interrupted
     frontier = read_frontier(tmp_path / "frontier.json")
     assert (

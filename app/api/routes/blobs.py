@@ -7,6 +7,10 @@ Upload answers 201 with ``Location`` for new bytes and 200 with the existing res
 same owner uploads the same bytes again (content addressing by sha256). Files are stored per
 owner under ``upload_dir/<kind>s/<owner>/<sha256><suffix>``, so deleting one owner's resource
 never touches another owner's file.
+
+The stored file exists before its row (temp name, fsync, rename, then insert): when validation
+or the insert fails the file is removed unless another row uses it, and a process killed in
+between leaves a file without a row, which :mod:`bitplan.app.sweeper` removes later.
 """
 
 from __future__ import annotations
@@ -84,6 +88,34 @@ def _remove_if_unused(session: Session, path: str) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def _discard_upload(session: Session, path: str) -> None:
+    """After a failed upload: remove its file unless a row uses it; when even that lookup fails
+    (the database is down), leave the file to the sweeper rather than risk another's bytes."""
+    try:
+        session.rollback()
+        _remove_if_unused(session, path)
+    except Exception:
+        log.warning("left %s to the sweeper: could not check whether a row uses it", path)
+
+
+def _validated(validate: Validator, kind: str) -> Validator:
+    """``validate`` with any unexpected failure turned into an :class:`InputError`: whatever a
+    hostile file makes a parser raise is the file's fault (422), not the server's (500)."""
+
+    def run(stored: StoredUpload, settings: Settings) -> None:
+        try:
+            validate(stored, settings)
+        except InputError:
+            raise
+        except Exception as exc:
+            log.warning("%s %s failed validation", kind, stored.filename, exc_info=True)
+            raise InputError(
+                f"{stored.filename} cannot be read as a {kind} ({type(exc).__name__})"
+            ) from None
+
+    return run
+
+
 def blob_router(
     *,
     kind: str,
@@ -93,6 +125,7 @@ def blob_router(
 ) -> APIRouter:
     """The ``/v1/<kind>s`` router: POST (upload), GET list, GET one, DELETE."""
     plural = f"{kind}s"
+    check = _validated(validate, kind)
     router = APIRouter(prefix=f"/v1/{plural}", tags=[plural])
 
     @router.post(
@@ -123,22 +156,23 @@ def blob_router(
             max_bytes=settings.max_upload_bytes,
         )
         try:
-            await anyio.to_thread.run_sync(validate, stored, settings)
-        except InputError:
-            await anyio.to_thread.run_sync(_remove_if_unused, session, str(stored.path))
-            raise
-        blob, created = await anyio.to_thread.run_sync(
-            partial(
-                crud.create_or_get_blob,
-                session,
-                owner_id=owner_id,
-                kind=kind,
-                sha256=stored.sha256,
-                filename=stored.filename,
-                size_bytes=stored.size_bytes,
-                path=str(stored.path.resolve()),
+            await anyio.to_thread.run_sync(check, stored, settings)
+            blob, created = await anyio.to_thread.run_sync(
+                partial(
+                    crud.create_or_get_blob,
+                    session,
+                    owner_id=owner_id,
+                    kind=kind,
+                    sha256=stored.sha256,
+                    filename=stored.filename,
+                    size_bytes=stored.size_bytes,
+                    path=str(stored.path.resolve()),
+                )
             )
-        )
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # a client that hung up still gets cleaned up
+                await anyio.to_thread.run_sync(_discard_upload, session, str(stored.path.resolve()))
+            raise
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         response.headers["Location"] = f"/v1/{plural}/{blob.id}"
         log.info("%s %s %s (%s)", kind, blob.id, "created" if created else "exists", blob.filename)

@@ -1,4 +1,8 @@
-"""``/v1/models``: upload (validated by loading it), list, get, delete uploaded models."""
+"""``/v1/models``: upload (validated by loading it), list, get, delete uploaded models.
+
+Validation loads the model in the API process; running it in a subprocess with memory and time
+limits is not done yet (the config-versus-weights check refuses oversized configs cheaply).
+"""
 
 from __future__ import annotations
 
