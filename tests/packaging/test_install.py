@@ -80,6 +80,8 @@ def test_installed_copy_imports_migrates_and_runs_outside_the_checkout(
         f"assert bitplan.__file__.startswith({str(site)!r}), bitplan.__file__\n"
         "bare = ('app', 'search', 'sensitivity')\n"
         "assert all(importlib.util.find_spec(n) is None for n in bare)\n"
+        "from bitplan.app.report import _environment, _static\n"
+        "assert _environment().get_template('report.html.j2') and _static('report.css')\n"
         "from bitplan.app.db import upgrade_database\n"
         f"upgrade_database('sqlite:///{tmp_path / 'db.sqlite'}')\n"
         "print('ok')\n"
