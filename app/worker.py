@@ -71,6 +71,7 @@ __all__ = [
     "load_runner",
     "run_worker",
     "spawn_workers",
+    "study_name_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,13 @@ class StopReason(StrEnum):
     CANCEL = "cancel"  # the user cancelled: the job ends cancelled
     LEASE_LOST = "lease lost"  # another worker or the reaper has the job: write nothing more
     SHUTDOWN = "shutdown"  # SIGTERM: the job goes back to the queue
+
+
+def study_name_for(job_id: str, *, attempt: int) -> str:
+    """The Optuna study of one attempt of a job. A retried job (its worker died) starts a fresh
+    study: the dead attempt's study still holds trials in state RUNNING that nobody will finish,
+    and a sampler sharing that study would count them and seed from them."""
+    return f"bitplan-{job_id}-attempt{attempt}"
 
 
 def load_runner(dotted: str) -> Runner:
@@ -178,7 +186,7 @@ class _JobRun:
                 progress=self.progress,
                 should_cancel=self.should_cancel,
                 optuna_storage=self.settings.optuna_storage,
-                study_name=f"bitplan-{self.job.id}",
+                study_name=study_name_for(self.job.id, attempt=self.job.attempts),
             )
             self._render_report()
             self.outcome = (JobState.SUCCEEDED, "")

@@ -413,6 +413,9 @@ def test_sigkill_mid_job_is_reclaimed_and_succeeds_once(
     assert (job.state, job.attempts, job.lease_version) == ("succeeded", 2, 2)
     lines = runner_log.read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["start", "start", "done"]
+    # The retry runs its own Optuna study, never the killed attempt's (with its RUNNING trials).
+    first, second = (worker.study_name_for(job_id, attempt=n) for n in (1, 2))
+    assert [line.split()[1] for line in lines] == [first, second, second]
     assert lines[0].split()[2] == str(proc.pid) and lines[2].split()[2] == str(os.getpid())
     assert (settings.artifact_dir / job_id / "frontier.json").is_file()
     assert not _partials(settings)
