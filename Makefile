@@ -37,7 +37,7 @@ lint: $(STAMP) typecheck
 # that has the installed layout (bitplan/app -> app, …). Strict on the whole package.
 TYPECHECK := $(VENV)/typecheck
 typecheck: $(STAMP)
-	mkdir -p $(TYPECHECK)/bitplan
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/bitplan  # no stale links to deleted files
 	for f in bitplan/*.py; do ln -sfn $(CURDIR)/$$f $(TYPECHECK)/bitplan/; done
 	for pkg in app search sensitivity migrations; do ln -sfn $(CURDIR)/$$pkg $(TYPECHECK)/bitplan/$$pkg; done
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml --strict -p bitplan

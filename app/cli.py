@@ -58,7 +58,7 @@ COMMANDS = {
     "solve": Command(f"{_PKG}.planning:solve", "Exact frontier of a sensitivity table."),
     "apply": Command(f"{_PKG}.apply:apply", "Quantize a model per a plan (packed safetensors)."),
     "db": Command(f"{_PKG}.server:db_app", "The service database: upgrade."),
-    "keys": Command(f"{_PKG}.server:keys_app", "The service's API keys: create."),
+    "keys": Command(f"{_PKG}.server:keys_app", "The service's API keys: create, list, revoke."),
     "serve": Command(f"{_PKG}.server:serve", "Run the REST service and its workers."),
     "worker": Command(f"{_PKG}.server:worker", "Run one worker of the service's job queue."),
     "submit": Command(f"{_PKG}.submit:submit", "Queue a planning job on a service."),

@@ -220,7 +220,7 @@ class BitplanClient:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
-            time.sleep(poll_s)
+            self._sleep(poll_s)
 
     def frontier(self, job_id: str) -> dict[str, Any]:
         """The job's frontier (``bitplan.frontier/v1``) with a download link on every point."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,12 +103,23 @@ def engine_for(settings: Settings) -> Engine:
     )
 
 
+# What SQLite says when another connection holds the lock ("database is locked", "database
+# table is locked", SQLITE_BUSY's "database is busy").
+_SQLITE_BUSY_WORDS = ("locked", "busy")
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether ``error`` is the database saying "not now": no pooled connection free in time,
     a dropped connection, or an ``OperationalError`` (the DB-API's class for failures of the
     database's operation rather than of the statement: locked, busy, out of connections, shut
     down). Retrying one that persists costs a log line per backoff, never a dead worker."""
-    if isinstance(error, exc.TimeoutError | exc.DisconnectionError | exc.OperationalError):
+    if isinstance(error, exc.TimeoutError | exc.DisconnectionError):
+        return True
+    if isinstance(error, exc.OperationalError):
+        if isinstance(error.orig, sqlite3.OperationalError):
+            # SQLite raises this class for "no such table" and syntax errors too: permanent
+            # faults that must stay 500s, not pass for a busy database forever.
+            return any(word in str(error.orig) for word in _SQLITE_BUSY_WORDS)
         return True
     return isinstance(error, exc.DBAPIError) and error.connection_invalidated
 

@@ -57,7 +57,8 @@ _CHUNK = 1 << 20  # bytes read at a time when hashing or zipping a file
 
 
 def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``: input errors, API problems and network failures are one line, exit 2."""
+    """Run ``fn``: input errors, API problems, network failures and waits that time out are one
+    line, exit 2."""
 
     def call() -> T:
         try:
@@ -70,6 +71,8 @@ def guarded(fn: Callable[[], T]) -> T:
                 f"cannot reach the bitplan server ({exc}); start one with "
                 "`bitplan serve` or pass --url"
             ) from None
+        except TimeoutError as exc:  # a wait that ran out: one line, not a traceback
+            raise InputError(str(exc)) from None
 
     return run_command(call)
 
@@ -101,7 +104,7 @@ def upload_ref(client: BitplanClient, ref: str, *, kind: Literal["model", "datas
     model folder, zipped) as the id of the caller's upload of the same bytes, uploading it only
     when the server does not have them yet."""
     path = Path(ref)
-    if ref.startswith(_BUILTIN) or not path.exists():
+    if ref == _BUILTIN or ref.startswith(f"{_BUILTIN}:") or not path.exists():
         return ref
     if path.is_dir():
         if kind != "model":
@@ -198,23 +201,26 @@ def download_job(client: BitplanClient, job_id: str, dest: Path) -> list[Path]:
     ``exports/`` (links relative to ``dest``) into ``dest``; returns every file written."""
     from bitplan.app.report import EXPORTS_DIR, render_report
     from bitplan.search.plans import BEST_PLAN_ID
+    from bitplan.sensitivity.atomic import write_text_atomic
 
+    # Everything is fetched before anything is written: a download that fails half-way (network,
+    # retries exhausted) leaves an earlier download in this folder whole.
     frontier = client.frontier(job_id)
-    (dest / "plans").mkdir(parents=True, exist_ok=True)
-    for stale in (dest / "plans").glob("*.json"):  # an earlier download into the same folder
-        stale.unlink()
-    written = []
     plan_ids = [point["plan_id"] for point in [*frontier["points"], *frontier["uniform"]]]
-    for plan_id in [*plan_ids, BEST_PLAN_ID]:
-        path = dest / "plans" / f"{plan_id}.json"
-        path.write_text(client.plan(job_id, plan_id), encoding="utf-8")
-        written.append(path)
+    plans = {plan_id: client.plan(job_id, plan_id) for plan_id in [*plan_ids, BEST_PLAN_ID]}
+    sensitivity = client.sensitivity(job_id)
     document = local_frontier(frontier)
-    (dest / "frontier.json").write_text(
-        json.dumps(document.to_dict(), indent=1) + "\n", encoding="utf-8"
-    )
-    (dest / "frontier.csv").write_text(document.csv_text(), encoding="utf-8")
-    (dest / "sensitivity.csv").write_text(client.sensitivity(job_id), encoding="utf-8")
+    written = []
+    for plan_id, text in plans.items():
+        path = dest / "plans" / f"{plan_id}.json"
+        write_text_atomic(path, text)
+        written.append(path)
+    for stale in (dest / "plans").glob("*.json"):  # an earlier download into the same folder
+        if stale.stem not in plans:
+            stale.unlink()
+    write_text_atomic(dest / "frontier.json", json.dumps(document.to_dict(), indent=1) + "\n")
+    write_text_atomic(dest / "frontier.csv", document.csv_text())
+    write_text_atomic(dest / "sensitivity.csv", sensitivity)
     written += [dest / "frontier.json", dest / "frontier.csv", dest / "sensitivity.csv"]
     written.append(render_report(dest))
     written += sorted((dest / EXPORTS_DIR).iterdir())

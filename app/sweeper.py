@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from bitplan.app import crud
 from bitplan.app.settings import Settings
 from bitplan.app.uploads import PART_PREFIX, VALIDATE_PREFIX
+from bitplan.sensitivity.safety import UNZIP_PREFIX
 
 __all__ = ["PERIODIC_GRACE_S", "sweep_orphans", "sweep_settings"]
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 # A periodic sweep spares anything younger than an hour: longer than any upload plus validation.
 PERIODIC_GRACE_S = 3600.0
-_UNZIP_PREFIX = ".unzip-"  # bitplan.sensitivity.safety.extract_zip's work folders
 _KINDS = ("models", "datasets")
 
 
@@ -41,13 +41,14 @@ def _old(path: Path, *, cutoff: float) -> bool:
         return False
 
 
-def _leftovers(upload_dir: Path, cache_dir: Path) -> Iterator[Path]:
-    """Temporary files and folders, recognised by their prefixes."""
+def _leftovers(upload_dir: Path, cache_dir: Path) -> Iterator[tuple[Path, bool]]:
+    """Temporary files and folders, recognised by their prefixes, each with whether the API
+    process owns it. Extraction folders belong to workers, which may outlive an API restart."""
     if upload_dir.is_dir():
-        yield from upload_dir.rglob(f"{PART_PREFIX}*.part")
+        yield from ((path, True) for path in upload_dir.rglob(f"{PART_PREFIX}*.part"))
     if cache_dir.is_dir():
-        yield from cache_dir.glob(f"{VALIDATE_PREFIX}*")
-        yield from cache_dir.glob(f"unzipped/{_UNZIP_PREFIX}*")
+        yield from ((path, True) for path in cache_dir.glob(f"{VALIDATE_PREFIX}*"))
+        yield from ((path, False) for path in cache_dir.glob(f"unzipped/{UNZIP_PREFIX}*"))
 
 
 def _stored_files(upload_dir: Path) -> Iterator[Path]:
@@ -70,15 +71,19 @@ def sweep_orphans(
 ) -> list[Path]:
     """Remove leftovers and row-less stored files older than ``min_age_s``; return (and log)
     what was removed."""
-    cutoff = time.time() - min_age_s
+    now = time.time()
+    cutoff = now - min_age_s
+    # A worker's extraction in flight is never this API's to judge: it gets the periodic grace.
+    others_cutoff = now - max(min_age_s, PERIODIC_GRACE_S)
     removed: list[Path] = []
-    for path in _leftovers(upload_dir, cache_dir):
-        if _old(path, cutoff=cutoff):
+    for path, own in _leftovers(upload_dir, cache_dir):
+        if _old(path, cutoff=cutoff if own else others_cutoff):
             _remove(path)
             removed.append(path)
     for path in _stored_files(upload_dir):
-        in_use = crud.blob_path_in_use(session, path=str(path.resolve()))
-        if not in_use and _old(path, cutoff=cutoff):
+        if not _old(path, cutoff=cutoff):  # the cheap check first: a query a file otherwise
+            continue
+        if not crud.blob_path_in_use(session, path=str(path.resolve())):
             _remove(path)
             removed.append(path)
     for path in removed:

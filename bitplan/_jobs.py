@@ -193,8 +193,6 @@ def search(
     )
     if result.interrupted:
         logger.warning("the search stopped early: the frontier holds the trials that finished")
-    if result.budget_note:
-        logger.warning("%s", result.budget_note)
     return result
 
 

@@ -34,6 +34,7 @@ from bitplan.search.budgets import BudgetDict as PlanBudget
 from bitplan.search.fields import Format
 from bitplan.search.points import Choice, choice_names
 from bitplan.search.spec import validation_message
+from bitplan.sensitivity.atomic import write_text_atomic
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat, tensor_bytes
 
@@ -243,8 +244,7 @@ class Plan(_Doc):
 
     def write(self, path: Path | str) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json(), encoding="utf-8")
+        write_text_atomic(path, self.to_json())
         return path
 
 
@@ -472,21 +472,22 @@ def write_frontier(
         raise ValueError(f"two frontier points would share a plan id: {sorted(ids)}")
     if best is not None and not any(best is plan for plan, _ in points):
         raise ValueError("the best plan must be one of the frontier's points")
-    # A reused output folder must not keep an earlier run's plans beside this frontier's.
-    for stale in (out / "plans").glob("*.json"):
-        stale.unlink()
     for entry, (plan, _) in zip(entries + refs, [*ranked, *uniform], strict=True):
         plan.write(out / entry.plan)
     if best is not None:
         best.write(out / "plans" / f"{BEST_PLAN_ID}.json")
+    # Only once this run's plans are written: a reused folder keeps no earlier run's plans.
+    for stale in (out / "plans").glob("*.json"):
+        if stale.stem not in {*ids, BEST_PLAN_ID}:
+            stale.unlink()
     result = FrontierFile(
         model=ModelRef(ref=model_ref, sha256=model_sha256),
         budget=budget.to_dict() if budget is not None else None,
         points=entries,
         uniform=refs,
     )
-    (out / "frontier.json").write_text(result.to_json(), encoding="utf-8")
-    (out / "frontier.csv").write_text(result.csv_text(), encoding="utf-8")
+    write_text_atomic(out / "frontier.json", result.to_json())
+    write_text_atomic(out / "frontier.csv", result.csv_text())
     return result
 
 

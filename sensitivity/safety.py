@@ -29,6 +29,7 @@ from bitplan.sensitivity.errors import InputError
 
 __all__ = [
     "DEFAULT_MAX_UNZIP_BYTES",
+    "UNZIP_PREFIX",
     "check_finite",
     "extract_zip",
     "file_sha256",
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 # 4 GiB: a 2B-parameter fp16 checkpoint fits; anything larger must be raised explicitly.
 DEFAULT_MAX_UNZIP_BYTES = 4 << 30
+# The prefix of extract_zip's work folders: the service's sweeper recognises leftovers by it.
+UNZIP_PREFIX = ".unzip-"
 # Zip members are copied and hashed in 1 MiB chunks so memory stays flat for any file size.
 _CHUNK = 1 << 20
 _ENV_MAX_UNZIP = "BITPLAN_MAX_UNZIP_BYTES"
@@ -106,7 +109,7 @@ def extract_zip(path: Path, dest: Path, *, max_bytes: int | None = None) -> Path
     except (zipfile.BadZipFile, OSError) as exc:
         raise InputError(f"{path.name} is not a readable zip archive ({exc})") from None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".unzip-", dir=dest.parent))
+    work = Path(tempfile.mkdtemp(prefix=UNZIP_PREFIX, dir=dest.parent))
     try:
         with archive:
             members = archive.infolist()

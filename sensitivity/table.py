@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from bitplan.sensitivity.atomic import write_text_atomic
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import QuantFormat, parse_format, tensor_bytes
 from bitplan.sensitivity.layers import QuantLayer
@@ -100,23 +99,11 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_table(df: pd.DataFrame, out_dir: Path | str, layers: Sequence[QuantLayer]) -> None:
     """Write ``bitplan.sensitivity.csv`` (the table) and ``layers.json`` (the planned layers)."""
     out = Path(out_dir)
-    _atomic_write(out / "sensitivity.csv", df.to_csv(index=False))
-    _atomic_write(out / "layers.json", json.dumps([asdict(lay) for lay in layers], indent=1))
+    write_text_atomic(out / "sensitivity.csv", df.to_csv(index=False))
+    write_text_atomic(out / "layers.json", json.dumps([asdict(lay) for lay in layers], indent=1))
 
 
 def read_layers(path: Path | str) -> list[QuantLayer]:
@@ -259,5 +246,5 @@ def load_cached(cache_dir: Path | str, key: str) -> pd.DataFrame | None:
 def store_cached(cache_dir: Path | str, key: str, df: pd.DataFrame) -> Path:
     """Store ``df`` under ``key`` atomically; returns the file's path."""
     path = _cache_path(cache_dir, key)
-    _atomic_write(path, df.to_csv(index=False))
+    write_text_atomic(path, df.to_csv(index=False))
     return path

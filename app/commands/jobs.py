@@ -67,14 +67,10 @@ def wait(
     """Wait for a job with a progress bar; exit 1 unless it succeeded."""
     from bitplan.app.client import BitplanClient
     from bitplan.app.service_cli import finished, guarded, wait_with_progress
-    from bitplan.sensitivity.errors import InputError
 
     def run() -> dict[str, Any]:
         with BitplanClient(url, api_key=api_key) as client:
-            try:
-                return wait_with_progress(client, job_id, timeout=timeout)
-            except TimeoutError as exc:
-                raise InputError(str(exc)) from None
+            return wait_with_progress(client, job_id, timeout=timeout)
 
     finished(guarded(run))
 

@@ -157,13 +157,13 @@ def serve(
 
     api = run_command(prepare)
     supervisor = WorkerSupervisor(settings, count=settings.workers)
-    supervisor.start()  # restarts workers that die; they die with this process
-    err_console.print(
-        f"bitplan API on http://{settings.host}:{settings.port} with "
-        f"{settings.workers} supervised worker(s); Ctrl-C stops everything"
-    )
-    exit_on_sigterm()
+    exit_on_sigterm()  # before any worker starts: a SIGTERM from now on still stops them
     try:
+        supervisor.start()  # restarts workers that die; they die with this process
+        err_console.print(
+            f"bitplan API on http://{settings.host}:{settings.port} with "
+            f"{settings.workers} supervised worker(s); Ctrl-C stops everything"
+        )
         uvicorn.run(api, host=settings.host, port=settings.port)
     finally:
         supervisor.stop()

@@ -10,11 +10,15 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
+from bitplan.app import crud
+from bitplan.app.db import make_sessionmaker
 from bitplan.app.main import create_app
 from bitplan.app.models import Job, utcnow
 from bitplan.app.settings import Settings
 from bitplan.search.plans import Plan, write_frontier
+from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.format_spec import parse_format
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -124,3 +128,19 @@ def finish_job(
         job.result = {"artifact_dir": str(out), "plan_ids": plan_ids}
         session.commit()
     return plan_ids
+
+
+def enqueue_job(engine: Engine, *, max_attempts: int = 3, **spec_fields: Any) -> str:
+    """Queue one job straight into the database (no API), as ``POST /v1/jobs`` would."""
+    spec = JobSpec(model="builtin:digits-cnn", budget="4bpw", **spec_fields).to_dict()
+    with make_sessionmaker(engine)() as session:
+        return crud.create_job(
+            session,
+            owner_id=None,
+            spec=spec,
+            model_id=None,
+            dataset_id=None,
+            idempotency_key=None,
+            request_hash=None,
+            max_attempts=max_attempts,
+        ).id

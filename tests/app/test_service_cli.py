@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from bitplan.app.cli import app
 from bitplan.app.client import BitplanClient
 from bitplan.app.embedded import embedded_service
+from bitplan.app.service_cli import upload_ref
 from bitplan.app.settings import Settings, get_settings
 from bitplan.app.worker import run_worker
 from bitplan.search.plans import read_frontier
@@ -324,3 +325,27 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/v1/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+class _FindOnly:
+    """A client that has every upload already: records what it was asked to find."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    def find_upload(self, kind: str, *, sha256: str) -> dict[str, Any]:
+        self.asked.append((kind, sha256))
+        return {"id": "known-upload"}
+
+
+def test_a_local_file_named_like_builtin_is_uploaded_not_passed_as_a_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("builtin_corpus.txt").write_text("hello\n")
+    client = _FindOnly()
+    got = upload_ref(client, "builtin_corpus.txt", kind="dataset")  # type: ignore[arg-type]
+    assert got == "known-upload" and [kind for kind, _ in client.asked] == ["dataset"]
+    assert upload_ref(client, "builtin", kind="dataset") == "builtin"  # type: ignore[arg-type]
+    assert upload_ref(client, "builtin:tiny-lm", kind="model") == "builtin:tiny-lm"  # type: ignore[arg-type]
+    assert len(client.asked) == 1

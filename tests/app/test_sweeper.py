@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from bitplan.app.db import make_engine, make_sessionmaker
 from bitplan.app.settings import Settings
-from bitplan.app.sweeper import sweep_settings
+from bitplan.app.sweeper import PERIODIC_GRACE_S, sweep_settings
 from tests.app._api_fixtures import api_client
 
 
@@ -54,7 +54,7 @@ def test_sweep_removes_orphans_and_keeps_recorded_uploads(
     with api_client(settings) as client:
         kept = client.post("/v1/datasets", files={"file": ("a.jsonl", b'{"text": "hi"}\n')})
         assert kept.status_code == 201
-    orphans = _leftovers(settings, age_s=10)
+    orphans = _leftovers(settings, age_s=PERIODIC_GRACE_S + 10)
     with caplog.at_level("INFO", logger="bitplan.app.sweeper"):
         removed = _sweep(settings, min_age_s=0)
     assert sorted(removed) == sorted(orphans)
@@ -71,7 +71,16 @@ def test_sweep_spares_what_is_younger_than_the_grace(settings: Settings) -> None
 
 
 def test_api_start_up_sweeps(settings: Settings) -> None:
-    orphans = _leftovers(settings, age_s=10)
+    orphans = _leftovers(settings, age_s=PERIODIC_GRACE_S + 10)
     with api_client(settings) as client:
         assert isinstance(client, TestClient)
     assert not any(path.exists() for path in orphans)
+
+
+def test_start_up_sweep_spares_a_workers_extraction_in_flight(settings: Settings) -> None:
+    """Extraction folders belong to workers, which outlive an API restart: even a sweep with no
+    grace (start-up) leaves a recent one, while the API's own leftovers go."""
+    upload, stored, unzip, validate = _leftovers(settings, age_s=10)
+    removed = _sweep(settings, min_age_s=0)
+    assert sorted(removed) == sorted([upload, stored, validate])
+    assert unzip.exists()

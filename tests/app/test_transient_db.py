@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _api_fixtures import api_client, assert_problem, job_body
+from _api_fixtures import api_client, assert_problem, enqueue_job, job_body
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
@@ -64,18 +64,7 @@ def engine_sqlite(settings: Settings) -> Iterator[Engine]:
 
 
 def _enqueue(engine: Engine) -> str:
-    spec = JobSpec(model="builtin:digits-cnn", budget="4bpw").to_dict()
-    with make_sessionmaker(engine)() as session:
-        return crud.create_job(
-            session,
-            owner_id=None,
-            spec=spec,
-            model_id=None,
-            dataset_id=None,
-            idempotency_key=None,
-            request_hash=None,
-            max_attempts=1,
-        ).id
+    return enqueue_job(engine, max_attempts=1)
 
 
 def test_worker_survives_transient_errors_and_runs_the_job_once(
@@ -256,3 +245,8 @@ def test_retry_transient_retries_only_what_passes() -> None:
     assert len(waits) == 3  # one more for the locked call; none for the KeyError
     assert is_transient(LOCKED) and is_transient(POOL_FULL)
     assert not is_transient(sa_exc.IntegrityError("INSERT", {}, Exception("duplicate")))
+    # SQLite uses OperationalError for permanent faults too: those are not "come back later".
+    missing = sqlite3.OperationalError("no such table: jobs")
+    assert not is_transient(sa_exc.OperationalError("SELECT", {}, missing))
+    postgres_down = Exception("server closed the connection unexpectedly")
+    assert is_transient(sa_exc.OperationalError("SELECT", {}, postgres_down))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _api_fixtures import enqueue_job
 from sqlalchemy import Engine, update
 
 from bitplan.app import crud, queue, worker
@@ -119,18 +120,7 @@ def _settings(tmp_path: Path, database_url: str) -> Settings:
 
 
 def _enqueue(engine: Engine, *, trials: int, max_attempts: int = 3) -> str:
-    spec = JobSpec(model="builtin:digits-cnn", budget="4bpw", trials=trials).to_dict()
-    with make_sessionmaker(engine)() as session:
-        return crud.create_job(
-            session,
-            owner_id=None,
-            spec=spec,
-            model_id=None,
-            dataset_id=None,
-            idempotency_key=None,
-            request_hash=None,
-            max_attempts=max_attempts,
-        ).id
+    return enqueue_job(engine, trials=trials, max_attempts=max_attempts)
 
 
 def _job(engine: Engine, job_id: str) -> Job:
