@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from copy import copy
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,9 @@ from bitplan.search.spec import METHODS, SAMPLERS, JobSpec
 from bitplan.sensitivity.builtin import BUILTIN_MODELS
 from bitplan.sensitivity.format_spec import QuantFormat, parse_formats
 from bitplan.sensitivity.models import TASKS
+
+if TYPE_CHECKING:
+    from bitplan.app.models import Blob
 
 __all__ = [
     "BUILTIN_PREFIX",
@@ -143,11 +146,18 @@ class JobCreate(BaseModel):
         parse_budget(value)  # InputError is a ValueError: pydantic reports it as a field error
         return value.strip()
 
-    def to_spec(self, *, model_ref: str, calib_ref: str) -> JobSpec:
-        """The :class:`JobSpec` a worker runs, with ``model``/``calib`` resolved to references
-        the worker can open (a builtin name or a stored file path)."""
+    def to_spec(self, *, model: Blob | None, dataset: Blob | None) -> JobSpec:
+        """The :class:`JobSpec` a worker runs: an uploaded ``model``/``dataset`` (None: the
+        request names a builtin) becomes its stored path, which the worker opens, and its file
+        name, which results and errors show instead of that server path."""
         fields = self.model_dump(exclude={"model", "calib"})
-        return JobSpec(model=model_ref, calib=calib_ref, **fields)
+        return JobSpec(
+            model=model.path if model else self.model,
+            calib=dataset.path if dataset else self.calib,
+            model_name=model.filename if model else None,
+            calib_name=dataset.filename if dataset else None,
+            **fields,
+        )
 
 
 class JobRead(BaseModel):

@@ -54,6 +54,7 @@ from bitplan.app.queue import (
     release_job,
     set_progress,
 )
+from bitplan.app.redact import path_names, redact
 from bitplan.app.report import render_report
 from bitplan.app.settings import Settings, get_settings
 from bitplan.app.states import JobState
@@ -117,6 +118,29 @@ def load_runner(dotted: str) -> Runner:
     return cast(Runner, runner)
 
 
+def _server_folders(settings: Settings) -> dict[str, str]:
+    """The service's folders, as errors show them: named by role, not by place."""
+    names: dict[str, str] = {}
+    for folder, shown in (
+        (settings.data_dir, "<data>"),
+        (settings.upload_dir, "<uploads>"),
+        (settings.cache_dir, "<cache>"),
+        (settings.artifact_dir, "<artifacts>"),
+    ):
+        names.update(path_names(folder, shown))
+    return names
+
+
+def _shown_names(spec: JobSpec) -> dict[str, str]:
+    """The job's uploaded files, as errors show them: by the names they were uploaded as."""
+    names: dict[str, str] = {}
+    if spec.model_name:
+        names.update(path_names(spec.model, spec.model_name))
+    if spec.calib_name:
+        names.update(path_names(spec.calib, spec.calib_name))
+    return names
+
+
 class _JobRun:
     """One claimed job: the job thread runs the runner, the caller's thread supervises."""
 
@@ -140,6 +164,7 @@ class _JobRun:
         self.final_dir = settings.artifact_dir / job.id
         self.staging = settings.artifact_dir / f".{job.id}.{job.lease_version}.partial"
         self.tracker = ProgressTracker(interval_s=PROGRESS_INTERVAL_S, clock=clock)
+        self._names = _server_folders(settings)  # server paths a job's error may quote
 
     def _halt(self, reason: StopReason) -> None:
         if self.reason is None:
@@ -172,12 +197,17 @@ class _JobRun:
         if not held:
             self._halt(StopReason.LEASE_LOST)
 
+    def _fail(self, message: str) -> None:
+        """End the job failed with ``message``, minus any server path it quotes."""
+        self.outcome = (JobState.FAILED, redact(message, self._names))
+
     def _target(self) -> None:
         try:
             spec = JobSpec(**self.job.spec)
         except (InputError, TypeError) as error:  # TypeError: unknown or missing fields
-            self.outcome = (JobState.FAILED, f"invalid job spec: {error}")
+            self._fail(f"invalid job spec: {error}")
             return
+        self._names.update(_shown_names(spec))
         try:
             self.runner(
                 spec,
@@ -193,10 +223,10 @@ class _JobRun:
         except Cancelled:
             self.outcome = (JobState.CANCELLED, "")
         except InputError as error:
-            self.outcome = (JobState.FAILED, str(error))
+            self._fail(str(error))
         except Exception as error:  # noqa: BLE001 -- any crash fails the job, with its reason
             logger.exception("job %s crashed", self.job.id)
-            self.outcome = (JobState.FAILED, f"internal error: {type(error).__name__}: {error}")
+            self._fail(f"internal error: {type(error).__name__}: {error}")
 
     def _render_report(self) -> None:
         """The HTML report, linking to the API's download routes. A job whose report cannot be

@@ -41,6 +41,8 @@ Optuna's RDB storage keeps its own Alembic version table, also named ``alembic_v
 service must give Optuna its own database (or PostgreSQL schema, or URL) rather than the app's,
 or the two migration histories collide. Workers that share a study should pass different seeds
 (or they sample the same choices) and the same ``trials`` (it sets NSGA-II's population size).
+The storage runs Optuna's heartbeat: a trial whose process died stops beating and is marked
+failed after :data:`OPTUNA_GRACE_S` by the next trial started in the study.
 
 References: Deb et al., "A fast and elitist multiobjective genetic algorithm: NSGA-II" (2002);
 Ozaki et al., "Multiobjective tree-structured Parzen estimator" (2022); HAQ (Wang et al., 2019)
@@ -53,6 +55,7 @@ import heapq
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +78,12 @@ _CAP_CONSTRAINT = "bytes_over_cap"
 # budget per generation gives at least four generations; 8 keeps crossover from inbreeding a tiny
 # population, 50 is Optuna's own default for long runs.
 _MIN_POPULATION, _MAX_POPULATION, _GENERATIONS = 8, 50, 4
+# Optuna's RDB heartbeat: a running trial records a beat every HEARTBEAT_S; one silent for
+# GRACE_S (its process died) is failed by the next trial any process starts in that study, so a
+# shared study never counts a dead worker's RUNNING trial as work in flight. The grace spans
+# several beats, so a busy database or a long garbage collection does not fail a live trial.
+OPTUNA_HEARTBEAT_S = 10
+OPTUNA_GRACE_S = 60
 
 
 # Per group: its allowed formats; and per group and format: the group's planned bytes.
@@ -134,7 +143,7 @@ def measured_search(
         study = optuna.create_study(
             directions=["minimize", "minimize"],
             sampler=_make_sampler(sampler, seed=seed, trials=trials),
-            storage=storage,
+            storage=None if storage is None else _rdb_storage(storage),
             study_name=study_name,
             load_if_exists=storage is not None,
         )
@@ -381,6 +390,16 @@ def _repair(
         out[group] = fmt
         heapq.heappush(heap, (-group_bytes[group][fmt], rank, group))
     return out
+
+
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on ``url`` with heartbeats, so stale trials are failed."""
+    with warnings.catch_warnings():
+        # Heartbeats have been "experimental" since Optuna 2.9; the service relies on them.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=OPTUNA_HEARTBEAT_S, grace_period=OPTUNA_GRACE_S
+        )
 
 
 @contextmanager

@@ -389,7 +389,7 @@ def run_job(
 
     written = publish(
         out_dir,
-        model_ref=model.ref,
+        model_ref=spec.model_name or model.ref,
         model_sha256=model.sha256,
         problem=problem,
         budget=budget,

@@ -40,6 +40,7 @@ MAX_LENGTH_TOKENS = 1 << 20
 MAX_SAMPLES = 10_000_000
 MAX_BATCH_SIZE = 65_536
 MAX_PATTERNS = 1024  # exclude patterns or pins; a model has fewer distinct layer groups
+MAX_NAME_LENGTH = 255  # a file name, as the service stores it
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -70,6 +71,20 @@ class JobSpec(BaseModel):
         min_length=1, max_length=64, description="4.5bpw, 60MB, 58MiB or 0.3x (DESIGN §5)"
     )
     calib: str = Field("builtin", min_length=1, description="'builtin' or a data file path")
+    # The service opens uploads by their stored path, which no user should see: it names them
+    # here by the uploaded file's name for plans, the frontier, the report and error messages.
+    model_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="how results and errors name the model (default: 'model' as given)",
+    )
+    calib_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="how errors name the calibration data (default: 'calib' as given)",
+    )
     formats: list[Format] = Field(
         default_factory=lambda: parse_formats(DEFAULT_FORMATS),
         min_length=1,

@@ -132,7 +132,7 @@ def finish_job(
 
 def enqueue_job(engine: Engine, *, max_attempts: int = 3, **spec_fields: Any) -> str:
     """Queue one job straight into the database (no API), as ``POST /v1/jobs`` would."""
-    spec = JobSpec(model="builtin:digits-cnn", budget="4bpw", **spec_fields).to_dict()
+    spec = JobSpec(**{"model": "builtin:digits-cnn", "budget": "4bpw", **spec_fields}).to_dict()
     with make_sessionmaker(engine)() as session:
         return crud.create_job(
             session,

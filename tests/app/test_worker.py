@@ -169,6 +169,29 @@ def test_runner_errors_fail_the_job_with_the_reason(
     assert not (settings.artifact_dir / job_id).exists() and not _partials(settings)
 
 
+def path_quoting_runner(spec: JobSpec, *, cache_dir: Path, **_: Any) -> None:
+    raise InputError(f"{spec.model} is not a zip; {spec.calib} is empty; scratch {cache_dir}/x")
+
+
+def test_a_failed_jobs_error_names_uploads_by_file_name_not_server_path(
+    settings: Settings, engine_sqlite: Engine
+) -> None:
+    stored = settings.upload_dir / "models" / "owner" / ("ab" * 32 + ".zip")
+    data = settings.upload_dir / "datasets" / "owner" / ("cd" * 32 + ".jsonl")
+    job_id = enqueue_job(
+        engine_sqlite,
+        trials=1,
+        model=str(stored),
+        model_name="my-model.zip",
+        calib=str(data),
+        calib_name="données.jsonl",
+    )
+    worker.run_worker(settings, once=True, runner=path_quoting_runner)
+    error = _job(engine_sqlite, job_id).error
+    assert error == "my-model.zip is not a zip; données.jsonl is empty; scratch <cache>/x"
+    assert str(settings.data_dir) not in error
+
+
 def test_invalid_spec_fails_without_running(
     settings: Settings, engine_sqlite: Engine, runner_log: Path
 ) -> None:

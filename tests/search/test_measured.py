@@ -9,6 +9,7 @@ import time
 import optuna
 import pytest
 
+from bitplan.search import measured
 from bitplan.search.measured import SearchResult, measured_search, pareto_front
 from bitplan.search.points import Choice, Point, choice_names
 from bitplan.sensitivity.errors import InputError
@@ -235,6 +236,22 @@ def test_rdb_storage_continues_one_study(tmp_path) -> None:
     # The seed already ran in the first call, and no known choice is measured again.
     assert not any(c in first_rec.calls for c in second_rec.calls)
     assert all(t.source == "sampler" for t in second.trials[5:])
+
+
+def test_a_dead_workers_running_trial_is_failed_when_its_heartbeat_stops(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(measured, "OPTUNA_GRACE_S", 1)  # 60 s in service; 1 s keeps this fast
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    run(trials=2, storage=url, study_name="job-1")
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1)
+    study = optuna.load_study(study_name="job-1", storage=storage)
+    orphan = study.ask()  # a worker asked for a trial, beat once, then died
+    storage.record_heartbeat(orphan._trial_id)
+    time.sleep(1.5)
+    run(trials=2, storage=url, study_name="job-1", seed=1)
+    state = optuna.load_study(study_name="job-1", storage=url).trials[orphan.number].state
+    assert state == optuna.trial.TrialState.FAIL
 
 
 def test_optuna_verbosity_is_restored() -> None:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from bitplan.app import crud
 from bitplan.app.api.deps import OwnerDep, PageCursor, PageLimit, SessionDep, SettingsDep
-from bitplan.app.models import Job
+from bitplan.app.models import Blob, Job
 from bitplan.app.problems import ProblemError, problem_responses
 from bitplan.app.schemas import (
     BUILTIN_PREFIX,
@@ -125,10 +125,9 @@ def _owned_job(session: Session, owner_id: str | None, job_id: str) -> Job:
     return job
 
 
-def _resolve(
-    session: Session, owner_id: str | None, *, kind: str, ref: str
-) -> tuple[str, str | None]:
-    """(reference the worker opens, blob id) for an uploaded resource id."""
+def _resolve(session: Session, owner_id: str | None, *, kind: str, ref: str) -> Blob:
+    """The uploaded resource ``ref`` of this owner: the worker opens its path, results and
+    errors name it by its file name."""
     blob = crud.get_blob(session, blob_id=ref, owner_id=owner_id, kind=kind)
     if blob is None:
         builtin = "'builtin:<name>'" if kind == "model" else "'builtin'"
@@ -137,7 +136,7 @@ def _resolve(
             f"no {kind} with id {ref!r}; upload it with POST /v1/{kind}s or use {builtin}",
             slug="unknown-resource",
         )
-    return blob.path, blob.id
+    return blob
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -171,23 +170,21 @@ def create_job(
         ),
     ] = None,
 ) -> JobRead:
-    if body.model.startswith(BUILTIN_PREFIX):
-        model_ref, model_id = body.model, None
-    else:
-        model_ref, model_id = _resolve(session, owner_id, kind="model", ref=body.model)
-    if body.calib == "builtin":
-        calib_ref, dataset_id = "builtin", None
-    else:
-        calib_ref, dataset_id = _resolve(session, owner_id, kind="dataset", ref=body.calib)
-    spec = body.to_spec(model_ref=model_ref, calib_ref=calib_ref)
+    model = None
+    if not body.model.startswith(BUILTIN_PREFIX):
+        model = _resolve(session, owner_id, kind="model", ref=body.model)
+    dataset = None
+    if body.calib != "builtin":
+        dataset = _resolve(session, owner_id, kind="dataset", ref=body.calib)
+    spec = body.to_spec(model=model, dataset=dataset)
     request_hash = _request_hash(body)
     try:
         job = crud.create_job(
             session,
             owner_id=owner_id,
             spec=spec.to_dict(),
-            model_id=model_id,
-            dataset_id=dataset_id,
+            model_id=model.id if model else None,
+            dataset_id=dataset.id if dataset else None,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             max_attempts=settings.max_attempts,
