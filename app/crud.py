@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import json
 import secrets
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -29,19 +30,23 @@ __all__ = [
     "ConflictError",
     "IdempotencyMismatch",
     "blob_path_in_use",
+    "blob_paths",
     "create_api_key",
     "create_job",
     "create_or_get_blob",
     "delete_blob",
+    "delete_blob_if_idle",
     "find_api_key",
     "get_blob",
     "get_job",
     "hash_api_key",
     "list_api_keys",
     "list_blobs",
+    "jobs_keeping_results",
     "list_jobs",
     "request_cancel",
     "revoke_api_key",
+    "running_lease_versions",
 ]
 
 # Bytes of randomness in an API key: 32 bytes = 256 bits, so a plain sha256 of the key is a safe
@@ -387,3 +392,59 @@ def delete_blob(
 def blob_path_in_use(session: Session, *, path: str) -> bool:
     """Whether any blob row (of any owner) still points at the stored file ``path``."""
     return bool(session.scalar(select(exists().where(Blob.path == path))))
+
+
+# --- the orphan sweep (bitplan.app.sweeper): questions across owners -------------------------
+
+# Ids per IN (...) list: far under SQLite's and PostgreSQL's limits on bound parameters.
+_IDS_PER_QUERY = 500
+
+
+def _chunks(ids: Collection[str]) -> list[list[str]]:
+    ordered = sorted(ids)
+    return [ordered[i : i + _IDS_PER_QUERY] for i in range(0, len(ordered), _IDS_PER_QUERY)]
+
+
+def running_lease_versions(session: Session, *, job_ids: Collection[str]) -> dict[str, int]:
+    """The current lease version of each of these jobs (any owner) that is running: a staging
+    folder of any other version (or of a job not running) belongs to an attempt that is over."""
+    versions: dict[str, int] = {}
+    for chunk in _chunks(job_ids):
+        rows = session.execute(
+            select(Job.id, Job.lease_version).where(
+                Job.id.in_(chunk), Job.state == JobState.RUNNING
+            )
+        )
+        versions.update({row.id: row.lease_version for row in rows})
+    return versions
+
+
+def jobs_keeping_results(session: Session, *, job_ids: Collection[str]) -> set[str]:
+    """Those of these jobs (any owner) whose artifact folder may be served or replaced by a
+    later attempt: every job that exists and neither failed nor was cancelled."""
+    ended_without_results = (JobState.FAILED, JobState.CANCELLED)
+    kept: set[str] = set()
+    for chunk in _chunks(job_ids):
+        kept.update(
+            session.scalars(
+                select(Job.id).where(Job.id.in_(chunk), Job.state.not_in(ended_without_results))
+            )
+        )
+    return kept
+
+
+def blob_paths(session: Session) -> list[tuple[str, str]]:
+    """``(id, stored path)`` of every model and dataset row, of every owner."""
+    return [(row.id, row.path) for row in session.execute(select(Blob.id, Blob.path))]
+
+
+def delete_blob_if_idle(session: Session, *, blob_id: str) -> bool:
+    """Delete a row (any owner) unless a queued or running job needs it; True when deleted.
+    Finished jobs keep their own copy of the request, so they show the resource as deleted."""
+    blob = session.get(Blob, blob_id)
+    if blob is None:
+        return False
+    try:
+        return delete_blob(session, blob_id=blob_id, owner_id=blob.owner_id) is not None
+    except BlobInUse:
+        return False

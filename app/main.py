@@ -16,13 +16,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from bitplan.app.api import api_router
-from bitplan.app.api.docs import install_docs
+from bitplan.app.api.docs import document_auth, install_docs
 from bitplan.app.api.limits import install_body_limits
 from bitplan.app.auth import auth_required
 from bitplan.app.db import engine_for, make_sessionmaker
 from bitplan.app.problems import install_problems
 from bitplan.app.settings import Settings, get_settings
-from bitplan.app.sweeper import sweep_settings
+from bitplan.app.sweeper import sweeping
 
 __all__ = ["create_app"]
 
@@ -48,8 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine.url.render_as_string(),
             "required" if keys else "off",
         )
-        sweep_settings(settings, _app.state.sessionmaker)  # leftovers of a killed process
-        yield
+        with sweeping(settings, _app.state.sessionmaker):  # at start-up, then periodically
+            yield
         engine.dispose()
 
     # /docs and /redoc come from install_docs, which serves their assets locally (no CDN).
@@ -67,5 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problems(app)
     app.include_router(api_router)
     install_docs(app)
+    document_auth(app, keys_required=keys)
     install_body_limits(app, settings)  # last: its middleware must run before all others
     return app

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from bitplan.app.db import is_transient
 from bitplan.app.settings import Settings
@@ -145,13 +146,41 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# The methods a 405's Allow header may list (RFC 9110 §9: the methods this API could serve).
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path.
+
+    Starlette's 405 lists only the methods of the first route whose path matched, so a path
+    served by two routes (``GET`` and ``POST /v1/jobs``) would advertise one method; RFC 9110
+    §15.5.6 wants all of them. Each method is asked of the router itself (a route "fully
+    matches" path and method), so the answer cannot drift from the routes. Mounted apps (the
+    docs assets) are skipped: a mount matches every method and answers its own 405s.
+    """
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        for route in request.app.router.routes:
+            if not isinstance(route, Mount) and route.matches(scope)[0] is Match.FULL:
+                allowed.append(method)
+                break
+    return allowed
+
+
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
     return problem_response(
         exc.status_code,
         str(exc.detail),
         instance=_instance(request),
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers or None,
     )
 
 

@@ -67,6 +67,34 @@ class Settings(BaseSettings):
     # Largest non-upload request body (bytes). A job request is a few hundred bytes; 1 MiB
     # leaves ample room while bounding what one anonymous or hostile request can make us hold.
     max_json_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Uploaded models (and large datasets) are checked in a child process (bitplan.app.
+    # upload_check) so that a hostile file costs that child, never the API process.
+    validate_memory_bytes: int = Field(
+        default=3 * _GIB,
+        gt=0,
+        description="memory (RLIMIT_DATA, bytes) of the child process that checks one upload, "
+        "on top of twice the upload's size. A check needs 0.3-0.5 GiB before any weight "
+        "(torch, transformers) plus up to the checkpoint's size; 3 GiB leaves room for a model "
+        "whose loading converts or copies its weights",
+    )
+    validate_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="wall-clock limit of one upload's check; the child is killed past it",
+    )
+    max_validations: int = Field(
+        default=2,
+        ge=1,
+        description="uploads checked in child processes at once; more are told 503 + Retry-After",
+    )
+    validate_retry_after_s: int = Field(
+        default=5,
+        ge=1,
+        description="the Retry-After (seconds) of that 503: about one small model's check",
+    )
+    # How often the API sweeps orphans (bitplan.app.sweeper) besides at start-up, in seconds;
+    # 0 never. Ten minutes: leftovers are disk space, not errors, and a sweep walks folders.
+    sweep_interval_s: float = Field(default=600.0, ge=0)
 
     @field_validator("optuna_storage", mode="before")
     @classmethod

@@ -7,12 +7,16 @@ count and a sha256 are kept. Past ``max_bytes`` the upload stops at once with 41
 partial file is deleted. A complete file is renamed atomically to ``<sha256><suffix>``, so
 readers never see half a file and equal bytes land on the same path.
 
-Validation happens before a resource is recorded: a model must load with
-:func:`bitplan.sensitivity.models.load_model` (its message is the 422 detail); a dataset must be a
-non-empty ``.txt``, ``.jsonl`` or ``.safetensors`` file that reads as that format. A zipped model
-is extracted into a private folder that is removed whatever the outcome, so a refused upload
-leaves nothing on disk. Messages name the client's file, never a server path, and any failure of
-a hostile file (not only :class:`InputError`) is a 422, never a 500.
+A body whose multipart framing is wrong is a 422 that names what is wrong (RFC 2046 §5.1.1,
+RFC 7578): no or an overlong boundary parameter, bytes before the first boundary, a first
+boundary other than the declared one, a part header line not ended by CRLF, a part header
+over :data:`MAX_PART_HEADER_BYTES` or more than :data:`MAX_PART_HEADERS` of them, a body that
+ends before its closing boundary. The header limits are checked here as the headers arrive
+(python-multipart's own, where it has them, are at or just above them), so at most one chunk
+beyond them is ever held.
+
+What a stored file must be, and how that is checked without risking the API process, is
+:mod:`bitplan.app.upload_check` and :mod:`bitplan.app.validation`.
 
 File names are UTF-8 as browsers and httpx send them (latin-1 for a name that is not UTF-8).
 """
@@ -23,7 +27,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -31,27 +34,24 @@ from typing import IO
 
 import anyio
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from bitplan.app.problems import ProblemError
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.models import load_model
-from bitplan.sensitivity.safety import read_safetensors_header
-from bitplan.sensitivity.textdata import read_jsonl, read_txt
 
 __all__ = [
-    "DATASET_SUFFIXES",
+    "MAX_PART_HEADERS",
+    "MAX_PART_HEADER_BYTES",
     "PART_PREFIX",
+    "UPLOAD_FIELD",
     "VALIDATE_PREFIX",
     "StoredUpload",
     "receive_upload",
-    "validate_dataset",
-    "validate_model",
 ]
 
 log = logging.getLogger(__name__)
 
-DATASET_SUFFIXES = (".txt", ".jsonl", ".safetensors")
 UPLOAD_FIELD = "file"
 # Temporary names the sweeper (bitplan.app.sweeper) recognises as leftovers of a killed process.
 PART_PREFIX = ".upload-"
@@ -60,6 +60,27 @@ VALIDATE_PREFIX = ".validate-"
 # larger than the limit plus this slack cannot hold an acceptable file, so it is refused early.
 _FRAMING_SLACK = 16 * 1024
 _SUFFIX_RE = re.compile(r"^\.[a-z0-9]{1,16}$")
+# A part needs Content-Disposition and perhaps Content-Type (RFC 7578 §4.2-4.4), each well
+# under a kilobyte even with a 255-character UTF-8 file name: these bound what one request
+# makes us hold before its file starts, and match python-multipart's own defaults.
+MAX_PART_HEADER_BYTES = 4096
+MAX_PART_HEADERS = 8
+# RFC 2046 §5.1.1: a boundary is 1 to 70 characters.
+_MAX_BOUNDARY = 70
+# The start of the body kept to say what is wrong before its first boundary.
+_HEAD_BYTES = 256
+# python-multipart's messages for a malformed part header, and what each means for the client
+# (its two limits, where it has them, are at or just above ours). Other messages are quoted.
+_HEADER_PROBLEMS = (
+    ("Maximum header count exceeded", f"a part has more than {MAX_PART_HEADERS} headers"),
+    ("Maximum header size exceeded", f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes"),
+    ("Did not find LF character at end of header", "a part header line ends with a CR not "
+     "followed by LF (header lines end with CRLF)"),
+    ("Did not find LF at end of headers", "a part's headers do not end with an empty CRLF line"),
+    ("Found invalid character", "a part header name holds a character a header name cannot "
+     "have (a space, a CR or LF, a control character)"),
+    ("Found 0-length header", "a part header has an empty name"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,10 @@ class StoredUpload:
 
 class _TooLarge(Exception):
     pass
+
+
+class _Framing(Exception):
+    """A framing problem found by :class:`_FilePartWriter` itself (its message names it)."""
 
 
 def _safe_filename(raw: str) -> str:
@@ -97,8 +122,13 @@ def _too_large(max_bytes: int) -> ProblemError:
     )
 
 
+def _malformed(what: str) -> InputError:
+    return InputError(f"malformed multipart body: {what}")
+
+
 class _FilePartWriter:
-    """python-multipart callbacks that write the first ``file`` part to ``sink``."""
+    """python-multipart callbacks that write the first ``file`` part to ``sink``, bound every
+    part's headers, and note how far the body got (``phase``) to explain a parser error."""
 
     def __init__(self, sink: IO[bytes], max_bytes: int) -> None:
         self.sink = sink
@@ -107,7 +137,10 @@ class _FilePartWriter:
         self.size = 0
         self.filename: str | None = None
         self.ended = False
+        # "preamble" until the first boundary, then "headers" / "data" for each part.
+        self.phase = "preamble"
         self._headers: dict[str, bytes] = {}
+        self._header_count = 0
         self._field = b""
         self._value = b""
         self._writing = False
@@ -115,6 +148,7 @@ class _FilePartWriter:
     def callbacks(self) -> dict[str, object]:
         return {
             "on_part_begin": self._part_begin,
+            "on_header_begin": self._header_begin,
             "on_header_field": self._header_field,
             "on_header_value": self._header_value,
             "on_header_end": self._header_end,
@@ -125,13 +159,26 @@ class _FilePartWriter:
         }
 
     def _part_begin(self) -> None:
+        self.phase = "headers"
         self._headers = {}
+        self._header_count = 0
+
+    def _header_begin(self) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_PART_HEADERS:
+            raise _Framing(f"a part has more than {MAX_PART_HEADERS} headers")
+
+    def _check_header_size(self) -> None:
+        if len(self._field) + len(self._value) > MAX_PART_HEADER_BYTES:
+            raise _Framing(f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
+        self._check_header_size()
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
         self._value += data[start:end]
+        self._check_header_size()
 
     def _header_end(self) -> None:
         name = self._field.decode("latin-1").lower()
@@ -139,6 +186,7 @@ class _FilePartWriter:
         self._field, self._value = b"", b""
 
     def _headers_finished(self) -> None:
+        self.phase = "data"
         _, options = parse_options_header(self._headers.get("content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if name == UPLOAD_FIELD and self.filename is None and b"filename" in options:
@@ -172,18 +220,55 @@ def _decode_filename(raw: bytes) -> str:
 
 def _boundary(request: Request) -> bytes:
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    if content_type != b"multipart/form-data" or not options.get(b"boundary"):
+    if content_type != b"multipart/form-data":
         raise ProblemError(
             415,
             f"send the file as multipart/form-data in a field named {UPLOAD_FIELD!r}",
             slug="unsupported-media-type",
         )
-    return options[b"boundary"]
+    boundary = options.get(b"boundary", b"")
+    if not boundary:
+        raise _malformed("the Content-Type multipart/form-data has no boundary parameter")
+    if len(boundary) > _MAX_BOUNDARY:
+        raise _malformed(f"the boundary is longer than {_MAX_BOUNDARY} characters (RFC 2046)")
+    return boundary
+
+
+def _parse_problem(
+    exc: MultipartParseError, writer: _FilePartWriter, head: bytes, boundary: str
+) -> str:
+    """What a parser error means, from how far the body got."""
+    if writer.phase == "preamble":
+        start = head.lstrip(b"\r\n")  # the parser skips blank lines before the first boundary
+        delimiter = f"--{boundary}".encode("latin-1")
+        if not start.startswith(b"--"):
+            return f"bytes before the first boundary; the body must start with --{boundary}"
+        if not start.startswith(delimiter):
+            return (
+                f"the body's first boundary is not the one its Content-Type declares (--{boundary})"
+            )
+        return "the first boundary line does not end with CRLF"
+    message = str(exc)
+    if writer.phase == "headers":
+        for prefix, problem in _HEADER_PROBLEMS:
+            if message.startswith(prefix):
+                return problem
+        return f"a part's headers are malformed ({message})"
+    return f"a boundary line after a part is malformed ({message})"
+
+
+def _incomplete_problem(writer: _FilePartWriter, boundary: str) -> str:
+    """What is wrong with a body that ended without its closing boundary."""
+    if writer.phase == "preamble":
+        return f"the body holds no part; it must start with the boundary line --{boundary}"
+    return f"the body ended before its closing boundary --{boundary}--"
 
 
 async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) -> StoredUpload:
-    """Stream the request's ``file`` part to ``dest_dir/<sha256><suffix>``; 413 past the limit."""
+    """Stream the request's ``file`` part to ``dest_dir/<sha256><suffix>``; 413 past the limit,
+    422 naming the problem for a malformed body."""
     boundary = _boundary(request)
+    shown = boundary.decode("latin-1")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes + _FRAMING_SLACK:
         raise _too_large(max_bytes)
@@ -192,33 +277,43 @@ async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) ->
         dir=dest_dir, prefix=PART_PREFIX, suffix=".part", delete=False
     ) as sink:
         tmp = Path(sink.name)
+        head = b""
+        writer = _FilePartWriter(sink, max_bytes)
         try:
-            writer = _FilePartWriter(sink, max_bytes)
             parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
             async for chunk in request.stream():
+                if len(head) < _HEAD_BYTES:
+                    head += chunk[: _HEAD_BYTES - len(head)]
                 # Hashing and disk writes leave the event loop so other requests keep flowing.
                 await anyio.to_thread.run_sync(parser.write, chunk)
             parser.finalize()
+            if not writer.ended:
+                raise _Framing(_incomplete_problem(writer, shown))
             sink.flush()
             os.fsync(sink.fileno())  # the bytes are on disk before the name says they are whole
         except _TooLarge:
             tmp.unlink(missing_ok=True)
             log.info("refused an upload over %d bytes", max_bytes)
             raise _too_large(max_bytes) from None
+        except _Framing as exc:
+            tmp.unlink(missing_ok=True)
+            raise _malformed(str(exc)) from None
+        except MultipartParseError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _malformed(_parse_problem(exc, writer, head, shown)) from None
         except ProblemError:
             tmp.unlink(missing_ok=True)
             raise
-        except Exception as exc:  # the parser's errors for malformed multipart framing
+        except Exception as exc:  # any other parser error on a hostile body
             tmp.unlink(missing_ok=True)
-            raise InputError(f"malformed multipart body ({type(exc).__name__})") from None
+            raise _malformed(type(exc).__name__) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    if writer.filename is None or not writer.ended:
+    if writer.filename is None:
         tmp.unlink(missing_ok=True)
         raise InputError(
-            f"no complete file in the request; send it as multipart field {UPLOAD_FIELD!r} "
-            "with a filename"
+            f"no file in the request; send it as multipart field {UPLOAD_FIELD!r} with a filename"
         )
     if writer.size == 0:
         tmp.unlink(missing_ok=True)
@@ -228,60 +323,3 @@ async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) ->
     os.replace(tmp, final)  # atomic on one file system: readers see all or nothing
     log.info("stored upload %s (%d bytes) as %s", writer.filename, writer.size, final.name)
     return StoredUpload(path=final, sha256=sha256, size_bytes=writer.size, filename=writer.filename)
-
-
-def _scrub(message: str, replacements: dict[str, str]) -> str:
-    """``message`` with every server path in ``replacements`` swapped for its client name."""
-    for server, client in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
-        message = message.replace(server, client)
-    return message
-
-
-def validate_model(path: Path, *, filename: str, trusted: bool, cache_dir: Path) -> None:
-    """Raise :class:`InputError` when ``path`` is not a loadable model; the message names the
-    client's ``filename``, never a server path.
-
-    A zip is extracted into a fresh ``VALIDATE_PREFIX`` folder under ``cache_dir`` that is
-    removed in every case (a worker extracts the accepted file again into its own cache).
-    """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=VALIDATE_PREFIX, dir=cache_dir))
-    names = {str(path): filename, str(scratch): filename, path.name: filename}
-    try:
-        loaded = load_model(str(path), device="cpu", trusted=trusted, cache_dir=scratch)
-    except InputError as exc:
-        raise InputError(_scrub(str(exc), names)) from None
-    except Exception as exc:  # a hostile file may break a loader anywhere: still the client's fault
-        log.warning("model %s failed validation", filename, exc_info=True)
-        # Only the error's type: a library's message may hold any server path.
-        why = type(exc).__name__
-        raise InputError(f"{filename} cannot be loaded as a model ({why})") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("validated model %s: task %s, %d layers", filename, loaded.task, len(loaded.layers))
-
-
-def validate_dataset(path: Path, *, filename: str) -> None:
-    """Raise :class:`InputError` unless ``path`` reads as a ``.txt``/``.jsonl``/``.safetensors``.
-
-    Text is parsed with the loader's own readers (the same messages a job would give); a
-    safetensors file has its header read, not its tensors: those are checked against the model
-    when a job loads them.
-    """
-    suffix = PurePosixPath(filename).suffix.lower()
-    if suffix not in DATASET_SUFFIXES:
-        raise InputError(
-            f"unsupported dataset file {filename!r}; accepted: {', '.join(DATASET_SUFFIXES)}"
-        )
-    shown = Path(filename)  # messages name the client's file, not the stored one
-    if suffix == ".txt":
-        read_txt(path.read_bytes(), shown)
-    elif suffix == ".jsonl":
-        read_jsonl(path.read_bytes(), shown, with_labels=True)
-    else:
-        names = [name for name in read_safetensors_header(path, label=filename) if name != "labels"]
-        if not names:
-            raise InputError(
-                f"{filename} holds no input tensors; name them after the model's "
-                "forward arguments (e.g. pixel_values, input_ids)"
-            )

@@ -9,6 +9,8 @@ it), so each script owns its section and re-running one script leaves the others
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import logging
 import os
 import platform
 import re
@@ -17,10 +19,18 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
-__all__ = ["RESULTS_PATH", "Timer", "machine_info", "peak_rss_mb", "update_results_section"]
+__all__ = [
+    "RESULTS_PATH",
+    "Timer",
+    "machine_info",
+    "peak_rss_mb",
+    "publish_report",
+    "update_results_section",
+]
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -110,3 +120,16 @@ def update_results_section(title: str, markdown: str, path: Path = RESULTS_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def publish_report(
+    text: str, report: dict[str, Any], *, section: str, json_path: Path | None, record: bool
+) -> None:
+    """Print a benchmark's markdown ``text``, write its raw ``report`` to ``json_path`` (when
+    given) and, with ``record``, make ``text`` the ``section`` of the results file: quick or
+    trial runs are shown, never recorded."""
+    sys.stdout.write(text + "\n")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if record:
+        logging.getLogger(__name__).info("wrote %s", update_results_section(section, text))

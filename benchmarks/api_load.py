@@ -38,7 +38,6 @@ if __name__ == "__main__":  # as a script its folder leads sys.path and benchmar
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -56,7 +55,7 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
-from benchmarks._common import machine_info, update_results_section
+from benchmarks._common import machine_info, publish_report
 from bitplan.search.spec import MAX_TRIALS
 
 __all__ = ["LoadResult", "bare_app", "main", "run_benchmark", "run_load"]
@@ -530,12 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     clients, seconds = (10, 2.0) if args.quick else (args.clients, args.seconds)
     with tempfile.TemporaryDirectory(prefix="bitplan-api-load-") as tmp:
         report = run_benchmark(clients=clients, seconds=seconds, workdir=Path(tmp))
-    text = to_markdown(report)
-    sys.stdout.write(text + "\n")
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    if not (args.quick or args.no_write):
-        logger.info("wrote %s", update_results_section("API load", text))
+    publish_report(
+        to_markdown(report),
+        report,
+        section="API load",
+        json_path=args.json,
+        record=not (args.quick or args.no_write),
+    )
     return 0
 
 

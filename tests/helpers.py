@@ -8,6 +8,7 @@ the fixture ``tiny_hf_model`` in ``tests/conftest.py`` wraps it.
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,15 @@ import torch
 
 from bitplan.sensitivity.hf import HF_TASKS
 
-__all__ = ["HF_MODEL_TYPES", "SENTENCES", "tiny_hf_config", "write_tiny_hf_model", "zip_folder"]
+__all__ = [
+    "HF_MODEL_TYPES",
+    "SENTENCES",
+    "tiny_bert_files",
+    "tiny_hf_config",
+    "write_tiny_hf_model",
+    "zip_bytes",
+    "zip_folder",
+]
 
 # Every word of these sentences is in the tokenizer's vocabulary; other words map to [UNK].
 SENTENCES = (
@@ -124,3 +133,31 @@ def zip_folder(folder: Path, zip_path: Path, *, prefix: str = "") -> Path:
             if path.is_file():
                 archive.write(path, prefix + path.relative_to(folder).as_posix())
     return zip_path
+
+
+def tiny_bert_files(folder: Path) -> dict[str, bytes]:
+    """The files of a 1-layer BERT with random weights (seed 0, no tokenizer), written to
+    ``folder``: the smallest real model an upload can carry, for tests that edit its files."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(folder)
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A zip archive holding ``files`` (name -> content) at its top level."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()

@@ -23,6 +23,7 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 
 from bitplan.app import crud
@@ -115,6 +116,23 @@ OwnerDep = Annotated[str | None, Depends(get_owner_id)]
 PageLimit = Annotated[
     int, Query(ge=1, le=crud.MAX_PAGE, description="how many items a page holds at most")
 ]
+# A cursor is base64url without padding (crud's encoding of the last row's time and id): ~100
+# characters; the bound only keeps a client from sending a megabyte of "cursor".
+_MAX_CURSOR_LENGTH = 512
+
+
+def _first_page_if_empty(value: str | None) -> str | None:
+    """``?cursor=`` (empty, as a client that templates the previous page's null cursor sends)
+    means the first page, as an omitted cursor does."""
+    return value or None
+
+
 PageCursor = Annotated[
-    str | None, Query(description="the next_cursor of the previous page; omit for the first")
+    str | None,
+    Query(
+        max_length=_MAX_CURSOR_LENGTH,
+        pattern="^[A-Za-z0-9_-]*$",
+        description="the next_cursor of the previous page; omit (or leave empty) for the first",
+    ),
+    AfterValidator(_first_page_if_empty),
 ]

@@ -6,19 +6,25 @@ documented custom-docs helpers (``get_swagger_ui_html`` / ``get_redoc_html``, se
 Static Assets (Self-Hosting)" in FastAPI's docs) and point at files served by this app, taken from
 the ``fastapi-offline`` package, which ships the swagger-ui-dist and ReDoc bundles FastAPI uses.
 Create the app with ``docs_url=None, redoc_url=None`` and call :func:`install_docs`.
+
+:func:`document_auth` makes the OpenAPI document say whether requests need an API key: the
+routes always declare the bearer scheme (their key dependency is the same in both modes), but a
+server with keys off ignores ``Authorization``, and a document that still declared the scheme
+would tell clients (and fuzzers) that a request without a key is refused.
 """
 
 from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-__all__ = ["DOCS_ASSETS_URL", "install_docs"]
+__all__ = ["DOCS_ASSETS_URL", "document_auth", "install_docs"]
 
 DOCS_ASSETS_URL = "/docs-assets"
 # swagger-ui's default validatorUrl sends the spec to validator.swagger.io for a badge: off.
@@ -64,3 +70,22 @@ def install_docs(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/re
             redoc_favicon_url=_url(request, f"{DOCS_ASSETS_URL}/favicon.png"),
             with_google_fonts=False,
         )
+
+
+def document_auth(app: FastAPI, *, keys_required: bool) -> None:
+    """Keep the bearer security scheme in ``app``'s OpenAPI document only when keys are
+    required; with keys off, drop it from the components and from every operation."""
+    if keys_required:
+        return
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = base_openapi()
+        schema.get("components", {}).pop("securitySchemes", None)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict):
+                    operation.pop("security", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

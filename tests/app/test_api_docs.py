@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from bitplan.app.main import create_app
 from bitplan.app.settings import Settings
 from tests.app._api_fixtures import api_client
 
@@ -52,6 +53,26 @@ def test_every_schema_field_and_parameter_is_described(client: TestClient) -> No
     job = schemas["JobRead"]["properties"]
     assert {"progress", "eta_s", "stage_progress", "stage_eta_s"} <= set(job)
     assert "whole job" in job["progress"]["description"]
+
+
+def _secured(spec: dict[str, Any]) -> set[str]:
+    return {
+        f"{method.upper()} {path}"
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("security")
+    }
+
+
+def test_bearer_auth_is_declared_only_when_keys_are_required(settings: Settings) -> None:
+    open_spec = create_app(settings).openapi()  # the fixture's settings: keys off
+    assert "securitySchemes" not in open_spec["components"]
+    assert _secured(open_spec) == set()
+    keyed_spec = create_app(settings.model_copy(update={"auth": "on"})).openapi()
+    assert keyed_spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    secured = _secured(keyed_spec)
+    assert {"POST /v1/jobs", "GET /v1/models", "DELETE /v1/datasets/{blob_id}"} <= secured
+    assert not {"GET /v1/health", "GET /v1/health/ready"} & secured
 
 
 class _Links(HTMLParser):

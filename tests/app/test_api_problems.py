@@ -30,6 +30,26 @@ def test_wrong_method_is_a_405_problem(client: TestClient) -> None:
     assert_problem(client.put("/v1/jobs"), 405)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        # two routes serve each of these paths: Allow names the methods of both
+        ("PUT", "/v1/jobs", "GET, POST"),
+        ("OPTIONS", "/v1/models", "GET, POST"),
+        ("PATCH", "/v1/datasets/some-id", "GET, DELETE"),
+        # ":cancel" is no part of a job id: this path is the cancel route's alone
+        ("GET", "/v1/jobs/some-id:cancel", "POST"),
+        ("DELETE", "/openapi.json", "GET, HEAD"),
+    ],
+)
+def test_405_allow_lists_every_method_of_the_path(
+    client: TestClient, method: str, path: str, allow: str
+) -> None:
+    response = client.request(method, path)
+    assert_problem(response, 405)
+    assert response.headers["allow"] == allow
+
+
 def test_validation_errors_list_each_field(client: TestClient) -> None:
     body = assert_problem(client.post("/v1/jobs", json={"model": "builtin:digits-cnn"}), 422)
     assert body["type"].endswith("validation")
@@ -68,7 +88,8 @@ def test_openapi_declares_status_codes_and_problem_bodies(client: TestClient) ->
     expected = {
         ("/v1/jobs", "post"): {"202", "400", "401", "413", "422", "500"},
         ("/v1/jobs", "get"): {"200", "401", "422", "500"},
-        ("/v1/jobs/{job_id}", "get"): {"200", "304", "401", "404", "422", "500"},
+        # 405: an id ending in ":cancel" names the cancel action, which takes POST only
+        ("/v1/jobs/{job_id}", "get"): {"200", "304", "401", "404", "405", "422", "500"},
         ("/v1/jobs/{job_id}:cancel", "post"): {"202", "401", "404", "409", "422", "500"},
         ("/v1/jobs/{job_id}/frontier", "get"): {"200", "401", "404", "409", "422", "500"},
         ("/v1/jobs/{job_id}/plans/{plan_id}", "get"): {"200", "401", "404", "409", "422", "500"},

@@ -13,6 +13,7 @@ from safetensors.torch import save as save_safetensors
 
 from bitplan.app.settings import Settings
 from tests.app._api_fixtures import api_client, assert_problem, job_body
+from tests.helpers import tiny_bert_files, zip_bytes
 
 
 @pytest.fixture
@@ -28,24 +29,7 @@ def _upload(client: TestClient, kind: str, name: str, data: bytes) -> httpx.Resp
 @pytest.fixture(scope="module")
 def tiny_bert_zip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A zipped Hugging Face folder of a 1-layer BERT with random weights (no download)."""
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("bert")
-    config = BertConfig(
-        vocab_size=32,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    archive = folder.parent / "bert.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in folder.iterdir():
-            zf.write(path, path.name)
-    return archive.read_bytes()
+    return zip_bytes(tiny_bert_files(tmp_path_factory.mktemp("bert")))
 
 
 def test_model_upload_is_validated_content_addressed_and_deletable(

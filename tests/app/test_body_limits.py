@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from bitplan.app import crud
 from bitplan.app.main import create_app
 from bitplan.app.settings import Settings
+from bitplan.app.validation import validation_slots
 from tests.app._api_fixtures import api_client, assert_problem, job_body
 
 _CHUNK = 64 * 1024
@@ -226,33 +227,111 @@ def test_bodies_within_the_limits_pass(settings: Settings) -> None:
         assert client.post("/v1/datasets", files={"file": ("a.txt", b"hello\n")}).status_code == 201
 
 
+def test_a_model_upload_finding_every_check_busy_is_503_before_a_byte_is_read(
+    settings: Settings,
+) -> None:
+    app = create_app(settings)
+    slots = validation_slots(app.state, settings)
+    slots.busy = slots.total  # as many model checks running as BITPLAN_MAX_VALIDATIONS allows
+    answer = _call(
+        app, "/v1/models", _zeros(8 * _MIB), content_type="multipart/form-data; boundary=b0undary"
+    )
+    assert answer.status == 503 and answer.consumed == 0
+    assert answer.headers["retry-after"] == str(settings.validate_retry_after_s)
+    assert "BITPLAN_MAX_VALIDATIONS" in answer.problem()["detail"]
+
+
 # --- bodies that cannot be parsed --------------------------------------------------------------
 
 _B = "b0undary"
 _DISPOSITION = 'Content-Disposition: form-data; name="file"; filename="a.txt"'
+_END = f"\r\nhi\r\n--{_B}--\r\n"
+# Each malformed body, and the words of the 422 that must name its problem.
 _MALFORMED_MULTIPART = {
-    "cr-in-header": f"--{_B}\r\n{_DISPOSITION}\rX: y\r\n\r\nhi\r\n--{_B}--\r\n",
-    "header-over-4kb": f"--{_B}\r\n{_DISPOSITION}\r\nX-Long: {'a' * 5000}\r\n\r\nhi\r\n"
-    f"--{_B}--\r\n",
-    "nine-headers": f"--{_B}\r\n{_DISPOSITION}\r\n"
-    + "".join(f"X-H{i}: v\r\n" for i in range(8))
-    + f"\r\nhi\r\n--{_B}--\r\n",
-    "bytes-before-boundary": f"junk\r\n--{_B}\r\n{_DISPOSITION}\r\n\r\nhi\r\n--{_B}--\r\n",
-    "wrong-boundary": f"--other\r\n{_DISPOSITION}\r\n\r\nhi\r\n--other--\r\n",
+    "cr-in-header": (
+        f"--{_B}\r\n{_DISPOSITION}\rX: y\r\n{_END}",
+        "a part header line ends with a CR not followed by LF (header lines end with CRLF)",
+    ),
+    "header-over-4kb": (
+        f"--{_B}\r\n{_DISPOSITION}\r\nX-Long: {'a' * 5000}\r\n{_END}",
+        "a part header is longer than 4096 bytes",
+    ),
+    "header-just-over-4kb": (  # under python-multipart's own 4224: only our limit sees it
+        f"--{_B}\r\n{_DISPOSITION}\r\nX-Long: {'a' * 4095}\r\n{_END}",
+        "a part header is longer than 4096 bytes",
+    ),
+    "nine-headers": (
+        f"--{_B}\r\n{_DISPOSITION}\r\n" + "".join(f"X-H{i}: v\r\n" for i in range(8)) + _END,
+        "a part has more than 8 headers",
+    ),
+    "bytes-before-boundary": (
+        f"junk\r\n--{_B}\r\n{_DISPOSITION}\r\n{_END}",
+        f"bytes before the first boundary; the body must start with --{_B}",
+    ),
+    "wrong-boundary": (
+        f"--other\r\n{_DISPOSITION}\r\n\r\nhi\r\n--other--\r\n",
+        f"the body's first boundary is not the one its Content-Type declares (--{_B})",
+    ),
+    "no-closing-boundary": (
+        f"--{_B}\r\n{_DISPOSITION}\r\n\r\nhi",
+        f"the body ended before its closing boundary --{_B}--",
+    ),
+    "no-part-at-all": (
+        "\r\n",
+        f"the body holds no part; it must start with the boundary line --{_B}",
+    ),
 }
 
 
-@pytest.mark.parametrize("body", _MALFORMED_MULTIPART.values(), ids=_MALFORMED_MULTIPART.keys())
-def test_malformed_multipart_is_a_4xx_problem(settings: Settings, body: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "problem"), _MALFORMED_MULTIPART.values(), ids=_MALFORMED_MULTIPART.keys()
+)
+def test_malformed_multipart_is_a_422_naming_the_problem(
+    settings: Settings, body: str, problem: str
+) -> None:
     with api_client(settings) as client:
         response = client.post(
             "/v1/datasets",
             content=body.encode(),
             headers={"content-type": f"multipart/form-data; boundary={_B}"},
         )
-        assert 400 <= response.status_code < 500
-        assert "multipart" in assert_problem(response, response.status_code)["detail"]
+        answer = assert_problem(response, 422)
+        assert answer["detail"] == f"malformed multipart body: {problem}"
         assert list(settings.upload_dir.rglob("*.part")) == []
+
+
+def test_a_long_part_header_is_stopped_as_it_streams(settings: Settings) -> None:
+    """Sent in small chunks, a header past the limit is refused after at most one chunk more
+    (python-multipart's own limit, where it has one, would let 4224 bytes through)."""
+    app = create_app(settings)
+    head = f"--{_B}\r\n{_DISPOSITION}\r\nX-Long: ".encode()
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for _ in range(1000):  # 1000 chunks of 64 bytes: far past the limit if never stopped
+            yield b"a" * 64
+
+    answer = _call(
+        app, "/v1/datasets", chunks(), content_type=f"multipart/form-data; boundary={_B}"
+    )
+    assert answer.status == 422
+    assert "longer than 4096 bytes" in answer.problem()["detail"]
+    assert answer.consumed <= len(head) + 4096 + 2 * 64
+
+
+@pytest.mark.parametrize(
+    ("content_type", "problem"),
+    [
+        ("multipart/form-data", "the Content-Type multipart/form-data has no boundary parameter"),
+        (f"multipart/form-data; boundary={'b' * 71}", "the boundary is longer than 70 characters"),
+    ],
+)
+def test_a_bad_boundary_parameter_is_a_422_before_the_body(
+    settings: Settings, content_type: str, problem: str
+) -> None:
+    answer = _call(create_app(settings), "/v1/datasets", _zeros(_MIB), content_type=content_type)
+    assert answer.status == 422 and answer.consumed == 0
+    assert answer.problem()["detail"].startswith(f"malformed multipart body: {problem}")
 
 
 def test_json_garbage_is_a_4xx_problem(settings: Settings) -> None:

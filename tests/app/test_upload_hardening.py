@@ -3,19 +3,20 @@ files are 4xx problems without server paths, UTF-8 names round-trip, job fields 
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from bitplan.app.settings import Settings
+from bitplan.app.upload_check import check_model
+from bitplan.sensitivity.errors import InputError
 from tests.app._api_fixtures import api_client, assert_problem, job_body
+from tests.helpers import tiny_bert_files, zip_bytes
 
 
 @pytest.fixture
@@ -27,28 +28,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def bert_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The files of a 1-layer BERT folder with random weights (no download)."""
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("bert")
-    config = BertConfig(
-        vocab_size=32,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
-
-
-def _zip(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
+    return tiny_bert_files(tmp_path_factory.mktemp("bert"))
 
 
 def _upload(client: TestClient, kind: str, name: str, data: bytes) -> httpx.Response:
@@ -83,45 +63,65 @@ def _assert_no_server_path(problem: dict[str, object], settings: Settings) -> No
     assert str(settings.data_dir) not in text and "/tmp" not in text, text
 
 
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``): the API's, under TestClient."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def test_config_larger_than_its_weights_is_refused_fast_and_leaves_nothing(
     client: TestClient, settings: Settings, bert_files: dict[str, bytes]
 ) -> None:
     config = json.loads(bert_files["config.json"])
     config["num_hidden_layers"] = 100_000
     files = {**bert_files, "config.json": json.dumps(config).encode()}
-    problem = assert_problem(_upload(client, "models", "huge.zip", _zip(files)), 422)
+    before = _rss_bytes()
+    problem = assert_problem(_upload(client, "models", "huge.zip", zip_bytes(files)), 422)
     # Building 100000 layers takes minutes; the header check answers in well under that.
     assert "100000 layers" in problem["detail"] and "huge.zip" in problem["detail"]
     _assert_no_server_path(problem, settings)
     assert _files_left(settings) == []
+    # The model is loaded in a child process: the API's own memory barely moves.
+    assert _rss_bytes() - before < 256 << 20
 
 
-@pytest.mark.parametrize(
-    ("label", "weights"),
-    [
-        ("empty", b""),
-        ("short prefix", b"\x10\x00"),
-        ("header longer than file", (1 << 40).to_bytes(8, "little") + b"{}"),
-        ("header not JSON", (4).to_bytes(8, "little") + b"nope"),
-        ("header a list", (2).to_bytes(8, "little") + b"[]"),
-        ("unknown dtype", b'{"a":{"dtype":"X","shape":[1],"data_offsets":[0,4]}}'),
-        ("offsets outside", b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,400]}}'),
-        ("size mismatch", b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}'),
-        ("negative shape", b'{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}'),
-        ("deep header", b"[" * 100_000 + b"]" * 100_000),
-    ],
-)
-def test_malformed_safetensors_in_a_zip_is_a_422_that_leaves_nothing(
-    client: TestClient,
-    settings: Settings,
-    bert_files: dict[str, bytes],
-    label: str,
-    weights: bytes,
-) -> None:
+# The header problems a loader must refuse, each with a name; the first two also go through
+# the API below (each API upload is checked in a fresh child process, seconds apiece).
+_BAD_WEIGHTS = {
+    "empty": b"",
+    "short prefix": b"\x10\x00",
+    "header longer than file": (1 << 40).to_bytes(8, "little") + b"{}",
+    "header not JSON": (4).to_bytes(8, "little") + b"nope",
+    "header a list": (2).to_bytes(8, "little") + b"[]",
+    "unknown dtype": b'{"a":{"dtype":"X","shape":[1],"data_offsets":[0,4]}}',
+    "offsets outside": b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,400]}}',
+    "size mismatch": b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}',
+    "negative shape": b'{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}',
+    "deep header": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+def _with_weights(bert_files: dict[str, bytes], weights: bytes) -> dict[str, bytes]:
     if weights.startswith((b"{", b"[")):  # a header: prefix its length, add 4 bytes of data
         weights = len(weights).to_bytes(8, "little") + weights + b"\0" * 4
-    files = {**bert_files, "model.safetensors": weights}
-    problem = assert_problem(_upload(client, "models", "bad.zip", _zip(files)), 422)
+    return {**bert_files, "model.safetensors": weights}
+
+
+@pytest.mark.parametrize("label", _BAD_WEIGHTS)
+def test_malformed_safetensors_in_a_zip_is_refused_by_the_check(
+    tmp_path: Path, bert_files: dict[str, bytes], label: str
+) -> None:
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(zip_bytes(_with_weights(bert_files, _BAD_WEIGHTS[label])))
+    with pytest.raises(InputError, match="bad.zip"):
+        check_model(archive, trusted=False, cache_dir=tmp_path / "scratch")
+
+
+@pytest.mark.parametrize("label", list(_BAD_WEIGHTS)[:2])
+def test_malformed_safetensors_in_a_zip_is_a_422_that_leaves_nothing(
+    client: TestClient, settings: Settings, bert_files: dict[str, bytes], label: str
+) -> None:
+    files = _with_weights(bert_files, _BAD_WEIGHTS[label])
+    problem = assert_problem(_upload(client, "models", "bad.zip", zip_bytes(files)), 422)
     assert "bad.zip" in problem["detail"], label
     _assert_no_server_path(problem, settings)
     assert _files_left(settings) == []
@@ -130,10 +130,11 @@ def test_malformed_safetensors_in_a_zip_is_a_422_that_leaves_nothing(
 def test_a_loader_crash_is_a_422_and_removes_the_upload(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError(f"boom in {settings.upload_dir}")
-
-    monkeypatch.setattr("bitplan.app.uploads.load_model", crash)
+    # A stand-in check that reports what the real one reports when a loader raises something
+    # other than InputError (its type only: a library's message may hold any server path).
+    monkeypatch.setattr("bitplan.app.validation.CHILD_MODULE", "tests.app._fake_upload_check")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    monkeypatch.setenv("BITPLAN_TEST_CHECK", "failed")
     problem = assert_problem(_upload(client, "models", "m.zip", b"PK not really"), 422)
     assert "m.zip cannot be loaded" in problem["detail"]
     _assert_no_server_path(problem, settings)

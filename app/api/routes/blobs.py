@@ -2,6 +2,8 @@
 
 Models and datasets behave identically except for how an upload is validated and which schema
 describes them, so :func:`blob_router` builds both routers from those two differences.
+Validation runs in child processes with limits (:mod:`bitplan.app.validation`), a few at once:
+a model upload that finds them all busy is told 503 before a byte of its body is read.
 
 Upload answers 201 with ``Location`` for new bytes and 200 with the existing resource when the
 same owner uploads the same bytes again (content addressing by sha256). Files are stored per
@@ -16,7 +18,7 @@ between leaves a file without a row, which :mod:`bitplan.app.sweeper` removes la
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,14 +35,16 @@ from bitplan.app.models import Blob
 from bitplan.app.problems import ProblemError, problem_responses
 from bitplan.app.settings import Settings
 from bitplan.app.uploads import UPLOAD_FIELD, StoredUpload, receive_upload
+from bitplan.app.validation import ValidationSlots, validation_slots
 from bitplan.sensitivity.errors import InputError
 
 __all__ = ["Validator", "blob_router"]
 
 log = logging.getLogger(__name__)
 
-# validate(stored_upload, settings) raises InputError for a file that is not acceptable.
-Validator = Callable[[StoredUpload, Settings], None]
+# await validate(stored_upload, settings, slots) raises InputError for a file that is not
+# acceptable, ProblemError 503 when it cannot be checked now.
+Validator = Callable[[StoredUpload, Settings, ValidationSlots], Awaitable[None]]
 
 BlobId = Annotated[str, PathParam(description="the model's or dataset's id")]
 # A client that hashed a file asks whether the server already has its bytes, in one request.
@@ -88,6 +92,12 @@ def _remove_if_unused(session: Session, path: str) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def _known(session: Session, *, owner_id: str | None, kind: str, sha256: str) -> bool:
+    """Whether the owner already has these bytes (validated when they were first uploaded)."""
+    found, _ = crud.list_blobs(session, owner_id=owner_id, kind=kind, sha256=sha256, limit=1)
+    return bool(found)
+
+
 def _discard_upload(session: Session, path: str) -> None:
     """After a failed upload: remove its file unless a row uses it; when even that lookup fails
     (the database is down), leave the file to the sweeper rather than risk another's bytes."""
@@ -102,10 +112,10 @@ def _validated(validate: Validator, kind: str) -> Validator:
     """``validate`` with any unexpected failure turned into an :class:`InputError`: whatever a
     hostile file makes a parser raise is the file's fault (422), not the server's (500)."""
 
-    def run(stored: StoredUpload, settings: Settings) -> None:
+    async def run(stored: StoredUpload, settings: Settings, slots: ValidationSlots) -> None:
         try:
-            validate(stored, settings)
-        except InputError:
+            await validate(stored, settings, slots)
+        except (InputError, ProblemError):
             raise
         except Exception as exc:
             log.warning("%s %s failed validation", kind, stored.filename, exc_info=True)
@@ -122,8 +132,13 @@ def blob_router(
     read_schema: type[BaseModel],
     list_schema: type[BaseModel],
     validate: Validator,
+    always_in_child: bool = False,
 ) -> APIRouter:
-    """The ``/v1/<kind>s`` router: POST (upload), GET list, GET one, DELETE."""
+    """The ``/v1/<kind>s`` router: POST (upload), GET list, GET one, DELETE.
+
+    ``always_in_child``: every upload of this kind is validated in a child process, so an
+    upload that finds no free slot is refused before its body is read.
+    """
     plural = f"{kind}s"
     check = _validated(validate, kind)
     router = APIRouter(prefix=f"/v1/{plural}", tags=[plural])
@@ -140,7 +155,7 @@ def blob_router(
                 "model": read_schema,
             },
             201: {"description": f"a new {kind}", "headers": _LOCATION},
-            **problem_responses(401, 413, 415),
+            **problem_responses(401, 413, 415, 503),
         },
     )
     async def upload(
@@ -150,13 +165,18 @@ def blob_router(
         settings: SettingsDep,
         owner_id: OwnerDep,
     ) -> Blob:
+        slots = validation_slots(request.app.state, settings)
+        if always_in_child and slots.full:
+            raise slots.refusal(settings)  # the client keeps its bytes: none were read
         stored = await receive_upload(
             request,
             dest_dir=_owner_dir(settings, kind, owner_id),
             max_bytes=settings.max_upload_bytes,
         )
         try:
-            await anyio.to_thread.run_sync(check, stored, settings)
+            known = partial(_known, session, owner_id=owner_id, kind=kind, sha256=stored.sha256)
+            if not await anyio.to_thread.run_sync(known):  # the same bytes again: no new check
+                await check(stored, settings, slots)
             blob, created = await anyio.to_thread.run_sync(
                 partial(
                     crud.create_or_get_blob,

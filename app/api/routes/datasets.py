@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from bitplan.app.api.routes.blobs import blob_router
 from bitplan.app.schemas import DatasetRead, DatasetsRead
-from bitplan.app.settings import Settings
-from bitplan.app.uploads import StoredUpload, validate_dataset
+from bitplan.app.validation import validate_dataset
 
 __all__ = ["router"]
 
-
-def _validate(stored: StoredUpload, settings: Settings) -> None:
-    validate_dataset(stored.path, filename=stored.filename)
-
-
 router = blob_router(
-    kind="dataset", read_schema=DatasetRead, list_schema=DatasetsRead, validate=_validate
+    kind="dataset", read_schema=DatasetRead, list_schema=DatasetsRead, validate=validate_dataset
 )

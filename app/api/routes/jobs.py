@@ -25,6 +25,7 @@ from fastapi import APIRouter, Header, Query, Response, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
+from starlette.convertors import Convertor, register_url_convertor
 
 from bitplan.app import crud
 from bitplan.app.api.deps import OwnerDep, PageCursor, PageLimit, SessionDep, SettingsDep
@@ -36,6 +37,7 @@ from bitplan.app.schemas import (
     FrontierRead,
     JobCreate,
     JobRead,
+    JobRequestRead,
     JobsRead,
 )
 from bitplan.app.settings import Settings
@@ -48,11 +50,33 @@ __all__ = ["router"]
 
 log = logging.getLogger(__name__)
 
+
+class _JobIdConvertor(Convertor[str]):
+    """A job id in a path: one segment without ``:``. Ids are UUIDs, and the colon starts a
+    custom method (``/v1/jobs/{id}:cancel``): without this, ``/v1/jobs/x:cancel`` would also
+    match ``/v1/jobs/{job_id}``, so ``GET`` on it would be a 404 for job ``x:cancel`` and a 405
+    there would advertise ``GET`` as allowed."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+# Starlette resolves "{name:convertor}" when a route is declared, so this precedes the routes.
+register_url_convertor("job_id", _JobIdConvertor())
+
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 # The ?format= choices are the export registry's names; a Literal, so OpenAPI lists them.
 PlanFormat = Literal[tuple(EXPORTS)]  # type: ignore[valid-type]
-JobId = Annotated[str, PathParam(description="the job's id (from POST /v1/jobs)")]
+# The pattern documents what _JobIdConvertor routes: an id never holds ":" (nor "/").
+JobId = Annotated[
+    str, PathParam(pattern="^[^/:]+$", description="the job's id (from POST /v1/jobs)")
+]
 _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
 _ETAG = {"ETag": {"description": "validator for If-None-Match", "schema": {"type": "string"}}}
 
@@ -68,7 +92,7 @@ def _links(job: Job) -> dict[str, str]:
     }
 
 
-def _request_of(job: Job) -> JobCreate:
+def _request_of(job: Job) -> JobRequestRead:
     """The request as submitted: resource ids, not the server paths the worker uses."""
     builtin = str(job.spec.get("model", ""))
     model = job.model_id or (builtin if builtin.startswith(BUILTIN_PREFIX) else "deleted")
@@ -79,7 +103,7 @@ def _request_of(job: Job) -> JobCreate:
     fields["pins"] = {pattern: as_format(name) for pattern, name in fields.get("pins", {}).items()}
     # model_construct: the stored spec was validated on submission; a deleted resource shows as
     # "deleted" rather than failing the read.
-    return JobCreate.model_construct(**{**fields, "model": model, "calib": calib})
+    return JobRequestRead.model_construct(**{**fields, "model": model, "calib": calib})
 
 
 def _job_read(job: Job) -> JobRead:
@@ -213,14 +237,17 @@ def list_jobs(
 
 
 @router.get(
-    "/{job_id}",
+    "/{job_id:job_id}",
     response_model=JobRead,
     summary="Get a job's state, progress and links",
     responses={
         200: {"headers": _ETAG},
         304: {"description": "Not Modified (If-None-Match)"},
-        **problem_responses(401, 404),
+        **problem_responses(401, 404, 405),
     },
+    # The 405: `/v1/jobs/{id}:cancel` is the cancel action's URL, which takes POST only.
+    description="The job; a 405 for an id ending in `:cancel` (that URL is the cancel action, "
+    "POST only).",
 )
 def get_job(
     job_id: JobId,
@@ -241,7 +268,7 @@ def get_job(
 
 
 @router.post(
-    "/{job_id}:cancel",
+    "/{job_id:job_id}:cancel",
     response_model=JobRead,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Cancel a job",
@@ -284,7 +311,7 @@ def _artifact(
 
 
 @router.get(
-    "/{job_id}/frontier",
+    "/{job_id:job_id}/frontier",
     response_model=FrontierRead,
     summary="The size/quality frontier",
     responses=problem_responses(401, 404, 409),
@@ -308,7 +335,7 @@ def get_frontier(
 
 
 @router.get(
-    "/{job_id}/plans/{plan_id}",
+    "/{job_id:job_id}/plans/{plan_id}",
     summary="One plan of the frontier, as JSON or an export",
     responses={
         200: {
@@ -349,7 +376,7 @@ class _HTMLFile(FileResponse):
 
 
 @router.get(
-    "/{job_id}/sensitivity",
+    "/{job_id:job_id}/sensitivity",
     summary="The sensitivity table (CSV)",
     response_class=_CSVFile,
     responses=problem_responses(401, 404, 409),
@@ -362,7 +389,7 @@ def get_sensitivity(
 
 
 @router.get(
-    "/{job_id}/report",
+    "/{job_id:job_id}/report",
     summary="The HTML report",
     response_class=_HTMLFile,
     responses=problem_responses(401, 404, 409),
