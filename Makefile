@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.frontier
 	$(BIN)/python -m benchmarks.frontier_speed
 	$(BIN)/python -m benchmarks.api_load
+	$(BIN)/python -m benchmarks.service_limits
 
 clean:
 	rm -rf $(VENV) .bitplan bitplan-demo

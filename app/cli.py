@@ -56,7 +56,7 @@ COMMANDS = {
     "analyze": Command(f"{_PKG}.planning:analyze", "Per-layer sensitivity of a model."),
     "search": Command(f"{_PKG}.planning:search", "Size/quality frontier and plans under a budget."),
     "solve": Command(f"{_PKG}.planning:solve", "Exact frontier of a sensitivity table."),
-    "apply": Command(f"{_PKG}.apply:apply", "Quantize a model per a plan (packed safetensors)."),
+    "apply": Command(f"{_PKG}.apply:apply", "Quantize a model per a plan for a runtime (--to)."),
     "db": Command(f"{_PKG}.server:db_app", "The service database: upgrade."),
     "keys": Command(f"{_PKG}.server:keys_app", "The service's API keys: create, list, revoke."),
     "serve": Command(f"{_PKG}.server:serve", "Run the REST service and its workers."),

@@ -53,6 +53,9 @@ CTRL_C_EXIT = 128 + signal.SIGINT  # 130: what a shell reports for a process end
 # tear through bitplan's rich bars. Both read these variables when first imported; a user who
 # sets them keeps their own values.
 _QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+# Loggers that warn, when transformers imports torchao, about CUDA kernels and Triton a CPU
+# machine lacks and about a torch deprecation: noise for weight-only work, naming local paths.
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -63,6 +66,8 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=err_console, show_path=False)],
         force=True,
     )
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def quiet_third_party() -> None:

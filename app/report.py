@@ -122,7 +122,7 @@ def _budget_total(budget: Mapping[str, Any] | None, plan: Plan | None) -> tuple[
     if budget is None or plan is None:
         return None
     kind, value = budget["kind"], float(budget["value"])
-    numel = sum({lay.group: lay.numel for lay in plan.layers}.values())
+    numel = sum({lay.tensor_key: lay.numel for lay in plan.layers}.values())
     cap = Budget(kind=kind, value=value, text=str(value)).planned_cap(
         planned_numel=numel,
         unplanned_bytes=plan.totals.unplanned_bytes,

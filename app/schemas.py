@@ -9,33 +9,44 @@ what the server answers; ids and links, never server paths.
 
 from __future__ import annotations
 
+import re
 from copy import copy
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from bitplan.app.states import JobState
-from bitplan.search.budgets import parse_budget
+from bitplan.search.budgets import BYTE_UNITS, parse_budget
 from bitplan.search.fields import Format
 from bitplan.search.plans import FrontierFile, FrontierPoint
-from bitplan.search.spec import METHODS, SAMPLERS, JobSpec
+from bitplan.search.spec import METHODS, SAMPLERS, FuseRule, JobSpec
 from bitplan.sensitivity.builtin import BUILTIN_MODELS
-from bitplan.sensitivity.format_spec import QuantFormat, parse_formats
+from bitplan.sensitivity.format_spec import (
+    ALLOWED_BITS,
+    FLOAT_BYTES,
+    GGML_TYPES,
+    QuantFormat,
+    parse_formats,
+)
 from bitplan.sensitivity.models import TASKS
 
 if TYPE_CHECKING:
     from bitplan.app.models import Blob
 
 __all__ = [
+    "BUDGET_PATTERN",
+    "BUILTIN_CALIB",
     "BUILTIN_PREFIX",
     "DatasetRead",
     "DatasetsRead",
+    "FORMAT_PATTERN",
     "FrontierPointRead",
     "FrontierRead",
     "HealthRead",
     "JobCreate",
     "JobRead",
+    "JobRequestRead",
     "JobState",
     "JobsRead",
     "ModelRead",
@@ -46,17 +57,106 @@ BUILTIN_PREFIX = "builtin:"
 
 # Resource ids and builtin names are short; a longer reference cannot name anything.
 _MAX_REF_LENGTH = 128
+# An upload's id as the server mints it (bitplan.app.models.new_id: a lower-case uuid4).
+_ID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_ID_RE = re.compile(_ID)
+_ID_EXAMPLE = "3f2b8c1e-5a4d-4e6f-9b7a-0c1d2e3f4a5b"
+_BUILTIN_MODEL_REFS = [BUILTIN_PREFIX + name for name in BUILTIN_MODELS]
+BUILTIN_CALIB = "builtin"
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regular expression; unlike re.escape, no ``\\-`` (an ECMA-262 syntax
+    error in Unicode mode)."""
+    return "".join(c if c.isalnum() or c in ":_-" else "\\" + c for c in text)
+
+
+# What "model" and "calib" may name, as one pattern each (an anyOf of an enum and a pattern says
+# the same, but makes schema-driven test generation many times slower).
+_MODEL_REF_PATTERN = f"^(?:{'|'.join(map(_literal, _BUILTIN_MODEL_REFS))}|{_ID})$"
+_CALIB_REF_PATTERN = f"^(?:{_literal(BUILTIN_CALIB)}|{_ID})$"
 _NEXT_CURSOR = "pass as ?cursor= for the next page; null on the last page"
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Sampler = Literal[SAMPLERS]  # type: ignore[valid-type]
 Task = Literal[TASKS]  # type: ignore[valid-type]
 
+# --- request patterns ----------------------------------------------------------------------
+# The OpenAPI document states exactly which budgets and format names a job request may carry,
+# so a client (or a fuzzer) that follows the schema never sends a request the server refuses.
+# JSON Schema patterns are ECMA-262 without flags, hence [bB] classes for case-insensitive units,
+# and [0-9] rather than \d, which matches every Unicode digit in Python and in pydantic.
 
-def _spec_field(name: str) -> Any:
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else _literal(c) for c in word)
+
+
+_POSITIVE = r"0*(?:[1-9][0-9]*(?:\.[0-9]*)?|\.[0-9]*[1-9][0-9]*)"  # > 0
+_UP_TO_32 = r"0*(?:(?:[1-9]|[12][0-9]|3[01])(?:\.[0-9]*)?|32(?:\.0*)?|\.[0-9]*[1-9][0-9]*)"
+_AT_LEAST_1 = r"0*[1-9][0-9]*(?:\.[0-9]*)?"
+_AT_LEAST_0_001 = r"0*(?:[1-9][0-9]*(?:\.[0-9]*)?|\.(?:[1-9]|0[1-9]|00[1-9])[0-9]*)"
+# A byte unit of 1000 bytes or more holds one byte from 0.001 of it; a smaller one from 1.
+_KILO = 1000
+
+
+def _budget(number: str, units: list[str]) -> str:
+    return f"{number} ?(?:{'|'.join(_any_case(unit) for unit in units)})"
+
+
+# parse_budget's syntax less what it refuses (zero, more than 32 bpw for fp32, under one byte).
+# Sizes under 0.001 of a kB-or-larger unit and spaces around the budget are left out too: the
+# API takes exactly what this pattern says.
+BUDGET_PATTERN = (
+    "^(?:"
+    + "|".join(
+        [
+            _budget(_UP_TO_32, ["bpw"]),
+            _budget(_POSITIVE, ["x"]),
+            _budget(_AT_LEAST_1, [unit for unit, size in BYTE_UNITS.items() if size < _KILO]),
+            _budget(_AT_LEAST_0_001, [unit for unit, size in BYTE_UNITS.items() if size >= _KILO]),
+        ]
+    )
+    + ")$"
+)
+_BUDGET_RE = re.compile(BUDGET_PATTERN)
+
+# Format names as parse_format writes them back (lower case, DESIGN §3).
+FORMAT_PATTERN = (
+    "^(?:"
+    + "|".join(
+        [
+            *FLOAT_BYTES,
+            "fp8-e4m3",
+            f"int0*(?:{'|'.join(map(str, ALLOWED_BITS))})(?:-g0*[1-9][0-9]*)?(?:-asym)?",
+            *GGML_TYPES,
+        ]
+    )
+    + ")$"
+)
+# A format in a request: the shared Format type, its JSON schema with the pattern added.
+RequestFormat = Annotated[
+    Format,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": FORMAT_PATTERN,
+            "description": "fp32, bf16, fp16, fp8-e4m3, int{b}[-g{G}][-asym] or a llama.cpp "
+            "block format (q8_0, q4_k, ...)",
+            "examples": ["int4-g128"],
+        }
+    ),
+]
+
+
+def _spec_field(name: str, **schema_extra: Any) -> Any:
     """A copy of :class:`JobSpec`'s field ``name``: its default, bounds and description, so the
-    request restates none of them (pydantic takes a FieldInfo as a field's default)."""
-    return copy(JobSpec.model_fields[name])
+    request restates none of them (pydantic takes a FieldInfo as a field's default);
+    ``schema_extra`` adds JSON Schema keywords that the request's validators enforce."""
+    field = copy(JobSpec.model_fields[name])
+    if schema_extra:
+        field.json_schema_extra = schema_extra
+    return field
 
 
 class _BlobRead(BaseModel):
@@ -105,15 +205,18 @@ class JobCreate(BaseModel):
         max_length=_MAX_REF_LENGTH,
         description="the id of an uploaded model, or a builtin such as 'builtin:digits-cnn'",
         examples=["builtin:digits-cnn"],
+        json_schema_extra={"pattern": _MODEL_REF_PATTERN},  # enforced by _check_model
     )
     calib: str = Field(
-        "builtin",
+        BUILTIN_CALIB,
         min_length=1,
         max_length=_MAX_REF_LENGTH,
         description="the id of an uploaded dataset, or 'builtin' for the model's builtin data",
+        json_schema_extra={"pattern": _CALIB_REF_PATTERN},  # enforced by _check_calib
     )
-    budget: str = _spec_field("budget")
-    formats: list[Format] = _spec_field("formats")
+    budget: str = _spec_field("budget", pattern=BUDGET_PATTERN)
+    # uniqueItems: parse_formats refuses a format listed twice.
+    formats: list[RequestFormat] = _spec_field("formats", uniqueItems=True)
     method: Method = _spec_field("method")
     task: Task | None = _spec_field("task")
     trials: int = _spec_field("trials")
@@ -121,18 +224,46 @@ class JobCreate(BaseModel):
     seed: int = _spec_field("seed")
     sampler: Sampler = _spec_field("sampler")
     exclude: list[str] = _spec_field("exclude")
-    pins: dict[str, Format] = _spec_field("pins")
+    pins: dict[str, RequestFormat] = _spec_field("pins")
+    fuse: list[FuseRule] = _spec_field("fuse", uniqueItems=True)  # JobSpec refuses repeats
     holdout: float = _spec_field("holdout")
     max_length: int = _spec_field("max_length")
     max_samples: int | None = _spec_field("max_samples")
 
+    @field_validator(
+        "trials", "timeout", "seed", "holdout", "max_length", "max_samples", mode="before"
+    )
+    @classmethod
+    def _check_number(cls, value: Any) -> Any:
+        # The schema says these are JSON numbers; pydantic's lax mode would also read "seed":
+        # false as 0 and "trials": "40" as 40. (Strict mode would refuse 40.0, an integer in
+        # JSON Schema's terms.)
+        if isinstance(value, bool | str):
+            raise ValueError(f"must be a JSON number, got {value!r}")
+        return value
+
     @field_validator("model")
     @classmethod
-    def _check_builtin(cls, value: str) -> str:
+    def _check_model(cls, value: str) -> str:
         name = value.removeprefix(BUILTIN_PREFIX)
+        accepted = ", ".join(_BUILTIN_MODEL_REFS)
         if name != value and name not in BUILTIN_MODELS:
-            accepted = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
             raise ValueError(f"unknown builtin model {value!r}; accepted: {accepted}")
+        if name == value and _ID_RE.fullmatch(value) is None:
+            raise ValueError(
+                f"{value!r} is no model id (ids look like {_ID_EXAMPLE}); upload the model "
+                f"with POST /v1/models, or use a builtin: {accepted}"
+            )
+        return value
+
+    @field_validator("calib")
+    @classmethod
+    def _check_calib(cls, value: str) -> str:
+        if value != BUILTIN_CALIB and _ID_RE.fullmatch(value) is None:
+            raise ValueError(
+                f"{value!r} is no dataset id (ids look like {_ID_EXAMPLE}); upload the data "
+                f"with POST /v1/datasets, or use {BUILTIN_CALIB!r}"
+            )
         return value
 
     @field_validator("formats")
@@ -144,7 +275,13 @@ class JobCreate(BaseModel):
     @classmethod
     def _check_budget(cls, value: str) -> str:
         parse_budget(value)  # InputError is a ValueError: pydantic reports it as a field error
-        return value.strip()
+        if _BUDGET_RE.fullmatch(value) is None:
+            raise ValueError(
+                f"budget {value!r} is outside the API's budget syntax: <bits>bpw (at most 32), "
+                "<fraction>x, or <size><unit> of at least 1 B (0.001 of a larger unit), "
+                "without spaces around it"
+            )
+        return value
 
     def to_spec(self, *, model: Blob | None, dataset: Blob | None) -> JobSpec:
         """The :class:`JobSpec` a worker runs: an uploaded ``model``/``dataset`` (None: the
@@ -158,6 +295,18 @@ class JobCreate(BaseModel):
             calib_name=dataset.filename if dataset else None,
             **fields,
         )
+
+
+class JobRequestRead(JobCreate):
+    """A job's request as submitted; ``model``/``calib`` read ``deleted`` once the upload they
+    named is deleted."""
+
+    model: str = Field(
+        description="the uploaded model's id, a builtin such as 'builtin:digits-cnn', or 'deleted'"
+    )
+    calib: str = Field(description="the uploaded dataset's id, 'builtin', or 'deleted'")
+    # Jobs submitted before the API took only BUDGET_PATTERN's spellings show theirs as stored.
+    budget: str = Field(description="the budget as submitted: 4.5bpw, 60MB, 58MiB or 0.3x")
 
 
 class JobRead(BaseModel):
@@ -204,7 +353,7 @@ class JobRead(BaseModel):
     )
     error: str | None = Field(description="why the job failed; null unless it failed")
     cancel_requested: bool = Field(description="whether a cancel was requested")
-    request: JobCreate = Field(description="the request as submitted")
+    request: JobRequestRead = Field(description="the request as submitted")
     plans: list[str] = Field(
         description="ids of the job's plans (frontier points and uniform baselines; "
         "'best' is an alias of one of them), once the job succeeded"

@@ -105,7 +105,9 @@ def sensitivity_table(table: pd.DataFrame, *, method: str, top: int = 5) -> Tabl
 
     formats = table.groupby("format")["bytes"].sum().sort_values().index.tolist()
     wide = table.pivot_table(index="layer", columns="format", values="error", aggfunc="first")
-    ranked = wide.sort_values(formats[0], ascending=False, na_position="last")
+    # rank by the smallest format every layer has (a llama.cpp block format fits only some rows)
+    rank_by = next((f for f in formats if wide[f].notna().all()), formats[0])
+    ranked = wide.sort_values(rank_by, ascending=False, na_position="last")
     fallbacks = _fallbacks(table, method=method)
     shown = ranked.index.tolist()
     if len(shown) > 2 * top:
@@ -114,7 +116,7 @@ def sensitivity_table(table: pd.DataFrame, *, method: str, top: int = 5) -> Tabl
         "rank",
         "layer",
         *formats,
-        title=f"Layer sensitivity (error; ranked by {formats[0]}, most sensitive first)",
+        title=f"Layer sensitivity (error; ranked by {rank_by}, most sensitive first)",
         caption=fallback_note(table, method=method),
         caption_justify="left",
     )

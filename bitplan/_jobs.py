@@ -17,6 +17,7 @@ import pandas as pd
 from bitplan._spec import (
     DEFAULT_EXCLUDE,
     DEFAULT_FORMATS,
+    DEFAULT_FUSE,
     DEFAULT_PINS,
     DEFAULTS,
     PathLike,
@@ -109,6 +110,7 @@ def search(
     sampler: str = DEFAULTS.sampler,
     exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
     pins: Mapping[str, str] = DEFAULT_PINS,
+    fuse: Sequence[str] | str = DEFAULT_FUSE,
     holdout: float = DEFAULTS.holdout,
     max_length: int = DEFAULTS.max_length,
     max_samples: int | None = DEFAULTS.max_samples,
@@ -129,6 +131,9 @@ def search(
     stopped early) and ``.budget_note`` (set when the budget constrains nothing).
     ``budget`` is ``4.5bpw``, ``60MB``/``58MiB``, or ``0.3x`` of the fp16 size; the other
     arguments are :func:`analyze`'s and the CLI's (``sampler``: ``nsga2`` or ``tpe``).
+    ``fuse`` names fusion rules whose layers must take one format, as a runtime that fuses them
+    needs: ``qkv`` (the q/k/v projections of one attention module) and ``gate_up`` (an MLP's
+    gate and up projections), e.g. ``fuse="qkv,gate_up"``; each keeps its own bytes.
 
     **Your own metric.** By default quality is bitplan's task metric against the full-precision
     model (KL for classifiers and LMs, 1 − cosine for embeddings, relative MSE otherwise).
@@ -176,6 +181,7 @@ def search(
         formats=formats,
         exclude=exclude,
         pins=pins,
+        fuse=fuse,
         task=task,
         method=method,
         trials=trials,

@@ -1,8 +1,8 @@
 """``bitplan.load_plan``, ``bitplan.solve`` and ``bitplan.apply``: working with plan files.
 
 Thin keyword-only wrappers of the functions the CLI's ``solve`` and ``apply`` call
-(:func:`~bitplan.search.plans.read_plan`, :func:`~bitplan.search.solve.solve_table`,
-:func:`~bitplan.search.artifact.apply_plan`), so scripts and the command line agree.
+(:func:`~bitplan.search.plans.read_plan`, :func:`~bitplan.search.solve.solve_table`, the
+writers of :data:`~bitplan.search.targets.TARGETS`), so scripts and the command line agree.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from bitplan._spec import PathLike
-from bitplan.search.artifact import ArtifactReport, apply_plan
+from bitplan.search.artifact import ArtifactReport
 from bitplan.search.plans import Plan, read_plan
 from bitplan.search.solve import DEFAULT_POINTS, SolveResult, solve_table
+from bitplan.search.targets import DEFAULT_TARGET, target_writer
 from bitplan.sensitivity.models import load_model
 from bitplan.sensitivity.progress import ProgressFn
 
@@ -73,15 +74,26 @@ def apply(
     model: PathLike,
     plan: Plan | PathLike,
     out_dir: PathLike,
+    to: str = DEFAULT_TARGET,
     device: str = _APPLY_DEVICE,
 ) -> ArtifactReport:
-    """Write ``model`` quantized per ``plan`` as bit-packed safetensors, like ``bitplan apply``.
+    """Write ``model`` quantized per ``plan`` for a runtime, like ``bitplan apply --to``.
+
+    ``to`` picks the target (:data:`~bitplan.search.targets.TARGETS`):
+
+    - ``"bitplan"`` (default): bit-packed safetensors whose tensor bytes equal the plan's
+      ``total_bytes`` (checked before anything is written);
+      ``bitplan.search.artifact.load_artifact(out_dir, module)`` loads it back.
+    - ``"torchao"``: a Hugging Face folder (Hugging Face models only) that
+      ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` (or the model's own Auto
+      class) loads with torchao tensors holding bitplan's codes; ``bitplan-torchao.json``
+      there lists how each layer was stored and its bytes next to the plan's.
 
     ``plan`` is a :class:`Plan` or the path of a plan file; it must have been made for this
-    model (same weights), and the artifact's tensor bytes equal the plan's ``total_bytes``
-    (both checked before anything is written). Layers the plan leaves out (excluded when it was
-    made) stay unquantized. Returns the report: ``.path`` of ``model.safetensors`` and its
-    ``.total_bytes``. ``bitplan.search.artifact.load_artifact(out_dir, module)`` loads it back.
+    model (same weights). Layers the plan leaves out (excluded when it was made) stay
+    unquantized. Returns the report: ``.path`` of the (first) safetensors file, its
+    ``.total_bytes`` and ``.tensor_bytes`` per file or tensor. An unknown ``to`` is an
+    :class:`~bitplan.sensitivity.errors.InputError` that lists the targets.
 
     Example::
 
@@ -89,8 +101,9 @@ def apply(
             model="builtin:digits-cnn", plan="job/plans/best.json", out_dir="packed"
         )
     """
+    writer = target_writer(to)
     parsed = plan if isinstance(plan, Plan) else read_plan(Path(plan))
     loaded = load_model(os.fspath(model), device=device)
     planned = {layer.name for layer in parsed.layers}
     loaded = replace(loaded, layers=[lay for lay in loaded.layers if lay.name in planned])
-    return apply_plan(model=loaded, plan=parsed, out_dir=Path(out_dir))
+    return writer(model=loaded, plan=parsed, out_dir=Path(out_dir))

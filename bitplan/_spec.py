@@ -14,7 +14,15 @@ from typing import Any
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
 
-__all__ = ["DEFAULTS", "DEFAULT_EXCLUDE", "DEFAULT_FORMATS", "DEFAULT_PINS", "PathLike", "job_spec"]
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_EXCLUDE",
+    "DEFAULT_FORMATS",
+    "DEFAULT_FUSE",
+    "DEFAULT_PINS",
+    "PathLike",
+    "job_spec",
+]
 
 # A JobSpec with only its required fields set: every other attribute is JobSpec's default.
 DEFAULTS = JobSpec(model="builtin:digits-cnn", budget="16bpw")
@@ -22,13 +30,14 @@ DEFAULTS = JobSpec(model="builtin:digits-cnn", budget="16bpw")
 DEFAULT_FORMATS: tuple[str, ...] = tuple(DEFAULTS.format_names)
 DEFAULT_EXCLUDE: tuple[str, ...] = tuple(DEFAULTS.exclude)
 DEFAULT_PINS: Mapping[str, str] = MappingProxyType(DEFAULTS.pin_names())
+DEFAULT_FUSE: tuple[str, ...] = tuple(DEFAULTS.fuse)
 
 PathLike = str | os.PathLike[str]
 
 
-def _formats(formats: Sequence[str] | str) -> list[str]:
-    """A list of names, or one comma-separated string as ``--formats`` takes it."""
-    return formats.split(",") if isinstance(formats, str) else list(formats)
+def _names(names: Sequence[str] | str) -> list[str]:
+    """A list of names, or one comma-separated string as ``--formats``/``--fuse`` take it."""
+    return names.split(",") if isinstance(names, str) else list(names)
 
 
 def _patterns(exclude: Sequence[str] | str) -> list[str]:
@@ -44,6 +53,7 @@ def job_spec(
     formats: Sequence[str] | str,
     exclude: Sequence[str] | str,
     pins: Mapping[str, str],
+    fuse: Sequence[str] | str = DEFAULT_FUSE,
     **options: Any,
 ) -> JobSpec:
     """The JobSpec of an API call: paths as strings, sequences as lists, the rest as given.
@@ -59,7 +69,8 @@ def job_spec(
         model=os.fspath(model),
         budget=budget,
         calib=os.fspath(calib),
-        formats=_formats(formats),
+        formats=_names(formats),
+        fuse=[name for name in _names(fuse) if name.strip()],
         exclude=_patterns(exclude),
         pins=dict(pins),
         **options,

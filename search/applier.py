@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 class PlanApplier:
     """Context manager that sets per-group formats on ``model`` and restores it on exit.
 
-    ``apply(choice)`` takes ``{group: format}`` (a group is a tie group or a layer FQN, see
-    :attr:`QuantLayer.group`); groups left out are restored to full precision.
+    ``apply(choice)`` takes ``{group: format}`` (a group is a share group, a tie group or a
+    layer FQN, see :attr:`QuantLayer.group`); groups left out are restored to full precision.
     """
 
     def __init__(

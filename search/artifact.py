@@ -10,6 +10,10 @@ The artifact is the proof of the byte accounting (DESIGN §3): its tensor bytes 
   ``[rows, groups/row]``. So bytes = ``ceil((numel·b + [asym] n_groups·b)/8) + 2·n_groups``,
   which is the formula's single ceiling because ``n_groups·16`` is a whole number of bytes.
 - ``fp8-e4m3``: ``<param>.qdata`` float8_e4m3fn ``[rows, cols]`` and float16 scales ``[rows, 1]``.
+- llama.cpp block formats (``q8_0`` … ``q2_k``): ``<param>.qdata`` only, uint8
+  ``[rows, cols/block · type_size]`` — ggml's own blocks, scales inside, byte for byte what a
+  GGUF file stores for the tensor (:mod:`bitplan.sensitivity.ggml_blocks`), so a GGUF writer
+  copies it verbatim.
 - ``fp16``/``bf16``/``fp32``: ``<param>`` cast to that dtype, in the parameter's own shape.
 
 Unplanned parameters are stored as-is under their name; a tied parameter is stored once. The
@@ -44,6 +48,7 @@ from bitplan.sensitivity.formats import (
     dequantize,
     parse_format,
     quantize_codes,
+    tensor_bytes,
 )
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
 
@@ -150,8 +155,23 @@ def _plain(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> _Tensor:
     return _Tensor(name, dtype, tuple(tensor.shape), tensor.numel() * dtype.itemsize, write)
 
 
+def _ggml_blocks(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> _Tensor:
+    """``<param>.qdata``: ggml's block bytes of a ``[rows, cols]`` matrix, written by row chunks
+    (blocks never straddle rows, so the chunks' bytes are the whole matrix's)."""
+    rows, cols = matrix.shape
+    nbytes = tensor_bytes(fmt, rows, cols)
+
+    def write(f: BinaryIO) -> int:
+        return sum(f.write(_raw(quantize_codes(chunk, fmt).q)) for chunk in _row_chunks(matrix))
+
+    return _Tensor(f"{param}.qdata", torch.uint8, (rows, nbytes // max(rows, 1)), nbytes, write)
+
+
 def _quantized(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> list[_Tensor]:
-    """``<param>.qdata`` and ``<param>.scales`` of a ``[rows, cols]`` matrix in ``fmt``."""
+    """``<param>.qdata`` and ``<param>.scales`` of a ``[rows, cols]`` matrix in ``fmt``
+    (``qdata`` alone for a ggml format: its scales live in its blocks)."""
+    if fmt.kind == "ggml":
+        return [_ggml_blocks(param, matrix, fmt)]
     rows, cols = matrix.shape
     groups_per_row = fmt.n_groups(rows, cols) // max(rows, 1)
     scales: list[torch.Tensor] = []
@@ -425,8 +445,22 @@ def _load_plain(f: Any, name: str, target: torch.Tensor) -> None:
     target.copy_(f.get_tensor(name))
 
 
+def _ggml_codes(f: Any, name: str, fmt: QuantFormat, rows: int, cols: int) -> QuantCodes:
+    """ggml's block bytes of one planned weight, as :func:`quantize_codes` made them."""
+    qdata = f.get_tensor(f"{name}.qdata")
+    want = (rows, tensor_bytes(fmt, rows, cols) // max(rows, 1))
+    if qdata.dtype != torch.uint8 or tuple(qdata.shape) != want:
+        raise InputError(
+            f"{name} is stored as {qdata.dtype} {list(qdata.shape)}, "
+            f"{fmt.name} of [{rows}, {cols}] needs uint8 {list(want)}"
+        )
+    return QuantCodes(q=qdata, scale=qdata.new_empty(rows, 0, dtype=torch.float16), zero=None)
+
+
 def _codes(f: Any, name: str, fmt: QuantFormat, rows: int, cols: int) -> QuantCodes:
     """The codes of one planned weight as :func:`quantize_codes` made them."""
+    if fmt.kind == "ggml":
+        return _ggml_codes(f, name, fmt, rows, cols)
     scale = f.get_tensor(f"{name}.scales")
     groups = fmt.n_groups(rows, cols) // max(rows, 1)
     qdata = f.get_tensor(f"{name}.qdata")
@@ -494,7 +528,11 @@ def load_artifact(out_dir: Path, module: nn.Module) -> nn.Module:
         formats = {n: parse_format(i["format"]) for n, i in planned.items()}  # once, on reading
         quantized = {n for n, fmt in formats.items() if n in params and fmt.is_quantized}
         expected = {n for n in params if n not in quantized}
-        expected |= {f"{n}.{part}" for n in quantized for part in ("qdata", "scales")}
+        expected |= {
+            f"{n}.{part}"
+            for n in quantized
+            for part in (("qdata",) if formats[n].kind == "ggml" else ("qdata", "scales"))
+        }
         _check_names(path, set(f.keys()), expected)
         for name, param in params.items():
             if name in planned:

@@ -1,14 +1,22 @@
 """Exports of a plan to the tools people quantize with: CSV, torchao, llama.cpp.
 
 * CSV: one row a layer, the plan's layer fields (``rows``/``cols`` instead of ``shape``).
-* torchao: an ``FqnToConfig`` mapping module FQN -> weight-only config, as a JSON-ready dict and
-  as Python source. torchao is not a dependency: the mapping lives in one table,
-  :func:`torchao_config_of`, and the code text is generated from it. Plain-float layers map to
-  ``None`` (FqnToConfig leaves them unquantized).
+* torchao: torchao's own serialised config (the ``config_to_dict`` envelope of an
+  ``FqnToConfig``): module FQN -> ``IntxWeightOnlyConfig`` / ``Float8WeightOnlyConfig``, or None
+  to leave a module unquantized. A consumer runs ``quantize_(model,
+  config_from_dict(json.load(f)), filter_fn=None)``. The envelope is written here without
+  importing torchao (an optional runtime; the service renders exports without it); the tests
+  load it back with torchao. :func:`torchao_config_of` is the one table of the mapping, also
+  used by ``bitplan apply --to torchao`` (:mod:`bitplan.search.runtime_torchao`). torchao
+  recomputes the scales when it quantizes a float model, so this recipe approximates bitplan's
+  arithmetic (``SYMMETRIC_NO_CLIPPING_ERR`` picks bitplan's scale where a group's largest
+  magnitude is positive and uses the extra level -2^(b-1) elsewhere; ``ASYMMETRIC`` keeps zero
+  in range); ``apply --to torchao`` stores bitplan's own codes instead and is exact.
 * llama.cpp: ``--tensor-type PATTERN=TYPE`` arguments for ``llama-quantize``, where PATTERN is
   the GGUF tensor name (escaped, it is matched as a regex). Model names map to GGUF names for
-  LLaMA-style and GPT-2-style models; integer widths map to the k-quant of the same width
-  (llama.cpp picks its own block layout, so group size and symmetry do not carry over). A tie
+  LLaMA-style and GPT-2-style models; a llama.cpp block format (``q4_k`` …) maps to itself;
+  integer widths map to the k-quant of the same width (llama.cpp picks its own block layout,
+  so group size and symmetry do not carry over). A tie
   group is one GGUF tensor and appears once.
 
 :data:`EXPORTS` is the one registry of these downloads (name, label, media type, file suffix,
@@ -40,7 +48,6 @@ __all__ = [
     "plan_to_csv",
     "plan_to_llamacpp",
     "plan_to_torchao",
-    "torchao_code",
     "torchao_config",
     "torchao_config_of",
 ]
@@ -87,74 +94,79 @@ def plan_to_csv(plan: Plan) -> str:
     return out.getvalue()
 
 
-# torchao's Int4WeightOnlyConfig kernels (tinygemm) take these group sizes only.
-_INT4_GROUPS = (32, 64, 128, 256)
+# ``_version`` of each class in torchao's envelope (``config_to_dict`` writes the class's
+# ``version``; ``config_from_dict`` warns when it differs from the installed torchao's).
+_TORCHAO_VERSIONS = {
+    "FqnToConfig": 1,
+    "IntxWeightOnlyConfig": 2,
+    "Float8WeightOnlyConfig": 2,
+    "PerGroup": 1,
+    "PerAxis": 1,
+}
+# Module kinds whose weight torchao's weight-only configs quantize as bitplan's [rows, cols]
+# matrix. Conv weights are grouped per input channel by torchao but along the flattened
+# (in·k…) axis by bitplan, and transformers' Conv1D stores [in, out]: no torchao equivalent.
+_TORCHAO_KINDS = (None, "linear", "embedding")
 
 
-def torchao_config_of(fmt: QuantFormat, kind: str | None) -> tuple[str, dict[str, str]] | None:
-    """The torchao config class and its keyword arguments (as source text) for one format.
+def _ao(type_name: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {"_type": type_name, "_version": _TORCHAO_VERSIONS[type_name], "_data": data}
 
-    The one table of the torchao mapping; None means "leave unquantized".
+
+def _ao_plain(type_name: str, value: str) -> dict[str, str]:
+    """A torch dtype or an enum member in torchao's envelope."""
+    return {"_type": type_name, "_data": value}
+
+
+def torchao_config_of(
+    fmt: QuantFormat, kind: str | None, cols: int | None = None
+) -> dict[str, Any] | None:
+    """torchao's serialised per-module config for one format, or None: "leave unquantized".
+
+    The one table of the torchao mapping. ``int{b}[-gG][-asym]`` -> ``IntxWeightOnlyConfig``
+    (int{b}, ``PerGroup(G)`` or ``PerAxis(0)``, float16 scales as bitplan stores them);
+    ``fp8-e4m3`` -> ``Float8WeightOnlyConfig`` (per row). None for plain casts, for layers that
+    are no Linear or Embedding, for a group size that does not divide ``cols`` (torchao needs
+    whole blocks; bitplan allows a short last group) and for formats torchao has no config for.
     """
-    if fmt.kind == "float":
+    if kind not in _TORCHAO_KINDS:
         return None
     if fmt.kind == "fp8":
-        return "Float8WeightOnlyConfig", {}
-    linear = kind in (None, "linear")  # the Int4/Int8 kernels are Linear-only
-    if linear and fmt.bits == 8 and fmt.group_size is None and fmt.symmetric:
-        return "Int8WeightOnlyConfig", {}
-    if linear and fmt.bits == 4 and fmt.group_size in _INT4_GROUPS and fmt.symmetric:
-        return "Int4WeightOnlyConfig", {"group_size": str(fmt.group_size)}
-    granularity = f"PerGroup({fmt.group_size})" if fmt.group_size else "PerAxis(0)"
-    mapping = "MappingType.SYMMETRIC" if fmt.symmetric else "MappingType.ASYMMETRIC"
-    return "IntxWeightOnlyConfig", {
-        "weight_dtype": f"torch.int{fmt.bits}",
-        "granularity": granularity,
-        "mapping_type": mapping,
+        return _ao("Float8WeightOnlyConfig", {})
+    if fmt.kind != "int":
+        return None
+    if fmt.group_size is not None and cols is not None and cols % fmt.group_size:
+        return None
+    if fmt.group_size is None:
+        granularity = _ao("PerAxis", {"axis": 0})
+    else:
+        granularity = _ao("PerGroup", {"group_size": fmt.group_size})
+    mapping = "SYMMETRIC_NO_CLIPPING_ERR" if fmt.symmetric else "ASYMMETRIC"
+    return _ao(
+        "IntxWeightOnlyConfig",
+        {
+            "weight_dtype": _ao_plain("torch.dtype", f"int{fmt.bits}"),
+            "granularity": granularity,
+            "mapping_type": _ao_plain("MappingType", mapping),
+            "scale_dtype": _ao_plain("torch.dtype", "float16"),
+        },
+    )
+
+
+def torchao_config(plan: Plan) -> dict[str, Any]:
+    """The plan as torchao's serialised ``FqnToConfig`` (``config_from_dict`` reads it)."""
+    mapping = {
+        lay.name: torchao_config_of(
+            lay.format, lay.kind, None if lay.shape is None else lay.shape[1]
+        )
+        for lay in plan.layers
     }
-
-
-def torchao_config(plan: Plan) -> dict[str, dict[str, Any] | None]:
-    """``{module FQN: {"config": class name, "kwargs": {...}} or None}``."""
-    result: dict[str, dict[str, Any] | None] = {}
-    for lay in plan.layers:
-        entry = torchao_config_of(lay.format, lay.kind)
-        result[lay.name] = None if entry is None else {"config": entry[0], "kwargs": entry[1]}
-    return result
-
-
-def torchao_code(plan: Plan) -> str:
-    """Python source that builds the plan's ``FqnToConfig`` and applies it with ``quantize_``."""
-    mapping = torchao_config(plan)
-    classes = sorted({e["config"] for e in mapping.values() if e is not None})
-    lines = [
-        "import torch",
-        "from torchao.quantization import FqnToConfig, quantize_"
-        + "".join(f", {c}" for c in classes),
-        "from torchao.quantization.granularity import PerAxis, PerGroup",
-        "from torchao.quantization.quant_primitives import MappingType",
-        "",
-        f"# bitplan plan for {plan.model_ref}: {plan.totals.bpw:.3f} bpw, "
-        f"{plan.totals.total_bytes} bytes",
-        "config = FqnToConfig({",
-    ]
-    for fqn, entry in mapping.items():
-        if entry is None:
-            value = "None"
-        else:
-            kwargs = ", ".join(f"{k}={v}" for k, v in entry["kwargs"].items())
-            value = f"{entry['config']}({kwargs})"
-        lines.append(f"    {fqn!r}: {value},")
-    lines += ["})", "quantize_(model, config, filter_fn=None)", ""]
-    return "\n".join(lines)
+    return _ao("FqnToConfig", {"fqn_to_config": mapping})
 
 
 def plan_to_torchao(plan: Plan) -> str:
-    """JSON text holding both forms: ``{"fqn_to_config": {...}, "code": "..."}``."""
-    return (
-        json.dumps({"fqn_to_config": torchao_config(plan), "code": torchao_code(plan)}, indent=1)
-        + "\n"
-    )
+    """:func:`torchao_config` as JSON text."""
+    return json.dumps(torchao_config(plan), indent=1) + "\n"
 
 
 # Model module name -> GGUF tensor name (without ".weight"); {n} is the block number.
@@ -196,7 +208,9 @@ def gguf_name(module: str) -> str | None:
 
 
 def llamacpp_type(fmt: QuantFormat) -> str:
-    """The llama.cpp type for a format; fp8 has none."""
+    """The llama.cpp type for a format; fp8 has none. A llama.cpp block format is itself."""
+    if fmt.ggml is not None:
+        return fmt.ggml.ggml_name
     if fmt.kind == "float":
         return _GGML_FLOAT[fmt.name]
     if fmt.kind == "fp8":
@@ -218,8 +232,8 @@ def _one_per_tensor(plan: Plan) -> list[tuple[PlanLayer, str]]:
                 f"cannot name tensor {lay.name} in GGUF: the llama.cpp export "
                 "knows LLaMA-style and GPT-2-style module names only"
             )
-        if lay.group not in chosen or name == "token_embd":
-            chosen[lay.group] = (lay, name)
+        if lay.tensor_key not in chosen or name == "token_embd":
+            chosen[lay.tensor_key] = (lay, name)
     return list(chosen.values())
 
 
@@ -266,7 +280,7 @@ EXPORTS: Final[dict[str, Export]] = {
         Export(
             "torchao",
             "torchao",
-            "an FqnToConfig map",
+            "torchao's serialised FqnToConfig (torchao.core.config.config_from_dict)",
             "application/json",
             ".torchao.json",
             plan_to_torchao,

@@ -256,10 +256,17 @@ def _bound_text(problem: Problem) -> str:
     ties = [
         f"{g.key} ({len(g.members)} layers, {b} bytes once)"
         for b, g in smallest
-        if len(g.members) > 1
+        if len(g.members) > 1 and g.tensors == 1
     ][:3]
     if ties:
         parts.append("tie groups " + ", ".join(ties))
+    shares = [
+        f"{g.key} ({len(g.members)} layers in one format, {b} bytes)"
+        for b, g in smallest
+        if g.tensors > 1
+    ][:3]
+    if shares:
+        parts.append("share groups " + ", ".join(shares))
     largest = [
         f"{g.key} ({b} bytes in {g.formats[int(np.argmin(g.bytes))].name})" for b, g in smallest[:3]
     ]

@@ -34,8 +34,9 @@ from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.analyzer import analyze, write_table
 from bitplan.sensitivity.data import CalibData, load_calibration, split_calibration
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.format_spec import QuantFormat
-from bitplan.sensitivity.layers import parameter_bytes
+from bitplan.sensitivity.format_spec import QuantFormat, candidate_formats
+from bitplan.sensitivity.fusion import fuse_layers
+from bitplan.sensitivity.layers import QuantLayer, parameter_bytes
 from bitplan.sensitivity.metrics import collect_reference, measure
 from bitplan.sensitivity.models import LoadedModel, load_model
 from bitplan.sensitivity.progress import (
@@ -165,19 +166,29 @@ def analyze_spec(
 
 
 def _check_budget(
-    model: LoadedModel, spec: JobSpec, budget: Budget, *, unplanned_bytes: int, fp16_bytes: int
+    layers: list[QuantLayer],
+    spec: JobSpec,
+    budget: Budget,
+    *,
+    unplanned_bytes: int,
+    fp16_bytes: int,
 ) -> None:
     """Fail before any measurement when even the smallest formats miss the budget."""
     rows = []
-    for lay in as_layer_rows(model.layers):
-        formats = [lay.pinned] if lay.pinned is not None else spec.formats
+    planned = as_layer_rows(layers)
+    pins = {lay.group: lay.pinned for lay in planned if lay.pinned is not None}
+    for lay in planned:
+        if lay.group in pins:  # a pin on one member pins its group
+            formats = [pins[lay.group]]
+        else:  # a model's layers have shapes; the formats its rows can be stored in
+            formats = candidate_formats(spec.formats, lay.shape[1] if lay.shape else 0)
         rows += [
             {"layer": lay.name, "format": f.name, "error": 0.0, "bytes": lay.bytes_for(f)}
             for f in formats
         ]
     planned_cap(
         build_problem(
-            pd.DataFrame(rows), model.layers, unplanned_bytes=unplanned_bytes, fp16_bytes=fp16_bytes
+            pd.DataFrame(rows), planned, unplanned_bytes=unplanned_bytes, fp16_bytes=fp16_bytes
         ),
         budget,
     )
@@ -335,8 +346,11 @@ def run_job(
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = parse_budget(spec.budget)
     model, calib, holdout = load_inputs(spec, cache_dir=cache_dir, progress=progress)
-    unplanned, fp16 = parameter_bytes(model.module, model.layers)
-    _check_budget(model, spec, budget, unplanned_bytes=unplanned, fp16_bytes=fp16)
+    # Share groups join after loading: the sensitivity table (and its cache) stays per layer,
+    # while the problem, the search, the uniform baselines and every plan decide per group.
+    layers = fuse_layers(model.layers, spec.fuse)
+    unplanned, fp16 = parameter_bytes(model.module, layers)
+    _check_budget(layers, spec, budget, unplanned_bytes=unplanned, fp16_bytes=fp16)
     table = _table(
         spec,
         model,
@@ -347,7 +361,7 @@ def run_job(
         should_cancel=should_cancel,
     )
 
-    problem = build_problem(table, model.layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
+    problem = build_problem(table, layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
     cap = planned_cap(problem, budget)
     note = budget_headroom(problem, budget, cap)
     if note is not None:
@@ -355,7 +369,7 @@ def run_job(
     frontier = exact_frontier(problem, progress=progress, should_cancel=should_cancel)
     logger.info("exact proxy frontier: %d points (exact=%s)", len(frontier), frontier.exact)
 
-    with PlanApplier(model.module, model.layers, workdir=out_dir) as applier:
+    with PlanApplier(model.module, layers, workdir=out_dir) as applier:
         report(progress, "reference", 0, 2)
         on_calib = _Evaluator(model, applier, calib, batch_size=spec.batch_size, metric=metric)
         report(progress, "reference", 1, 2)

@@ -8,6 +8,10 @@ tensor's bytes, the totals count it once); ``bpw = 8 · planned_bytes / planned_
 tie group's numel counted once; ``total_bytes = planned_bytes + unplanned_bytes``;
 ``ratio_vs_fp16 = total_bytes / fp16_bytes``.
 
+A layer's ``group`` (absent in older plans, read as null) names its share group: separate
+tensors that must take one format, e.g. q/k/v a runtime fuses (DESIGN §6). Each member keeps
+its own bytes; a plan whose share-group (or tie-group) members differ in format is refused.
+
 Plan ids in a frontier file are ``{bpw:.2f}bpw-{digest}`` with a digest of the plan's layer
 formats (:func:`plan_id_of`: one plan, one id, in ``solve``, ``search`` and the API) and
 ``u-{format}`` for the uniform-format reference points; both are valid file names and URL
@@ -89,7 +93,11 @@ class _Contract(BaseModel):
 
 class PlanLayer(_Contract):
     """One layer of a plan; ``bits``/``group_size``/``symmetric`` repeat the format so that
-    consumers need no parser. ``kind``/``shape`` are None for plans solved from a bare table."""
+    consumers need no parser. ``kind``/``shape`` are None for plans solved from a bare table.
+
+    The share group is written as ``group`` (the user table's column name, DESIGN §6) and read
+    as :attr:`share`, because :attr:`group` is the unit the plan decides on.
+    """
 
     name: str
     param: str
@@ -97,6 +105,12 @@ class PlanLayer(_Contract):
     shape: tuple[int, int] | None
     numel: int = Field(ge=0)
     tie: str | None
+    share: str | None = Field(
+        None,
+        alias="group",
+        min_length=1,
+        description="the share group (tensors that take one format), or null",
+    )
     format: Format
     bits: int
     group_size: int | None
@@ -104,8 +118,14 @@ class PlanLayer(_Contract):
     bytes: int = Field(ge=0)
 
     @property
-    def group(self) -> str:
+    def tensor_key(self) -> str:
+        """The stored tensor: the tie group, or the layer itself (bytes count once per key)."""
         return self.tie or self.name
+
+    @property
+    def group(self) -> str:
+        """The unit the plan decides on: the share group, else the tie group, else the layer."""
+        return self.share or self.tensor_key
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanLayer:
@@ -137,7 +157,7 @@ class PlanTotals(_Contract):
 
 def _totals(layers: Sequence[PlanLayer], *, unplanned_bytes: int, fp16_bytes: int) -> PlanTotals:
     """Totals by the byte rules (module docstring): each tie group's tensor once."""
-    once = {lay.group: lay for lay in layers}.values()
+    once = {lay.tensor_key: lay for lay in layers}.values()
     planned = sum(lay.bytes for lay in once)
     numel = sum(lay.numel for lay in once)
     total = planned + unplanned_bytes
@@ -187,7 +207,8 @@ class Plan(_Doc):
     """A ``bitplan.plan/v1`` document. Build with :func:`make_plan`, load with :func:`read_plan`.
 
     Validating one recomputes its totals from its layers and rejects any disagreement, checks
-    every layer's bytes against its shape and format, and that a tie group has one format.
+    every layer's bytes against its shape and format, and that a tie or share group has one
+    format (and a tied tensor one share group).
     ``metrics`` holds ``predicted_error`` and the ``calibration``/``holdout`` measurements.
     """
 
@@ -202,12 +223,26 @@ class Plan(_Doc):
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
-        formats: dict[str, str] = {}
+        first: dict[str, PlanLayer] = {}
         for lay in self.layers:
-            if formats.setdefault(lay.group, lay.format.name) != lay.format.name:
+            other = first.setdefault(lay.group, lay)
+            if other.format != lay.format:
+                what, why = (
+                    ("share group", "its layers must take one format")
+                    if lay.share
+                    else ("tie group", "tied layers share one tensor")
+                )
                 raise ValueError(
-                    f"tie group {lay.group} has two formats ({formats[lay.group]}, "
-                    f"{lay.format.name}); tied layers share one tensor"
+                    f"{what} {lay.group} has two formats ({other.name}: {other.format.name}, "
+                    f"{lay.name}: {lay.format.name}); {why}"
+                )
+        decided: dict[str, PlanLayer] = {}
+        for lay in self.layers:
+            other = decided.setdefault(lay.tensor_key, lay)
+            if other.group != lay.group:
+                raise ValueError(
+                    f"tie group {lay.tensor_key} is split across groups ({other.name} in "
+                    f"{other.group}, {lay.name} in {lay.group}); tied layers share one tensor"
                 )
         t = self.totals
         want = _totals(self.layers, unplanned_bytes=t.unplanned_bytes, fp16_bytes=t.fp16_bytes)
@@ -274,8 +309,8 @@ def make_plan(
 ) -> Plan:
     """A plan assigning ``choice[group]`` to every layer, with totals from the byte rules.
 
-    ``choice`` maps each group (tie group name or layer name) to a format; ``metrics`` may hold
-    ``calibration`` and ``holdout`` dicts of measured metrics.
+    ``choice`` maps each group (share group, tie group or layer name) to a format; ``metrics``
+    may hold ``calibration`` and ``holdout`` dicts of measured metrics.
     """
     from bitplan.search.problem import as_layer_rows
 
@@ -312,6 +347,7 @@ def _plan_layer(row: LayerRow, fmt: QuantFormat) -> PlanLayer:
         shape=row.shape,
         numel=row.numel,
         tie=row.tie,
+        group=row.share,
         format=fmt,
         bits=fmt.bits,
         group_size=fmt.group_size,
@@ -437,8 +473,13 @@ class FrontierFile(_Doc):
         return "\n".join(lines) + "\n"
 
 
-def _uniform_id(plan: Plan) -> str:
-    # A uniform plan's unpinned layers share one format; name it after the commonest.
+def _uniform_id(plan: Plan, source: str) -> str:
+    # Named after the format asked for (``uniform:<format>``): layers it does not fit (a
+    # llama.cpp block format, see format_spec.applicable_format) hold a fallback, and two asked
+    # formats may share one. Else after the commonest format (the unpinned layers share one).
+    asked = source.removeprefix("uniform:")
+    if asked != source:
+        return f"u-{asked}"
     names = [lay.format.name for lay in plan.layers]
     return f"u-{max(names, key=names.count)}"
 
@@ -466,7 +507,9 @@ def write_frontier(
     entries = [
         FrontierPoint.of(plan, plan_id=plan_id_of(plan), source=source) for plan, source in ranked
     ]
-    refs = [FrontierPoint.of(plan, plan_id=_uniform_id(plan), source=src) for plan, src in uniform]
+    refs = [
+        FrontierPoint.of(plan, plan_id=_uniform_id(plan, src), source=src) for plan, src in uniform
+    ]
     ids = [e.plan_id for e in entries + refs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two frontier points would share a plan id: {sorted(ids)}")

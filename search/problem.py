@@ -1,11 +1,14 @@
 """The planning problem as a multiple-choice knapsack, built from a sensitivity table.
 
 Under the additive proxy model a plan's predicted error is the sum of its layers' errors and
-its size the sum of its tensors' bytes. Each *group* (a layer, or a tie group of layers that
-share one tensor) picks exactly one format: a multiple-choice knapsack. A tie group's bytes
-count once (its members store one tensor) and its error is the sum of its members' errors for
-that format; a pinned group has one option; excluded layers are not in the problem at all and
-count with the unplanned bytes.
+its size the sum of its tensors' bytes. Each *group* picks exactly one format: a multiple-choice
+knapsack. A group is a layer, a tie group (layers that share one tensor) or a share group
+(separate tensors that must take one format, e.g. fused q/k/v; DESIGN §6), keyed by
+:attr:`LayerRow.group`. A group's bytes are summed over its distinct tensors, a tie's tensor
+counted once; its error is the sum of all its members' errors for that format; its options are
+the formats every member has a table row for (a format one member cannot take is no option for
+the group); a pin on any member pins the group, and two different pins are an error; excluded
+layers are not in the problem at all and count with the unplanned bytes.
 
 Formats are parsed once, where they enter: a table's ``format`` column when the problem is built,
 a pin when a layer row is made. From there on a group's options, its pin and every choice hold
@@ -28,7 +31,12 @@ import pandas as pd
 
 from bitplan.search.points import Choice, Point
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import QuantFormat, parse_format, tensor_bytes
+from bitplan.sensitivity.formats import (
+    QuantFormat,
+    applicable_format,
+    parse_format,
+    tensor_bytes,
+)
 from bitplan.sensitivity.layers import QuantLayer
 
 __all__ = [
@@ -51,21 +59,28 @@ _ASSUMED_COLS = 4096
 @dataclass(frozen=True)
 class LayerRow:
     """One planned layer as a plan needs it. ``kind``/``shape`` are None for a table without a
-    model; ``table_bytes`` then gives each format's bytes."""
+    model; ``table_bytes`` then gives each format's bytes. ``tie`` and ``share`` name its tie
+    and share groups (see :class:`~bitplan.sensitivity.layers.QuantLayer`), or are None."""
 
     name: str
     param: str
     numel: int
     tie: str | None = None
+    share: str | None = None
     kind: str | None = None
     shape: tuple[int, int] | None = None
     pinned: QuantFormat | None = None
     table_bytes: Mapping[QuantFormat, int] = field(default_factory=dict)
 
     @property
-    def group(self) -> str:
-        """The unit a plan decides on: the tie group, or the layer itself."""
+    def tensor_key(self) -> str:
+        """The stored tensor: the tie group, or the layer itself (bytes count once per key)."""
         return self.tie or self.name
+
+    @property
+    def group(self) -> str:
+        """The unit a plan decides on: the share group, else the tie group, else the layer."""
+        return self.share or self.tensor_key
 
     @classmethod
     def from_quant_layer(cls, layer: QuantLayer) -> LayerRow:
@@ -75,6 +90,7 @@ class LayerRow:
             param=layer.param,
             numel=layer.numel,
             tie=layer.tie,
+            share=layer.share,
             kind=layer.kind,
             shape=layer.shape,
             pinned=parse_format(layer.pinned) if layer.pinned is not None else None,
@@ -103,6 +119,8 @@ def estimated_bytes(fmt: QuantFormat, numel: int) -> int:
         return numel * fmt.bits // 8
     if fmt.kind == "fp8":
         return numel + 2 * math.ceil(numel / _ASSUMED_COLS)
+    if fmt.ggml is not None:  # whole blocks: exact when the block divides the rows
+        return math.ceil(numel / fmt.ggml.block) * fmt.ggml.type_size
     n_groups = math.ceil(numel / (fmt.group_size or _ASSUMED_COLS))
     bits = numel * fmt.bits + n_groups * 16 + (0 if fmt.symmetric else n_groups * fmt.bits)
     return math.ceil(bits / 8)
@@ -110,9 +128,12 @@ def estimated_bytes(fmt: QuantFormat, numel: int) -> int:
 
 @dataclass
 class Group:
-    """One decision: the layers that share a tensor, and their options.
+    """One decision: the layers that take one format (a layer, a tie or a share group), and
+    their options.
 
-    ``formats[i]`` costs ``bytes[i]`` and predicts ``error[i]`` (summed over ``members``).
+    ``formats[i]`` costs ``bytes[i]`` (summed over the group's ``tensors`` distinct tensors) and
+    predicts ``error[i]`` (summed over ``members``); ``numel`` counts the distinct tensors'
+    weights.
     """
 
     key: str
@@ -122,6 +143,8 @@ class Group:
     bytes: np.ndarray  # int64 (n_options,)
     error: np.ndarray  # float64 (n_options,)
     pinned: QuantFormat | None = None
+    cols: int | None = None  # row length of the group's matrix (None: a table without a model)
+    tensors: int = 1
 
 
 @dataclass
@@ -135,7 +158,7 @@ class Problem:
 
     @property
     def planned_numel(self) -> int:
-        """Weights in planned tensors, each tie group counted once."""
+        """Weights in planned tensors, each tied tensor counted once."""
         return sum(g.numel for g in self.groups)
 
     def choice_of(self, option: Sequence[int]) -> dict[str, QuantFormat]:
@@ -143,11 +166,12 @@ class Problem:
         return {g.key: g.formats[i] for g, i in zip(self.groups, option, strict=True)}
 
     def uniform_choice(self, fmt: QuantFormat) -> dict[str, QuantFormat] | None:
-        """Every group in ``fmt`` (pinned groups keep their pin); None when some group has no
-        ``fmt`` option in the table."""
+        """Every group in ``fmt`` (pinned groups keep their pin; a group whose rows ``fmt``
+        cannot store takes what llama.cpp would, see ``applicable_format``); None when some
+        group has no such option in the table."""
         choice = {}
         for g in self.groups:
-            want = g.pinned or fmt
+            want = g.pinned or (fmt if g.cols is None else applicable_format(fmt, g.cols))
             if want not in g.formats:
                 return None
             choice[g.key] = want
@@ -174,47 +198,98 @@ class Problem:
         )
 
 
+def _tensors(members: list[LayerRow]) -> dict[str, list[LayerRow]]:
+    """The group's members by the tensor they store (a tie group's members share one)."""
+    tensors: dict[str, list[LayerRow]] = {}
+    for m in members:
+        tensors.setdefault(m.tensor_key, []).append(m)
+    return tensors
+
+
 def _group_options(
-    key: str, members: list[LayerRow], errors: dict[str, dict[QuantFormat, float]]
+    key: str,
+    members: list[LayerRow],
+    pinned: QuantFormat | None,
+    errors: dict[str, dict[QuantFormat, float]],
 ) -> tuple[list[QuantFormat], np.ndarray, np.ndarray]:
-    """Formats every member has a row for (by name), with the tie's bytes (once) and summed
-    error."""
-    per_member = [errors.get(m.name, {}) for m in members]
-    pinned = members[0].pinned
+    """Formats every member has a row for (by name), each with the bytes of the group's
+    distinct tensors (a tie's tensor once) and the error summed over every member."""
+    per_member = {m.name: errors.get(m.name, {}) for m in members}
     if pinned is not None:
         formats = [pinned]
     else:
-        common = set.intersection(*(set(e) for e in per_member))
+        common = set.intersection(*(set(e) for e in per_member.values()))
         formats = sorted(common, key=lambda f: f.name)
     if not formats:
         raise InputError(
             f"{key}: no format has a table row for every member "
             f"({', '.join(m.name for m in members)})"
         )
+    tensors = _tensors(members)
     nbytes, error = [], []
     for fmt in formats:
-        sizes = {m.bytes_for(fmt) for m in members}
-        if len(sizes) > 1:
-            raise InputError(
-                f"tie group {key} members disagree on bytes in {fmt}: "
-                f"{sorted(sizes)}; tied layers share one tensor"
-            )
-        nbytes.append(sizes.pop())
-        if all(fmt in e for e in per_member):
-            error.append(sum(e[fmt] for e in per_member))
-        else:
+        total = 0
+        for tensor, rows in tensors.items():
+            sizes = {m.bytes_for(fmt) for m in rows}
+            if len(sizes) > 1:
+                raise InputError(
+                    f"tie group {tensor} members disagree on bytes in {fmt}: "
+                    f"{sorted(sizes)}; tied layers share one tensor"
+                )
+            total += sizes.pop()
+        nbytes.append(total)
+        unmeasured = [name for name, e in per_member.items() if fmt not in e]
+        if unmeasured:
             log.warning(
-                "%s is pinned to %s, which the table does not measure; its error "
+                "%s is pinned to %s, which the table does not measure for %s; that error "
                 "counts as 0 (a constant offset: the frontier's plans are unchanged)",
                 key,
                 fmt.name,
+                ", ".join(unmeasured),
             )
-            error.append(0.0)
+        error.append(sum(e[fmt] for e in per_member.values() if fmt in e))
     return formats, np.asarray(nbytes, dtype=np.int64), np.asarray(error, dtype=np.float64)
 
 
-def _tie_of(value: object) -> str | None:
-    """A tie cell: a group name, or None for empty / NaN."""
+def _group_pin(key: str, members: list[LayerRow]) -> QuantFormat | None:
+    """The group's pin: any member's (one pinned member pins the group); two different pins
+    are an error naming the layers."""
+    pinned = {m.name: m.pinned for m in members if m.pinned is not None}
+    if len(set(pinned.values())) > 1:
+        names = ", ".join(f"{name}={fmt.name}" for name, fmt in pinned.items())
+        raise InputError(
+            f"group {key} has members pinned to different formats ({names}); its layers "
+            "take one format, so pin them alike"
+        )
+    return next(iter(pinned.values()), None)
+
+
+def _check_grouping(by_group: dict[str, list[LayerRow]]) -> None:
+    """Each group key names one thing, and a tied tensor lies in one group.
+
+    A share group named like another layer (or a tie group), or a tie split across share
+    groups, would silently merge or split decisions; both are errors that say the fix.
+    """
+    for key, members in by_group.items():
+        origins = {"share group" if m.share else "tie group" if m.tie else "layer" for m in members}
+        if len(origins) > 1:
+            raise InputError(
+                f"{key} names both a {' and a '.join(sorted(origins))}; give the group "
+                "a name of its own"
+            )
+    where: dict[str, str] = {}
+    for key, members in by_group.items():
+        for m in members:
+            other = where.setdefault(m.tensor_key, key)
+            if other != key:
+                raise InputError(
+                    f"tie group {m.tensor_key} is split across groups {other} and {key}; "
+                    "tied layers share one tensor, so put all of them in one share group"
+                )
+
+
+def _text_cell(value: object) -> str | None:
+    """A text cell (tie, group, param): the text, or None for empty / NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     text = str(value).strip()
@@ -227,13 +302,15 @@ def rows_from_table(table: pd.DataFrame) -> list[LayerRow]:
     Bytes come from the ``bytes`` column; without one they are estimated from ``numel`` (see
     :func:`estimated_bytes`) and a warning says so. ``numel`` may be left out when the table
     has a plain-float row (fp16/bf16/fp32) for every layer to derive it from. ``param`` defaults
-    to ``<layer>.weight``: every plannable module keeps its matrix in ``weight``.
+    to ``<layer>.weight``: every plannable module keeps its matrix in ``weight``. A ``tie``
+    column names tie groups (one shared tensor), a ``group`` column share groups (separate
+    tensors that take one format, DESIGN §6).
     """
     has_bytes, has_numel = "bytes" in table.columns, "numel" in table.columns
     if not has_bytes and not has_numel:
         raise InputError(
             "the table needs a bytes or a numel column to size its layers; "
-            "columns accepted: layer, format, error[, bytes][, numel][, tie]"
+            "columns accepted: layer, format, error[, bytes][, numel][, tie][, group]"
         )
     if not has_bytes:
         log.warning(
@@ -257,13 +334,15 @@ def rows_from_table(table: pd.DataFrame) -> list[LayerRow]:
             numel = int(floats[0][1]) * 8 // floats[0][0].bits
         sizes = part["bytes"] if has_bytes else [estimated_bytes(f, numel) for f in formats]
         param = part["param"].iloc[0] if "param" in part.columns else None
-        tie = _tie_of(part["tie"].iloc[0]) if "tie" in part.columns else None
+        tie = _text_cell(part["tie"].iloc[0]) if "tie" in part.columns else None
+        share = _text_cell(part["group"].iloc[0]) if "group" in part.columns else None
         rows.append(
             LayerRow(
                 name=str(name),
-                param=str(param) if _tie_of(param) else f"{name}.weight",
+                param=str(param) if _text_cell(param) else f"{name}.weight",
                 numel=numel,
                 tie=tie,
+                share=share,
                 table_bytes={f: int(b) for f, b in zip(formats, sizes, strict=True)},
             )
         )
@@ -313,22 +392,23 @@ def build_problem(
     by_group: dict[str, list[LayerRow]] = {}
     for r in rows:
         by_group.setdefault(r.group, []).append(r)
+    _check_grouping(by_group)
     groups = []
     for key, members in by_group.items():
-        pins = {m.pinned for m in members}
-        if len(pins) > 1:
-            names = sorted(p.name if p is not None else "nothing" for p in pins)
-            raise InputError(f"tie group {key} has members pinned differently: {names}")
-        formats, nbytes, error = _group_options(key, members, errors)
+        pinned = _group_pin(key, members)
+        formats, nbytes, error = _group_options(key, members, pinned, errors)
+        tensors = _tensors(members)
         groups.append(
             Group(
                 key=key,
                 members=[m.name for m in members],
-                numel=members[0].numel,
+                numel=sum(rows[0].numel for rows in tensors.values()),
                 formats=formats,
                 bytes=nbytes,
                 error=error,
-                pinned=members[0].pinned,
+                pinned=pinned,
+                cols=members[0].shape[1] if members[0].shape is not None else None,
+                tensors=len(tensors),
             )
         )
     return Problem(

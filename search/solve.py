@@ -73,6 +73,7 @@ def _layers_like(plan: Plan, rows: list[LayerRow]) -> list[LayerRow]:
             param=lay.param,
             numel=lay.numel,
             tie=lay.tie,
+            share=r.share or lay.share,  # the table's group column, else the plan's
             kind=lay.kind,
             shape=lay.shape,
             table_bytes=r.table_bytes,
@@ -110,7 +111,7 @@ def solve_table(
     else:
         model_ref = f"table:{table_path.name}"
         sha = hashlib.sha256(table_path.read_bytes()).hexdigest()
-        numel_once = {r.group: r.numel for r in rows}  # a tie group's tensor counts once
+        numel_once = {r.tensor_key: r.numel for r in rows}  # a tied tensor counts once
         unplanned, fp16 = 0, 2 * sum(numel_once.values())  # fp16: 2 bytes a weight
     problem = build_problem(table, rows, unplanned_bytes=unplanned, fp16_bytes=fp16)
     parsed = parse_budget(budget) if budget is not None else None

@@ -21,9 +21,17 @@ from bitplan.search.budgets import parse_budget
 from bitplan.search.fields import Format
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import DEFAULT_FORMATS, QuantFormat, parse_formats
+from bitplan.sensitivity.fusion import FUSE_RULES, FuseRule, check_fuse_rules
 from bitplan.sensitivity.method_names import METHODS
 
-__all__ = ["ANALYZE_BUDGET", "METHODS", "SAMPLERS", "JobSpec", "validation_message"]
+__all__ = [
+    "ANALYZE_BUDGET",
+    "METHODS",
+    "SAMPLERS",
+    "FuseRule",
+    "JobSpec",
+    "validation_message",
+]
 
 # The samplers :func:`bitplan.search.measured.measured_search` knows (it imports this list); defined
 # here so that validating a request does not import Optuna.
@@ -110,6 +118,11 @@ class JobSpec(BaseModel):
         max_length=MAX_PATTERNS,
         description="layer pattern -> the format it must take",
     )
+    fuse: list[FuseRule] = Field(
+        default_factory=list,
+        max_length=MAX_PATTERNS,  # a bound on the request; the validator names bad items
+        description="fusion rules whose layers take one format: " + ", ".join(FUSE_RULES),
+    )
     holdout: float = Field(0.25, gt=0, lt=1, description="share of the data held out")
     max_length: int = Field(
         128, ge=1, le=MAX_LENGTH_TOKENS, description="tokens a text sample is cut to"
@@ -145,6 +158,11 @@ class JobSpec(BaseModel):
         if value not in SAMPLERS:
             raise ValueError(f"unknown sampler {value!r}; accepted: {', '.join(SAMPLERS)}")
         return value
+
+    @field_validator("fuse")
+    @classmethod
+    def _check_fuse(cls, value: list[FuseRule]) -> list[FuseRule]:
+        return check_fuse_rules(value)  # a rule listed twice is an error
 
     @field_validator("formats")
     @classmethod

@@ -4,6 +4,11 @@ The grammar of a format name, the :class:`QuantFormat` it parses to and :func:`t
 all a request, a plan file or a budget check needs, so they live here, apart from the torch
 arithmetic of :mod:`bitplan.sensitivity.formats` (which re-exports them): validating a job or
 reading a plan must not import torch.
+
+Besides bitplan's own grid formats, llama.cpp's block formats (``q8_0`` … ``q2_k``, see
+:mod:`bitplan.sensitivity.ggml_types`) are formats of kind ``ggml``. They apply only to matrices
+whose ``cols`` their block divides; :func:`applicable_format` gives what llama.cpp stores
+instead for other matrices, and :func:`candidate_formats` the formats a layer is scored in.
 """
 
 from __future__ import annotations
@@ -15,13 +20,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.ggml_types import GGML_TYPES, GgmlType
 
 __all__ = [
     "ALLOWED_BITS",
     "DEFAULT_FORMATS",
     "FLOAT_BYTES",
+    "GGML_TYPES",
     "FormatError",
     "QuantFormat",
+    "applicable_format",
+    "candidate_formats",
+    "check_applicable",
     "parse_format",
     "parse_formats",
     "tensor_bytes",
@@ -37,8 +47,12 @@ _ACCEPTED = (
     "fp32, bf16, fp16, fp8-e4m3, or int{b}[-g{G}][-asym] with b in "
     + "{"
     + ",".join(map(str, ALLOWED_BITS))
-    + "} and G a positive integer (e.g. int8, int4-g128, int3-g64-asym)"
+    + "} and G a positive integer (e.g. int8, int4-g128, int3-g64-asym), or a llama.cpp "
+    + "block format: "
+    + ", ".join(GGML_TYPES)
 )
+# What a matrix whose rows fit no llama.cpp block type is stored as (llama.cpp keeps it F16).
+_GGML_LAST_RESORT = "fp16"
 
 
 class FormatError(InputError):
@@ -49,12 +63,14 @@ class FormatError(InputError):
 class QuantFormat:
     """One storage format for a weight matrix.
 
-    ``kind`` is ``float`` (fp32/bf16/fp16: a cast), ``fp8`` (per-row scaled e4m3) or ``int``
-    (uniform integer grid). ``group_size`` is ``None`` for one scale per row.
+    ``kind`` is ``float`` (fp32/bf16/fp16: a cast), ``fp8`` (per-row scaled e4m3), ``int``
+    (uniform integer grid) or ``ggml`` (a llama.cpp block type; ``group_size`` is its block,
+    ``bits`` its nominal code width, ``symmetric`` False when blocks store a minimum).
+    ``group_size`` is ``None`` for one scale per row.
     """
 
     name: str
-    kind: Literal["float", "fp8", "int"]
+    kind: Literal["float", "fp8", "int", "ggml"]
     bits: int
     group_size: int | None = None
     symmetric: bool = True
@@ -65,18 +81,38 @@ class QuantFormat:
                 raise FormatError(f"unsupported bit width {self.bits}; accepted: {_ACCEPTED}")
             if self.group_size is not None and self.group_size < 1:
                 raise FormatError(f"group size must be positive; accepted: {_ACCEPTED}")
+        elif self.kind == "ggml":
+            t = GGML_TYPES.get(self.name)
+            if t is None or (self.bits, self.group_size, self.symmetric) != (
+                t.bits,
+                t.block,
+                t.symmetric,
+            ):
+                raise FormatError(f"{self.name} is no llama.cpp block format bitplan knows")
         elif self.group_size is not None or not self.symmetric:
             raise FormatError(f"{self.kind} formats take no group size or -asym")
 
     @property
     def is_quantized(self) -> bool:
-        """True for formats with scales (int, fp8); False for plain casts."""
+        """True for formats with scales (int, fp8, ggml); False for plain casts."""
         return self.kind != "float"
 
+    @property
+    def ggml(self) -> GgmlType | None:
+        """The llama.cpp block type of a ``ggml`` format (None for other kinds)."""
+        return GGML_TYPES[self.name] if self.kind == "ggml" else None
+
+    def applies_to(self, cols: int) -> bool:
+        """Whether a matrix with rows of ``cols`` weights can be stored in this format: always,
+        except a ggml format whose block does not divide ``cols`` (llama.cpp's rule)."""
+        return self.ggml is None or cols % self.ggml.block == 0
+
     def n_groups(self, rows: int, cols: int) -> int:
-        """Number of scales for a ``[rows, cols]`` matrix (0 for plain casts)."""
+        """Number of scales (ggml: blocks) for a ``[rows, cols]`` matrix (0 for plain casts)."""
         if self.kind == "float":
             return 0
+        if self.ggml is not None:
+            return rows * (cols // self.ggml.block)
         if self.kind == "fp8" or self.group_size is None:
             return rows
         return rows * math.ceil(cols / self.group_size)
@@ -90,6 +126,11 @@ class QuantFormat:
 def parse_format(name: str) -> QuantFormat:
     """Parse a format name (DESIGN §3); the error message says what is accepted."""
     text = name.strip().lower()
+    if text in GGML_TYPES:
+        t = GGML_TYPES[text]
+        return QuantFormat(
+            name=text, kind="ggml", bits=t.bits, group_size=t.block, symmetric=t.symmetric
+        )
     if text in FLOAT_BYTES:
         return QuantFormat(name=text, kind="float", bits=8 * FLOAT_BYTES[text])
     if text == "fp8-e4m3":
@@ -130,9 +171,49 @@ def parse_formats(names: str | Sequence[str | QuantFormat]) -> list[QuantFormat]
     return formats
 
 
+def applicable_format(fmt: QuantFormat, cols: int) -> QuantFormat:
+    """The format a matrix with rows of ``cols`` weights is stored in when ``fmt`` is asked.
+
+    ``fmt`` itself when it applies; for a ggml format whose block does not divide ``cols``,
+    llama.cpp's fallback (q4_k → q5_0, q6_k → q8_0, …), and fp16 when that does not fit either
+    (``tensor_type_fallback`` in llama.cpp's ``llama-quant.cpp``).
+    """
+    current = fmt
+    while not current.applies_to(cols):
+        t = current.ggml
+        current = parse_format(t.fallback if t is not None and t.fallback else _GGML_LAST_RESORT)
+    return current
+
+
+def candidate_formats(formats: Sequence[QuantFormat], cols: int) -> list[QuantFormat]:
+    """The formats a layer with rows of ``cols`` weights is scored and planned in: each of
+    ``formats`` as :func:`applicable_format` maps it, each once, in order."""
+    return list(dict.fromkeys(applicable_format(f, cols) for f in formats))
+
+
+def check_applicable(fmt: QuantFormat, cols: int) -> None:
+    """Raise a :class:`FormatError` naming the fallback when ``fmt`` cannot store rows of
+    ``cols`` weights (a ggml format whose block does not divide ``cols``)."""
+    t = fmt.ggml
+    if t is not None and not fmt.applies_to(cols):
+        raise FormatError(
+            f"{fmt.name} stores rows in blocks of {t.block} weights; rows of {cols} weights do "
+            f"not fit (llama.cpp would store such a matrix in "
+            f"{applicable_format(fmt, cols).name})"
+        )
+
+
 def tensor_bytes(fmt: QuantFormat, rows: int, cols: int) -> int:
-    """Exact stored bytes of a ``[rows, cols]`` matrix in ``fmt`` (DESIGN §3)."""
+    """Exact stored bytes of a ``[rows, cols]`` matrix in ``fmt`` (DESIGN §3).
+
+    A ggml format stores ``cols/block`` blocks of ``type_size`` bytes a row, exactly as ggml
+    lays them out; a matrix it does not apply to is a :class:`FormatError`.
+    """
     numel = rows * cols
+    t = fmt.ggml
+    if t is not None:
+        check_applicable(fmt, cols)
+        return rows * (cols // t.block) * t.type_size
     if fmt.kind == "float":
         return numel * FLOAT_BYTES[fmt.name]
     if fmt.kind == "fp8":

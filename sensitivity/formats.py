@@ -7,8 +7,13 @@ names, :class:`QuantFormat` and :func:`tensor_bytes` live in the torch-free
 ``[rows, cols]`` (see :mod:`bitplan.sensitivity.layers`); groups run along ``cols`` and a last
 group shorter than ``G`` is allowed.
 
+llama.cpp's block formats (``q8_0`` … ``q2_k``, kind ``ggml``) are computed by
+:mod:`bitplan.sensitivity.ggml_blocks` with ggml's own arithmetic and byte layout; their codes
+are the bytes a GGUF file stores.
+
 References: GPTQ (Frantar et al., 2022) and AWQ (Lin et al., 2023) for group-wise integer
-quantization with fp16 scales; the OCP 8-bit floating point spec for e4m3.
+quantization with fp16 scales; the OCP 8-bit floating point spec for e4m3; llama.cpp's
+``ggml/src/ggml-quants.c`` for the ggml block formats.
 """
 
 from __future__ import annotations
@@ -20,19 +25,28 @@ import torch
 from bitplan.sensitivity.format_spec import (
     ALLOWED_BITS,
     DEFAULT_FORMATS,
+    GGML_TYPES,
     FormatError,
     QuantFormat,
+    applicable_format,
+    candidate_formats,
+    check_applicable,
     parse_format,
     parse_formats,
     tensor_bytes,
 )
+from bitplan.sensitivity.ggml_blocks import dequantize_blocks, quantize_blocks
 
 __all__ = [
     "ALLOWED_BITS",
     "DEFAULT_FORMATS",
+    "GGML_TYPES",
     "FormatError",
     "QuantCodes",
     "QuantFormat",
+    "applicable_format",
+    "candidate_formats",
+    "check_applicable",
     "dequantize",
     "fake_quantize",
     "parse_format",
@@ -55,6 +69,8 @@ class QuantCodes:
 
     ``q``: int16 ``[rows, cols]`` (signed for symmetric, ``0..2^b-1`` for asymmetric);
     ``scale``: float16 ``[rows, n_groups_per_row]``; ``zero``: int16 like ``scale`` or None.
+    For a ggml format ``q`` is ggml's bytes, uint8 ``[rows, cols/block · type_size]`` (scales
+    inside), and ``scale`` is empty, float16 ``[rows, 0]``.
     """
 
     q: torch.Tensor
@@ -124,9 +140,14 @@ def _fp8_codes(w: torch.Tensor) -> QuantCodes:
 
 
 def quantize_codes(w: torch.Tensor, fmt: QuantFormat) -> QuantCodes:
-    """Codes and scales of a ``[rows, cols]`` matrix in an int or fp8 format."""
+    """Codes and scales of a ``[rows, cols]`` matrix in an int, fp8 or ggml format."""
     if w.dim() != 2:
         raise ValueError(f"expected a [rows, cols] matrix, got shape {tuple(w.shape)}")
+    if fmt.kind == "ggml":
+        blocks = quantize_blocks(w, fmt)
+        return QuantCodes(
+            q=blocks, scale=blocks.new_empty(w.shape[0], 0, dtype=torch.float16), zero=None
+        )
     w = w.detach().to(torch.float32)
     if fmt.kind == "fp8":
         return _fp8_codes(w)
@@ -137,6 +158,8 @@ def quantize_codes(w: torch.Tensor, fmt: QuantFormat) -> QuantCodes:
 
 def dequantize(codes: QuantCodes, fmt: QuantFormat, cols: int) -> torch.Tensor:
     """Float32 ``[rows, cols]`` matrix from its codes: the exact inverse used by loaders."""
+    if fmt.kind == "ggml":
+        return dequantize_blocks(codes.q, fmt, cols)
     if fmt.kind == "fp8":
         return codes.q.to(torch.float32) * codes.scale.to(torch.float32)
     return _int_dequant(codes, fmt, cols)
@@ -153,9 +176,11 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize and dequantize a ``[rows, cols]`` matrix (DESIGN §3 reference arithmetic).
 
-    Works a chunk of rows at a time, so the float32 work space stays bounded. The result is
-    written into ``out`` (which may be ``w`` itself, or a strided view such as a transpose) in
-    ``out``'s dtype; without ``out`` a new tensor of ``w``'s dtype is returned.
+    A ggml format needs ``cols`` to be a multiple of its block (:class:`FormatError`
+    otherwise; see :func:`applicable_format`). Works a chunk of rows at a time, so the float32
+    work space stays bounded. The result is written into ``out`` (which may be ``w`` itself, or
+    a strided view such as a transpose) in ``out``'s dtype; without ``out`` a new tensor of
+    ``w``'s dtype is returned.
     """
     if w.dim() != 2:
         raise ValueError(f"expected a [rows, cols] matrix, got shape {tuple(w.shape)}")
@@ -164,6 +189,7 @@ def fake_quantize(
     elif out.shape != w.shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(w.shape)}")
     rows, cols = w.shape
+    check_applicable(fmt, cols)
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     with torch.no_grad():
         for start in range(0, rows, step):

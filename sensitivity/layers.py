@@ -1,4 +1,4 @@
-"""Quantizable layers of a model: discovery, tie groups, exclusions, pins, in-place quantization.
+"""Quantizable layers of a model: discovery, tie and share groups, exclusions, pins, quantization.
 
 A *layer* here is one weight matrix that a plan assigns a format to: the weight of a Linear,
 Conv1d/Conv2d, Embedding or transformers' Conv1D. Every weight is viewed as ``[rows, cols]``
@@ -6,7 +6,11 @@ Conv1d/Conv2d, Embedding or transformers' Conv1D. Every weight is viewed as ``[r
 transformers' Conv1D (stored ``[in, out]``) transposed to ``[out, in]``.
 
 Parameters shared between modules (an LM head tied to the embedding) form one *tie group*: they
-are stored once, counted once, and must share one format.
+are stored once, counted once, and must share one format. Separate tensors that a runtime needs
+in one format (q/k/v fused into one matmul, gate/up, DESIGN §6) form a *share group*
+(:mod:`bitplan.sensitivity.fusion`): one format, but each tensor keeps its own bytes. A plan
+decides once per :attr:`QuantLayer.group`; bytes are counted once per
+:attr:`QuantLayer.tensor_key`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ import torch
 from torch import nn
 
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from bitplan.sensitivity.formats import (
+    FormatError,
+    QuantFormat,
+    check_applicable,
+    fake_quantize,
+    parse_format,
+)
 
 __all__ = [
     "LayerKind",
@@ -44,7 +54,8 @@ class QuantLayer:
     ``name`` is the module's FQN, ``param`` the weight's name in ``model.named_parameters()``
     (for a tied weight, the name under which it is registered first), ``shape`` the matrix view
     ``[rows, cols]``. ``tie`` names the tie group (its first layer's ``param``) or is None.
-    ``pinned`` is a format name the user forced, or None.
+    ``pinned`` is a format name the user forced, or None. ``share`` names the share group
+    (separate tensors that must take one format, see the module docstring) or is None.
     """
 
     name: str
@@ -54,11 +65,17 @@ class QuantLayer:
     numel: int
     tie: str | None = None
     pinned: str | None = None
+    share: str | None = None
+
+    @property
+    def tensor_key(self) -> str:
+        """The stored tensor: the tie group, or the layer itself (bytes count once per key)."""
+        return self.tie or self.name
 
     @property
     def group(self) -> str:
-        """The unit a plan decides on: the tie group, or the layer itself."""
-        return self.tie or self.name
+        """The unit a plan decides on: the share group, else the tie group, else the layer."""
+        return self.share or self.tensor_key
 
 
 def _kind_of(module: nn.Module) -> LayerKind | None:
@@ -132,8 +149,9 @@ def find_quant_layers(model: nn.Module, *, exclude: Sequence[str] = ()) -> list[
 def apply_pins(layers: Sequence[QuantLayer], pins: dict[str, str]) -> list[QuantLayer]:
     """Pin layers to formats: ``{"fnmatch pattern": "format"}``, matched against FQNs.
 
-    A pin on one member of a tie group pins the group. Two pins that disagree on one layer or
-    group are an error, as is a pattern that matches nothing (a typo would otherwise pass).
+    A pin on one member of a tie (or share) group pins the group. Two pins that disagree on one
+    layer or group are an error, as is a pattern that matches nothing (a typo would otherwise
+    pass).
     """
     for fmt in pins.values():
         parse_format(fmt)
@@ -143,6 +161,10 @@ def apply_pins(layers: Sequence[QuantLayer], pins: dict[str, str]) -> list[Quant
         if not hits:
             raise InputError(f"pin pattern {pattern!r} matches no quantizable layer")
         for lay in hits:
+            try:  # a pin is never silently swapped for a fallback
+                check_applicable(parse_format(fmt), lay.shape[1])
+            except FormatError as err:
+                raise InputError(f"pin {pattern}={fmt} on {lay.name}: {err}") from None
             previous = chosen.setdefault(lay.group, fmt)
             if previous != fmt:
                 raise InputError(f"{lay.name} is pinned to both {previous} and {fmt}")

@@ -46,7 +46,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("layer", "param", "format", "error", "numel", "bytes", "tie", "method")
-_USER_COLUMNS = "layer, format, error[, bytes][, numel][, tie]"
+_USER_COLUMNS = "layer, format, error[, bytes][, numel][, tie][, group]"
+# Read from a user's table, never measured: ``group`` names share groups (DESIGN §6).
+_USER_ONLY_COLUMNS = ("group",)
 # Bump when a method's numbers change for the same inputs, so stale cached tables are not reused.
 _CACHE_VERSION = 2  # 2: the method column
 
@@ -152,7 +154,7 @@ def _one_per_layer(df: pd.DataFrame, column: str) -> None:
 
 def read_table(path: Path | str) -> pd.DataFrame:
     """Read and validate a user-supplied table (CSV: ``layer, format, error[, bytes][, numel]
-    [, tie]``; a ``param`` column, as :func:`write_table` writes, is kept too).
+    [, tie][, group]``; a ``param`` column, as :func:`write_table` writes, is kept too).
 
     Format names are canonicalised; unknown ones raise the format parser's error. Raises
     :class:`InputError` for missing columns, empty layer names, errors that are negative, NaN
@@ -166,10 +168,11 @@ def read_table(path: Path | str) -> pd.DataFrame:
         raise InputError(
             f"{path} lacks column(s) {', '.join(missing)}; columns accepted: {_USER_COLUMNS}"
         )
-    extra = [c for c in df.columns if c not in TABLE_COLUMNS]
+    known = (*TABLE_COLUMNS, *_USER_ONLY_COLUMNS)
+    extra = [c for c in df.columns if c not in known]
     if extra:
         logger.warning("ignoring unknown column(s) %s of %s", ", ".join(extra), path)
-    df = df[[c for c in TABLE_COLUMNS if c in df.columns]].copy()
+    df = df[[c for c in known if c in df.columns]].copy()
     if df.empty:
         raise InputError(f"{path} has no rows; give one row per (layer, format)")
     df["layer"] = df["layer"].str.strip()
@@ -181,15 +184,16 @@ def read_table(path: Path | str) -> pd.DataFrame:
     for column in ("numel", "bytes"):
         if column in df.columns:
             df[column] = _numbers(df, column, integer=True)
-    if "tie" in df.columns:
-        df["tie"] = df["tie"].str.strip()
+    for column in ("tie", "group"):
+        if column in df.columns:
+            df[column] = df[column].str.strip()
     dupes = df[df.duplicated(["layer", "format"])]
     if len(dupes):
         raise InputError(
             f"{path} has two rows for layer {dupes['layer'].iloc[0]} in "
             f"{dupes['format'].iloc[0]}; keep one row per (layer, format)"
         )
-    for column in ("numel", "tie", "param"):
+    for column in ("numel", "tie", "group", "param"):
         if column in df.columns:
             _one_per_layer(df, column)
     return df.reset_index(drop=True)

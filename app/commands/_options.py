@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_FORMATS",
     "ExcludeOpt",
     "FormatsOpt",
+    "FuseOpt",
     "HoldoutOpt",
     "MaxLengthOpt",
     "MaxSamplesOpt",
@@ -35,6 +36,7 @@ __all__ = [
     "TaskOpt",
     "TimeoutOpt",
     "TrialsOpt",
+    "parse_fuse",
     "parse_pins",
     "request_fields",
 ]
@@ -58,6 +60,10 @@ PinOpt = Annotated[
     list[str] | None,
     typer.Option("--pin", help="Repeatable PATTERN=FORMAT: force matching layers to a format."),
 ]
+FuseOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Comma-separated or repeatable, e.g. qkv,gate_up: " + spec_help("fuse")),
+]
 TrialsOpt = Annotated[int, typer.Option(help=spec_help("trials"))]
 TimeoutOpt = Annotated[float | None, typer.Option(help=spec_help("timeout"))]
 SeedOpt = Annotated[int, typer.Option(help=spec_help("seed"))]
@@ -76,6 +82,11 @@ def parse_pins(pins: list[str] | None) -> dict[str, str]:
             raise InputError(f"--pin expects PATTERN=FORMAT, got {item!r}")
         result[pattern.strip()] = parse_format(fmt).name
     return result
+
+
+def parse_fuse(fuse: list[str] | None) -> list[str]:
+    """``["qkv,gate_up"]`` or ``["qkv", "gate_up"]`` → ``["qkv", "gate_up"]``."""
+    return [name.strip() for item in fuse or [] for name in item.split(",") if name.strip()]
 
 
 def request_fields(

@@ -1,7 +1,8 @@
-"""``bitplan apply``: a model quantized per a plan, written as bit-packed safetensors.
+"""``bitplan apply``: a model quantized per a plan, written for a runtime (``--to``).
 
 The command is :func:`bitplan.apply` (the Python API) with a one-line summary, so scripts and the
-command line pack a model the same way.
+command line write the same files. The targets and their help come from
+:data:`~bitplan.search.targets.TARGETS`, so a new target needs no change here.
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ import typer
 
 from bitplan.app.commands._paths import OutOpt
 from bitplan.app.console import console, output_folder, run_command
+from bitplan.search.targets import DEFAULT_TARGET, TARGETS
 
 __all__ = ["apply"]
+
+_TO_HELP = "Where the model goes: " + "; ".join(
+    f"{t.name}: {t.description}" for t in TARGETS.values()
+)
 
 
 def apply(
     model: Annotated[str, typer.Argument(help="The model the plan was made for.")],
     plan: Annotated[Path, typer.Argument(help="A bitplan.plan/v1 JSON file.")],
     out: OutOpt,
+    to: Annotated[str, typer.Option("--to", help=_TO_HELP)] = DEFAULT_TARGET,
     device: Annotated[
         str | None,
         typer.Option(help="auto, cpu or cuda (default: bitplan.apply's, the CPU)."),
     ] = None,
 ) -> None:
-    """Write MODEL quantized per PLAN as bit-packed safetensors (bytes equal the plan's)."""
+    """Write MODEL quantized per PLAN: bit-packed safetensors (bytes equal the plan's) or a
+    Hugging Face folder that transformers + torchao load (--to torchao)."""
 
     def run() -> None:
         import bitplan
@@ -34,9 +42,10 @@ def apply(
         parsed = bitplan.load_plan(path=plan)
         options: dict[str, Any] = {} if device is None else {"device": device}
         with output_folder(out):
-            report = bitplan.apply(model=model, plan=parsed, out_dir=out, **options)
+            report = bitplan.apply(model=model, plan=parsed, out_dir=out, to=to, **options)
+        where = report.path if to == DEFAULT_TARGET else out
         console.print(
-            f"wrote {report.path}: {report.total_bytes} tensor bytes "
+            f"wrote {where}: {report.total_bytes} tensor bytes "
             f"(plan total_bytes {parsed.totals.total_bytes})",
             highlight=False,
         )

@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from bitplan.app.console import console
-from bitplan.sensitivity.format_spec import ALLOWED_BITS, FLOAT_BYTES, QuantFormat, parse_format
+from bitplan.sensitivity.format_spec import (
+    ALLOWED_BITS,
+    FLOAT_BYTES,
+    GGML_TYPES,
+    QuantFormat,
+    parse_format,
+)
 
 __all__ = ["formats"]
 
@@ -24,7 +30,7 @@ def _listed_names() -> list[str]:
         names.append(f"int{bits}")
         for group in _LISTED_GROUPS:
             names += [f"int{bits}-g{group}", f"int{bits}-g{group}-asym"]
-    return names
+    return names + list(GGML_TYPES)
 
 
 def formats(
@@ -42,10 +48,11 @@ def formats(
             str(fmt.bits),
             group,
             "yes" if fmt.symmetric else "no",
-            f"{fmt.bits_per_weight(cols):.3f}",
+            f"{fmt.bits_per_weight(cols):.3f}" if fmt.applies_to(cols) else "-",
         )
     console.print(table)
     console.print(
         "Any group size G ≥ 1 works: int{b}-g{G}[-asym], b in "
-        f"{{{','.join(map(str, ALLOWED_BITS))}}}."
+        f"{{{','.join(map(str, ALLOWED_BITS))}}}. q…_0/_1/_k are llama.cpp's block formats "
+        "(group = block); a row they do not fit takes llama.cpp's fallback."
     )

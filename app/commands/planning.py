@@ -21,6 +21,7 @@ from bitplan.app.commands._options import (
     CalibOpt,
     ExcludeOpt,
     FormatsOpt,
+    FuseOpt,
     HoldoutOpt,
     MaxLengthOpt,
     MaxSamplesOpt,
@@ -33,6 +34,7 @@ from bitplan.app.commands._options import (
     TaskOpt,
     TimeoutOpt,
     TrialsOpt,
+    parse_fuse,
     request_fields,
 )
 from bitplan.app.console import (
@@ -130,6 +132,7 @@ def search(
     sampler: SamplerOpt = spec_default("sampler"),
     exclude: ExcludeOpt = None,
     pin: PinOpt = None,
+    fuse: FuseOpt = None,
     device: DeviceOpt = spec_default("device"),
     max_length: MaxLengthOpt = spec_default("max_length"),
     max_samples: MaxSamplesOpt = spec_default("max_samples"),
@@ -158,6 +161,7 @@ def search(
                 sampler=sampler,
                 exclude=exclude,
                 pin=pin,
+                fuse=parse_fuse(fuse),
                 device=device,
                 max_length=max_length,
                 max_samples=max_samples,
@@ -190,7 +194,10 @@ def search(
 
 def solve(
     table: Annotated[
-        Path, typer.Argument(help="Sensitivity CSV: layer, format, error[, bytes][, numel][, tie].")
+        Path,
+        typer.Argument(
+            help="Sensitivity CSV: layer, format, error[, bytes][, numel][, tie][, group]."
+        ),
     ],
     out: OutOpt,
     budget: Annotated[str | None, typer.Option(help="4.5bpw, 60MB, 58MiB or 0.3x.")] = None,

@@ -16,6 +16,7 @@ from bitplan.app.commands._options import (
     BudgetOpt,
     ExcludeOpt,
     FormatsOpt,
+    FuseOpt,
     HoldoutOpt,
     MaxLengthOpt,
     MaxSamplesOpt,
@@ -26,6 +27,7 @@ from bitplan.app.commands._options import (
     TaskOpt,
     TimeoutOpt,
     TrialsOpt,
+    parse_fuse,
     request_fields,
 )
 from bitplan.app.commands.jobs import KeyOpt, UrlOpt
@@ -56,6 +58,7 @@ def submit(
     sampler: SamplerOpt = spec_default("sampler"),
     exclude: ExcludeOpt = None,
     pin: PinOpt = None,
+    fuse: FuseOpt = None,
     holdout: HoldoutOpt = spec_default("holdout"),
     max_length: MaxLengthOpt = spec_default("max_length"),
     max_samples: MaxSamplesOpt = spec_default("max_samples"),
@@ -75,6 +78,7 @@ def submit(
             formats=formats,
             exclude=exclude,
             pin=pin,
+            fuse=parse_fuse(fuse),
             task=task,
             method=method,
             trials=trials,

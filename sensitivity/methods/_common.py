@@ -17,7 +17,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from bitplan.sensitivity.formats import (
+    QuantFormat,
+    candidate_formats,
+    fake_quantize,
+    parse_format,
+)
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
 
 __all__ = ["Scores", "candidates", "iter_deltas", "layer_matrix", "spread_over_ties", "tie_groups"]
@@ -30,17 +35,19 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def candidates(layer: QuantLayer, formats: Sequence[QuantFormat]) -> list[QuantFormat]:
-    """The formats a layer gets rows for: only its pinned format when pinned, else all."""
+    """The formats a layer gets rows for: only its pinned format when pinned, else each of
+    ``formats`` as the layer can store it (a llama.cpp block format whose block does not divide
+    the layer's rows becomes llama.cpp's fallback; see ``candidate_formats``)."""
     if layer.pinned is not None:
         return [parse_format(layer.pinned)]
-    return list(formats)
+    return candidate_formats(formats, layer.shape[1])
 
 
 def tie_groups(layers: Sequence[QuantLayer]) -> list[list[QuantLayer]]:
     """Layers grouped by the tensor they store (tie group), in order of first appearance."""
     groups: dict[str, list[QuantLayer]] = {}
     for lay in layers:
-        groups.setdefault(lay.group, []).append(lay)
+        groups.setdefault(lay.tensor_key, []).append(lay)
     return list(groups.values())
 
 

@@ -104,7 +104,7 @@ def _accumulate(
     Each gradient is folded into its Fisher sum and freed as soon as backward has accumulated
     it, so the gradients of all planned weights never exist at once.
     """
-    weights = {g[0].group: get_weight(module, g[0]) for g in groups}
+    weights = {g[0].tensor_key: get_weight(module, g[0]) for g in groups}
     fisher = {key: torch.zeros_like(w, dtype=_fisher_dtype(w)) for key, w in weights.items()}
 
     def make_hook(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
@@ -202,7 +202,7 @@ def fisher_errors(
     for g in groups:
         check_cancel(should_cancel)
         lay = g[0]
-        f = weight_matrix(fisher.pop(lay.group), lay.kind)  # (rows, cols) like the weight view
+        f = weight_matrix(fisher.pop(lay.tensor_key), lay.kind)  # (rows, cols) like the weight view
         if not f.any():  # an unused head or pooler: no score (not 0) rather than a free int2
             logger.info("no gradient reached %s; left for another method", lay.name)
             continue

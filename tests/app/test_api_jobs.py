@@ -5,12 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from bitplan.app.schemas import BUDGET_PATTERN, FORMAT_PATTERN, JobCreate
 from bitplan.app.settings import Settings
+from bitplan.search.budgets import parse_budget
+from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.format_spec import parse_format
 from tests.app._api_fixtures import api_client, assert_problem, finish_job, job_body
 
 
@@ -61,10 +69,14 @@ def test_invalid_job_fields_are_422_problems_naming_the_field(
 
 
 def test_unknown_uploaded_model_or_dataset_is_422(client: TestClient) -> None:
-    body = assert_problem(client.post("/v1/jobs", json=job_body(model="nope")), 422)
-    assert "POST /v1/models" in body["detail"]
-    body = assert_problem(client.post("/v1/jobs", json=job_body(calib="nope")), 422)
-    assert "POST /v1/datasets" in body["detail"]
+    unknown = "0f0f0f0f-0000-4000-8000-000000000000"  # an id's shape, but no upload's id
+    for field, route in (("model", "POST /v1/models"), ("calib", "POST /v1/datasets")):
+        body = assert_problem(client.post("/v1/jobs", json=job_body(**{field: unknown})), 422)
+        assert body["type"].endswith("unknown-resource") and route in body["detail"]
+        # not even an id's shape: refused by the schema (anyOf a builtin or an id pattern)
+        body = assert_problem(client.post("/v1/jobs", json=job_body(**{field: "nope"})), 422)
+        assert body["type"].endswith("validation") and route in body["detail"]
+        assert [error["loc"] for error in body["errors"]] == [f"body.{field}"]
 
 
 def test_etag_gives_304_until_the_job_changes(client: TestClient) -> None:
@@ -186,3 +198,107 @@ def test_succeeded_job_serves_frontier_plans_and_sensitivity(client: TestClient)
     assert sensitivity.text.startswith("layer,")
     report = client.get(f"/v1/jobs/{job_id}/report")
     assert report.headers["content-type"].startswith("text/html")
+
+
+def test_empty_cursor_is_the_first_page(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=job_body()).json()["id"]
+    page = client.get("/v1/jobs?cursor=")
+    assert page.status_code == 200, page.text
+    assert [job["id"] for job in page.json()["data"]] == [job_id]
+
+
+def test_cursor_outside_base64url_is_refused_by_its_schema(client: TestClient) -> None:
+    body = assert_problem(client.get("/v1/jobs", params={"cursor": "a+b/c"}), 422)
+    assert body["type"].endswith("validation")
+    assert [error["loc"] for error in body["errors"]] == ["query.cursor"]
+    assert_problem(client.get("/v1/models", params={"cursor": "x" * 513}), 422)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [({"seed": False}, "seed"), ({"trials": "40"}, "trials"), ({"holdout": "0.5"}, "holdout")],
+)
+def test_job_numbers_must_be_json_numbers(
+    client: TestClient, override: dict[str, object], field: str
+) -> None:
+    body = assert_problem(client.post("/v1/jobs", json=job_body(**override)), 422)
+    assert [error["loc"] for error in body["errors"]] == [f"body.{field}"]
+
+
+def test_integral_floats_are_integers(client: TestClient) -> None:
+    # JSON Schema counts 40.0 as an integer, so the API must take it for an integer field.
+    response = client.post("/v1/jobs", json=job_body(trials=40.0, seed=7.0))
+    assert response.status_code == 202, response.text
+    assert (response.json()["request"]["trials"], response.json()["request"]["seed"]) == (40, 7)
+
+
+def test_openapi_states_the_budget_and_format_syntax(client: TestClient) -> None:
+    job = client.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]["properties"]
+    assert job["budget"]["pattern"] == BUDGET_PATTERN
+    assert job["formats"]["items"]["pattern"] == FORMAT_PATTERN
+    assert job["formats"]["uniqueItems"] is True
+    assert job["pins"]["additionalProperties"]["pattern"] == FORMAT_PATTERN
+    assert_problem(client.post("/v1/jobs", json=job_body(formats=["int8", "int8"])), 422)
+
+
+def _accepted(budget: str) -> bool:
+    try:
+        JobCreate(model="builtin:digits-cnn", budget=budget)
+    except ValidationError:
+        return False
+    return True
+
+
+# Near misses as well as random text: numbers, spaces and unit-like letters in any order.
+_BUDGET_LIKE = st.from_regex(r"\A[0-9. ]{0,6}[bBpPwWxXkKmMgGtTiI]{1,4} ?\Z") | st.text(max_size=8)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.from_regex(BUDGET_PATTERN, fullmatch=True).filter(lambda text: len(text) <= 64))
+def test_every_budget_the_pattern_allows_is_accepted(budget: str) -> None:
+    assert _accepted(budget), budget
+    parse_budget(budget)  # the library's parser reads it too
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(_BUDGET_LIKE)
+def test_a_budget_is_accepted_exactly_when_the_pattern_matches(budget: str) -> None:
+    assert _accepted(budget) == (re.fullmatch(BUDGET_PATTERN, budget) is not None), budget
+
+
+@pytest.mark.parametrize(
+    ("budget", "accepted"),
+    [
+        ("4.5bpw", True),
+        ("32bpw", True),
+        ("32.0bpw", True),
+        ("60MB", True),
+        ("58 MiB", True),
+        ("0.3x", True),
+        (".001kB", True),
+        ("1B", True),
+        ("0bpw", False),  # zero
+        ("32.5bpw", False),  # more than fp32
+        ("0.5B", False),  # under one byte
+        ("0.0005MB", False),  # 500 bytes, but finer than the API's 0.001 of a unit
+        (" 4bpw", False),  # spaces around it
+    ],
+)
+def test_budget_syntax_examples(budget: str, accepted: bool) -> None:
+    assert _accepted(budget) is accepted
+
+
+_FORMAT_LIKE = st.from_regex(
+    r"\A(int|fp|bf|q|fp8-e)[0-9]{0,2}(-g[0-9]{1,4})?(-asym|_k|_0|_1|m3)?\Z"
+) | st.sampled_from(["fp32", "bf16", "fp16", "fp8-e4m3", "int8", "q4_k", "q8_0"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(_FORMAT_LIKE)
+def test_a_format_name_matches_the_pattern_exactly_when_it_parses(name: str) -> None:
+    try:
+        parsed = parse_format(name)
+    except InputError:
+        parsed = None
+    matches = re.fullmatch(FORMAT_PATTERN, name) is not None
+    assert matches == (parsed is not None and parsed.name == name), name

@@ -20,9 +20,11 @@ from bitplan.app.cli import app
 from bitplan.app.console import CTRL_C_EXIT
 from bitplan.search import pipeline
 from bitplan.search.artifact import load_artifact, tensor_bytes_of
-from bitplan.search.plans import read_frontier, read_plan
+from bitplan.search.plans import make_plan, read_frontier, read_plan
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.formats import parse_format
+from bitplan.sensitivity.layers import parameter_bytes
 from bitplan.sensitivity.models import load_model
 from bitplan.sensitivity.progress import ProgressFn
 from tests.helpers import SENTENCES
@@ -160,6 +162,79 @@ def test_search_then_apply_writes_exact_bytes(tmp_path: Path) -> None:
     assert tensor_bytes_of(tmp_path / "packed" / "model.safetensors") == plan.totals.total_bytes
     fresh = load_model("builtin:digits-cnn", device="cpu")
     load_artifact(tmp_path / "packed", fresh.module)
+
+
+def test_apply_to_torchao_writes_a_transformers_folder(
+    tiny_hf_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("torchao")  # the 'runtimes' extra; make installs it
+    folder = tiny_hf_model("llama", task="text-generation")
+    model = load_model(str(folder), device="cpu")
+    unplanned, fp16 = parameter_bytes(model.module, model.layers)
+    plan = make_plan(
+        model_ref=str(folder),
+        model_sha256=model.sha256,
+        layers=model.layers,
+        choice={lay.group: parse_format("int4-g16") for lay in model.layers},
+        budget=None,
+        unplanned_bytes=unplanned,
+        fp16_bytes=fp16,
+        predicted_error=None,
+    )
+    plan_path = plan.write(tmp_path / "plan.json")
+    out = _ok(["apply", str(folder), str(plan_path), "--to", "torchao", "-o", str(tmp_path / "ao")])
+    assert f"plan total_bytes {plan.totals.total_bytes}" in out
+    config = json.loads((tmp_path / "ao" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    assert (tmp_path / "ao" / "model.safetensors").is_file()
+
+    nowhere = tmp_path / "nope"
+    bad = runner.invoke(
+        app, ["apply", str(folder), str(plan_path), "--to", "nope", "-o", str(nowhere)]
+    )
+    assert bad.exit_code == 2
+    assert "unknown target 'nope'; accepted: bitplan, torchao" in bad.output.replace("\n", " ")
+    assert not nowhere.exists()
+
+
+def test_search_with_fuse_gives_q_k_v_one_format_in_every_plan(tmp_path: Path) -> None:
+    """With v pinned, fusion must carry the pin to q and k in every plan (search, exact and
+    uniform alike); without it, q and k would take whatever their own sensitivity says."""
+    out = tmp_path / "job"
+    _ok(
+        [
+            "search",
+            "builtin:tiny-lm",
+            "--budget",
+            "6bpw",
+            "--fuse",
+            "qkv",
+            "--pin",
+            "blocks.*.attn.v_proj=int8",
+            "--method",
+            "weight",
+            "--trials",
+            "6",
+            "--max-samples",
+            "16",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ]
+    )
+    frontier = read_frontier(out / "frontier.json")
+    assert frontier.points and len(frontier.uniform) > 1
+    for point in frontier.points + frontier.uniform:
+        plan = read_plan(out / point.plan)
+        for block in range(4):  # builtin:tiny-lm has 4 blocks
+            attn = f"blocks.{block}.attn"
+            members = [lay for lay in plan.layers if lay.name.startswith(f"{attn}.")]
+            qkv = [lay for lay in members if lay.name[-6:] in ("q_proj", "k_proj", "v_proj")]
+            assert [lay.share for lay in qkv] == [f"{attn}.qkv"] * 3
+            assert {lay.format.name for lay in qkv} == {"int8"}, point.plan_id
+        others = [lay for lay in plan.layers if lay.name[-6:] not in ("q_proj", "k_proj", "v_proj")]
+        assert others and all(lay.share is None for lay in others)
 
 
 def test_solve_on_a_user_table(tmp_path: Path) -> None:

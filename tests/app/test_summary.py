@@ -40,3 +40,19 @@ def test_no_mark_when_the_method_scored_every_layer() -> None:
     assert fallback_note(table, method="fisher") is None
     assert fallback_note(table.drop(columns="method"), method="fisher") is None  # a user table
     assert FALLBACK_MARK not in _render(sensitivity_table(table, method="fisher"))
+
+
+def test_ranked_by_the_smallest_format_every_layer_has() -> None:
+    # q4_k fits only the 256-weight rows of "wide"; the others have q5_0 rows instead
+    rows = [
+        {"layer": "wide", "format": "q4_k", "error": 0.5, "bytes": 10, "method": "weight"},
+        {"layer": "wide", "format": "q4_0", "error": 0.1, "bytes": 12, "method": "weight"},
+        {"layer": "a", "format": "q5_0", "error": 0.2, "bytes": 20, "method": "weight"},
+        {"layer": "a", "format": "q4_0", "error": 0.3, "bytes": 12, "method": "weight"},
+        {"layer": "b", "format": "q5_0", "error": 0.1, "bytes": 20, "method": "weight"},
+        {"layer": "b", "format": "q4_0", "error": 0.2, "bytes": 12, "method": "weight"},
+    ]
+    shown = _render(sensitivity_table(pd.DataFrame(rows), method="weight"))
+    assert "ranked by q4_0" in " ".join(shown.split())  # the title may wrap
+    order = [line.split()[3] for line in shown.splitlines() if line.lstrip("│ ")[:1].isdigit()]
+    assert order == ["a", "b", "wide"]

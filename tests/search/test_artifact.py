@@ -329,3 +329,75 @@ def test_rewrite_into_the_same_folder_drops_stale_files(tmp_path: Path) -> None:
     torch.manual_seed(5)
     fresh = load_artifact(tmp_path, nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3)))
     assert torch.equal(fresh(x), small(x))
+
+
+class _GgmlMix(nn.Module):
+    """Rows that llama.cpp's blocks fit: 256-weight rows (k-quants) and 64/96 (legacy), a tied
+    embedding/head in q6_k, and bitplan's own formats mixed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 256)
+        self.down = nn.Linear(256, 64)
+        self.mid = nn.Linear(64, 96)
+        self.up = nn.Linear(96, 256, bias=False)
+        self.side = nn.Linear(256, 256)
+        self.head = nn.Linear(256, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.down(self.embed(input_ids)))  # (B, T, 64)
+        x = self.up(torch.tanh(self.mid(x)))  # (B, T, 256)
+        return self.head(self.side(x))  # (B, T, 40)
+
+
+GGML_MIX = {
+    "embed": "q6_k",
+    "head": "q6_k",
+    "down": "q4_k",
+    "mid": "q5_1",
+    "up": "int4-g32",
+    "side": "q2_k",
+}
+
+
+def test_ggml_blocks_are_stored_verbatim_and_bytes_match_the_plan(tmp_path: Path) -> None:
+    import gguf
+
+    torch.manual_seed(0)
+    model = _GgmlMix().eval()
+    layers = find_quant_layers(model)
+    plan = make_plan(
+        model_ref="builtin:test",
+        model_sha256="ab" * 32,
+        layers=layers,
+        choice={lay.group: parse_format(GGML_MIX[lay.name]) for lay in layers},
+        budget=None,
+        unplanned_bytes=parameter_bytes(model, layers)[0],
+        fp16_bytes=parameter_bytes(model, layers)[1],
+        predicted_error=None,
+    )
+    loaded = SimpleNamespace(module=model, layers=layers, sha256="ab" * 32, ref="builtin:test")
+    report = apply_plan(model=loaded, plan=plan, out_dir=tmp_path)
+    assert tensor_bytes_of(report.path) == report.total_bytes == plan.totals.total_bytes
+    assert report.tensor_bytes["down.weight.qdata"] == 64 * 144  # one q4_K super-block a row
+    assert "down.weight.scales" not in report.tensor_bytes  # the scales live in the blocks
+
+    x = torch.randint(0, 40, (2, 5))
+    originals = {lay.param: get_weight(model, lay).detach().clone() for lay in layers}
+    _fake_quantized(model, layers, GGML_MIX)
+    with safe_open(str(report.path), framework="pt") as f:
+        for name, fmt in (("down", "q4_k"), ("mid", "q5_1"), ("embed", "q6_k"), ("side", "q2_k")):
+            blocks = f.get_tensor(f"{name}.weight.qdata")
+            assert blocks.dtype == torch.uint8 and blocks.dim() == 2
+            qtype = gguf.GGMLQuantizationType[fmt.upper()]
+            # what llama.cpp reads from these bytes is what bitplan measured
+            read = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype))
+            assert torch.equal(read, getattr(model, name).weight.detach())
+            assert not torch.equal(read, originals[f"{name}.weight"])
+    want = model(x)
+    torch.manual_seed(1)
+    fresh = _GgmlMix().eval()
+    load_artifact(tmp_path, fresh)
+    assert torch.equal(fresh(x), want)
+    assert fresh.head.weight is fresh.embed.weight

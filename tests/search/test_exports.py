@@ -1,4 +1,4 @@
-"""Exports: CSV rows, the torchao mapping and code, llama.cpp tensor names and types."""
+"""Exports: CSV rows, torchao's serialised config, llama.cpp tensor names and types."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bitplan.search.exports import (
     EXPORTS,
     gguf_name,
     llamacpp_args,
+    llamacpp_type,
     plan_to_csv,
     plan_to_llamacpp,
     plan_to_torchao,
@@ -115,6 +116,14 @@ def test_llamacpp_llama_names_and_types() -> None:
     assert shlex.split(text.replace("\\\n", " ")) == args
 
 
+@pytest.mark.parametrize(
+    ("fmt", "ggml"),
+    [("q4_k", "q4_K"), ("q2_k", "q2_K"), ("q4_1", "q4_1"), ("q5_0", "q5_0"), ("q8_0", "q8_0")],
+)
+def test_llamacpp_block_formats_map_to_themselves(fmt: str, ggml: str) -> None:
+    assert llamacpp_type(parse_format(fmt)) == ggml  # not the k-quant of the same width
+
+
 def test_llamacpp_gpt2_names_and_tie_once() -> None:
     wte = QuantLayer(
         name="transformer.wte",
@@ -169,6 +178,17 @@ def test_llamacpp_errors_name_the_problem() -> None:
         llamacpp_args(_plan(odd, {"encoder.block.0.dense": "int8", "classifier": "int8"}))
 
 
+def _torchao_data(config: dict | None) -> tuple[str, dict] | None:
+    """``(class, fields)`` of one serialised config, torch dtypes and enums by name."""
+    if config is None:
+        return None
+    fields = {
+        k: v["_data"] if isinstance(v, dict) and "_data" in v else v
+        for k, v in config["_data"].items()
+    }
+    return config["_type"], fields
+
+
 def test_torchao_mapping_table() -> None:
     layers = [
         _linear("a", D, D),
@@ -178,49 +198,95 @@ def test_torchao_mapping_table() -> None:
         _linear("e", D, D),
         _linear("f", D, D),
         QuantLayer(name="emb", param="emb.weight", kind="embedding", shape=(V, D), numel=V * D),
+        QuantLayer(name="conv", param="conv.weight", kind="conv2d", shape=(8, 27), numel=216),
+        QuantLayer(name="c1d", param="c1d.weight", kind="hf_conv1d", shape=(D, D), numel=D * D),
     ]
     choice = {
-        "a": "int4-g128",
+        "a": "int4-g32",
         "b": "int8",
-        "c": "int3-g64-asym",
+        "c": "int3-g16-asym",
         "d": "fp8-e4m3",
         "e": "bf16",
-        "f": "int4-g100",
-        "emb": "int4-g32",
+        "f": "int4-g48",  # 48 does not divide 64: torchao needs whole groups
+        "emb": "int6-g32",
+        "conv": "int8",  # torchao groups conv weights per input channel, bitplan along in·k
+        "c1d": "int8",  # transformers' Conv1D stores [in, out]
     }
-    config = torchao_config(_plan(layers, choice))
-    assert config["a"] == {"config": "Int4WeightOnlyConfig", "kwargs": {"group_size": "128"}}
-    assert config["b"] == {"config": "Int8WeightOnlyConfig", "kwargs": {}}
-    assert config["c"] == {
-        "config": "IntxWeightOnlyConfig",
-        "kwargs": {
-            "weight_dtype": "torch.int3",
-            "granularity": "PerGroup(64)",
-            "mapping_type": "MappingType.ASYMMETRIC",
+    envelope = torchao_config(_plan(layers, choice))
+    assert (envelope["_type"], envelope["_version"]) == ("FqnToConfig", 1)
+    got = {k: _torchao_data(v) for k, v in envelope["_data"]["fqn_to_config"].items()}
+    assert got["a"] == (
+        "IntxWeightOnlyConfig",
+        {
+            "weight_dtype": "int4",
+            "granularity": {"group_size": 32},
+            "mapping_type": "SYMMETRIC_NO_CLIPPING_ERR",
+            "scale_dtype": "float16",
         },
+    )
+    assert got["b"][1]["granularity"] == {"axis": 0}  # one scale a row
+    assert got["c"][1]["mapping_type"] == "ASYMMETRIC"
+    assert got["c"][1]["weight_dtype"] == "int3"
+    assert got["d"] == ("Float8WeightOnlyConfig", {})
+    assert got["emb"][0] == "IntxWeightOnlyConfig"
+    for unquantized in ("e", "f", "conv", "c1d"):
+        assert got[unquantized] is None, unquantized
+
+
+def test_torchao_export_is_what_torchao_itself_serialises() -> None:
+    """``config_from_dict`` reads the export into the configs torchao builds from the same
+    arguments, and ``quantize_`` applies it to a model with those module names."""
+    pytest.importorskip("torchao")  # the 'runtimes' extra; make installs it
+    import torch
+    from torch import nn
+    from torchao.core.config import config_from_dict, config_to_dict
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        FqnToConfig,
+        IntxWeightOnlyConfig,
+        PerAxis,
+        PerGroup,
+        quantize_,
+    )
+    from torchao.quantization.quant_primitives import MappingType
+
+    layers = [_linear("q", D, D), _linear("k", D, D), _linear("o", D, D), _linear("up", F, D)]
+    choice = {"q": "int4-g32", "k": "int2-g16-asym", "o": "fp8-e4m3", "up": "fp16"}
+    text = plan_to_torchao(_plan(layers, choice))
+    loaded = config_from_dict(json.loads(text))
+    expected = FqnToConfig(
+        {
+            "q": IntxWeightOnlyConfig(
+                weight_dtype=torch.int4,
+                granularity=PerGroup(32),
+                mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR,
+                scale_dtype=torch.float16,
+            ),
+            "k": IntxWeightOnlyConfig(
+                weight_dtype=torch.int2,
+                granularity=PerGroup(16),
+                mapping_type=MappingType.ASYMMETRIC,
+                scale_dtype=torch.float16,
+            ),
+            "o": Float8WeightOnlyConfig(),
+            "up": None,
+        }
+    )
+    assert loaded == expected
+    assert config_from_dict(config_to_dict(expected)) == loaded
+    per_row = torchao_config(_plan([_linear("x", D, D)], {"x": "int8"}))["_data"]["fqn_to_config"]
+    assert config_from_dict(per_row["x"]).granularity == PerAxis(0)
+
+    model = nn.ModuleDict({"q": nn.Linear(D, D), "k": nn.Linear(D, D), "o": nn.Linear(D, D)})
+    model["up"] = nn.Linear(D, F)
+    quantize_(model, loaded, filter_fn=None)
+    kinds = {name: type(m.weight).__name__ for name, m in model.items()}
+    assert kinds == {
+        "q": "IntxUnpackedToInt8Tensor",
+        "k": "IntxUnpackedToInt8Tensor",
+        "o": "Float8Tensor",
+        "up": "Parameter",
     }
-    assert config["d"] == {"config": "Float8WeightOnlyConfig", "kwargs": {}}
-    assert config["e"] is None
-    assert config["f"]["config"] == "IntxWeightOnlyConfig"  # 100 is no tinygemm group size
-    assert config["emb"]["config"] == "IntxWeightOnlyConfig"  # Int4 kernels are Linear-only
-    layers_int8 = [QuantLayer(name="x", param="x.weight", kind="conv2d", shape=(8, 27), numel=216)]
-    assert (
-        torchao_config(_plan(layers_int8, {"x": "int8"}))["x"]["kwargs"]["granularity"]
-        == "PerAxis(0)"
-    )
-
-
-def test_torchao_text_is_json_with_runnable_looking_code() -> None:
-    layers, choice = _llama()
-    doc = json.loads(plan_to_torchao(_plan(layers, choice)))
-    assert (
-        doc["fqn_to_config"]["model.layers.0.self_attn.q_proj"]["config"] == "Int4WeightOnlyConfig"
-    )
-    code = doc["code"]
-    compile(code, "<torchao>", "exec")  # valid Python
-    assert "'model.layers.0.self_attn.q_proj': Int4WeightOnlyConfig(group_size=64)," in code
-    assert "'model.embed_tokens': None," in code
-    assert "from torchao.quantization import FqnToConfig, quantize_, Int4WeightOnlyConfig" in code
 
 
 def test_every_registered_export_matches_its_media_type_and_file_name() -> None:

@@ -101,6 +101,7 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
         "shape",
         "numel",
         "tie",
+        "group",
         "format",
         "bits",
         "group_size",
@@ -154,6 +155,90 @@ def _broken(edit) -> dict:
 def test_validation_errors(edit, needle: str) -> None:
     with pytest.raises(InputError, match=needle):
         Plan.from_dict(_broken(edit))
+
+
+# A share group: separate q/k/v tensors (v is smaller, as with grouped-query attention) that
+# take one format, each with its own bytes, next to a tie group.
+SHARED = [
+    *LAYERS,
+    *(
+        QuantLayer(
+            name=f"attn.{n}",
+            param=f"attn.{n}.weight",
+            kind="linear",
+            shape=(rows, 48),
+            numel=rows * 48,
+            share="attn.qkv",
+        )
+        for n, rows in (("q_proj", 48), ("k_proj", 48), ("v_proj", 16))
+    ),
+]
+
+
+def _shared_plan(fmt: str = "int4-g32") -> Plan:
+    return _plan(layers=SHARED, choice={**CHOICE, "attn.qkv": fmt})
+
+
+def test_share_group_members_keep_their_own_bytes_and_one_format(tmp_path: Path) -> None:
+    plan = _shared_plan()
+    fmt = parse_format("int4-g32")
+    members = [lay for lay in plan.layers if lay.share == "attn.qkv"]
+    assert [lay.format for lay in members] == [fmt] * 3
+    assert [lay.bytes for lay in members] == [tensor_bytes(fmt, r, 48) for r in (48, 48, 16)]
+    assert plan.totals.planned_bytes == _plan().totals.planned_bytes + sum(
+        lay.bytes for lay in members
+    )
+    assert plan.totals.bpw == pytest.approx(
+        8 * plan.totals.planned_bytes / (4800 + 1440 + (48 + 48 + 16) * 48)
+    )
+    assert plan.choice()["attn.qkv"] == fmt and "attn.q_proj" not in plan.choice()
+    data = plan.to_dict()
+    assert [lay["group"] for lay in data["layers"]] == [None] * 3 + ["attn.qkv"] * 3
+    assert read_plan(plan.write(tmp_path / "p.json")) == plan
+
+
+def test_a_plan_without_group_fields_still_reads() -> None:
+    """Plans written before share groups existed have no ``group`` field."""
+    data = _plan().to_dict()
+    for lay in data["layers"]:
+        del lay["group"]
+    plan = Plan.from_dict(data)
+    assert plan == _plan() and all(lay.share is None for lay in plan.layers)
+
+
+def _retyped(layer: dict, name: str) -> None:
+    fmt = parse_format(name)
+    layer.update(
+        format=name,
+        bits=fmt.bits,
+        group_size=fmt.group_size,
+        symmetric=fmt.symmetric,
+        bytes=tensor_bytes(fmt, *layer["shape"]),
+    )
+
+
+def test_a_plan_that_breaks_a_share_group_is_refused() -> None:
+    data = _shared_plan().to_dict()
+    v_proj = data["layers"][-1]
+    _retyped(v_proj, "int8")
+    planned = sum(lay["bytes"] for lay in data["layers"]) - data["layers"][2]["bytes"]
+    data["totals"].update(  # consistent totals: only the broken group is wrong
+        planned_bytes=planned,
+        total_bytes=planned + 500,
+        bpw=8 * planned / (4800 + 1440 + 112 * 48),
+        ratio_vs_fp16=(planned + 500) / data["totals"]["fp16_bytes"],
+    )
+    with pytest.raises(InputError, match="share group attn.qkv has two formats") as caught:
+        Plan.from_dict(data)
+    assert "attn.q_proj: int4-g32" in str(caught.value)
+    assert "attn.v_proj: int8" in str(caught.value)
+
+
+def test_a_tie_split_across_share_groups_is_refused() -> None:
+    data = _plan().to_dict()
+    data["layers"][2]["group"] = "other"  # head, tied to emb, in a share group of its own
+    with pytest.raises(InputError, match="tie group emb.weight is split across groups"):
+        Plan.from_dict(data)
 
 
 def test_read_plan_file_errors(tmp_path: Path) -> None:

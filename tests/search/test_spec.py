@@ -10,10 +10,13 @@ from bitplan.sensitivity.format_spec import DEFAULT_FORMATS, parse_format
 
 
 def test_round_trip_through_a_json_dict() -> None:
-    spec = JobSpec(model="builtin:digits-cnn", budget=" 4bpw ", pins={"fc*": "INT8"})
+    spec = JobSpec(
+        model="builtin:digits-cnn", budget=" 4bpw ", pins={"fc*": "INT8"}, fuse=["gate_up"]
+    )
     data = spec.to_dict()
     assert data["formats"] == list(DEFAULT_FORMATS)  # names on the wire
     assert data["pins"] == {"fc*": "int8"} and data["budget"] == "4bpw"
+    assert data["fuse"] == ["gate_up"] and JobSpec(model="m", budget="4bpw").fuse == []
     assert JobSpec(**data) == spec
 
 
@@ -46,6 +49,8 @@ def test_defaults_are_readable_from_the_class() -> None:
         ({"timeout": 0}, "timeout: Input should be greater than 0"),
         ({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1"),
         ({"trails": 3}, "trails: Extra inputs are not permitted"),
+        ({"fuse": ["qkvo"]}, "fuse.0: Input should be 'qkv' or 'gate_up', got 'qkvo'"),
+        ({"fuse": ["qkv", "qkv"]}, "fuse: fuse rule listed twice: qkv"),
     ],
 )
 def test_bad_values_are_one_line_input_errors(change: dict[str, object], needle: str) -> None:

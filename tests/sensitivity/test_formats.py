@@ -27,7 +27,11 @@ INT_NAMES = st.builds(
     st.one_of(st.none(), st.integers(1, 512)),
     st.booleans(),
 )
-ALL_NAMES = st.one_of(INT_NAMES, st.sampled_from(["fp32", "bf16", "fp16", "fp8-e4m3"]))
+ALL_NAMES = st.one_of(
+    INT_NAMES,
+    st.sampled_from(["fp32", "bf16", "fp16", "fp8-e4m3"]),
+    st.sampled_from(list(F.GGML_TYPES)),
+)
 
 
 def _matrix(seed: int, rows: int, cols: int) -> torch.Tensor:
@@ -54,6 +58,11 @@ def test_bad_names_list_what_is_accepted(bad: str) -> None:
     said, _ = str(info.value).split("; accepted:")
     if bad:  # the name once, then what is accepted
         assert said.count(bad) == 1, said
+
+
+def test_bad_names_list_the_llama_cpp_formats_too() -> None:
+    with pytest.raises(FormatError, match="llama.cpp block format: q8_0, .*, q2_k$"):
+        parse_format("q4_z")
 
 
 def test_format_error_is_input_error() -> None:
@@ -188,7 +197,14 @@ def test_keeps_dtype_of_out() -> None:
 def test_bytes_formula(rows: int, cols: int, name: str) -> None:
     fmt = parse_format(name)
     numel = rows * cols
-    if fmt.kind == "float":
+    if fmt.kind == "ggml":  # whole blocks of `group_size` weights, each a fixed byte count
+        t = F.GGML_TYPES[name]
+        if cols % t.block:
+            with pytest.raises(FormatError, match="do not fit"):
+                tensor_bytes(fmt, rows, cols)
+            return
+        expect = numel // t.block * t.type_size
+    elif fmt.kind == "float":
         expect = numel * {"fp32": 4, "bf16": 2, "fp16": 2}[name]
     elif fmt.kind == "fp8":
         expect = numel + 2 * rows

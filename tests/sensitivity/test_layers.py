@@ -1,4 +1,5 @@
-"""Layer discovery, tie groups, exclusions, pins and in-place quantization with restore."""
+"""Layer discovery, tie and share groups, exclusions, pins and in-place quantization with
+restore."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import fake_quantize, parse_format
+from bitplan.sensitivity.fusion import fuse_layers
 from bitplan.sensitivity.layers import (
     apply_pins,
     find_quant_layers,
@@ -106,3 +109,73 @@ def test_parameter_bytes_counts_unplanned_and_ties_once() -> None:
     assert fp16 == 2 * total
     unplanned2, _ = parameter_bytes(model, [lay for lay in layers if lay.name != "proj"])
     assert unplanned2 == bias_and_norm + 48 * 4
+
+
+class _Block(nn.Module):
+    """A LLaMA-style block (q/k/v/o, gate/up/down), a BERT-style attention and a Mixtral-style
+    expert: every naming the fusion rules know, with a k/v smaller than q (grouped queries)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = nn.ModuleDict(
+            {
+                n: nn.Linear(8, 4 if n in ("k_proj", "v_proj") else 8)
+                for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+            }
+        )
+        self.mlp = nn.ModuleDict(
+            {
+                "gate_proj": nn.Linear(8, 16),
+                "up_proj": nn.Linear(8, 16),
+                "down_proj": nn.Linear(16, 8),
+            }
+        )
+        self.bert = nn.ModuleDict({n: nn.Linear(8, 8) for n in ("query", "key", "value")})
+        self.expert = nn.ModuleDict({n: nn.Linear(8, 16) for n in ("w1", "w2", "w3")})
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+
+def test_fuse_rules_group_siblings_of_one_module() -> None:
+    layers = fuse_layers(find_quant_layers(_Model()), ["qkv", "gate_up"])
+    share = {lay.name: lay.share for lay in layers}
+    for i in (0, 1):
+        for n in ("q_proj", "k_proj", "v_proj"):
+            assert share[f"layers.{i}.self_attn.{n}"] == f"layers.{i}.self_attn.qkv"
+        for n in ("query", "key", "value"):
+            assert share[f"layers.{i}.bert.{n}"] == f"layers.{i}.bert.qkv"
+        for n in ("gate_proj", "up_proj"):
+            assert share[f"layers.{i}.mlp.{n}"] == f"layers.{i}.mlp.gate_up"
+        assert share[f"layers.{i}.expert.w1"] == share[f"layers.{i}.expert.w3"]
+        for n in ("self_attn.o_proj", "mlp.down_proj", "expert.w2"):
+            assert share[f"layers.{i}.{n}"] is None
+    by_name = {lay.name: lay for lay in layers}
+    k = by_name["layers.0.self_attn.k_proj"]
+    assert k.group == "layers.0.self_attn.qkv" and k.tensor_key == k.name  # its own tensor
+    assert k.shape == (4, 8)  # nothing but the group changes
+    only_qkv = {lay.name: lay.share for lay in fuse_layers(find_quant_layers(_Model()), ["qkv"])}
+    assert only_qkv["layers.0.mlp.up_proj"] is None
+
+
+def test_fuse_groups_what_is_left_after_exclusions() -> None:
+    layers = find_quant_layers(_Model(), exclude=["*.v_proj", "*.up_proj"])
+    share = {lay.name: lay.share for lay in fuse_layers(layers, ["qkv", "gate_up"])}
+    assert share["layers.0.self_attn.q_proj"] == share["layers.0.self_attn.k_proj"] is not None
+    assert share["layers.0.mlp.gate_proj"] is None  # alone: nothing to share a format with
+
+
+def test_a_fuse_rule_that_matches_nothing_warns_and_an_unknown_one_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    layers = find_quant_layers(TinyNet())
+    with caplog.at_level("WARNING"):
+        assert fuse_layers(layers, ["qkv"]) == layers
+    assert "fuse rule qkv matches no layers" in caplog.text
+    with pytest.raises(InputError, match="unknown fuse rule 'qkvo'; accepted: qkv, gate_up"):
+        fuse_layers(layers, ["qkvo"])
+    with pytest.raises(InputError, match="listed twice: qkv"):
+        fuse_layers(layers, ["qkv", "qkv"])

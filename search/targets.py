@@ -1,0 +1,112 @@
+"""Where ``bitplan apply`` writes a planned model: one registry of targets, name -> writer.
+
+Each target turns a loaded model and its plan into files a runtime loads: ``bitplan`` (the
+bit-packed safetensors only bitplan reads, :mod:`bitplan.search.artifact`) and ``torchao`` (a
+Hugging Face folder that transformers + torchao load, :mod:`bitplan.search.runtime_torchao`).
+A writer is named by ``module:function`` and imported only when chosen, so a runtime's heavy
+imports (torchao, transformers) cost nothing to the other targets. Adding a target is one entry
+of :data:`TARGETS`; every writer takes ``(*, model, plan, out_dir)`` and returns an
+:class:`~bitplan.search.artifact.ArtifactReport`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
+
+from bitplan.sensitivity.errors import InputError
+
+if TYPE_CHECKING:  # the CLI reads TARGETS for its help, which must not load pydantic or torch
+    from bitplan.search.artifact import ArtifactReport
+    from bitplan.search.plans import Plan
+    from bitplan.sensitivity.models import LoadedModel
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "TARGETS",
+    "Target",
+    "TargetWriter",
+    "check_plan_matches",
+    "target_writer",
+]
+
+
+class TargetWriter(Protocol):
+    """``writer(model=..., plan=..., out_dir=...)``: write the files, report their bytes."""
+
+    def __call__(self, *, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactReport: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """One output of ``bitplan apply --to NAME``: what it is and the writer that makes it."""
+
+    name: str
+    description: str
+    writer: str  # "module:function", imported on use
+
+
+DEFAULT_TARGET = "bitplan"
+
+TARGETS: Final[dict[str, Target]] = {
+    target.name: target
+    for target in (
+        Target(
+            "bitplan",
+            "bit-packed safetensors whose bytes equal the plan's (bitplan loads them)",
+            "bitplan.search.artifact:apply_plan",
+        ),
+        Target(
+            "torchao",
+            "a Hugging Face folder that transformers + torchao load (Hugging Face models)",
+            "bitplan.search.runtime_torchao:write_torchao",
+        ),
+        Target(
+            "gguf",
+            "one model.gguf that llama.cpp loads, planned tensors in their llama.cpp formats",
+            "bitplan.search.runtime_gguf:write_gguf_target",
+        ),
+        Target(
+            "compressed-tensors",
+            "a Hugging Face folder in the compressed-tensors format that vLLM and transformers "
+            "load (Hugging Face models)",
+            "bitplan.search.runtime_compressed_tensors:write_compressed_tensors",
+        ),
+    )
+}
+
+
+def target_writer(name: str) -> TargetWriter:
+    """The writer of target ``name``; an unknown name is an error that lists the targets."""
+    target = TARGETS.get(name)
+    if target is None:
+        raise InputError(f"unknown target {name!r}; accepted: {', '.join(TARGETS)}")
+    module, function = target.writer.split(":")
+    writer: Callable[..., ArtifactReport] = getattr(importlib.import_module(module), function)
+    return writer
+
+
+def check_plan_matches(model: LoadedModel, plan: Plan) -> None:
+    """Refuse a plan made for other weights or naming layers this model does not plan.
+
+    The same model hash, and every plan layer one of the model's quantizable layers with the
+    same ``[rows, cols]`` shape (when the plan records it).
+    """
+    want = plan.model_sha256
+    if want and want != model.sha256:
+        raise InputError(
+            f"the plan was made for model sha256 {want[:12]}…, this model is "
+            f"{model.sha256[:12]}…; apply it to the model it was made for"
+        )
+    shapes = {lay.name: lay.shape for lay in model.layers}
+    for lay in plan.layers:
+        if lay.name not in shapes:
+            raise InputError(f"the plan names layer {lay.name}, which this model does not plan")
+        if lay.shape is not None and tuple(lay.shape) != shapes[lay.name]:
+            raise InputError(
+                f"the plan's layer {lay.name} is {list(lay.shape)} but the model's is "
+                f"{list(shapes[lay.name])}; apply it to the model it was made for"
+            )
