@@ -7,6 +7,7 @@ errors (404 for an unknown route, 405), FastAPI's request validation errors (wit
 :class:`~bitplan.sensitivity.errors.InputError` raised anywhere below the API (422), a busy or
 unreachable database (503 with ``Retry-After``: backpressure, not a failure; see
 :func:`bitplan.app.db.is_transient`), and unhandled exceptions (500, logged, details withheld).
+A route stopped because its client hung up is answered 499, which nobody reads.
 
 ``type`` is ``about:blank`` when the status code says it all (RFC 9457 §4.2.1); problems a client
 may want to tell apart carry a ``tag:`` URI (RFC 4151), which names a kind without pretending to
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Mount
 
 from bitplan.app.db import is_transient
@@ -221,6 +223,19 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
     return await _on_problem(request, service_busy(settings, "the database is busy"))
 
 
+# nginx's status for a client that closed its connection before the answer (not in RFC 9110).
+_CLIENT_CLOSED = 499
+
+
+async def _on_disconnect(request: Request, exc: Exception) -> JSONResponse:
+    """A route stopped because its client hung up: not a server error, and nobody reads the
+    answer (the server drops it), so it is only noted."""
+    log.info("the client of %s %s hung up before its answer", request.method, request.url.path)
+    return problem_response(
+        _CLIENT_CLOSED, "the client closed the connection", instance=_instance(request)
+    )
+
+
 async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -238,6 +253,7 @@ def install_problems(app: FastAPI) -> None:
     # The pool's TimeoutError is not a DBAPIError: both bases are needed.
     app.add_exception_handler(sa_exc.DBAPIError, _on_database_error)
     app.add_exception_handler(sa_exc.TimeoutError, _on_database_error)
+    app.add_exception_handler(ClientDisconnect, _on_disconnect)
     app.add_exception_handler(Exception, _on_unhandled)
     base_openapi = app.openapi
 

@@ -19,10 +19,12 @@ row (deleted by hand, a disk restored from an old backup). The sweep removes:
 ``min_age_s`` protects work in flight that only the file system can show: at start-up no
 upload of this process is running, so 0 is safe when one API process owns the upload folder; a
 periodic sweep (:class:`PeriodicSweep`, every ``Settings.sweep_interval_s``) passes
-:data:`PERIODIC_GRACE_S`. What the database judges needs no grace: a staging folder is created
-only after its claim was committed and is live exactly while its job runs under its lease
-version; an artifact folder is created only by a running attempt; a row is written only after
-its file.
+:func:`periodic_grace_s`: :data:`PERIODIC_GRACE_S`, or longer when an upload's check may take
+longer (``Settings.validate_timeout_s``), since a stored upload gets its row only after its
+check and its check's scratch folder lives as long as the check. What the database judges
+needs no grace: a staging folder is created only after its claim was committed and is live
+exactly while its job runs under its lease version; an artifact folder is created only by a
+running attempt; a row is written only after its file.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from bitplan.sensitivity.safety import UNZIP_PREFIX
 __all__ = [
     "PERIODIC_GRACE_S",
     "PeriodicSweep",
+    "periodic_grace_s",
     "Swept",
     "sweep_orphans",
     "sweep_settings",
@@ -56,8 +59,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# A periodic sweep spares anything younger than an hour: longer than any upload plus validation.
+# A periodic sweep spares anything younger than an hour: longer than any upload plus validation
+# at the default limits (see periodic_grace_s for longer checks).
 PERIODIC_GRACE_S = 3600.0
+# Past an upload's check, what remains before its row exists: one insert, which waits at most
+# for the database's busy timeout (30 s by default); a minute covers that with room.
+_AFTER_CHECK_S = 60.0
 # Seconds stop() waits for a sweep in progress: one sweep is a directory walk and a few queries.
 _STOP_WAIT_S = 10.0
 _KINDS = ("models", "datasets")
@@ -218,6 +225,12 @@ def sweep_orphans(
     return swept
 
 
+def periodic_grace_s(settings: Settings) -> float:
+    """The age under which a periodic sweep leaves a file alone: :data:`PERIODIC_GRACE_S`, or
+    an upload's longest check plus its row's insert when that is longer."""
+    return max(PERIODIC_GRACE_S, settings.validate_timeout_s + _AFTER_CHECK_S)
+
+
 def sweep_settings(settings: Settings, sessionmaker: Sessions, *, min_age_s: float = 0.0) -> Swept:
     """:func:`sweep_orphans` over the folders of ``settings`` in a session of its own."""
     with sessionmaker() as session:
@@ -232,9 +245,10 @@ def sweep_settings(settings: Settings, sessionmaker: Sessions, *, min_age_s: flo
 
 class PeriodicSweep:
     """:func:`sweep_settings` every ``interval_s`` seconds (default: the settings'
-    ``sweep_interval_s``; 0 sweeps never) with the grace ``min_age_s``, on a daemon thread
-    between :meth:`start` and :meth:`stop`. A sweep that fails (a busy database, a folder that
-    cannot be read) is logged and tried again at the next interval."""
+    ``sweep_interval_s``; 0 sweeps never) with the grace ``min_age_s`` (default:
+    :func:`periodic_grace_s`), on a daemon thread between :meth:`start` and :meth:`stop`. A
+    sweep that fails (a busy database, a folder that cannot be read) is logged and tried again
+    at the next interval."""
 
     def __init__(
         self,
@@ -242,9 +256,10 @@ class PeriodicSweep:
         sessionmaker: Sessions,
         *,
         interval_s: float | None = None,
-        min_age_s: float = PERIODIC_GRACE_S,
+        min_age_s: float | None = None,
     ) -> None:
-        self.settings, self.sessionmaker, self.min_age_s = settings, sessionmaker, min_age_s
+        self.settings, self.sessionmaker = settings, sessionmaker
+        self.min_age_s = periodic_grace_s(settings) if min_age_s is None else min_age_s
         self.interval_s = settings.sweep_interval_s if interval_s is None else interval_s
         self.sweeps = 0  # sweeps completed, failed ones not counted
         self._stop = threading.Event()

@@ -8,12 +8,14 @@ partial file is deleted. A complete file is renamed atomically to ``<sha256><suf
 readers never see half a file and equal bytes land on the same path.
 
 A body whose multipart framing is wrong is a 422 that names what is wrong (RFC 2046 §5.1.1,
-RFC 7578): no or an overlong boundary parameter, bytes before the first boundary, a first
-boundary other than the declared one, a part header line not ended by CRLF, a part header
-over :data:`MAX_PART_HEADER_BYTES` or more than :data:`MAX_PART_HEADERS` of them, a body that
-ends before its closing boundary. The header limits are checked here as the headers arrive
-(python-multipart's own, where it has them, are at or just above them), so at most one chunk
-beyond them is ever held.
+RFC 7578): no or an overlong boundary parameter, a first boundary other than the declared one,
+a part header line not ended by CRLF, a part header over :data:`MAX_PART_HEADER_BYTES` or more
+than :data:`MAX_PART_HEADERS` of them, a body that ends before its closing boundary. Bytes
+before the first boundary (a preamble) are refused too, although RFC 2046 §5.1.1 says a
+preamble is to be ignored: that is python-multipart's behaviour (it skips blank lines before
+the first boundary, nothing else, and has no option to skip more). The header limits are
+checked here as the headers arrive (python-multipart's own, where it has them, are at or just
+above them), so at most one chunk beyond them is ever held.
 
 What a stored file must be, and how that is checked without risking the API process, is
 :mod:`bitplan.app.upload_check` and :mod:`bitplan.app.validation`.
@@ -210,6 +212,11 @@ class _FilePartWriter:
         self.ended = True
 
 
+def _flush_to_disk(sink: IO[bytes]) -> None:
+    sink.flush()
+    os.fsync(sink.fileno())
+
+
 def _decode_filename(raw: bytes) -> str:
     """UTF-8, as clients send it; a name that is not UTF-8 is read as latin-1 (old clients)."""
     try:
@@ -289,8 +296,9 @@ async def receive_upload(request: Request, *, dest_dir: Path, max_bytes: int) ->
             parser.finalize()
             if not writer.ended:
                 raise _Framing(_incomplete_problem(writer, shown))
-            sink.flush()
-            os.fsync(sink.fileno())  # the bytes are on disk before the name says they are whole
+            # The bytes are on disk before the name says they are whole; off the event loop,
+            # since syncing a large file takes seconds.
+            await anyio.to_thread.run_sync(_flush_to_disk, sink)
         except _TooLarge:
             tmp.unlink(missing_ok=True)
             log.info("refused an upload over %d bytes", max_bytes)

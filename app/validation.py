@@ -2,21 +2,30 @@
 
 A model is always checked in a child (:mod:`bitplan.app.upload_check`), so whatever loading it
 costs is the child's: memory (``BITPLAN_VALIDATE_MEMORY_BYTES`` plus twice the upload's size),
-wall-clock time (``BITPLAN_VALIDATE_TIMEOUT_S``, then the child's process group is killed) and
-disk (a scratch folder removed here whatever happens, the child killed included). The API
-awaits the child on its event loop; a client that hangs up gets its child killed.
+wall-clock time (``BITPLAN_VALIDATE_TIMEOUT_S``) and disk (a scratch folder removed here
+whatever happens, the child killed included). The child runs in a process group of its own,
+which is killed when the check ends however it ends: past its time, after an answer (a
+process it started may outlive it and hold its pipes), or when the client hangs up.
+
+Starlette does not cancel a route whose client disconnects, so the hang-up is watched for
+here: beside the child, a task awaits the request's next ASGI message. The body has been read
+by then, so that message is ``http.disconnect`` when the client goes and nothing before the
+answer is sent otherwise; the check is then stopped and the child killed.
 
 A dataset is parsed in the API process only when that is cheap: parsing JSON lines into
 Python objects takes about 34 times the file's bytes (measured: 16 MiB of short records, 537
 MiB), so text files over :data:`INLINE_DATASET_BYTES` and safetensors files whose header is
-over it go to a child under the same limits.
+over it go to a child under the same limits, and at most :data:`INLINE_PARSES` parse in the
+API process at once.
 
 At most ``BITPLAN_MAX_VALIDATIONS`` children run at once; one more upload is answered 503 with
 ``Retry-After`` (``BITPLAN_VALIDATE_RETRY_AFTER_S``) rather than queued, because a queued upload
 holds its client's connection and its file. A model upload is refused that way before its body
 is read when every slot is taken.
 
-Every refusal is a 422 naming the client's file and the limit it hit, never a server path.
+Every refusal is a 422 naming the client's file and the limit it hit, never a server path. A
+check the server cannot run (no process or scratch folder can be made: its disk or process
+table is full) is the server's problem, not the file's: a 503 with the same ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -37,9 +46,11 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from anyio.abc import ByteReceiveStream
+from anyio.abc import ByteReceiveStream, Process
+from starlette.requests import ClientDisconnect, Request
 
 from bitplan.app.problems import ProblemError
+from bitplan.app.redact import path_names, redact
 from bitplan.app.settings import Settings
 from bitplan.app.upload_check import DATASET_SUFFIXES, check_dataset
 from bitplan.app.uploads import VALIDATE_PREFIX, StoredUpload
@@ -48,6 +59,7 @@ from bitplan.sensitivity.errors import InputError
 __all__ = [
     "CHILD_MODULE",
     "INLINE_DATASET_BYTES",
+    "INLINE_PARSES",
     "ValidationSlots",
     "validate_dataset",
     "validate_model",
@@ -61,6 +73,10 @@ CHILD_MODULE = "bitplan.app.upload_check"
 # Datasets parsed in the API process: at most this many bytes (~34 MiB of Python objects at
 # the measured 34x), so a burst of small uploads stays cheap and a big one goes to a child.
 INLINE_DATASET_BYTES = 1 << 20
+# Datasets parsed in the API process at once: ~34 MiB of objects each, so a burst of small
+# uploads holds at most ~140 MiB; more wait their turn, briefly (measured: check_dataset on a
+# 1 MiB JSON-lines file of 31775 short records takes about 65 ms).
+INLINE_PARSES = 4
 # Measured: a 158 MiB safetensors BERT needed 0.5-1x its size beyond the fixed cost of torch
 # and transformers (which BITPLAN_VALIDATE_MEMORY_BYTES covers), since safetensors maps the
 # file copy-on-write; twice leaves room for a zip whose weights expand and for a conversion.
@@ -69,6 +85,15 @@ _MEMORY_PER_UPLOAD_BYTE = 2
 _MAX_ANSWER_BYTES = 64 * 1024
 # The end of the child's stderr kept for the log when it fails (its traceback, its last words).
 _STDERR_TAIL_BYTES = 16 * 1024
+# How often the child's own exit is looked for. Process.wait() is not used for that: on some
+# Python and anyio versions it also waits for the child's pipes to close, which a process the
+# child started may hold open long after. A check takes a second or more (a fresh
+# interpreter), so 50 ms adds little.
+_EXIT_POLL_S = 0.05
+# How long the pipes are still read once the child has exited: what it wrote is in them
+# already (microseconds to read; a second allows for a busy event loop), and only a process
+# it left behind holding them open makes the read last that long.
+_DRAIN_S = 1.0
 # The child loads on one thread: a check computes little, and per-thread buffers (OpenBLAS,
 # OpenMP) would otherwise make its memory depend on the machine's core count.
 _CHILD_ENV = {
@@ -83,13 +108,23 @@ _MEMORY_SETTING = "BITPLAN_VALIDATE_MEMORY_BYTES"
 _TIMEOUT_SETTING = "BITPLAN_VALIDATE_TIMEOUT_S"
 
 
-class ValidationSlots:
-    """How many checks run in children now, out of ``total``. Used from the event loop only
-    (no lock: nothing awaits between looking and taking)."""
+def _retry_later(settings: Settings, why: str) -> ProblemError:
+    """A 503 saying ``why`` an upload cannot be checked now and when to come back."""
+    wait = settings.validate_retry_after_s
+    return ProblemError(
+        503, f"{why}; retry after {wait} s", slug="busy", headers={"Retry-After": str(wait)}
+    )
 
-    def __init__(self, total: int) -> None:
+
+class ValidationSlots:
+    """How many checks run in children now, out of ``total``, and the limit on datasets parsed
+    in the API process at once (``inline``: those wait for their turn instead of a 503). Used
+    from the event loop only (no lock: nothing awaits between looking and taking)."""
+
+    def __init__(self, total: int, *, inline: int = INLINE_PARSES) -> None:
         self.total = total
         self.busy = 0
+        self.inline = anyio.Semaphore(inline)
 
     @property
     def full(self) -> bool:
@@ -97,13 +132,9 @@ class ValidationSlots:
 
     def refusal(self, settings: Settings) -> ProblemError:
         """The 503 for an upload that finds every slot taken."""
-        wait = settings.validate_retry_after_s
-        return ProblemError(
-            503,
-            f"{self.total} uploads are being checked already (BITPLAN_MAX_VALIDATIONS); "
-            f"retry after {wait} s",
-            slug="busy",
-            headers={"Retry-After": str(wait)},
+        return _retry_later(
+            settings,
+            f"{self.total} uploads are being checked already (BITPLAN_MAX_VALIDATIONS)",
         )
 
     @contextmanager
@@ -142,13 +173,6 @@ def _size(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
-def _scrub(message: str, replacements: dict[str, str]) -> str:
-    """``message`` with every server path in ``replacements`` swapped for its client name."""
-    for server, client in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
-        message = message.replace(server, client)
-    return message
-
-
 async def _read_answer(stream: ByteReceiveStream, sink: bytearray) -> None:
     """Collect the child's stdout, at most :data:`_MAX_ANSWER_BYTES` of it (then stop
     keeping, but keep reading so the child never blocks on a full pipe)."""
@@ -168,7 +192,7 @@ def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
-        pass  # it ended on its own meanwhile
+        pass  # the child and everything it started have ended
 
 
 def _parse_answer(raw: bytes) -> dict[str, Any] | None:
@@ -179,11 +203,10 @@ def _parse_answer(raw: bytes) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) and "outcome" in answer else None
 
 
-async def _run_child(command: list[str], *, cwd: Path, timeout_s: float) -> _Exit:
-    """Run ``command`` in its own process group; kill the group at ``timeout_s`` or when this
-    task is cancelled (a client that hung up)."""
+async def _start(command: list[str], *, cwd: Path, settings: Settings) -> Process:
+    """Start ``command`` in a process group of its own; a 503 when the server cannot."""
     try:
-        process = await anyio.open_process(
+        return await anyio.open_process(
             command,
             stdin=DEVNULL,
             stdout=PIPE,
@@ -194,28 +217,66 @@ async def _run_child(command: list[str], *, cwd: Path, timeout_s: float) -> _Exi
         )
     except OSError as exc:  # fork or exec failed: the server is short of something
         log.error("could not start an upload check: %s", exc)
-        raise ProblemError(
-            503, "the server cannot start an upload check now; retry later", slug="busy"
-        ) from None
+        raise _retry_later(settings, "the server cannot start an upload check now") from None
+
+
+async def _communicate(process: Process, answer: bytearray, tail: bytearray) -> None:
+    """Read the child's stdout and stderr until it exits, then for at most :data:`_DRAIN_S`."""
+    assert process.stdout is not None and process.stderr is not None
+    async with anyio.create_task_group() as readers:
+        readers.start_soon(_read_answer, process.stdout, answer)
+        readers.start_soon(_read_tail, process.stderr, tail)
+        while process.returncode is None:  # see _EXIT_POLL_S for why not process.wait()
+            await anyio.sleep(_EXIT_POLL_S)
+        readers.cancel_scope.deadline = anyio.current_time() + _DRAIN_S
+
+
+async def _until_hang_up(request: Request) -> None:
+    """Return when the client of ``request`` disconnects. Its body has been read: the server
+    answers ``receive()`` with ``http.disconnect`` when the client goes, and before that only
+    once the response is sent (ASGI), which cannot happen while the check runs."""
+    while (await request.receive())["type"] != "http.disconnect":
+        # Not expected after the body; a server that sends it anyway must not spin the loop.
+        await anyio.sleep(_EXIT_POLL_S)
+
+
+async def _watch_client(request: Request, check: anyio.CancelScope, hung_up: anyio.Event) -> None:
+    await _until_hang_up(request)
+    hung_up.set()
+    check.cancel()
+
+
+async def _run_child(
+    command: list[str],
+    *,
+    cwd: Path,
+    settings: Settings,
+    request: Request | None,
+) -> _Exit:
+    """Run ``command`` in its own process group until it exits, its time is up or the client
+    of ``request`` hangs up (then :class:`ClientDisconnect`); the group is killed in every case."""
+    process = await _start(command, cwd=cwd, settings=settings)
     answer, tail = bytearray(), bytearray()
+    hung_up = anyio.Event()
     try:
-        with anyio.move_on_after(timeout_s) as deadline:
-            assert process.stdout is not None and process.stderr is not None
+        with anyio.move_on_after(settings.validate_timeout_s) as deadline:
             async with anyio.create_task_group() as group:
-                group.start_soon(_read_answer, process.stdout, answer)
-                group.start_soon(_read_tail, process.stderr, tail)
-            await process.wait()
+                if request is not None:
+                    group.start_soon(_watch_client, request, group.cancel_scope, hung_up)
+                await _communicate(process, answer, tail)
+                group.cancel_scope.cancel()  # the check is over: stop watching the client
     finally:
-        if process.returncode is None:  # out of time, or cancelled
-            _kill_group(process.pid)
-            with anyio.CancelScope(shield=True):
-                await process.wait()
+        # Always, even after an answer: the child's exit says nothing of what it started.
+        _kill_group(process.pid)
         with anyio.CancelScope(shield=True):
             await process.aclose()
+    if hung_up.is_set():
+        raise ClientDisconnect
+    parsed = _parse_answer(bytes(answer))
     return _Exit(
-        answer=_parse_answer(bytes(answer)),
+        answer=parsed,
         returncode=process.returncode,
-        timed_out=deadline.cancelled_caught,
+        timed_out=deadline.cancelled_caught and parsed is None,  # an answer at the bell counts
         stderr_tail=bytes(tail),
     )
 
@@ -255,16 +316,32 @@ def _refusal(exit_: _Exit, *, filename: str, memory_bytes: int, settings: Settin
     return f"{filename} cannot be loaded ({answer.get('error', 'unknown error')})"
 
 
+def _make_scratch(settings: Settings) -> Path:
+    """A fresh scratch folder for one check; a 503 when the server cannot make one (its disk
+    is full or read-only): that is no fault of the file."""
+    try:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=VALIDATE_PREFIX, dir=settings.cache_dir)).resolve()
+    except OSError as exc:
+        log.error("could not make a scratch folder for an upload check: %s", exc)
+        raise _retry_later(settings, "the server cannot make room to check an upload now") from None
+
+
 async def _check_in_child(
-    stored: StoredUpload, *, kind: str, settings: Settings, slots: ValidationSlots
+    stored: StoredUpload,
+    *,
+    kind: str,
+    settings: Settings,
+    slots: ValidationSlots,
+    request: Request | None,
 ) -> None:
     """Check ``stored`` in a child under the limits; raise :class:`InputError` (422) when it
-    is refused, :class:`ProblemError` (503) when no slot is free."""
+    is refused, :class:`ProblemError` (503) when no slot is free or the server cannot run the
+    check, :class:`ClientDisconnect` when the client of ``request`` hung up meanwhile."""
     with slots.hold(settings):
         path = stored.path.resolve()  # the child runs in its scratch folder
         memory_bytes = settings.validate_memory_bytes + _MEMORY_PER_UPLOAD_BYTE * stored.size_bytes
-        settings.cache_dir.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=VALIDATE_PREFIX, dir=settings.cache_dir)).resolve()
+        scratch = _make_scratch(settings)
         command = [
             sys.executable,
             "-m",
@@ -278,7 +355,10 @@ async def _check_in_child(
             str(path),
         ]
         try:
-            exit_ = await _run_child(command, cwd=scratch, timeout_s=settings.validate_timeout_s)
+            exit_ = await _run_child(command, cwd=scratch, settings=settings, request=request)
+        except ClientDisconnect:
+            log.info("%s %s: its client hung up; its check was stopped", kind, stored.filename)
+            raise
         finally:
             with anyio.CancelScope(shield=True):  # removed even when the client hung up
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
@@ -292,13 +372,23 @@ async def _check_in_child(
     log.log(level, "%s %s refused: %s", kind, stored.filename, detail)
     if exit_.answer is None or exit_.answer.get("outcome") == "failed":
         log.log(level, "end of its check's stderr:\n%s", exit_.stderr_tail.decode(errors="replace"))
-    names = {str(path): stored.filename, str(scratch): stored.filename, path.name: stored.filename}
-    raise InputError(_scrub(detail, names))
+    names = {
+        **path_names(path, stored.filename),
+        **path_names(scratch, stored.filename),
+        path.name: stored.filename,  # the stored name (its sha256) is the server's too
+    }
+    raise InputError(redact(detail, names))
 
 
-async def validate_model(stored: StoredUpload, settings: Settings, slots: ValidationSlots) -> None:
-    """Raise :class:`InputError` when ``stored`` is not a loadable model (checked in a child)."""
-    await _check_in_child(stored, kind="model", settings=settings, slots=slots)
+async def validate_model(
+    stored: StoredUpload,
+    settings: Settings,
+    slots: ValidationSlots,
+    request: Request | None = None,
+) -> None:
+    """Raise :class:`InputError` when ``stored`` is not a loadable model (checked in a child,
+    stopped when the client of ``request`` hangs up)."""
+    await _check_in_child(stored, kind="model", settings=settings, slots=slots, request=request)
 
 
 def _parsed_bytes(path: Path, filename: str) -> int:
@@ -317,15 +407,21 @@ def _parsed_bytes(path: Path, filename: str) -> int:
 
 
 async def validate_dataset(
-    stored: StoredUpload, settings: Settings, slots: ValidationSlots
+    stored: StoredUpload,
+    settings: Settings,
+    slots: ValidationSlots,
+    request: Request | None = None,
 ) -> None:
     """Raise :class:`InputError` unless ``stored`` is a readable dataset; a large one is
-    parsed in a child (see the module docstring)."""
+    parsed in a child, a small one here, a few at a time (see the module docstring)."""
     parsed = await anyio.to_thread.run_sync(_parsed_bytes, stored.path, stored.filename)
     if parsed > INLINE_DATASET_BYTES:
-        await _check_in_child(stored, kind="dataset", settings=settings, slots=slots)
+        await _check_in_child(
+            stored, kind="dataset", settings=settings, slots=slots, request=request
+        )
         return
-    summary = await anyio.to_thread.run_sync(
-        lambda: check_dataset(stored.path, filename=stored.filename)
-    )
+    async with slots.inline:
+        summary = await anyio.to_thread.run_sync(
+            lambda: check_dataset(stored.path, filename=stored.filename)
+        )
     log.info("dataset %s is valid: %s", stored.filename, summary)

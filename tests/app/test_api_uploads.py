@@ -106,6 +106,17 @@ def test_bad_datasets_are_422(client: TestClient, name: str, data: bytes, needle
     assert needle in body["detail"]
 
 
+def test_the_same_bytes_under_another_suffix_answer_the_first_upload_and_leave_one_file(
+    client: TestClient, settings: Settings
+) -> None:
+    first = _upload(client, "datasets", "calib.txt", b"the cat sat\n")
+    assert first.status_code == 201, first.text
+    again = _upload(client, "datasets", "calib.text", b"the cat sat\n")  # stored as <sha>.text
+    assert again.status_code == 200 and again.json() == first.json()
+    stored = [p.name for p in settings.upload_dir.rglob("*") if p.is_file()]
+    assert stored == [f"{first.json()['sha256']}.txt"]
+
+
 def test_upload_over_the_limit_is_413_and_leaves_nothing(settings: Settings) -> None:
     small = settings.model_copy(update={"max_upload_bytes": 1000})
     with api_client(small) as client:

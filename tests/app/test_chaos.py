@@ -39,7 +39,6 @@ from typing import Any
 
 import httpx
 import pytest
-from _chaos_runner import LOG_ENV, TOKEN_FILE
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -48,6 +47,7 @@ from bitplan.app.models import Blob, Job
 from bitplan.app.settings import Settings
 from bitplan.app.states import TERMINAL_STATES, JobState
 from bitplan.app.sweeper import sweep_settings
+from tests.app._chaos_runner import LOG_ENV, TOKEN_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("chaos")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _api_fixtures import api_client, job_body
 from fastapi.testclient import TestClient
 
 from bitplan.app import worker
 from bitplan.app.settings import Settings
 from bitplan.search.exports import EXPORTS
+from tests.app._api_fixtures import api_client, job_body
 from tests.helpers import write_tiny_hf_model, zip_folder
 
 UPLOAD_NAME = "my encoder.zip"

@@ -19,9 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import typer
-from _api_fixtures import api_client
 from sqlalchemy import create_engine, inspect
-from test_report import write_job
 from typer.testing import CliRunner
 
 from bitplan.app.cli import app
@@ -34,6 +32,8 @@ from bitplan.search.plans import read_frontier
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import ProgressFn, report
+from tests.app._api_fixtures import api_client
+from tests.app.test_report import write_job
 from tests.helpers import SENTENCES
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _api_fixtures import api_client, enqueue_job, job_body
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -27,6 +26,7 @@ from bitplan.app.states import JobState
 from bitplan.app.sweeper import PERIODIC_GRACE_S, PeriodicSweep, Swept, sweep_settings
 from bitplan.app.worker import run_worker
 from bitplan.search.pipeline import run_job
+from tests.app._api_fixtures import api_client, enqueue_job, job_body
 
 WAIT_S = 30.0  # how long a test waits for the periodic sweep: far beyond any slowness
 OLD_S = PERIODIC_GRACE_S + 10  # an age past the periodic grace
@@ -309,6 +309,28 @@ def test_the_api_sweeps_periodically_and_spares_uploads_in_flight(
         dead_attempt = _staging(settings, str(uuid.uuid4()), 1)
         _until(lambda: not abandoned.exists() and not dead_attempt.exists(), "periodic sweep")
         assert in_flight.exists()
+
+
+def test_a_periodic_sweep_spares_uploads_younger_than_their_longest_check(
+    settings: Settings, engine: Engine
+) -> None:
+    """A stored upload gets its row only after its check: when a check may take longer than
+    the periodic grace, a row-less file and a scratch folder that old may be a check still
+    running, and stay; older ones go."""
+    slow = settings.model_copy(update={"validate_timeout_s": 2 * PERIODIC_GRACE_S})
+    owner = settings.upload_dir / "models" / "public"
+    in_check = [
+        _touch(owner / ("1" * 64 + ".zip"), age_s=OLD_S),  # past the default grace only
+        _touch(settings.cache_dir / ".validate-in-check" / "x.bin", age_s=OLD_S).parent,
+    ]
+    _age(in_check[1], OLD_S)
+    abandoned = _touch(owner / ("2" * 64 + ".zip"), age_s=3 * PERIODIC_GRACE_S)
+    periodic = PeriodicSweep(slow, make_sessionmaker(engine), interval_s=0.02).start()
+    try:
+        _until(lambda: periodic.sweeps >= 1, "a periodic sweep")
+    finally:
+        periodic.stop()
+    assert all(path.exists() for path in in_check) and not abandoned.exists()
 
 
 def test_a_failed_periodic_sweep_is_logged_and_retried(

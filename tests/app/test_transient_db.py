@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _api_fixtures import api_client, assert_problem, enqueue_job, job_body
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
@@ -27,6 +26,7 @@ from bitplan.app import crud, queue, worker
 from bitplan.app.db import Backoff, is_transient, make_engine, make_sessionmaker, retry_transient
 from bitplan.app.settings import Settings
 from bitplan.search.spec import JobSpec
+from tests.app._api_fixtures import api_client, assert_problem, enqueue_job, job_body
 
 LOCKED = sa_exc.OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("locked"))
 POOL_FULL = sa_exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached")

@@ -1,6 +1,7 @@
 """Uploads are checked in child processes with limits (bitplan.app.validation): every way a
 check can end is a 422 naming the file (never a server path) that leaves nothing behind, the
-child is killed past its time or when the client goes, and a few checks run at once.
+child and whatever it started are killed past its time, after it answers or when the client
+goes, a few checks run at once, and a check the server cannot run is a 503 to retry.
 
 Most tests run a stand-in child (tests/app/_fake_upload_check.py) that answers at once; the
 last ones run the real check, which imports torch and transformers in a fresh process (a few
@@ -9,17 +10,25 @@ seconds each).
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import resource
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from bitplan.app.embedded import embedded_service
 from bitplan.app.problems import ProblemError
 from bitplan.app.settings import Settings
 from bitplan.app.upload_check import run_check
@@ -27,6 +36,7 @@ from bitplan.app.uploads import VALIDATE_PREFIX, StoredUpload
 from bitplan.app.validation import (
     INLINE_DATASET_BYTES,
     ValidationSlots,
+    validate_dataset,
     validate_model,
     validation_slots,
 )
@@ -36,6 +46,11 @@ from tests.helpers import tiny_bert_files, zip_bytes
 
 _ROOT = Path(__file__).resolve().parents[2]
 _MIB = 1 << 20
+# How long a test waits for a stand-in to start (a fresh interpreter: well under a second
+# unless the machine is very busy) or for a killed one to be gone.
+_WAIT_S = 10.0
+# How soon a hang-up must stop its check: the API notices at once; this is for a busy machine.
+_HANG_UP_S = 5.0
 
 
 def _files(settings: Settings) -> list[Path]:
@@ -50,21 +65,55 @@ def _scratch_dirs(settings: Settings) -> list[Path]:
 
 
 def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for a parent that never reaps it,
+    as an orphan may under a container's init, has ended too)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return True
-    return False
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # the state, after "(comm)"
+
+
+def _until(condition: Callable[[], bool], what: str, *, timeout_s: float = _WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class FakeCheck:
+    """Where the stand-in child says what it did (see tests/app/_fake_upload_check.py)."""
+
+    pidfile: Path
+    runs_file: Path
+    grandchild_pidfile: Path
+
+    def pid(self) -> int:
+        """The pid of the last stand-in started, waiting for it to start if need be."""
+        _until(self.pidfile.exists, "the stand-in check started")
+        return int(self.pidfile.read_text())
+
+    def grandchild(self) -> int:
+        _until(self.grandchild_pidfile.exists, "the stand-in started its grandchild")
+        return int(self.grandchild_pidfile.read_text())
+
+    def runs(self) -> int:
+        """How many stand-ins have started."""
+        return len(self.runs_file.read_text().split()) if self.runs_file.exists() else 0
 
 
 @pytest.fixture
-def fake_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """Run the stand-in child; yields the file it writes its pid to."""
+def fake_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeCheck]:
+    """Run the stand-in child instead of the real check."""
     monkeypatch.setattr("bitplan.app.validation.CHILD_MODULE", "tests.app._fake_upload_check")
     monkeypatch.setenv("PYTHONPATH", str(_ROOT))  # the child runs in its scratch folder
-    pidfile = tmp_path / "child.pid"
-    monkeypatch.setenv("BITPLAN_TEST_CHECK_PIDFILE", str(pidfile))
-    yield pidfile
+    fake = FakeCheck(tmp_path / "child.pid", tmp_path / "runs", tmp_path / "grandchild.pid")
+    monkeypatch.setenv("BITPLAN_TEST_CHECK_PIDFILE", str(fake.pidfile))
+    monkeypatch.setenv("BITPLAN_TEST_CHECK_RUNS", str(fake.runs_file))
+    monkeypatch.setenv("BITPLAN_TEST_GRANDCHILD_PIDFILE", str(fake.grandchild_pidfile))
+    yield fake
 
 
 def _upload(client: TestClient, name: str, data: bytes, kind: str = "models") -> httpx.Response:
@@ -83,7 +132,7 @@ def _upload(client: TestClient, name: str, data: bytes, kind: str = "models") ->
 )
 def test_every_failed_check_is_a_422_naming_the_file_that_leaves_nothing(
     settings: Settings,
-    fake_check: Path,
+    fake_check: FakeCheck,
     monkeypatch: pytest.MonkeyPatch,
     mode: str,
     needles: list[str],
@@ -97,11 +146,11 @@ def test_every_failed_check_is_a_422_naming_the_file_that_leaves_nothing(
     text = json.dumps(problem)
     assert str(settings.data_dir) not in text and str(settings.data_dir.resolve()) not in text
     assert _files(settings) == [] and _scratch_dirs(settings) == []
-    assert _gone(int(fake_check.read_text()))
+    assert _gone(fake_check.pid())
 
 
 def test_a_valid_check_keeps_the_upload(
-    settings: Settings, fake_check: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, fake_check: FakeCheck, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BITPLAN_TEST_CHECK", "valid")
     with api_client(settings) as client:
@@ -111,40 +160,104 @@ def test_a_valid_check_keeps_the_upload(
     assert _scratch_dirs(settings) == []
 
 
+def test_a_check_that_leaves_a_process_behind_is_answered_and_the_process_killed(
+    settings: Settings, fake_check: FakeCheck, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stand-in answers valid and exits, leaving ``sleep 60`` with its stdout and stderr:
+    the answer counts (no wait for pipes that stay open) and the leftover is killed."""
+    monkeypatch.setenv("BITPLAN_TEST_CHECK", "grandchild")
+    # Far under the grandchild's 60 s: waiting for its pipes would end as "took longer".
+    quick = settings.model_copy(update={"validate_timeout_s": _WAIT_S})
+    with api_client(quick) as client:
+        answer = _upload(client, "m.zip", b"PK whatever")
+        assert answer.status_code == 201, answer.text
+    _until(lambda: _gone(fake_check.grandchild()), "the check's grandchild killed")
+    assert _gone(fake_check.pid()) and _scratch_dirs(settings) == []
+
+
 def test_a_check_past_its_time_is_killed_and_named(
-    settings: Settings, fake_check: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, fake_check: FakeCheck, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BITPLAN_TEST_CHECK", "sleep")
-    quick = settings.model_copy(update={"validate_timeout_s": 1.0})
+    # Long enough for the stand-in to start and write its pid on a busy machine.
+    quick = settings.model_copy(update={"validate_timeout_s": _HANG_UP_S})
     with api_client(quick) as client:
         problem = assert_problem(_upload(client, "slow.zip", b"PK whatever"), 422)
     assert problem["detail"] == (
-        "slow.zip: checking it took longer than its 1 s limit (BITPLAN_VALIDATE_TIMEOUT_S)"
+        f"slow.zip: checking it took longer than its {_HANG_UP_S:g} s limit "
+        "(BITPLAN_VALIDATE_TIMEOUT_S)"
     )
-    assert _gone(int(fake_check.read_text()))
+    assert _gone(fake_check.pid())
     assert _files(settings) == [] and _scratch_dirs(settings) == []
 
 
-def test_a_client_that_goes_away_gets_its_check_killed(
-    settings: Settings, fake_check: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_a_cancelled_check_is_killed(
+    settings: Settings, fake_check: FakeCheck, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """Cancelling the awaiting task (as a server shutting down does) kills the child."""
     monkeypatch.setenv("BITPLAN_TEST_CHECK", "sleep")
     upload = tmp_path / "m.zip"
     upload.write_bytes(b"PK whatever")
     stored = StoredUpload(path=upload, sha256="0" * 64, size_bytes=11, filename="m.zip")
     slots = ValidationSlots(1)
 
-    async def hang_up() -> None:
-        with anyio.move_on_after(1.0):  # the request's task is cancelled when its client goes
-            await validate_model(stored, settings, slots)
+    async def cancel_once_started() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(validate_model, stored, settings, slots)
+            await anyio.to_thread.run_sync(fake_check.pid)  # it is running
+            group.cancel_scope.cancel()
 
-    anyio.run(hang_up)
-    assert _gone(int(fake_check.read_text()))
+    anyio.run(cancel_once_started)
+    assert _gone(fake_check.pid())
     assert _scratch_dirs(settings) == [] and slots.busy == 0
 
 
+def _raw_upload(name: str, data: bytes) -> bytes:
+    """A whole multipart upload to /v1/models as bytes on the wire."""
+    boundary = "b0undary"
+    body = (
+        (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        "POST /v1/models HTTP/1.1\r\nHost: localhost\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_a_client_that_hangs_up_mid_check_gets_its_check_killed(
+    settings: Settings,
+    fake_check: FakeCheck,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under uvicorn, a client that closes its socket while its upload is checked: the child
+    is killed and its scratch folder and the stored upload removed, with no error logged."""
+    monkeypatch.setenv("BITPLAN_TEST_CHECK", "sleep")
+    served = settings.model_copy(update={"port": 0, "validate_timeout_s": 120.0})
+    with caplog.at_level(logging.INFO), embedded_service(served, workers=0) as url:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=_WAIT_S) as conn:
+            conn.sendall(_raw_upload("m.zip", b"PK whatever"))
+            child = fake_check.pid()  # the check is running: now hang up
+        _until(
+            lambda: _gone(child) and not _scratch_dirs(settings) and not _files(settings),
+            "the check killed and its files removed after the client hung up",
+            timeout_s=_HANG_UP_S,
+        )
+    assert "m.zip: its client hung up; its check was stopped" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_a_model_upload_finding_every_slot_taken_is_503_before_its_body(
-    settings: Settings, fake_check: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, fake_check: FakeCheck, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BITPLAN_TEST_CHECK", "valid")
     with api_client(settings) as client:
@@ -152,9 +265,10 @@ def test_a_model_upload_finding_every_slot_taken_is_503_before_its_body(
         slots.busy = slots.total  # as if max_validations checks were running
         problem = assert_problem(_upload(client, "m.zip", b"PK whatever"), 503)
         assert "BITPLAN_MAX_VALIDATIONS" in problem["detail"]
+        assert fake_check.runs() == 0
         slots.busy = 0
         assert _upload(client, "m.zip", b"PK whatever").status_code == 201
-    assert fake_check.exists()  # the stand-in ran once: for the second upload only
+    assert fake_check.runs() == 1  # for the second upload only
 
 
 def test_the_503_says_when_to_retry(settings: Settings) -> None:
@@ -167,17 +281,81 @@ def test_the_503_says_when_to_retry(settings: Settings) -> None:
     assert "retry after 7 s" in str(refused.value) and slots.busy == 3
 
 
+def _assert_retry_later(response: httpx.Response, settings: Settings) -> None:
+    """A 503 to retry after BITPLAN_VALIDATE_RETRY_AFTER_S that names no server path, the
+    upload and any scratch folder gone."""
+    problem = assert_problem(response, 503)
+    assert response.headers["Retry-After"] == str(settings.validate_retry_after_s)
+    assert f"retry after {settings.validate_retry_after_s} s" in problem["detail"]
+    assert str(settings.data_dir) not in json.dumps(problem)
+    assert _files(settings) == [] and _scratch_dirs(settings) == []
+
+
+def test_a_check_without_room_for_its_scratch_folder_is_a_503_not_the_files_fault(
+    settings: Settings, fake_check: FakeCheck, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BITPLAN_TEST_CHECK", "valid")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")  # the cache folder's parent is a file: mkdir fails (ENOTDIR)
+    cramped = settings.model_copy(update={"cache_dir": blocker / "cache"})
+    with api_client(cramped) as client:
+        _assert_retry_later(_upload(client, "m.zip", b"PK whatever"), cramped)
+    assert fake_check.runs() == 0
+
+
+def test_a_check_that_cannot_start_is_a_503_with_retry_after(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fork_fails(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))  # fork(2) at the process limit
+
+    monkeypatch.setattr("bitplan.app.validation.anyio.open_process", fork_fails)
+    with api_client(settings) as client:
+        _assert_retry_later(_upload(client, "m.zip", b"PK whatever"), settings)
+
+
+def test_datasets_parsed_in_the_api_process_are_a_few_at_a_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def parse(_path: Path, *, filename: str) -> str:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)  # long enough for every parse let in to overlap
+        with lock:
+            running[0] -= 1
+        return filename
+
+    monkeypatch.setattr("bitplan.app.validation.check_dataset", parse)
+    slots = ValidationSlots(1, inline=2)
+    uploads = []
+    for i in range(5):
+        (tmp_path / f"{i}.txt").write_bytes(b"a sample\n")
+        uploads.append(StoredUpload(tmp_path / f"{i}.txt", "0" * 64, 9, f"{i}.txt"))
+
+    async def burst() -> None:
+        async with anyio.create_task_group() as group:
+            for stored in uploads:
+                group.start_soon(validate_dataset, stored, settings, slots)
+
+    anyio.run(burst)
+    assert most[0] == 2
+
+
 def test_a_large_dataset_is_checked_in_a_child_a_small_one_is_not(
-    settings: Settings, fake_check: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, fake_check: FakeCheck, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BITPLAN_TEST_CHECK", "invalid")  # the stand-in refuses everything
     roomy = settings.model_copy(update={"max_upload_bytes": 4 * _MIB})
     with api_client(roomy) as client:
         small = _upload(client, "small.txt", b"a sample\n" * 100, kind="datasets")
         assert small.status_code == 201, small.text
+        assert fake_check.runs() == 0
         big = b"a sample\n" * (INLINE_DATASET_BYTES // 9 + 1)
         problem = assert_problem(_upload(client, "big.txt", big, kind="datasets"), 422)
-        assert problem["detail"].startswith("big.txt: bad")
+        assert problem["detail"].startswith("big.txt: bad") and fake_check.runs() == 1
         slots = validation_slots(client.app.state, roomy)  # type: ignore[attr-defined]
         slots.busy = slots.total
         busy = _upload(client, "big2.txt", big + b"x\n", kind="datasets")

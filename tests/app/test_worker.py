@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _api_fixtures import enqueue_job
 from sqlalchemy import Engine, update
 
 from bitplan.app import crud, queue, worker
@@ -33,6 +32,7 @@ from bitplan.app.states import JobState
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+from tests.app._api_fixtures import enqueue_job
 
 STEP_S = 0.1  # one runner step; a job of `trials` steps runs trials * STEP_S seconds
 LOG_ENV = "BITPLAN_TEST_RUNNER_LOG"  # where the runner double notes starts and completions

@@ -12,7 +12,9 @@ never touches another owner's file.
 
 The stored file exists before its row (temp name, fsync, rename, then insert): when validation
 or the insert fails the file is removed unless another row uses it, and a process killed in
-between leaves a file without a row, which :mod:`bitplan.app.sweeper` removes later.
+between leaves a file without a row, which :mod:`bitplan.app.sweeper` removes later. The same
+bytes uploaded again under another suffix land on another path: the existing row is answered
+and the new file removed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
+from starlette.requests import ClientDisconnect
 
 from bitplan.app import crud
 from bitplan.app.api.deps import OwnerDep, PageCursor, PageLimit, SessionDep, SettingsDep
@@ -42,9 +45,10 @@ __all__ = ["Validator", "blob_router"]
 
 log = logging.getLogger(__name__)
 
-# await validate(stored_upload, settings, slots) raises InputError for a file that is not
-# acceptable, ProblemError 503 when it cannot be checked now.
-Validator = Callable[[StoredUpload, Settings, ValidationSlots], Awaitable[None]]
+# await validate(stored_upload, settings, slots, request) raises InputError for a file that is
+# not acceptable, ProblemError 503 when it cannot be checked now, ClientDisconnect when the
+# client of request hung up during the check.
+Validator = Callable[[StoredUpload, Settings, ValidationSlots, Request | None], Awaitable[None]]
 
 BlobId = Annotated[str, PathParam(description="the model's or dataset's id")]
 # A client that hashed a file asks whether the server already has its bytes, in one request.
@@ -98,11 +102,14 @@ def _known(session: Session, *, owner_id: str | None, kind: str, sha256: str) ->
     return bool(found)
 
 
-def _discard_upload(session: Session, path: str) -> None:
-    """After a failed upload: remove its file unless a row uses it; when even that lookup fails
-    (the database is down), leave the file to the sweeper rather than risk another's bytes."""
+def _discard_upload(session: Session, path: str, *, failed: bool = True) -> None:
+    """Remove an upload's file unless a row uses it: after a failed upload (``failed``: its
+    transaction is rolled back first), or when the existing row that answered it keeps the same
+    bytes under another name. When even that lookup fails (the database is down), leave the
+    file to the sweeper rather than risk another's bytes."""
     try:
-        session.rollback()
+        if failed:
+            session.rollback()
         _remove_if_unused(session, path)
     except Exception:
         log.warning("left %s to the sweeper: could not check whether a row uses it", path)
@@ -112,10 +119,12 @@ def _validated(validate: Validator, kind: str) -> Validator:
     """``validate`` with any unexpected failure turned into an :class:`InputError`: whatever a
     hostile file makes a parser raise is the file's fault (422), not the server's (500)."""
 
-    async def run(stored: StoredUpload, settings: Settings, slots: ValidationSlots) -> None:
+    async def run(
+        stored: StoredUpload, settings: Settings, slots: ValidationSlots, request: Request | None
+    ) -> None:
         try:
-            await validate(stored, settings, slots)
-        except (InputError, ProblemError):
+            await validate(stored, settings, slots, request)
+        except (InputError, ProblemError, ClientDisconnect):
             raise
         except Exception as exc:
             log.warning("%s %s failed validation", kind, stored.filename, exc_info=True)
@@ -173,10 +182,11 @@ def blob_router(
             dest_dir=_owner_dir(settings, kind, owner_id),
             max_bytes=settings.max_upload_bytes,
         )
+        path = str(stored.path.resolve())
         try:
             known = partial(_known, session, owner_id=owner_id, kind=kind, sha256=stored.sha256)
             if not await anyio.to_thread.run_sync(known):  # the same bytes again: no new check
-                await check(stored, settings, slots)
+                await check(stored, settings, slots, request)
             blob, created = await anyio.to_thread.run_sync(
                 partial(
                     crud.create_or_get_blob,
@@ -186,13 +196,15 @@ def blob_router(
                     sha256=stored.sha256,
                     filename=stored.filename,
                     size_bytes=stored.size_bytes,
-                    path=str(stored.path.resolve()),
+                    path=path,
                 )
             )
         except BaseException:
             with anyio.CancelScope(shield=True):  # a client that hung up still gets cleaned up
-                await anyio.to_thread.run_sync(_discard_upload, session, str(stored.path.resolve()))
+                await anyio.to_thread.run_sync(_discard_upload, session, path)
             raise
+        if blob.path != path:  # the same bytes under another suffix: the row keeps its own file
+            await anyio.to_thread.run_sync(partial(_discard_upload, session, path, failed=False))
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         response.headers["Location"] = f"/v1/{plural}/{blob.id}"
         log.info("%s %s %s (%s)", kind, blob.id, "created" if created else "exists", blob.filename)

@@ -32,6 +32,7 @@ from bitplan.app.api.deps import OwnerDep, PageCursor, PageLimit, SessionDep, Se
 from bitplan.app.models import Blob, Job
 from bitplan.app.problems import ProblemError, problem_responses
 from bitplan.app.schemas import (
+    BUILTIN_CALIB,
     BUILTIN_PREFIX,
     FrontierPointRead,
     FrontierRead,
@@ -96,7 +97,8 @@ def _request_of(job: Job) -> JobRequestRead:
     """The request as submitted: resource ids, not the server paths the worker uses."""
     builtin = str(job.spec.get("model", ""))
     model = job.model_id or (builtin if builtin.startswith(BUILTIN_PREFIX) else "deleted")
-    calib = job.dataset_id or ("builtin" if job.spec.get("calib") == "builtin" else "deleted")
+    builtin_calib = job.spec.get("calib") == BUILTIN_CALIB
+    calib = job.dataset_id or (BUILTIN_CALIB if builtin_calib else "deleted")
     fields = {name: job.spec[name] for name in JobCreate.model_fields if name in job.spec}
     # The stored spec holds format names; the schema holds parsed formats.
     fields["formats"] = [as_format(name) for name in fields.get("formats", [])]
@@ -198,7 +200,7 @@ def create_job(
     if not body.model.startswith(BUILTIN_PREFIX):
         model = _resolve(session, owner_id, kind="model", ref=body.model)
     dataset = None
-    if body.calib != "builtin":
+    if body.calib != BUILTIN_CALIB:
         dataset = _resolve(session, owner_id, kind="dataset", ref=body.calib)
     spec = body.to_spec(model=model, dataset=dataset)
     request_hash = _request_hash(body)
