@@ -70,7 +70,7 @@ def job_spec(
         budget=budget,
         calib=os.fspath(calib),
         formats=_names(formats),
-        fuse=[name for name in _names(fuse) if name.strip()],
+        fuse=[name.strip() for name in _names(fuse) if name.strip()],  # as the CLI's --fuse
         exclude=_patterns(exclude),
         pins=dict(pins),
         **options,

@@ -124,6 +124,7 @@ def _table(
     model: LoadedModel,
     calib: CalibData,
     *,
+    layers: list[QuantLayer],
     out_dir: Path,
     cache_dir: Path | None,
     progress: ProgressFn | None,
@@ -140,7 +141,7 @@ def _table(
         progress=progress,
         should_cancel=should_cancel,
     )
-    write_table(table, out_dir, model.layers)
+    write_table(table, out_dir, layers)  # the layers as planned: share groups recorded
     return table
 
 
@@ -158,6 +159,7 @@ def analyze_spec(
         spec,
         model,
         calib,
+        layers=model.layers,
         out_dir=out_dir,
         cache_dir=cache_dir,
         progress=progress,
@@ -355,6 +357,7 @@ def run_job(
         spec,
         model,
         calib,
+        layers=layers,
         out_dir=out_dir,
         cache_dir=cache_dir,
         progress=progress,

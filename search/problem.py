@@ -143,7 +143,10 @@ class Group:
     bytes: np.ndarray  # int64 (n_options,)
     error: np.ndarray  # float64 (n_options,)
     pinned: QuantFormat | None = None
-    cols: int | None = None  # row length of the group's matrix (None: a table without a model)
+    # Row length of the group's first member's matrix (None: a table without a model); a share
+    # group's members may differ, and then uniform_choice finds no option for a ggml format that
+    # one member stores and another replaces by its fallback.
+    cols: int | None = None
     tensors: int = 1
 
 
@@ -173,6 +176,15 @@ class Problem:
         for g in self.groups:
             want = g.pinned or (fmt if g.cols is None else applicable_format(fmt, g.cols))
             if want not in g.formats:
+                # e.g. a share group whose members' rows differ in length, so that one member
+                # stores ``fmt`` and another its fallback: the baseline is dropped, not faked.
+                log.info(
+                    "no uniform %s baseline: group %s has no %s option (its options: %s)",
+                    fmt.name,
+                    g.key,
+                    want.name,
+                    ", ".join(f.name for f in g.formats),
+                )
                 return None
             choice[g.key] = want
         return choice
@@ -402,7 +414,7 @@ def build_problem(
             Group(
                 key=key,
                 members=[m.name for m in members],
-                numel=sum(rows[0].numel for rows in tensors.values()),
+                numel=sum(tensor_rows[0].numel for tensor_rows in tensors.values()),
                 formats=formats,
                 bytes=nbytes,
                 error=error,

@@ -120,7 +120,7 @@ class JobSpec(BaseModel):
     )
     fuse: list[FuseRule] = Field(
         default_factory=list,
-        max_length=MAX_PATTERNS,  # a bound on the request; the validator names bad items
+        max_length=len(FUSE_RULES),  # each rule at most once, so the schema's bound is exact
         description="fusion rules whose layers take one format: " + ", ".join(FUSE_RULES),
     )
     holdout: float = Field(0.25, gt=0, lt=1, description="share of the data held out")

@@ -1,13 +1,14 @@
 """Share groups from built-in fusion rules: the job option ``fuse`` (``qkv``, ``gate_up``).
 
 Runtimes run some matmuls as one kernel over a concatenated weight: vLLM packs the q/k/v
-projections into ``qkv_proj`` and gate/up into ``gate_up_proj`` (its ``packed_modules_mapping``),
-llama.cpp stores GPT-2-style attention as one ``attn_qkv`` tensor, and a fused MoE layer runs a
-Mixtral expert's ``w1``/``w3`` as one. A fused weight has one quantization format, so a plan that
+projections into ``qkv_proj`` and gate/up into ``gate_up_proj`` (its ``packed_modules_mapping``,
+which also packs the ``w1``/``w3`` MLPs of models such as LFM2), and llama.cpp stores GPT-2-style
+attention as one ``attn_qkv`` tensor. A fused weight has one quantization format, so a plan that
 gives q, k and v different formats cannot be served that way. A *share group* makes such layers
 one decision of the plan (one format) while each keeps its own tensor and bytes (DESIGN §6).
 Checkpoints that already store the fused matrix (GPT-NeoX/Falcon ``query_key_value``, GPT-2
-``c_attn``) have one layer there and need no rule.
+``c_attn``) have one layer there and need no rule. Fused 3-D MoE expert parameters (e.g.
+transformers' ``MixtralExperts.gate_up_proj``) are not layers bitplan plans at all.
 
 Rules group *siblings*: the layers named by one of a rule's name sets under one parent module.
 The grouping is applied to the layer list after the model loads, so the sensitivity table stays
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 # The rule names, as a type: requests (JobSpec, the REST schema) accept exactly these.
 FuseRule = Literal["qkv", "gate_up"]
 # Rule name -> the sibling-name sets it fuses. Names follow transformers' modules: LLaMA-style
-# (q_proj/k_proj/v_proj, gate_proj/up_proj), BERT-style (query/key/value) and Mixtral's experts
-# (w1 = gate, w3 = up; w2 is the down projection, not fused).
+# (q_proj/k_proj/v_proj, gate_proj/up_proj), BERT-style (query/key/value) and w1/w3 MLPs such as
+# LFM2's (w1 = gate, w3 = up; w2 is the down projection, not fused).
 FUSE_RULES: Mapping[FuseRule, tuple[tuple[str, ...], ...]] = MappingProxyType(
     {
         "qkv": (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")),
@@ -73,16 +74,21 @@ def fuse_layers(layers: Sequence[QuantLayer], rules: Sequence[str]) -> list[Quan
     """``layers`` with ``share`` set by the fusion ``rules`` (see the module docstring).
 
     Each group of two or more siblings becomes the share group ``<parent>.<rule>`` (e.g.
-    ``model.layers.0.self_attn.qkv``); a set with a member missing (excluded) groups the rest. A
-    rule that matches nothing logs a warning; an unknown rule name is an :class:`InputError`, as
-    is a layer that two rules (or a rule and an earlier share) would put in different groups.
+    ``model.layers.0.self_attn.qkv``). A set with a member missing (excluded) groups the rest
+    and a set cut to one layer groups nothing: each logs a warning, as a runtime that fuses the
+    whole set cannot serve such a plan. A rule that matches no layer at all logs a warning too;
+    an unknown rule name is an :class:`InputError`, as is a layer that two rules (or a rule and
+    an earlier share) would put in different groups.
     """
     shares = {lay.name: lay.share for lay in layers if lay.share is not None}
     for rule in check_fuse_rules(rules):
-        groups = 0
+        groups: list[str] = []
+        partial: list[str] = []  # groups with a member missing
+        lone: list[str] = []  # sets cut to one layer: nothing to share a format with
         for names in FUSE_RULES[rule]:
             for parent, members in _siblings(layers, names).items():
-                if len(members) < 2:  # a lone projection has nothing to share a format with
+                if len(members) < 2:
+                    lone.append(members[0])
                     continue
                 key = f"{parent}.{rule}" if parent else rule
                 for name in members:
@@ -92,16 +98,39 @@ def fuse_layers(layers: Sequence[QuantLayer], rules: Sequence[str]) -> list[Quan
                             f"{key}); drop one of the fuse rules"
                         )
                 if len(members) < len(names):
-                    log.info("fuse %s: %s groups %s only", rule, key, ", ".join(members))
-                groups += 1
-        if groups:
-            log.info("fuse %s: %d share groups", rule, groups)
-        else:
-            wanted = " or ".join("/".join(names) for names in FUSE_RULES[rule])
-            log.warning(
-                "fuse rule %s matches no layers of this model (it groups sibling %s); "
-                "its layers keep a format each",
-                rule,
-                wanted,
-            )
+                    partial.append(f"{key} ({', '.join(members)})")
+                groups.append(key)
+        _log_rule(rule, groups=groups, partial=partial, lone=lone)
     return [replace(lay, share=shares[lay.name]) if lay.name in shares else lay for lay in layers]
+
+
+def _log_rule(rule: FuseRule, *, groups: list[str], partial: list[str], lone: list[str]) -> None:
+    """What one rule did: its share groups (INFO), and the sets it could not group whole."""
+    wanted = " or ".join("/".join(names) for names in FUSE_RULES[rule])
+    if groups:
+        log.info("fuse %s: %d share groups", rule, len(groups))
+    if partial:
+        log.warning(
+            "fuse %s: %d share groups lack a member (excluded or absent), e.g. %s; a runtime "
+            "that fuses the whole %s set cannot serve them: the missing layers are not planned "
+            "with them",
+            rule,
+            len(partial),
+            partial[0],
+            rule,
+        )
+    if lone:
+        log.warning(
+            "fuse %s: %d layers have no sibling left to share a format with (excluded or "
+            "absent), e.g. %s; they keep a format each",
+            rule,
+            len(lone),
+            lone[0],
+        )
+    if not (groups or lone):
+        log.warning(
+            "fuse rule %s matches no layers of this model (it groups sibling %s); "
+            "its layers keep a format each",
+            rule,
+            wanted,
+        )

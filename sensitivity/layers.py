@@ -149,9 +149,12 @@ def find_quant_layers(model: nn.Module, *, exclude: Sequence[str] = ()) -> list[
 def apply_pins(layers: Sequence[QuantLayer], pins: dict[str, str]) -> list[QuantLayer]:
     """Pin layers to formats: ``{"fnmatch pattern": "format"}``, matched against FQNs.
 
-    A pin on one member of a tie (or share) group pins the group. Two pins that disagree on one
-    layer or group are an error, as is a pattern that matches nothing (a typo would otherwise
-    pass).
+    A pin on one member of a tie group pins the group. Two pins that disagree on one layer or
+    tie group are an error, as is a pattern that matches nothing (a typo would otherwise pass).
+    Pins run before :func:`~bitplan.sensitivity.fusion.fuse_layers` sets share groups, so a pin
+    marks only the layers it matches; the problem builder
+    (:func:`bitplan.search.problem.build_problem`) spreads a member's pin over its share group
+    and refuses two different pins in one.
     """
     for fmt in pins.values():
         parse_format(fmt)

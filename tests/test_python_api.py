@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import bitplan
+from bitplan._spec import DEFAULT_FORMATS, job_spec
 from bitplan.search.artifact import tensor_bytes_of
 from bitplan.search.plans import FrontierFile, Plan, read_frontier, read_plan
 from bitplan.search.spec import JobSpec
@@ -163,6 +164,25 @@ def test_conflicting_or_bad_arguments_say_the_fix(
     with pytest.raises(InputError, match=re.escape(message)):
         bitplan.search(**{**FAST, **kwargs}, out_dir=tmp_path / "job")  # type: ignore[arg-type]
     assert not (tmp_path / "job").exists()  # rejected before anything ran
+
+
+@pytest.mark.parametrize(
+    ("fuse", "rules"),
+    [("qkv, gate_up", ["qkv", "gate_up"]), ([" gate_up ", ""], ["gate_up"]), ("", [])],
+)
+def test_fuse_names_are_stripped_as_the_cli_strips_them(
+    fuse: str | list[str], rules: list[str]
+) -> None:
+    spec = job_spec(
+        model="builtin:digits-cnn",
+        budget="4bpw",
+        calib="builtin",
+        formats=DEFAULT_FORMATS,
+        exclude=(),
+        pins={},
+        fuse=fuse,
+    )
+    assert spec.fuse == rules
 
 
 def test_metric_scores_quantized_models(metric_job: tuple) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from bitplan.search.applier import PlanApplier
 from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format
+from bitplan.sensitivity.fusion import fuse_layers
 from bitplan.sensitivity.layers import find_quant_layers
 
 
@@ -58,3 +59,35 @@ def test_restores_on_error_and_refuses_use_outside_block() -> None:
         assert not torch.equal(model[1].weight, before)  # the restore below has work to do
         raise KeyError("trial failed")
     assert torch.equal(model[1].weight, before)
+
+
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _blocks() -> nn.Module:
+    """Two attention blocks (q/k/v/o, k and v narrower as with grouped queries) and an MLP."""
+    torch.manual_seed(0)
+
+    def block() -> nn.Module:
+        attn = {n: nn.Linear(16, 8 if n in ("k_proj", "v_proj") else 16) for n in _QKVO}
+        return nn.ModuleDict({"attn": nn.ModuleDict(attn), "mlp": nn.Linear(16, 16)})
+
+    return nn.ModuleDict({"blocks": nn.ModuleList([block(), block()])})
+
+
+def test_a_share_group_choice_quantizes_exactly_its_members() -> None:
+    model = _blocks()
+    layers = fuse_layers(find_quant_layers(model), ["qkv"])
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    int4 = parse_format("int4-g8")
+    fused = {f"blocks.1.attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")}
+    with PlanApplier(model, layers) as applier:
+        applier.apply({"blocks.1.attn.qkv": int4})
+        for name, p in model.named_parameters():
+            if name in fused:  # q, k and v of block 1, each its own tensor in int4
+                assert torch.equal(p, fake_quantize(originals[name], int4)), name
+                assert not torch.equal(p, originals[name]), name
+            else:  # block 0's q/k/v, every o_proj and MLP, and the biases: untouched
+                assert torch.equal(p, originals[name]), name
+    for name, p in model.named_parameters():
+        assert torch.equal(p, originals[name]), name

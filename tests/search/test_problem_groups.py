@@ -137,6 +137,28 @@ def test_group_options_bytes_and_numel() -> None:
     assert problem.planned_numel == (32 + 64 + 64 + 16 + 48 + 8) * 64
 
 
+def test_a_uniform_format_one_member_cannot_store_is_dropped_and_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One share group, rows of 256 and of 64 weights: q4_k (blocks of 256) fits the first only,
+    # the second is measured in llama.cpp's fallback q5_0, so the group has no uniform q4_k.
+    layers = [
+        QuantLayer(name=n, param=f"{n}.weight", kind="linear", shape=(8, c), numel=8 * c, share="g")
+        for n, c in (("wide", 256), ("narrow", 64))
+    ]
+    cells = [("wide", "q4_k"), ("wide", "q8_0"), ("narrow", "q5_0"), ("narrow", "q8_0")]
+    table = pd.DataFrame([{"layer": n, "format": f, "error": 1.0} for n, f in cells])
+    problem = build_problem(table, layers, unplanned_bytes=0, fp16_bytes=1)
+    q8_0 = parse_format("q8_0")
+    with caplog.at_level(logging.INFO, logger="bitplan.search.problem"):
+        assert problem.uniform_choice(q8_0) == {"g": q8_0}
+        assert caplog.text == ""
+        assert problem.uniform_choice(parse_format("q4_k")) is None
+    assert "no uniform q4_k baseline: group g has no q4_k option (its options: q8_0)" in (
+        caplog.text
+    )
+
+
 def test_a_pin_on_one_member_pins_the_group_and_two_pins_must_agree() -> None:
     table = _table([1] * _N_CELLS)
     pinned = [

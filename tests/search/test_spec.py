@@ -51,6 +51,7 @@ def test_defaults_are_readable_from_the_class() -> None:
         ({"trails": 3}, "trails: Extra inputs are not permitted"),
         ({"fuse": ["qkvo"]}, "fuse.0: Input should be 'qkv' or 'gate_up', got 'qkvo'"),
         ({"fuse": ["qkv", "qkv"]}, "fuse: fuse rule listed twice: qkv"),
+        ({"fuse": ["qkv", "gate_up", "qkv"]}, "fuse: List should have at most 2 items"),
     ],
 )
 def test_bad_values_are_one_line_input_errors(change: dict[str, object], needle: str) -> None:

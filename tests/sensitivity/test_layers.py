@@ -112,8 +112,9 @@ def test_parameter_bytes_counts_unplanned_and_ties_once() -> None:
 
 
 class _Block(nn.Module):
-    """A LLaMA-style block (q/k/v/o, gate/up/down), a BERT-style attention and a Mixtral-style
-    expert: every naming the fusion rules know, with a k/v smaller than q (grouped queries)."""
+    """A LLaMA-style block (q/k/v/o, gate/up/down), a BERT-style attention and an LFM2-style
+    w1/w2/w3 MLP: every naming the fusion rules know, with a k/v smaller than q (grouped
+    queries)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,7 +132,7 @@ class _Block(nn.Module):
             }
         )
         self.bert = nn.ModuleDict({n: nn.Linear(8, 8) for n in ("query", "key", "value")})
-        self.expert = nn.ModuleDict({n: nn.Linear(8, 16) for n in ("w1", "w2", "w3")})
+        self.feed_forward = nn.ModuleDict({n: nn.Linear(8, 16) for n in ("w1", "w2", "w3")})
 
 
 class _Model(nn.Module):
@@ -150,8 +151,8 @@ def test_fuse_rules_group_siblings_of_one_module() -> None:
             assert share[f"layers.{i}.bert.{n}"] == f"layers.{i}.bert.qkv"
         for n in ("gate_proj", "up_proj"):
             assert share[f"layers.{i}.mlp.{n}"] == f"layers.{i}.mlp.gate_up"
-        assert share[f"layers.{i}.expert.w1"] == share[f"layers.{i}.expert.w3"]
-        for n in ("self_attn.o_proj", "mlp.down_proj", "expert.w2"):
+        assert share[f"layers.{i}.feed_forward.w1"] == share[f"layers.{i}.feed_forward.w3"]
+        for n in ("self_attn.o_proj", "mlp.down_proj", "feed_forward.w2"):
             assert share[f"layers.{i}.{n}"] is None
     by_name = {lay.name: lay for lay in layers}
     k = by_name["layers.0.self_attn.k_proj"]
@@ -161,11 +162,30 @@ def test_fuse_rules_group_siblings_of_one_module() -> None:
     assert only_qkv["layers.0.mlp.up_proj"] is None
 
 
-def test_fuse_groups_what_is_left_after_exclusions() -> None:
+def test_fuse_groups_what_is_left_after_exclusions(caplog: pytest.LogCaptureFixture) -> None:
     layers = find_quant_layers(_Model(), exclude=["*.v_proj", "*.up_proj"])
-    share = {lay.name: lay.share for lay in fuse_layers(layers, ["qkv", "gate_up"])}
+    with caplog.at_level("WARNING"):
+        share = {lay.name: lay.share for lay in fuse_layers(layers, ["qkv", "gate_up"])}
     assert share["layers.0.self_attn.q_proj"] == share["layers.0.self_attn.k_proj"] is not None
     assert share["layers.0.mlp.gate_proj"] is None  # alone: nothing to share a format with
+    # q+k without v is no fused qkv weight: a runtime that fuses q/k/v cannot serve the plan.
+    assert "fuse qkv: 2 share groups lack a member (excluded or absent)" in caplog.text
+    assert "layers.0.self_attn.qkv (layers.0.self_attn.q_proj, layers.0.self_attn.k_proj)" in (
+        caplog.text
+    )
+    assert "fuse gate_up: 2 layers have no sibling left" in caplog.text  # the two gate_proj
+    assert "matches no layers" not in caplog.text  # gate_up still groups the w1/w3 MLPs
+
+
+def test_a_fuse_rule_whose_every_set_is_cut_to_one_layer_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    layers = find_quant_layers(_Model(), exclude=["*.k_proj", "*.v_proj", "*.key", "*.value"])
+    with caplog.at_level("WARNING"):
+        assert fuse_layers(layers, ["qkv"]) == layers  # nothing grouped
+    assert "fuse qkv: 4 layers have no sibling left" in caplog.text  # q_proj, query in 2 blocks
+    assert "matches no layers" not in caplog.text  # it matches 4; exclusions left them alone
+    assert "lack a member" not in caplog.text
 
 
 def test_a_fuse_rule_that_matches_nothing_warns_and_an_unknown_one_fails(
