@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import ProgressFn
@@ -82,7 +83,8 @@ def run_command(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except InputError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message's "[qkv]" or "bitplan[runtimes]" is text, not rich markup
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")

@@ -16,6 +16,7 @@ from bitplan.search.artifact import ArtifactReport
 from bitplan.search.plans import Plan, read_plan
 from bitplan.search.solve import DEFAULT_POINTS, SolveResult, solve_table
 from bitplan.search.targets import DEFAULT_TARGET, target_writer
+from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.models import load_model
 from bitplan.sensitivity.progress import ProgressFn
 
@@ -79,21 +80,35 @@ def apply(
 ) -> ArtifactReport:
     """Write ``model`` quantized per ``plan`` for a runtime, like ``bitplan apply --to``.
 
-    ``to`` picks the target (:data:`~bitplan.search.targets.TARGETS`):
+    ``to`` picks the target (:data:`~bitplan.search.targets.TARGETS`); the report's ``.path``
+    is what that runtime opens:
 
     - ``"bitplan"`` (default): bit-packed safetensors whose tensor bytes equal the plan's
-      ``total_bytes`` (checked before anything is written);
+      ``total_bytes`` (checked before anything is written); ``.path`` is
+      ``out_dir/model.safetensors``, and
       ``bitplan.search.artifact.load_artifact(out_dir, module)`` loads it back.
     - ``"torchao"``: a Hugging Face folder (Hugging Face models only) that
       ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` (or the model's own Auto
-      class) loads with torchao tensors holding bitplan's codes; ``bitplan-torchao.json``
-      there lists how each layer was stored and its bytes next to the plan's.
+      class) loads with torchao tensors holding bitplan's codes; ``.path`` is ``out_dir``, and
+      ``bitplan-torchao.json`` there lists how each layer was stored and its bytes next to
+      the plan's.
+    - ``"gguf"``: one GGUF file for llama.cpp (``builtin:tiny-lm`` and Hugging Face LLaMA and
+      GPT-2 causal LMs, planned in llama.cpp's block formats); ``.path`` is
+      ``out_dir/model.gguf``, and the report is a
+      :class:`~bitplan.search.runtime_gguf.GgufReport` with the file's parts.
+    - ``"compressed-tensors"``: a Hugging Face folder in the compressed-tensors format that
+      vLLM and transformers load (Hugging Face models; plans vLLM cannot serve are refused);
+      ``.path`` is ``out_dir``, and the report is a
+      :class:`~bitplan.search.runtime_compressed_tensors.CompressedTensorsReport` that
+      explains the bytes beyond the plan's.
 
-    ``plan`` is a :class:`Plan` or the path of a plan file; it must have been made for this
-    model (same weights). Layers the plan leaves out (excluded when it was made) stay
-    unquantized. Returns the report: ``.path`` of the (first) safetensors file, its
-    ``.total_bytes`` and ``.tensor_bytes`` per file or tensor. An unknown ``to`` is an
-    :class:`~bitplan.sensitivity.errors.InputError` that lists the targets.
+    The last three need the ``runtimes`` extra. ``plan`` is a :class:`Plan` or the path of a
+    plan file; it must have been made for this model (same weights). Layers the plan leaves out
+    (excluded when it was made) stay unquantized. The report's ``.total_bytes`` is the data
+    bytes of every stored tensor, ``.tensor_bytes`` each one's. ``out_dir`` must not be the
+    model's own folder (its files would be replaced). That, an unknown ``to`` (the message lists
+    the targets) and a missing runtime package each raise
+    :class:`~bitplan.sensitivity.errors.InputError` before the model is read.
 
     Example::
 
@@ -102,6 +117,12 @@ def apply(
         )
     """
     writer = target_writer(to)
+    source = Path(os.fspath(model)).expanduser()
+    if source.is_dir() and Path(out_dir).expanduser().resolve() == source.resolve():
+        raise InputError(
+            f"the output folder is the model's own folder ({source.name}), whose files the "
+            "written model would replace; write it to another folder"
+        )
     parsed = plan if isinstance(plan, Plan) else read_plan(Path(plan))
     loaded = load_model(os.fspath(model), device=device)
     planned = {layer.name for layer in parsed.layers}

@@ -40,6 +40,7 @@ from torch import nn
 
 from bitplan.search.packing import BitPacker, packed_size, unpack_bits
 from bitplan.search.plans import Plan
+from bitplan.search.targets import check_model_hash
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import (
     FLOAT_DTYPES,
@@ -61,6 +62,7 @@ __all__ = [
     "apply_plan",
     "load_artifact",
     "tensor_bytes_of",
+    "tensor_sizes_of",
     "write_artifact",
 ]
 
@@ -106,7 +108,18 @@ class _Tensor:
 
 @dataclass(frozen=True)
 class ArtifactReport:
-    """What :func:`write_artifact` wrote: bytes per tensor and their total (the plan's bytes)."""
+    """What a ``bitplan apply`` target wrote (every writer of
+    :data:`~bitplan.search.targets.TARGETS` returns one, or a subclass with more fields).
+
+    ``path`` is what the target's runtime opens: ``model.safetensors`` for ``bitplan`` (its
+    folder is what :func:`load_artifact` takes), ``model.gguf`` for ``gguf``, and the output
+    folder itself for the Hugging Face folders of ``torchao`` and ``compressed-tensors``.
+    ``tensor_bytes`` maps each stored tensor's name (as the file names it) to its data bytes;
+    ``total_bytes`` is their sum, headers excluded (for ``bitplan`` exactly the plan's
+    ``total_bytes``; the runtimes' layouts add bytes their reports explain). ``plan_path`` is
+    the copy of the plan written beside the model, None where the format has no room for one
+    (a lone ``model.gguf``).
+    """
 
     path: Path
     tensor_bytes: dict[str, int]
@@ -349,14 +362,9 @@ def apply_plan(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactRepo
     artifact's; both are checked before anything is written. (Reading and validating a plan file
     is :func:`~bitplan.search.plans.read_plan`'s job.)
     """
-    want = plan.model_sha256
+    check_model_hash(model, plan)
     formats = {lay.name: lay.format for lay in plan.layers}
     expected = plan.totals.total_bytes
-    if want and want != model.sha256:
-        raise InputError(
-            f"the plan was made for model sha256 {want[:12]}…, this model is "
-            f"{model.sha256[:12]}…; apply it to the model it was made for"
-        )
     tensors, _ = _layout(model.module, model.layers, formats)
     actual = sum(t.nbytes for t in tensors)
     if actual != expected:
@@ -398,17 +406,22 @@ def _header(path: Path) -> dict[str, Any]:
     return header
 
 
-def tensor_bytes_of(path: Path) -> int:
-    """Sum of the tensor data bytes of a safetensors file (file size minus its header)."""
+def tensor_sizes_of(path: Path) -> dict[str, int]:
+    """``{tensor name: data bytes}`` of a safetensors file, read from its header."""
     header = _header(Path(path))
     try:
-        return sum(
-            e["data_offsets"][1] - e["data_offsets"][0]
+        return {
+            k: e["data_offsets"][1] - e["data_offsets"][0]
             for k, e in header.items()
             if k != "__metadata__"
-        )
+        }
     except (KeyError, TypeError, IndexError):
         raise InputError(f"{Path(path).name} has a malformed safetensors header") from None
+
+
+def tensor_bytes_of(path: Path) -> int:
+    """Sum of the tensor data bytes of a safetensors file (file size minus its header)."""
+    return sum(tensor_sizes_of(path).values())
 
 
 def _open(path: Path) -> Any:

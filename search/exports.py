@@ -11,7 +11,11 @@
   recomputes the scales when it quantizes a float model, so this recipe approximates bitplan's
   arithmetic (``SYMMETRIC_NO_CLIPPING_ERR`` picks bitplan's scale where a group's largest
   magnitude is positive and uses the extra level -2^(b-1) elsewhere; ``ASYMMETRIC`` keeps zero
-  in range); ``apply --to torchao`` stores bitplan's own codes instead and is exact.
+  in range); ``apply --to torchao`` stores bitplan's own codes instead and is exact. A
+  quantized layer torchao has no config for (a llama.cpp block format, a Conv layer, a group
+  size that does not divide the row) maps to None too, which would silently leave it in full
+  precision: such layers are logged as a warning and listed with the reason under the
+  envelope's ``note`` key (``config_from_dict`` reads only ``_type``/``_data``).
 * llama.cpp: ``--tensor-type PATTERN=TYPE`` arguments for ``llama-quantize``, where PATTERN is
   the GGUF tensor name (escaped, it is matched as a regex). Model names map to GGUF names for
   LLaMA-style and GPT-2-style models; a llama.cpp block format (``q4_k`` …) maps to itself;
@@ -29,6 +33,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import shlex
 from collections.abc import Callable
@@ -50,7 +55,14 @@ __all__ = [
     "plan_to_torchao",
     "torchao_config",
     "torchao_config_of",
+    "torchao_gap",
 ]
+
+log = logging.getLogger(__name__)
+
+# Formats (or layer kinds) already warned about in this process: a job's report renders the
+# torchao export of every plan, and one warning per cause says it for all of them.
+_WARNED: set[str] = set()
 
 _CSV_FIELDS = (
     "name",
@@ -153,15 +165,53 @@ def torchao_config_of(
     )
 
 
+def torchao_gap(fmt: QuantFormat, kind: str | None, cols: int | None = None) -> str | None:
+    """Why a quantized ``fmt`` has no torchao config for this layer (see
+    :func:`torchao_config_of`); None when it has one, or when ``fmt`` is a plain float cast."""
+    if not fmt.is_quantized or torchao_config_of(fmt, kind, cols) is not None:
+        return None
+    if fmt.kind == "ggml":
+        return f"{fmt.name} is a llama.cpp block format, which torchao has no config for"
+    if kind not in _TORCHAO_KINDS:
+        return f"torchao's weight-only configs group a {kind} layer's weights unlike bitplan"
+    if fmt.kind == "int" and fmt.group_size is not None and cols is not None:
+        return f"group size {fmt.group_size} does not divide the row length {cols}"
+    return f"torchao has no config for {fmt.name}"
+
+
 def torchao_config(plan: Plan) -> dict[str, Any]:
-    """The plan as torchao's serialised ``FqnToConfig`` (``config_from_dict`` reads it)."""
-    mapping = {
-        lay.name: torchao_config_of(
-            lay.format, lay.kind, None if lay.shape is None else lay.shape[1]
+    """The plan as torchao's serialised ``FqnToConfig`` (``config_from_dict`` reads it).
+
+    Quantized layers without a torchao equivalent map to None like float casts, are logged
+    (once per format and layer kind in a process), and are listed with the reason in the
+    envelope's ``note``
+    (``{"summary": ..., "layers": {name: reason}}``), present only when there are any.
+    """
+    mapping: dict[str, dict[str, Any] | None] = {}
+    gaps: dict[str, str] = {}
+    for lay in plan.layers:
+        cols = None if lay.shape is None else lay.shape[1]
+        mapping[lay.name] = torchao_config_of(lay.format, lay.kind, cols)
+        gap = torchao_gap(lay.format, lay.kind, cols)
+        if gap is not None:
+            gaps[lay.name] = gap
+            cause = f"{lay.format.name} {lay.kind}"
+            if cause not in _WARNED:
+                _WARNED.add(cause)
+                log.warning(
+                    "the torchao export maps %s to null (torchao leaves it in full precision): "
+                    "%s; the export's 'note' lists every such layer",
+                    lay.name,
+                    gap,
+                )
+    envelope = _ao("FqnToConfig", {"fqn_to_config": mapping})
+    if gaps:
+        summary = (
+            f"{len(gaps)} quantized layer(s) have no torchao equivalent and map to null, so "
+            "torchao leaves them in full precision"
         )
-        for lay in plan.layers
-    }
-    return _ao("FqnToConfig", {"fqn_to_config": mapping})
+        envelope["note"] = {"summary": summary, "layers": gaps}
+    return envelope
 
 
 def plan_to_torchao(plan: Plan) -> str:

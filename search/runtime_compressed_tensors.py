@@ -25,9 +25,9 @@ bf16 (transformers, vLLM) round each scale when they load it (at most 2^-9 relat
 says so).
 
 Bytes: compressed-tensors pads each packed row to whole int32 words, pads zero points likewise,
-stores a ``weight_shape`` per packed layer and, but for fp16 models, 4-byte scales. The report gives
-the tensor bytes written, the plan's ``total_bytes`` and the difference by cause, which add up
-exactly.
+stores a ``weight_shape`` per packed layer and, but for fp16 models, 4-byte scales. The report (an
+:class:`~bitplan.search.artifact.ArtifactReport` whose ``path`` is the folder) gives the tensor
+bytes written, the plan's ``total_bytes`` and the difference by cause, which add up exactly.
 
 Loading: transformers' ``from_pretrained`` reads the folder (compressed-tensors decompresses each
 layer with its own scheme on the first forward pass), and so does compressed-tensors' model-free
@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +58,15 @@ from compressed_tensors.quantization import (
 from safetensors.torch import save_file
 from torch import nn
 
+from bitplan.search.artifact import PLAN_FILE, ArtifactReport
+from bitplan.search.hf_folder import staged_folder
 from bitplan.search.plans import Plan
 from bitplan.search.runtime_compressed_tensors_schemes import (
     LayerScheme,
     check_fused,
     layer_schemes,
 )
+from bitplan.search.targets import check_model_hash
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import FLOAT_DTYPES, dequantize, quantize_codes
 from bitplan.sensitivity.progress import ProgressFn, report
@@ -85,14 +85,15 @@ log = logging.getLogger(__name__)
 _SHARD_BYTES = 2 << 30
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
-PLAN_FILE = "plan.json"
 # The bytes a stored scale has in bitplan's accounting (DESIGN §3: scales are fp16).
 _PLAN_SCALE_BYTES = 2
 
 
 @dataclass(frozen=True)
-class CompressedTensorsReport:
-    """What :func:`write_compressed_tensors` wrote.
+class CompressedTensorsReport(ArtifactReport):
+    """What :func:`write_compressed_tensors` wrote: ``path`` is the folder (what
+    ``from_pretrained`` opens), ``tensor_bytes`` each stored tensor's data bytes, ``plan_path``
+    the plan's copy in it.
 
     ``total_bytes`` is the data bytes of every tensor in ``files`` (file headers excluded);
     ``plan_bytes`` the plan's ``total_bytes``; ``extra_bytes`` the difference by cause
@@ -103,16 +104,11 @@ class CompressedTensorsReport:
     linear layers left unquantized.
     """
 
-    path: Path
     files: tuple[Path, ...]
-    total_bytes: int
     plan_bytes: int
     extra_bytes: dict[str, int]
     config_groups: dict[str, tuple[str, ...]]
     ignored: tuple[str, ...]
-
-    def __fspath__(self) -> str:
-        return str(self.path)
 
 
 def _hf_module(model: LoadedModel) -> PreTrainedModel:
@@ -128,12 +124,7 @@ def _hf_module(model: LoadedModel) -> PreTrainedModel:
 
 def _check_plan(model: LoadedModel, module: nn.Module, plan: Plan) -> None:
     """The plan must be for this model: same weights, same layers and shapes, same exclusions."""
-    want = plan.model_sha256
-    if want and want != model.sha256:
-        raise InputError(
-            f"the plan was made for model sha256 {want[:12]}…, this model is "
-            f"{model.sha256[:12]}…; apply it to the model it was made for"
-        )
+    check_model_hash(model, plan)
     planned = set()
     for lay in plan.layers:
         try:
@@ -212,14 +203,18 @@ class _Shards:
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.written: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self.sizes: dict[str, int] = {}  # every tensor's data bytes, by name
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self.pending and self.pending_bytes + tensor.nbytes > _SHARD_BYTES:
             self._flush()
         self.pending[name] = tensor
         self.pending_bytes += tensor.nbytes
-        self.total_bytes += tensor.nbytes
+        self.sizes[name] = tensor.nbytes
 
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self.written)}.partial"
@@ -251,8 +246,9 @@ def _write_tensors(
     plan: Plan,
     schemes: Mapping[str, LayerScheme],
     progress: ProgressFn | None,
-) -> tuple[list[str], int, dict[str, int]]:
-    """Every state-dict tensor (a shared one once), planned layers in their stored form."""
+) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Every state-dict tensor (a shared one once), planned layers in their stored form: the
+    files written, each tensor's bytes and the bytes beyond the plan's by cause."""
     by_param = {s.layer.param: s for s in schemes.values()}
     casts = {
         lay.param: FLOAT_DTYPES[lay.format.name]
@@ -283,7 +279,7 @@ def _write_tensors(
                 if id(tensor) not in params:
                     extra["buffers"] += tensor.nbytes
             report(progress, "compressed-tensors", done, len(entries))
-        return shards.finish(), shards.total_bytes, extra
+        return shards.finish(), shards.sizes, extra
 
 
 def _quantization_config(
@@ -325,15 +321,6 @@ def _write_side_files(
         model.tokenizer.save_pretrained(str(folder))
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move the finished files into ``out_dir``; weights of an earlier export go first."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("model*.safetensors"), out_dir / _INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # never pair new config with old shards
-    for path in sorted(staging.iterdir()):
-        os.replace(path, out_dir / path.name)
-
-
 def write_compressed_tensors(
     *,
     model: LoadedModel,
@@ -345,15 +332,14 @@ def write_compressed_tensors(
     """Write ``model`` quantized per ``plan`` as a compressed-tensors checkpoint in ``out_dir``.
 
     ``model`` is a Hugging Face model (bitplan's ``load_model``) and ``plan`` a plan made for
-    it. With ``vllm_checks`` (default) plans vLLM cannot serve are refused (fused siblings in
-    different formats, widths other than 4/8 bits, a quantized LM head); every refusal is an
-    :class:`InputError` naming the layers and formats, raised before anything is written.
-    Files appear in ``out_dir`` only once all are complete; a failure leaves none behind.
+    it. With ``vllm_checks`` (default; ``bitplan apply`` always checks) plans vLLM cannot serve
+    are refused (fused siblings in different formats, widths other than 4/8 bits, a quantized
+    LM head); every refusal is an :class:`InputError` naming the layers and formats, raised
+    before anything is written. Files appear in ``out_dir`` only once all are complete; a
+    failure leaves none behind.
     """
     module = _hf_module(model)
     out_dir = Path(out_dir)
-    if out_dir.resolve() == Path(model.ref).expanduser().resolve():
-        raise InputError("write the checkpoint to another folder than the model's own")
     _check_plan(model, module, plan)
     schemes = layer_schemes(model=module, layers=plan.layers, vllm_checks=vllm_checks)
     if not schemes:
@@ -369,10 +355,9 @@ def write_compressed_tensors(
             "keep scales in bf16 round them on loading (at most 2^-9 relative)"
         )
     qc = _quantization_config(module, schemes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        names, total, extra = _write_tensors(staging, module, plan, schemes, progress)
+    with staged_folder(out_dir) as staging:
+        names, sizes, extra = _write_tensors(staging, module, plan, schemes, progress)
+        total = sum(sizes.values())
         if total != plan.totals.total_bytes + sum(extra.values()):
             raise RuntimeError(
                 f"wrote {total} tensor bytes, but the plan's {plan.totals.total_bytes} and the "
@@ -380,9 +365,6 @@ def write_compressed_tensors(
             )
         _write_side_files(staging, model, module, qc)
         plan.write(staging / PLAN_FILE)
-        _publish(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info(
         "wrote %s: %d tensor bytes (plan %d, compressed-tensors layout %s)",
         out_dir,
@@ -392,8 +374,10 @@ def write_compressed_tensors(
     )
     return CompressedTensorsReport(
         path=out_dir,
-        files=tuple(out_dir / n for n in names),
+        tensor_bytes=sizes,
         total_bytes=total,
+        plan_path=out_dir / PLAN_FILE,
+        files=tuple(out_dir / n for n in names),
         plan_bytes=plan.totals.total_bytes,
         extra_bytes=extra,
         config_groups={

@@ -20,7 +20,10 @@ naming the layers and formats: integer widths other than 4 and 8 (vLLM's WNA16 k
 ``WNA16_SUPPORTED_BITS``), a quantized output embedding (vLLM's LM head is no linear layer and
 stays unquantized), and *fused* siblings in different formats: vLLM runs q/k/v and gate/up
 projections as one matrix (``packed_modules_mapping``) and takes the first shard's scheme for
-all of them. Without the checks the checkpoint is still exactly what compressed-tensors
+all of them. A plan searched with ``--fuse qkv,gate_up`` puts each such set in one share group,
+so its members get one format by construction; the check stays for plans made without it.
+``bitplan apply`` always checks; only a Python caller of the writer can pass
+``vllm_checks=False``, and the checkpoint is then still exactly what compressed-tensors
 decompresses (transformers loads it), for runtimes that neither fuse nor need those kernels.
 
 References: compressed-tensors ``quantization/quant_args.py`` and ``compressors/``; vLLM
@@ -38,6 +41,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from torch import nn
 
 from bitplan.search.plans import PlanLayer
+from bitplan.search.targets import name_list
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat
 
@@ -54,8 +58,6 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("query", "key", "value"),
     ("q_a_proj", "kv_a_proj_with_mqa"),
 )
-# A refusal names at most this many offending layers, so the message stays one readable line.
-_QUOTE = 3
 _UNQUANTIZED = "unquantized"
 
 
@@ -71,11 +73,6 @@ class LayerScheme:
     group: str
     weights: QuantizationArgs
     compression: CompressionFormat
-
-
-def _names(items: Sequence[str]) -> str:
-    more = f" and {len(items) - _QUOTE} more" if len(items) > _QUOTE else ""
-    return ", ".join(items[:_QUOTE]) + more
 
 
 def _int_scheme(lay: PlanLayer, fmt: QuantFormat, cols: int) -> tuple[str, QuantizationArgs]:
@@ -134,8 +131,7 @@ def _scheme(lay: PlanLayer, module: nn.Module, *, vllm_checks: bool) -> LayerSch
         raise InputError(
             f"{lay.name} is planned as {fmt.name}, but vLLM's compressed-tensors kernels take "
             f"{' or '.join(map(str, VLLM_BITS))}-bit integer weights; plan with int4/int8 "
-            "formats, or turn the vLLM checks off for a checkpoint only compressed-tensors "
-            "itself decompresses"
+            "formats (e.g. --formats int4-g128,int8,fp16)"
         )
     group, args = _int_scheme(lay, fmt, cols)
     return LayerScheme(lay, group, args, CompressionFormat.pack_quantized)
@@ -197,7 +193,6 @@ def check_fused(*, model: nn.Module, schemes: dict[str, LayerScheme]) -> None:
     if conflicts:
         raise InputError(
             "vLLM fuses sibling layers into one matrix with one format, but the plan gives "
-            f"them different formats: {_names(conflicts)}; plan each set in one format (e.g. "
-            "--pin 'model.layers.*.self_attn.[qkv]_proj=int4-g128'), or turn the vLLM checks "
-            "off for runtimes that do not fuse"
+            f"them different formats: {name_list(conflicts)}; search with --fuse qkv,gate_up "
+            "so that each set shares one format"
         )

@@ -41,7 +41,7 @@ from bitplan.search.artifact import ArtifactReport
 from bitplan.search.plans import Plan, PlanLayer
 from bitplan.search.runtime_gguf_arch import GgufTensor, gguf_layout, tensor_values, weight_kinds
 from bitplan.search.runtime_gguf_vocab import add_vocab
-from bitplan.search.targets import check_plan_matches
+from bitplan.search.targets import check_plan_matches, name_list
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat, tensor_bytes
 from bitplan.sensitivity.ggml_blocks import quantize_blocks
@@ -55,8 +55,6 @@ __all__ = ["GGUF_FILE", "GgufReport", "write_gguf", "write_gguf_target"]
 log = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
-# How many layer names an error lists before "and N more".
-_NAMED = 4
 # GGUF stores these float types as they are; any other dtype is written as f32.
 _FLOAT_TYPES = {
     torch.float32: gguf.GGMLQuantizationType.F32,
@@ -68,8 +66,10 @@ _PLAN_FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 @dataclass(frozen=True)
 class GgufReport(ArtifactReport):
-    """What :func:`write_gguf` wrote. ``total_bytes`` = tensor data = ``planned_bytes`` +
-    ``unplanned_bytes``; ``file_bytes`` = that + ``header_bytes`` + ``padding_bytes``.
+    """What :func:`write_gguf` wrote: ``path`` is the ``model.gguf`` file, ``tensor_bytes``
+    each GGUF tensor's data bytes by its GGUF name, ``plan_path`` None (the file is all there
+    is). ``total_bytes`` = tensor data = ``planned_bytes`` + ``unplanned_bytes``;
+    ``file_bytes`` = that + ``header_bytes`` + ``padding_bytes``.
 
     ``planned_bytes`` equals the plan's; ``unplanned_bytes`` are the other tensors as stored
     here (f32 norms and biases), to compare with the plan's ``plan_unplanned_bytes`` (the same
@@ -114,11 +114,6 @@ def _shape(
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
-def _names(layers: list[str]) -> str:
-    more = f" and {len(layers) - _NAMED} more" if len(layers) > _NAMED else ""
-    return ", ".join(layers[:_NAMED]) + more
-
-
 def _refuse_foreign_formats(plan: Plan) -> None:
     """bitplan's own int/fp8 formats have no GGUF type: one error naming the layers."""
     foreign = [
@@ -128,7 +123,7 @@ def _refuse_foreign_formats(plan: Plan) -> None:
     ]
     if foreign:
         raise InputError(
-            f"layers {_names(foreign)} use bitplan formats that GGUF cannot store; search "
+            f"layers {name_list(foreign)} use bitplan formats that GGUF cannot store; search "
             "with llama.cpp's formats (--formats q8_0,q6_k,q5_k,q4_k,q3_k,q2_k,fp16) or "
             "export the plan's --tensor-type arguments for llama-quantize"
         )
@@ -164,7 +159,9 @@ def _stored(model: LoadedModel, plan: Plan, tensors: list[GgufTensor]) -> list[_
     covered = {src for t in tensors for src in t.sources}
     missing = [lay.name for lay in plan.layers if lay.param not in covered]
     if missing:
-        raise InputError(f"the GGUF layout has no tensor for the plan's layers {_names(missing)}")
+        raise InputError(
+            f"the GGUF layout has no tensor for the plan's layers {name_list(missing)}"
+        )
     out = []
     for t in tensors:
         fmt = _format_of(t, planned_params)

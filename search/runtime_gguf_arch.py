@@ -11,6 +11,8 @@ made of which model parameters; :mod:`bitplan.search.runtime_gguf` does the writ
   to the token embedding, so there is no ``output`` tensor: llama.cpp reuses ``token_embd``.
 - a Hugging Face GPT-2 (``GPT2LMHeadModel``) → ``gpt2``; its ``c_attn`` is already fused.
   transformers' Conv1D stores ``[in, out]``; GGUF wants ``[out, in]`` rows, as bitplan plans them.
+  llama.cpp's gpt2 always divides attention scores by √head_dim, so a config that turns that
+  off (``scale_attn_weights=False``) or scales otherwise is refused.
 - a Hugging Face LLaMA (``LlamaForCausalLM``) → ``llama``. llama.cpp's rope rotates pairs of
   adjacent values, transformers' rotates the two halves of a head, so the rows of q and k are
   permuted within each head exactly as ``convert_hf_to_gguf.py`` does. Whole rows move, and
@@ -143,6 +145,10 @@ def _hf_gpt2(module: nn.Module, config: Any) -> GgufLayout:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if getattr(config, flag, False):
             raise _refuse(flag, True, "llama.cpp's gpt2 attention has no such option")
+    if not getattr(config, "scale_attn_weights", True):
+        raise _refuse(
+            "scale_attn_weights", False, "llama.cpp's gpt2 always scales attention by 1/√head_dim"
+        )
     tensors = _mapped(module, gguf.MODEL_ARCH.GPT2, config.n_layer)
 
     def add_hparams(w: gguf.GGUFWriter) -> None:

@@ -33,15 +33,15 @@ torchao stores no sub-byte packing that loads on the CPU, so the bytes on disk e
 against the plan's packed ``ceil((numel·b + 16·n_groups [+ b·n_groups])/8)``.
 ``bitplan-torchao.json`` in the folder lists, per layer, what was stored and its bytes next to
 the plan's.
+
+torchao is imported with this module (the ``runtimes`` extra), before anything is changed; the
+folder is staged and moved into place by :mod:`bitplan.search.hf_folder`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +49,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torchao.core.config import config_from_dict
+from torchao.quantization import Float8Tensor, FqnToConfig, IntxUnpackedToInt8Tensor
 
-from bitplan.search.artifact import PLAN_FILE, ArtifactReport, tensor_bytes_of
-from bitplan.search.exports import torchao_config_of
+from bitplan.search.artifact import PLAN_FILE, ArtifactReport, tensor_sizes_of
+from bitplan.search.exports import torchao_config_of, torchao_gap
+from bitplan.search.hf_folder import staged_folder
 from bitplan.search.plans import Plan
 from bitplan.search.targets import check_plan_matches
 from bitplan.sensitivity.atomic import write_text_atomic
@@ -104,8 +107,6 @@ def _codes(matrix: torch.Tensor, fmt: QuantFormat) -> QuantCodes:
 
 
 def _intx_tensor(matrix: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-
     codes = _codes(matrix, fmt)
     if codes.zero is None:
         q, zero = codes.q, torch.zeros_like(codes.scale, dtype=torch.int8)
@@ -126,8 +127,6 @@ def _intx_tensor(matrix: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 
 def _float8_tensor(matrix: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    from torchao.quantization import Float8Tensor
-
     codes = _codes(matrix, fmt)
     tensor: torch.Tensor = Float8Tensor(
         codes.q,
@@ -184,12 +183,8 @@ def _store(
     if entry is not None:
         tied = ", ".join(m.name for m in members[1:])
         reason = f"tied to {tied}; transformers cannot tie torchao tensors"
-    elif lay.kind not in ("linear", "embedding"):
-        reason = f"torchao has no {fmt.name} form for a {lay.kind} layer"
-    elif fmt.kind == "int":
-        reason = f"group size {fmt.group_size} does not divide the row length {matrix.shape[1]}"
     else:
-        reason = f"torchao has no {fmt.name} form"
+        reason = torchao_gap(fmt, lay.kind, matrix.shape[1]) or f"torchao has no {fmt.name} form"
     with torch.no_grad():
         view = weight_matrix(weight.data, lay.kind)
         fake_quantize(view, fmt, out=view)  # the same values, unpacked
@@ -210,8 +205,6 @@ def _embedding_names(module: Any) -> set[str]:
 
 def _torchao_config(module: Any, configs: dict[str, dict[str, Any]]) -> Any:
     """transformers' ``TorchAoConfig`` around torchao's ``FqnToConfig`` of ``configs``."""
-    from torchao.core.config import config_from_dict
-    from torchao.quantization import FqnToConfig
     from transformers import TorchAoConfig
 
     fqn = FqnToConfig(OrderedDict((k, config_from_dict(v)) for k, v in configs.items()))
@@ -256,19 +249,6 @@ def _note(model: LoadedModel, plan: Plan, stored: list[_Stored], tensor_bytes: i
     )
 
 
-def _move_into(tmp: Path, out_dir: Path) -> None:
-    """Move the written files into ``out_dir``, removing safetensors a loader would mistake for
-    part of the new model (an earlier apply's shards or packed artifact)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    new = {p.name for p in tmp.iterdir()}
-    for old in out_dir.iterdir():
-        stale = old.name.endswith((".safetensors", ".safetensors.index.json"))
-        if stale and old.name not in new and old.is_file():
-            old.unlink()
-    for path in tmp.iterdir():
-        os.replace(path, out_dir / path.name)
-
-
 def write_torchao(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactReport:
     """Write ``model`` quantized per ``plan`` as a transformers + torchao folder in ``out_dir``.
 
@@ -310,20 +290,17 @@ def write_torchao(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactR
         module.hf_quantizer = AutoHfQuantizer.from_config(config)
         module.config.quantization_config = config
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         module.save_pretrained(tmp)
         _fix_config_dtype(tmp, dtype)
         if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
             model.tokenizer.save_pretrained(tmp)
-        sizes = {p.name: tensor_bytes_of(p) for p in sorted(tmp.glob("*.safetensors"))}
+        sizes: dict[str, int] = {}
+        for shard in sorted(tmp.glob("*.safetensors")):
+            sizes.update(tensor_sizes_of(shard))
         total = sum(sizes.values())
         plan.write(tmp / PLAN_FILE)
         write_text_atomic(tmp / NOTE_FILE, _note(model, plan, stored, total) + "\n")
-        _move_into(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "wrote %s: %d torchao layers, %d tensor bytes (plan %d)",
         out_dir,
@@ -332,7 +309,7 @@ def write_torchao(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactR
         plan.totals.total_bytes,
     )
     return ArtifactReport(
-        path=out_dir / min(sizes),
+        path=out_dir,
         tensor_bytes=sizes,
         total_bytes=total,
         plan_path=out_dir / PLAN_FILE,

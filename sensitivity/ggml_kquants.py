@@ -71,7 +71,7 @@ def _requantize(
     ``codes`` (the search's, already offset by ``−lo``)."""
     num = x if dm is None else x + dm.unsqueeze(-1)
     fresh = torch.clamp(nearest_int(num / d.unsqueeze(-1)), lo, hi) - lo
-    return torch.where((d != 0).unsqueeze(-1), fresh, codes.reshape(x.shape))
+    return torch.where((d != 0).unsqueeze(-1), fresh, codes.reshape(x.shape))  # (nb, subs, n)
 
 
 def _two_bit(codes: torch.Tensor) -> torch.Tensor:
@@ -102,6 +102,7 @@ def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
     dmin = to_half(max_min / f32(q4scale))
     sub_d = d.unsqueeze(1) * (packed & _LOW).to(torch.float32)  # (nb, 16)
     sub_m = dmin.unsqueeze(1) * (packed >> 4).to(torch.float32)
+    # x: (nb, 256) -> (nb, 16 sub-blocks, 16); codes come back (nb, 16, 16)
     codes = _requantize(x.reshape(nb, 16, 16), _block_major(codes), sub_d, 0, 3, sub_m)
     return torch.cat(
         [packed.to(torch.uint8), _two_bit(codes), half_bytes(d), half_bytes(dmin)], dim=1
@@ -148,8 +149,9 @@ def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
     )
     d = to_half(torch.where(live, f32(1.0) / iscale, torch.zeros_like(iscale)))
     sub_d = d.unsqueeze(1) * (sc - 32).to(torch.float32)  # (nb, 16)
+    # x: (nb, 256) -> (nb, 16 sub-blocks, 16); codes come back (nb, 16, 16)
     codes = _requantize(x.reshape(nb, 16, 16), _block_major(codes), sub_d, -4, 3, None)
-    codes = codes.reshape(nb, QK_K)
+    codes = codes.reshape(nb, QK_K)  # (nb, 16, 16) -> (nb, 256)
     hmask = pack_fields((codes > 3).to(torch.int32).reshape(-1, 8, 32), 1)  # (nb, 32)
     return torch.cat([hmask, _two_bit(codes & 3), _pack_q3_scales(sc), half_bytes(d)], dim=1)
 
@@ -192,6 +194,7 @@ def _qkx_super_block(
     dmin = to_half(max_min / f32(float(_SCALE_BITS)))
     sub_d = d.unsqueeze(1) * ls.to(torch.float32)  # (nb, 8)
     sub_m = dmin.unsqueeze(1) * lm.to(torch.float32)
+    # x: (nb, 256) -> (nb, 8 sub-blocks, 32); codes come back (nb, 8, 32)
     codes = _requantize(x.reshape(nb, 8, 32), _block_major(codes), sub_d, 0, nmax, sub_m)
     packed = torch.cat(
         [
@@ -201,7 +204,7 @@ def _qkx_super_block(
         ],
         dim=1,
     ).to(torch.uint8)
-    return packed, d, dmin, codes.reshape(nb, QK_K)
+    return packed, d, dmin, codes.reshape(nb, QK_K)  # codes (nb, 8, 32) -> (nb, 256)
 
 
 def _unpack_k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,14 +265,15 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     sc = ((sc + 128) & 0xFF) - 128  # stored as int8_t
     d = to_half(f32(1.0) / iscale)
     sub_d = d.unsqueeze(1) * sc.to(torch.float32)  # (nb, 16)
+    # x: (nb, 256) -> (nb, 16 sub-blocks, 16); codes come back (nb, 16, 16)
     codes = _requantize(x.reshape(nb, 16, 16), _block_major(codes), sub_d, -32, 31, None)
     c = codes.reshape(-1, 2, 4, 32)  # (nb, half, k, l): element 128·half + 32k + l
     ql = pack_fields((c & _LOW).reshape(-1, 2, 2, 2, 32).transpose(2, 3), 4)  # (nb, 2, 2, 32)
     qh = pack_fields(c >> 4, 2)  # (nb, 2, 32)
     out = torch.cat(
         [
-            ql.reshape(nb, 128),
-            qh.reshape(nb, 64),
+            ql.reshape(nb, 128),  # (nb, 2, 2, 32) -> (nb, 128)
+            qh.reshape(nb, 64),  # (nb, 2, 32) -> (nb, 64)
             sc.to(torch.int8).view(torch.uint8),
             half_bytes(d),
         ],

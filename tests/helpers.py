@@ -11,15 +11,21 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bitplan.sensitivity.hf import HF_TASKS
 
+if TYPE_CHECKING:
+    from bitplan.search.plans import Plan
+    from bitplan.sensitivity.models import LoadedModel
+
 __all__ = [
     "HF_MODEL_TYPES",
     "SENTENCES",
     "tiny_bert_files",
+    "uniform_plan",
     "tiny_hf_config",
     "write_tiny_hf_model",
     "zip_bytes",
@@ -161,3 +167,23 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def uniform_plan(model: LoadedModel, fmt: str) -> Plan:
+    """A plan putting every planned layer of ``model`` in ``fmt``, sized by the byte rules: the
+    plan tests of exports and targets start from, without running a search."""
+    from bitplan.search.plans import make_plan
+    from bitplan.sensitivity.formats import parse_format
+    from bitplan.sensitivity.layers import parameter_bytes
+
+    unplanned, fp16 = parameter_bytes(model.module, model.layers)
+    return make_plan(
+        model_ref=model.ref,
+        model_sha256=model.sha256,
+        layers=model.layers,
+        choice={lay.group: parse_format(fmt) for lay in model.layers},
+        budget=None,
+        unplanned_bytes=unplanned,
+        fp16_bytes=fp16,
+        predicted_error=None,
+    )

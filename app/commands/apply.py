@@ -14,7 +14,7 @@ import typer
 
 from bitplan.app.commands._paths import OutOpt
 from bitplan.app.console import console, output_folder, run_command
-from bitplan.search.targets import DEFAULT_TARGET, TARGETS
+from bitplan.search.targets import DEFAULT_TARGET, TARGETS, target_writer
 
 __all__ = ["apply"]
 
@@ -33,12 +33,16 @@ def apply(
         typer.Option(help="auto, cpu or cuda (default: bitplan.apply's, the CPU)."),
     ] = None,
 ) -> None:
-    """Write MODEL quantized per PLAN: bit-packed safetensors (bytes equal the plan's) or a
-    Hugging Face folder that transformers + torchao load (--to torchao)."""
+    """Write MODEL quantized per PLAN for a runtime: bit-packed safetensors whose bytes equal
+    the plan's (--to bitplan, the default), a Hugging Face folder for transformers + torchao
+    (--to torchao), one model.gguf for llama.cpp (--to gguf) or a compressed-tensors folder
+    for vLLM and transformers (--to compressed-tensors). The last three need bitplan's
+    "runtimes" extra (torchao, gguf, compressed-tensors, llama-cpp-python)."""
 
     def run() -> None:
         import bitplan
 
+        target_writer(to)  # an unknown target or missing runtime packages: said before the plan
         parsed = bitplan.load_plan(path=plan)
         options: dict[str, Any] = {} if device is None else {"device": device}
         with output_folder(out):

@@ -20,14 +20,13 @@ from bitplan.app.cli import app
 from bitplan.app.console import CTRL_C_EXIT
 from bitplan.search import pipeline
 from bitplan.search.artifact import load_artifact, tensor_bytes_of
-from bitplan.search.plans import make_plan, read_frontier, read_plan
+from bitplan.search.plans import read_frontier, read_plan
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import parse_format
-from bitplan.sensitivity.layers import parameter_bytes
 from bitplan.sensitivity.models import load_model
 from bitplan.sensitivity.progress import ProgressFn
-from tests.helpers import SENTENCES
+from tests.helpers import SENTENCES, uniform_plan
+from tests.runtimes import require_runtime
 
 runner = CliRunner()
 
@@ -167,20 +166,10 @@ def test_search_then_apply_writes_exact_bytes(tmp_path: Path) -> None:
 def test_apply_to_torchao_writes_a_transformers_folder(
     tiny_hf_model: Callable[..., Path], tmp_path: Path
 ) -> None:
-    pytest.importorskip("torchao")  # the 'runtimes' extra; make installs it
+    require_runtime("torchao")
     folder = tiny_hf_model("llama", task="text-generation")
     model = load_model(str(folder), device="cpu")
-    unplanned, fp16 = parameter_bytes(model.module, model.layers)
-    plan = make_plan(
-        model_ref=str(folder),
-        model_sha256=model.sha256,
-        layers=model.layers,
-        choice={lay.group: parse_format("int4-g16") for lay in model.layers},
-        budget=None,
-        unplanned_bytes=unplanned,
-        fp16_bytes=fp16,
-        predicted_error=None,
-    )
+    plan = uniform_plan(model, "int4-g16")
     plan_path = plan.write(tmp_path / "plan.json")
     out = _ok(["apply", str(folder), str(plan_path), "--to", "torchao", "-o", str(tmp_path / "ao")])
     assert f"plan total_bytes {plan.totals.total_bytes}" in out
@@ -197,9 +186,53 @@ def test_apply_to_torchao_writes_a_transformers_folder(
     assert not nowhere.exists()
 
 
+def test_apply_to_compressed_tensors_writes_a_vllm_folder(
+    tiny_hf_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A tiny LLaMA, its embedding and LM head left out (vLLM keeps the head unquantized)."""
+    require_runtime("compressed_tensors")
+    folder = tiny_hf_model("llama", task="text-generation")
+    model = load_model(str(folder), device="cpu", exclude=["lm_head", "model.embed_tokens"])
+    plan = uniform_plan(model, "int4-g16")
+    plan_path = plan.write(tmp_path / "plan.json")
+    out_dir = tmp_path / "ct"
+    out = _ok(
+        ["apply", str(folder), str(plan_path), "--to", "compressed-tensors", "-o", str(out_dir)]
+    )
+    on_disk = tensor_bytes_of(out_dir / "model.safetensors")
+    assert f"wrote {out_dir}: {on_disk} tensor bytes" in " ".join(out.split())
+    assert f"plan total_bytes {plan.totals.total_bytes}" in out
+    qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    (group,) = qc["config_groups"].values()  # one format, one config group
+    assert (group["weights"]["num_bits"], group["weights"]["group_size"]) == (4, 16)
+    assert sorted(group["targets"]) == sorted(lay.name for lay in model.layers)
+    assert read_plan(out_dir / "plan.json") == plan
+
+
+@pytest.mark.parametrize(
+    ("to", "package"),
+    [("torchao", "torchao"), ("gguf", "gguf"), ("compressed-tensors", "compressed_tensors")],
+)
+def test_apply_without_the_runtime_packages_says_how_to_install_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to: str, package: str
+) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # importing it now fails, as if missing
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["apply", "builtin:tiny-lm", "plan.json", "--to", to, "-o", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"`--to {to}` needs the runtime packages: pip install 'bitplan[runtimes]'" in message
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_search_with_fuse_gives_q_k_v_one_format_in_every_plan(tmp_path: Path) -> None:
-    """With v pinned, fusion must carry the pin to q and k in every plan (search, exact and
-    uniform alike); without it, q and k would take whatever their own sensitivity says."""
+    """Block 0's v is pinned: fusion must carry the pin to its q and k in every plan (search,
+    exact and uniform alike). Blocks 1-3 are free: the search picks one format per q/k/v
+    group. Without fusion, q, k and v would take whatever their own sensitivity says."""
     out = tmp_path / "job"
     _ok(
         [
@@ -210,7 +243,7 @@ def test_search_with_fuse_gives_q_k_v_one_format_in_every_plan(tmp_path: Path) -
             "--fuse",
             "qkv",
             "--pin",
-            "blocks.*.attn.v_proj=int8",
+            "blocks.0.attn.v_proj=int8",
             "--method",
             "weight",
             "--trials",
@@ -223,18 +256,31 @@ def test_search_with_fuse_gives_q_k_v_one_format_in_every_plan(tmp_path: Path) -
             str(out),
         ]
     )
+    qkv_names = ("q_proj", "k_proj", "v_proj")
     frontier = read_frontier(out / "frontier.json")
     assert frontier.points and len(frontier.uniform) > 1
+    free_formats = set()  # the formats the search gave the free groups
     for point in frontier.points + frontier.uniform:
         plan = read_plan(out / point.plan)
         for block in range(4):  # builtin:tiny-lm has 4 blocks
             attn = f"blocks.{block}.attn"
             members = [lay for lay in plan.layers if lay.name.startswith(f"{attn}.")]
-            qkv = [lay for lay in members if lay.name[-6:] in ("q_proj", "k_proj", "v_proj")]
+            qkv = [lay for lay in members if lay.name[-6:] in qkv_names]
             assert [lay.share for lay in qkv] == [f"{attn}.qkv"] * 3
-            assert {lay.format.name for lay in qkv} == {"int8"}, point.plan_id
-        others = [lay for lay in plan.layers if lay.name[-6:] not in ("q_proj", "k_proj", "v_proj")]
+            formats = {lay.format.name for lay in qkv}
+            assert len(formats) == 1, (point.plan_id, attn, formats)
+            if block == 0:
+                assert formats == {"int8"}, point.plan_id
+            elif point in frontier.points:
+                free_formats |= formats
+        others = [lay for lay in plan.layers if lay.name[-6:] not in qkv_names]
         assert others and all(lay.share is None for lay in others)
+    assert free_formats - {"int8"}, free_formats  # the pin did not spread to other blocks
+    # layers.json lists the layers as planned, share groups included.
+    shares = {lay["name"]: lay["share"] for lay in json.loads((out / "layers.json").read_text())}
+    assert shares["blocks.2.attn.k_proj"] == "blocks.2.attn.qkv"
+    assert shares["blocks.2.attn.o_proj"] is None
+    assert sum(share is not None for share in shares.values()) == 4 * 3
 
 
 def test_solve_on_a_user_table(tmp_path: Path) -> None:

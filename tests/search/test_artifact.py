@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +14,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+import bitplan
 from bitplan.search import artifact
 from bitplan.search.artifact import apply_plan, load_artifact, tensor_bytes_of, write_artifact
 from bitplan.search.plans import Plan, make_plan, read_plan
+from bitplan.search.targets import TARGETS
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import QuantFormat, fake_quantize, parse_format, tensor_bytes
 from bitplan.sensitivity.layers import (
@@ -25,6 +28,9 @@ from bitplan.sensitivity.layers import (
     parameter_bytes,
     weight_matrix,
 )
+from bitplan.sensitivity.models import load_model
+from tests.helpers import uniform_plan
+from tests.runtimes import require_runtime
 
 VOCAB, DIM = 37, 45  # odd sizes: every group format below gets a short last group
 
@@ -362,7 +368,7 @@ GGML_MIX = {
 
 
 def test_ggml_blocks_are_stored_verbatim_and_bytes_match_the_plan(tmp_path: Path) -> None:
-    import gguf
+    gguf = require_runtime("gguf")  # its dequantizer reads the blocks, as llama.cpp would
 
     torch.manual_seed(0)
     model = _GgmlMix().eval()
@@ -401,3 +407,21 @@ def test_ggml_blocks_are_stored_verbatim_and_bytes_match_the_plan(tmp_path: Path
     load_artifact(tmp_path, fresh)
     assert torch.equal(fresh(x), want)
     assert fresh.head.weight is fresh.embed.weight
+
+
+@pytest.mark.parametrize("to", list(TARGETS))
+def test_no_target_writes_into_the_models_own_folder(
+    tiny_hf_model: Callable[..., Path], tmp_path: Path, to: str
+) -> None:
+    """``-o`` naming the model's folder (however spelled) is refused before anything is read:
+    every target writes ``model.safetensors`` or shards there, which would replace the model."""
+    folder = tiny_hf_model("llama", task="text-generation")
+    model = load_model(str(folder), device="cpu")
+    plan = uniform_plan(model, "int8")
+    plan_path = plan.write(tmp_path / "plan.json")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(InputError, match="the output folder is the model's own folder"):
+        bitplan.apply(
+            model=folder, plan=plan_path, out_dir=folder.parent / "." / folder.name, to=to
+        )
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

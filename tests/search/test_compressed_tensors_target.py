@@ -29,9 +29,11 @@ from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
 from safetensors.torch import load_file
 from torch import nn
 
+import bitplan
 from bitplan.search import runtime_compressed_tensors as ct_target
 from bitplan.search.applier import PlanApplier
-from bitplan.search.artifact import tensor_bytes_of
+from bitplan.search.artifact import ArtifactReport, tensor_bytes_of
+from bitplan.search.hf_folder import is_transformers_weight_file
 from bitplan.search.plans import Plan, make_plan, read_plan
 from bitplan.search.runtime_compressed_tensors import write_compressed_tensors
 from bitplan.sensitivity.errors import InputError
@@ -100,7 +102,8 @@ def _model_free(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """compressed-tensors' own checkpoint dequantizer, on every shard's tensors."""
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
+        if is_transformers_weight_file(shard.name):  # the model's, not other files there
+            tensors.update(load_file(shard))
     return CompressedTensorsDequantizer(folder, dtype=dtype).process(tensors)
 
 
@@ -171,6 +174,8 @@ def test_mixed_plan_decompresses_to_bitplans_weights(
     out.mkdir()
     stale = out / "model-00001-of-00009.safetensors"
     stale.write_bytes(b"an earlier export")
+    theirs = out / "model-fp32-backup.safetensors"  # not a name transformers reads: not ours
+    theirs.write_bytes(b"someone else's")
     report = write_compressed_tensors(model=model, plan=plan, out_dir=out)
 
     state, logits = _reference(model, plan)
@@ -186,6 +191,7 @@ def test_mixed_plan_decompresses_to_bitplans_weights(
     _check_bytes(report, plan, scale_bytes=4)  # fp32 and bf16 models get fp32 scales
     _check_config(out, model, plan)
     assert not stale.exists()
+    assert theirs.read_bytes() == b"someone else's"
     assert read_plan(out / "plan.json") == plan
     assert {p.name for p in tmp_path.iterdir()} == {"src", "ct"}  # the staging folder is gone
     assert ("bf16 model" in caplog.text) == (dtype == torch.bfloat16)
@@ -227,6 +233,7 @@ def test_fused_siblings_in_different_formats_are_refused(tmp_path: Path) -> None
     message = str(err.value)
     assert "q_proj/k_proj/v_proj of model.layers.0.self_attn (int4-g16, int8, int4-g16)" in message
     assert "model.layers.1" not in message  # layer 1's siblings agree
+    assert "--fuse qkv,gate_up" in message and "vLLM checks" not in message  # advice one can take
     _nothing_written(tmp_path)
 
     write_compressed_tensors(model=model, plan=plan, out_dir=tmp_path / "ct", vllm_checks=False)
@@ -241,8 +248,11 @@ def test_other_widths_only_without_vllm_checks(tmp_path: Path) -> None:
     model = _model(tmp_path)
     formats = {"*.[kv]_proj": "int3-g16-asym", "*.q_proj": "int5", "*": "int2-g8"}
     plan = _plan(model, formats)
-    with pytest.raises(InputError, match=r"self_attn\.q_proj is planned as int5.*4 or 8-bit"):
+    with pytest.raises(
+        InputError, match=r"self_attn\.q_proj is planned as int5.*4 or 8-bit"
+    ) as err:
         write_compressed_tensors(model=model, plan=plan, out_dir=tmp_path / "ct")
+    assert "vLLM checks" not in str(err.value)  # no switch bitplan apply offers
     _nothing_written(tmp_path)
 
     report = write_compressed_tensors(
@@ -331,3 +341,31 @@ def test_a_decompressor_that_disagrees_stops_the_export(
             model=model, plan=_plan(model, {"*": "int4-g16"}), out_dir=tmp_path / "ct"
         )
     _nothing_written(tmp_path)
+
+
+def test_bitplan_apply_writes_it(tmp_path: Path) -> None:
+    """``bitplan.apply(to="compressed-tensors")`` (what ``bitplan apply --to`` runs) loads the
+    model from its folder and writes the checkpoint; the report is the registry's
+    ArtifactReport with ``path`` the folder, and compressed-tensors decompresses the folder to
+    bitplan's weights."""
+    model = _model(tmp_path)
+    plan = _plan(model, MIXED)
+    out = tmp_path / "ct"
+    report = bitplan.apply(
+        model=tmp_path / "src",
+        plan=plan.write(tmp_path / "plan.json"),
+        out_dir=out,
+        to="compressed-tensors",
+    )
+    assert isinstance(report, ArtifactReport)
+    assert isinstance(report, ct_target.CompressedTensorsReport)
+    assert report.path == out and report.plan_path == out / "plan.json"
+    assert read_plan(report.plan_path) == plan
+    assert sum(report.tensor_bytes.values()) == report.total_bytes
+    assert report.total_bytes == sum(tensor_bytes_of(f) for f in report.files)
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in report.tensor_bytes
+    _check_bytes(report, plan, scale_bytes=4)
+    state, _ = _reference(model, plan)
+    decompressed = _model_free(out, torch.float32)
+    assert set(decompressed) == set(state)
+    assert all(torch.equal(decompressed[k].to(v.dtype), v) for k, v in state.items())

@@ -9,6 +9,7 @@ import shlex
 
 import pytest
 
+from bitplan.search import exports
 from bitplan.search.exports import (
     EXPORTS,
     gguf_name,
@@ -23,6 +24,7 @@ from bitplan.search.plans import Plan, make_plan
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import parse_format
 from bitplan.sensitivity.layers import QuantLayer
+from tests.runtimes import require_runtime
 
 D, F, V = 64, 128, 256  # hidden, MLP and vocabulary sizes of the toy models
 
@@ -231,12 +233,41 @@ def test_torchao_mapping_table() -> None:
     assert got["emb"][0] == "IntxWeightOnlyConfig"
     for unquantized in ("e", "f", "conv", "c1d"):
         assert got[unquantized] is None, unquantized
+    gaps = envelope["note"]["layers"]  # quantized, yet left in full precision by torchao
+    assert set(gaps) == {"f", "conv", "c1d"}  # "e" is a cast: None is its torchao form
+    assert gaps["f"] == "group size 48 does not divide the row length 64"
+    assert "conv2d" in gaps["conv"] and "hf_conv1d" in gaps["c1d"]
+
+
+def test_torchao_export_of_llama_cpp_formats_says_what_torchao_leaves_out(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan in llama.cpp's block formats has no torchao form: every layer maps to null, and
+    the export says so (a warning per format, and the note) instead of looking like a valid
+    recipe."""
+    monkeypatch.setattr(exports, "_WARNED", set())  # nothing warned yet in this process
+    layers = [_linear("q", D, V), _linear("up", F, D), _linear("o", D, D)]  # k-quants: 256 cols
+    choice = {"q": "q4_k", "up": "q8_0", "o": "fp16"}
+    with caplog.at_level("WARNING", logger="bitplan.search.exports"):
+        envelope = json.loads(plan_to_torchao(_plan(layers, choice)))
+        torchao_config(_plan(layers, choice))  # the same causes again: no more warnings
+    assert set(envelope["_data"]["fqn_to_config"].values()) == {None}
+    note = envelope["note"]
+    assert note["layers"] == {
+        "q": "q4_k is a llama.cpp block format, which torchao has no config for",
+        "up": "q8_0 is a llama.cpp block format, which torchao has no config for",
+    }
+    assert note["summary"].startswith("2 quantized layer(s) have no torchao equivalent")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings  # q4_k and q8_0, once each
+    assert "maps q to null" in warnings[0] and "q4_k is a llama.cpp block format" in warnings[0]
+    assert "note" not in torchao_config(_plan(layers, {"q": "int4", "up": "int8", "o": "fp16"}))
 
 
 def test_torchao_export_is_what_torchao_itself_serialises() -> None:
     """``config_from_dict`` reads the export into the configs torchao builds from the same
     arguments, and ``quantize_`` applies it to a model with those module names."""
-    pytest.importorskip("torchao")  # the 'runtimes' extra; make installs it
+    require_runtime("torchao")
     import torch
     from torch import nn
     from torchao.core.config import config_from_dict, config_to_dict

@@ -23,20 +23,15 @@ import bitplan
 from bitplan.search.applier import PlanApplier
 from bitplan.search.plans import Plan, make_plan
 from bitplan.search.runtime_gguf import GGUF_FILE, write_gguf
-from bitplan.search.runtime_gguf_arch import rope_rows
+from bitplan.search.runtime_gguf_arch import gguf_layout, rope_rows
 from bitplan.search.runtime_gguf_vocab import VOCAB_BYTES, VOCAB_GPT2, VOCAB_NONE, byte_tokens
 from bitplan.sensitivity.data import load_calibration, split_calibration
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import parse_format
 from bitplan.sensitivity.layers import parameter_bytes
 from bitplan.sensitivity.models import LoadedModel, load_model
-from tests.helpers import SENTENCES
-
-LLAMA_CPP_MISSING = (
-    "llama-cpp-python is not installed, so no GGUF file can be checked in llama.cpp: install "
-    "it into the environment with `.venv/bin/pip install llama-cpp-python` (it compiles "
-    "llama.cpp from source, tens of minutes on two cores)"
-)
+from tests.helpers import SENTENCES, tiny_hf_config
+from tests.runtimes import require_runtime
 
 # Formats of builtin:tiny-lm (64 wide, MLP 256) by fnmatch pattern, first match: every llama.cpp
 # block family and three floats; q/k/v of a block share one format (llama.cpp's gpt2 stores them
@@ -257,6 +252,27 @@ def test_a_model_llama_cpp_cannot_run_is_refused(digits_model: LoadedModel, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("scale_attn_weights", False),
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("reorder_and_upcast_attn", True),
+    ],
+)
+def test_a_gpt2_whose_attention_llama_cpp_computes_otherwise_is_refused(
+    flag: str, value: bool
+) -> None:
+    """llama.cpp's gpt2 always scales attention scores by 1/sqrt(head_dim) and nothing else."""
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_hf_config("gpt2")
+    setattr(config, flag, value)
+    with pytest.raises(InputError, match=f"cannot write a model with {flag}={value}"):
+        gguf_layout(GPT2LMHeadModel(config))
+    assert gguf_layout(GPT2LMHeadModel(tiny_hf_config("gpt2"))).arch == "gpt2"
+
+
 # --- llama.cpp itself --------------------------------------------------------------------------
 
 
@@ -264,11 +280,7 @@ def test_a_model_llama_cpp_cannot_run_is_refused(digits_model: LoadedModel, tmp_
 def llama_cpp() -> Any:
     """llama-cpp-python; missing, the test FAILS with how to install it (a skip would hide that
     no GGUF file was ever loaded)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.fail(LLAMA_CPP_MISSING)
-    return llama_cpp
+    return require_runtime("llama_cpp")
 
 
 class _Runtime:
@@ -363,6 +375,8 @@ def test_llama_cpp_runs_the_tiny_lm_with_bitplans_logits(
         fp = _logits(model, seq, None)
         ours += float(_kl(fp, _logits(model, seq, fq)).mean())
         theirs += float(_kl(fp, runtime.logits(seq)).mean())
+    # the README's figures: ``pytest tests/search/test_gguf_target.py -k tiny_lm_with -rP``
+    print(f"held-out KL: llama.cpp {theirs / 8:.5f}, bitplan {ours / 8:.5f}, x{theirs / ours:.2f}")
     assert HELDOUT_RATIO[0] < theirs / ours < HELDOUT_RATIO[1], (ours / 8, theirs / 8)
 
 

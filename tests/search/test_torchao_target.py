@@ -4,11 +4,13 @@ exact codes, with the bytes on disk explained layer by layer."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import bitplan
@@ -17,15 +19,12 @@ from bitplan.search.applier import PlanApplier
 from bitplan.search.artifact import tensor_bytes_of
 from bitplan.search.plans import Plan, make_plan
 from bitplan.search.runtime_torchao import NOTE_FILE, write_torchao
-from bitplan.search.targets import TARGETS
+from bitplan.search.targets import TARGETS, target_writer
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import FLOAT_DTYPES, parse_format
 from bitplan.sensitivity.layers import find_quant_layers, parameter_bytes
 from bitplan.sensitivity.models import LoadedModel, load_model
 from tests.helpers import tiny_hf_config
-
-torchao = pytest.importorskip("torchao")  # the 'runtimes' extra; make installs it
-transformers = pytest.importorskip("transformers")
 
 INTX, FLOAT8, PLAIN = "IntxUnpackedToInt8Tensor", "Float8Tensor", "Parameter"
 
@@ -149,7 +148,11 @@ def test_llama_folder_loads_in_transformers_with_bitplans_exact_codes(
     out = tmp_path / "torchao"
     report = bitplan.apply(model=folder, plan=plan_path, out_dir=out, to="torchao")
 
+    assert report.path == out  # what from_pretrained opens
+    assert report.plan_path == out / "plan.json"
     assert report.total_bytes == tensor_bytes_of(out / "model.safetensors")
+    assert report.total_bytes == sum(report.tensor_bytes.values())
+    assert "model.layers.0.self_attn.q_proj._weight_qdata" in report.tensor_bytes
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == str(dtype).removeprefix("torch.")
     assert config["quantization_config"]["quant_method"] == "torchao"
@@ -238,12 +241,17 @@ def test_a_plan_for_other_weights_is_refused(tiny_hf_model: Any, tmp_path: Path)
 def test_failure_leaves_nothing_and_reuse_drops_stale_weights(
     tiny_hf_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Reusing a folder drops only the weight files transformers would read as the model's;
+    other files, other safetensors included, are someone else's and stay."""
     folder = tiny_hf_model("llama", task="text-generation")
     plan = _plan(load_model(str(folder), device="cpu"), {"lm_head": "int4-g32"})
     out = tmp_path / "work" / "out"
     out.mkdir(parents=True)
     stale = out / "model-00002-of-00002.safetensors"  # an earlier, sharded write
     stale.write_bytes(b"x")
+    theirs = [out / "adapter_model.safetensors", out / "model-fp32-backup.safetensors"]
+    for path in theirs:
+        path.write_bytes(b"not ours")
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
@@ -253,10 +261,27 @@ def test_failure_leaves_nothing_and_reuse_drops_stale_weights(
         with pytest.raises(OSError, match="disk full"):
             bitplan.apply(model=folder, plan=plan, out_dir=out, to="torchao")
     assert [p.name for p in out.parent.iterdir()] == ["out"]  # no partial folder left
-    assert [p.name for p in out.iterdir()] == [stale.name]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in [stale, *theirs])
 
     bitplan.apply(model=folder, plan=plan, out_dir=out, to="torchao")
     assert not stale.exists()
+    assert all(path.read_bytes() == b"not ours" for path in theirs)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded.lm_head.weight).__name__ == INTX
     assert runtime_torchao.NOTE_FILE in {p.name for p in out.iterdir()}
+
+
+def test_missing_torchao_is_an_install_hint_before_anything_changes(
+    tiny_hf_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the runtimes extra the target is refused before the model is loaded or changed,
+    even where this module was imported before."""
+    folder = tiny_hf_model("llama", task="text-generation")
+    plan = _plan(load_model(str(folder), device="cpu"), {"lm_head": "int4-g32"})
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now fails
+    hint = r"`--to torchao` needs the runtime packages: pip install 'bitplan\[runtimes\]'"
+    with pytest.raises(InputError, match=hint):
+        target_writer("torchao")
+    with pytest.raises(InputError, match=hint):
+        bitplan.apply(model=folder, plan=plan, out_dir=tmp_path / "out", to="torchao")
+    assert not (tmp_path / "out").exists()
