@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.frontier_speed
 	$(BIN)/python -m benchmarks.api_load
 	$(BIN)/python -m benchmarks.service_limits
+	$(BIN)/python -m benchmarks.runtimes
 
 clean:
 	rm -rf $(VENV) .bitplan bitplan-demo
