@@ -9,7 +9,9 @@ the fixture ``tiny_hf_model`` in ``tests/conftest.py`` wraps it.
 from __future__ import annotations
 
 import io
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,9 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HF_MODEL_TYPES",
+    "process_gone",
     "SENTENCES",
     "tiny_bert_files",
     "uniform_plan",
+    "wait_until",
     "tiny_hf_config",
     "write_tiny_hf_model",
     "zip_bytes",
@@ -187,3 +191,24 @@ def uniform_plan(model: LoadedModel, fmt: str) -> Plan:
         fp16_bytes=fp16,
         predicted_error=None,
     )
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, *, within_s: float, poll_s: float = 0.05
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``within_s`` seconds. Tests
+    wait on a condition, never for a fixed time, so a slow machine only makes them slower."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within_s} s: {what}"
+        time.sleep(poll_s)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for a parent that never reaps it,
+    as an orphan may under a container's init, has ended too)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # the state, after "(comm)"

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from bitplan.app.settings import Settings
 from bitplan.app.states import TERMINAL_STATES, JobState
 from bitplan.app.sweeper import sweep_settings
 from tests.app._chaos_runner import LOG_ENV, TOKEN_FILE
+from tests.helpers import process_gone, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("chaos")
@@ -67,21 +67,6 @@ WAIT_S = 90.0  # the deadline of any one wait: far beyond a healthy run on a loa
 DIE_WITH_PARENT_S = 10.0  # workers of a SIGKILLed serve exit within this (their promise)
 POLL_S = 0.1
 UPLOAD_BYTES = 1 << 20  # the upload left in flight: announced in full, sent only in part
-
-
-def _until(condition: Callable[[], bool], what: str, *, within_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within_s} s: {what}"
-        time.sleep(POLL_S)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _worker_id(pid: int) -> str | None:
@@ -117,7 +102,7 @@ class Serve:
         command += ["--port", str(self.port), "--workers", "2"]
         with path.open("wb") as out:
             self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out, stderr=out)
-        _until(self._healthy, "serve answers /v1/health")
+        wait_until(self._healthy, "serve answers /v1/health", within_s=WAIT_S)
 
     def _healthy(self) -> bool:
         assert self.process is not None and self.process.poll() is None, "serve exited"
@@ -133,7 +118,7 @@ class Serve:
             ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
         ).stdout.split()
         ids = {int(pid): _worker_id(int(pid)) for pid in found}
-        return {pid: wid for pid, wid in ids.items() if wid is not None and _alive(pid)}
+        return {pid: wid for pid, wid in ids.items() if wid is not None and not process_gone(pid)}
 
     def kill(self) -> list[int]:
         """SIGKILL serve; returns the pids its workers had."""
@@ -154,7 +139,7 @@ class Serve:
                 self.process.kill()
                 self.process.wait()
         for pid in self.tied:  # only a worker that broke its promise to die with serve
-            if _alive(pid):
+            if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
 
     def log_lines(self, needle: str) -> list[str]:
@@ -219,7 +204,9 @@ def _upload_in_flight(serve: Serve, upload_dir: Path) -> threading.Thread:
 
     waiter = threading.Thread(target=hang_on, daemon=True)
     waiter.start()
-    _until(lambda: any(upload_dir.rglob(".upload-*.part")), "the upload's .part file")
+    wait_until(
+        lambda: any(upload_dir.rglob(".upload-*.part")), "the upload's .part file", within_s=WAIT_S
+    )
     return waiter
 
 
@@ -299,8 +286,10 @@ def _wreak_chaos(serve: Serve, engine: Engine, upload_dir: Path) -> Counter[str]
         killed["serve"] += 1
         serve.start()
         for pid in tied:
-            _until(
-                lambda pid=pid: not _alive(pid), f"worker {pid} exited", within_s=DIE_WITH_PARENT_S
+            wait_until(
+                lambda pid=pid: process_gone(pid),
+                f"worker {pid} exited",
+                within_s=DIE_WITH_PARENT_S,
             )
     return killed
 
@@ -316,7 +305,11 @@ def test_jobs_survive_killed_workers_and_a_killed_serve(
         serve.start()
         job_ids = _submit(serve)
         killed = _wreak_chaos(serve, engine, settings.upload_dir)
-        _until(lambda: all(job.state in TERMINAL_STATES for job in _jobs(engine)), "all jobs ended")
+        wait_until(
+            lambda: all(job.state in TERMINAL_STATES for job in _jobs(engine)),
+            "all jobs ended",
+            within_s=WAIT_S,
+        )
         serve.stop()
         elapsed = time.monotonic() - began
         final_sweep = sweep_settings(settings, make_sessionmaker(engine))

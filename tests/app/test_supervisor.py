@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,30 +24,14 @@ from bitplan.app.models import WorkerBeat
 from bitplan.app.settings import Settings
 from bitplan.app.supervisor import RestartBudget, WorkerSupervisor, describe_exit
 from bitplan.app.worker_presence import count_alive, record_beat
+from tests.helpers import process_gone, wait_until
 
 HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[2]
 REPLACED_WITHIN_S = 10.0  # the promise: a dead worker is replaced within 10 s
-_POLL_S = 0.1
 
 
 def idle_runner(*_: Any, **__: Any) -> None:
     """A job runner for worker processes that never get a job here."""
-
-
-def _until(condition: Callable[[], bool], *, within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within_s} s: {what}"
-        time.sleep(_POLL_S)
-
-
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` no longer runs (exited, or a zombie nobody reaped yet)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
 
 
 def _sleeper(_worker_id: str) -> subprocess.Popen[bytes]:
@@ -165,16 +148,18 @@ def test_real_workers_are_replaced_within_10_s_and_report_in_the_database(
     supervisor = WorkerSupervisor(settings, count=2, log_path=tmp_path / "workers.log")
     supervisor.start()
     try:
-        _until(lambda: _alive_in_db(settings) == 2, within_s=60, what="2 workers reported")
+        wait_until(lambda: _alive_in_db(settings) == 2, within_s=60, what="2 workers reported")
         victim = supervisor.processes[0]
         os.kill(victim.pid, signal.SIGKILL)
-        _until(
+        wait_until(
             lambda: victim not in supervisor.processes and supervisor.alive() == 2,
             within_s=REPLACED_WITHIN_S,
             what="the killed worker was replaced",
         )
-        assert _gone(victim.pid)  # reaped, not left <defunct>
-        _until(lambda: _alive_in_db(settings) == 2, within_s=60, what="the replacement reported")
+        assert process_gone(victim.pid)  # reaped, not left <defunct>
+        wait_until(
+            lambda: _alive_in_db(settings) == 2, within_s=60, what="the replacement reported"
+        )
         survivors = supervisor.processes
     finally:
         supervisor.stop()
@@ -211,10 +196,10 @@ def test_a_worker_dies_with_its_parent(how: str) -> None:
     try:
         assert parent.stdout is not None
         child_pid = int(parent.stdout.readline())
-        assert not _gone(child_pid)
+        assert not process_gone(child_pid)
         parent.kill()  # SIGKILL: the parent gets no chance to stop its child
         parent.wait()
-        _until(lambda: _gone(child_pid), within_s=10, what="the orphan exited")
+        wait_until(lambda: process_gone(child_pid), within_s=10, what="the orphan exited")
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -236,13 +221,15 @@ def test_sigkill_of_serve_takes_its_workers_down(
         stderr=log,
     )
     try:
-        _until(lambda: _alive_in_db(settings) == 2, within_s=60, what="serve's workers reported")
+        wait_until(
+            lambda: _alive_in_db(settings) == 2, within_s=60, what="serve's workers reported"
+        )
         workers = [int(pid) for pid in _children(serve.pid)]
         assert len(workers) == 2
         serve.kill()
         serve.wait()
         for pid in workers:
-            _until(lambda pid=pid: _gone(pid), within_s=10, what=f"worker {pid} exited")
+            wait_until(lambda pid=pid: process_gone(pid), within_s=10, what=f"worker {pid} exited")
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -27,6 +27,7 @@ from bitplan.app.sweeper import PERIODIC_GRACE_S, PeriodicSweep, Swept, sweep_se
 from bitplan.app.worker import run_worker
 from bitplan.search.pipeline import run_job
 from tests.app._api_fixtures import api_client, enqueue_job, job_body
+from tests.helpers import wait_until
 
 WAIT_S = 30.0  # how long a test waits for the periodic sweep: far beyond any slowness
 OLD_S = PERIODIC_GRACE_S + 10  # an age past the periodic grace
@@ -289,13 +290,6 @@ def test_a_job_whose_upload_vanished_fails_naming_the_upload(
 # --- the periodic sweep ----------------------------------------------------------------------
 
 
-def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {WAIT_S} s: {what}"
-        time.sleep(0.02)
-
-
 def test_the_api_sweeps_periodically_and_spares_uploads_in_flight(
     settings: Settings, engine: Engine
 ) -> None:
@@ -307,7 +301,11 @@ def test_the_api_sweeps_periodically_and_spares_uploads_in_flight(
         )
         in_flight = _touch(settings.upload_dir / "models" / "public" / ".upload-2.part")
         dead_attempt = _staging(settings, str(uuid.uuid4()), 1)
-        _until(lambda: not abandoned.exists() and not dead_attempt.exists(), "periodic sweep")
+        wait_until(
+            lambda: not abandoned.exists() and not dead_attempt.exists(),
+            "periodic sweep",
+            within_s=WAIT_S,
+        )
         assert in_flight.exists()
 
 
@@ -327,7 +325,7 @@ def test_a_periodic_sweep_spares_uploads_younger_than_their_longest_check(
     abandoned = _touch(owner / ("2" * 64 + ".zip"), age_s=3 * PERIODIC_GRACE_S)
     periodic = PeriodicSweep(slow, make_sessionmaker(engine), interval_s=0.02).start()
     try:
-        _until(lambda: periodic.sweeps >= 1, "a periodic sweep")
+        wait_until(lambda: periodic.sweeps >= 1, "a periodic sweep", within_s=WAIT_S)
     finally:
         periodic.stop()
     assert all(path.exists() for path in in_check) and not abandoned.exists()
@@ -349,7 +347,7 @@ def test_a_failed_periodic_sweep_is_logged_and_retried(
     periodic = PeriodicSweep(settings, flaky, interval_s=0.02).start()
     try:
         with caplog.at_level(logging.WARNING, logger="bitplan.app.sweeper"):
-            _until(lambda: periodic.sweeps >= 1, "a sweep after the failure")
+            wait_until(lambda: periodic.sweeps >= 1, "a sweep after the failure", within_s=WAIT_S)
     finally:
         periodic.stop()
     assert "periodic sweep failed" in caplog.text and "the database is away" in caplog.text

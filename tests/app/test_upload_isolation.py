@@ -18,7 +18,7 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from bitplan.app.validation import (
 )
 from bitplan.sensitivity.errors import InputError
 from tests.app._api_fixtures import api_client, assert_problem
-from tests.helpers import tiny_bert_files, zip_bytes
+from tests.helpers import process_gone, tiny_bert_files, wait_until, zip_bytes
 
 _ROOT = Path(__file__).resolve().parents[2]
 _MIB = 1 << 20
@@ -64,24 +64,6 @@ def _scratch_dirs(settings: Settings) -> list[Path]:
     return list(settings.cache_dir.glob(f"{VALIDATE_PREFIX}*"))
 
 
-def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has ended (a zombie waiting for a parent that never reaps it,
-    as an orphan may under a container's init, has ended too)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # the state, after "(comm)"
-
-
-def _until(condition: Callable[[], bool], what: str, *, timeout_s: float = _WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.05)
-
-
 @dataclass(frozen=True)
 class FakeCheck:
     """Where the stand-in child says what it did (see tests/app/_fake_upload_check.py)."""
@@ -92,11 +74,13 @@ class FakeCheck:
 
     def pid(self) -> int:
         """The pid of the last stand-in started, waiting for it to start if need be."""
-        _until(self.pidfile.exists, "the stand-in check started")
+        wait_until(self.pidfile.exists, "the stand-in check started", within_s=_WAIT_S)
         return int(self.pidfile.read_text())
 
     def grandchild(self) -> int:
-        _until(self.grandchild_pidfile.exists, "the stand-in started its grandchild")
+        wait_until(
+            self.grandchild_pidfile.exists, "the stand-in started its grandchild", within_s=_WAIT_S
+        )
         return int(self.grandchild_pidfile.read_text())
 
     def runs(self) -> int:
@@ -146,7 +130,7 @@ def test_every_failed_check_is_a_422_naming_the_file_that_leaves_nothing(
     text = json.dumps(problem)
     assert str(settings.data_dir) not in text and str(settings.data_dir.resolve()) not in text
     assert _files(settings) == [] and _scratch_dirs(settings) == []
-    assert _gone(fake_check.pid())
+    assert process_gone(fake_check.pid())
 
 
 def test_a_valid_check_keeps_the_upload(
@@ -171,8 +155,12 @@ def test_a_check_that_leaves_a_process_behind_is_answered_and_the_process_killed
     with api_client(quick) as client:
         answer = _upload(client, "m.zip", b"PK whatever")
         assert answer.status_code == 201, answer.text
-    _until(lambda: _gone(fake_check.grandchild()), "the check's grandchild killed")
-    assert _gone(fake_check.pid()) and _scratch_dirs(settings) == []
+    wait_until(
+        lambda: process_gone(fake_check.grandchild()),
+        "the check's grandchild killed",
+        within_s=_WAIT_S,
+    )
+    assert process_gone(fake_check.pid()) and _scratch_dirs(settings) == []
 
 
 def test_a_check_past_its_time_is_killed_and_named(
@@ -187,7 +175,7 @@ def test_a_check_past_its_time_is_killed_and_named(
         f"slow.zip: checking it took longer than its {_HANG_UP_S:g} s limit "
         "(BITPLAN_VALIDATE_TIMEOUT_S)"
     )
-    assert _gone(fake_check.pid())
+    assert process_gone(fake_check.pid())
     assert _files(settings) == [] and _scratch_dirs(settings) == []
 
 
@@ -208,7 +196,7 @@ def test_a_cancelled_check_is_killed(
             group.cancel_scope.cancel()
 
     anyio.run(cancel_once_started)
-    assert _gone(fake_check.pid())
+    assert process_gone(fake_check.pid())
     assert _scratch_dirs(settings) == [] and slots.busy == 0
 
 
@@ -247,10 +235,10 @@ def test_a_client_that_hangs_up_mid_check_gets_its_check_killed(
         with socket.create_connection((host, int(port)), timeout=_WAIT_S) as conn:
             conn.sendall(_raw_upload("m.zip", b"PK whatever"))
             child = fake_check.pid()  # the check is running: now hang up
-        _until(
-            lambda: _gone(child) and not _scratch_dirs(settings) and not _files(settings),
+        wait_until(
+            lambda: process_gone(child) and not _scratch_dirs(settings) and not _files(settings),
             "the check killed and its files removed after the client hung up",
-            timeout_s=_HANG_UP_S,
+            within_s=_HANG_UP_S,
         )
     assert "m.zip: its client hung up; its check was stopped" in caplog.text
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

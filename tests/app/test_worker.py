@@ -33,6 +33,7 @@ from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 from tests.app._api_fixtures import enqueue_job
+from tests.helpers import wait_until
 
 STEP_S = 0.1  # one runner step; a job of `trials` steps runs trials * STEP_S seconds
 LOG_ENV = "BITPLAN_TEST_RUNNER_LOG"  # where the runner double notes starts and completions
@@ -126,13 +127,6 @@ def _enqueue(engine: Engine, *, trials: int, max_attempts: int = 3) -> str:
 def _job(engine: Engine, job_id: str) -> Job:
     with make_sessionmaker(engine)() as session:
         return crud.get_job(session, job_id=job_id, owner_id=None)
-
-
-def _wait_for(predicate: Callable[[], bool], *, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def _partials(settings: Settings) -> list[Path]:
@@ -267,10 +261,18 @@ def test_cancel_stops_a_running_job(
     )
     thread.start()
     try:
-        _wait_for(lambda: _job(engine_sqlite, job_id).stage_progress > 0)
+        wait_until(
+            lambda: _job(engine_sqlite, job_id).stage_progress > 0,
+            "_job(engine_sqlite, job_id).stage_progress > 0",
+            within_s=WAIT_S,
+        )
         with make_sessionmaker(engine_sqlite)() as session:
             crud.request_cancel(session, job_id=job_id, owner_id=None)
-        _wait_for(lambda: _job(engine_sqlite, job_id).state == JobState.CANCELLED)
+        wait_until(
+            lambda: _job(engine_sqlite, job_id).state == JobState.CANCELLED,
+            "_job(engine_sqlite, job_id).state == JobState.CANCELLED",
+            within_s=WAIT_S,
+        )
     finally:
         stop.set()
         thread.join(timeout=WAIT_S)
@@ -336,11 +338,19 @@ def test_worker_that_loses_its_lease_stops_and_writes_nothing(
     )
     thread.start()
     try:
-        _wait_for(lambda: _job(engine_sqlite, job_id).stage_progress > 0)
+        wait_until(
+            lambda: _job(engine_sqlite, job_id).stage_progress > 0,
+            "_job(engine_sqlite, job_id).stage_progress > 0",
+            within_s=WAIT_S,
+        )
         version = _take_over(engine_sqlite, job_id, how)
         _thief_progress(engine_sqlite, job_id, version)
         # the heartbeat (or the next progress write) fails, and the runner is told to stop
-        _wait_for(lambda: "stopped" in runner_log.read_text())
+        wait_until(
+            lambda: "stopped" in runner_log.read_text(),
+            "'stopped' in runner_log.read_text()",
+            within_s=WAIT_S,
+        )
     finally:
         stop.set()
         thread.join(timeout=WAIT_S)
@@ -411,7 +421,11 @@ def test_sigkill_mid_job_is_reclaimed_and_succeeds_once(
     job_id = _enqueue(engine, trials=15)
     proc = _spawn(settings, monkeypatch)
     try:
-        _wait_for(_running_with_progress(engine, job_id, proc))
+        wait_until(
+            _running_with_progress(engine, job_id, proc),
+            "_running_with_progress(engine, job_id, proc)",
+            within_s=WAIT_S,
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=WAIT_S)
@@ -421,7 +435,11 @@ def test_sigkill_mid_job_is_reclaimed_and_succeeds_once(
     just_before = dead.lease_expires_at - timedelta(milliseconds=1)
     assert queue.reap_expired(engine, now=just_before) == 0
     assert queue.claim_job(engine, worker_id="other", lease_s=1) is None
-    _wait_for(lambda: worker.run_worker(settings, once=True, runner=steady_runner) == 1)
+    wait_until(
+        lambda: worker.run_worker(settings, once=True, runner=steady_runner) == 1,
+        "worker.run_worker(settings, once=True, runner=steady_runner) == 1",
+        within_s=WAIT_S,
+    )
     job = _job(engine, job_id)
     assert (job.state, job.attempts, job.lease_version) == ("succeeded", 2, 2)
     lines = runner_log.read_text().splitlines()
@@ -442,7 +460,11 @@ def test_sigterm_releases_the_job_and_exits(
     job_id = _enqueue(engine, trials=200)
     proc = _spawn(settings, monkeypatch)
     try:
-        _wait_for(_running_with_progress(engine, job_id, proc))
+        wait_until(
+            _running_with_progress(engine, job_id, proc),
+            "_running_with_progress(engine, job_id, proc)",
+            within_s=WAIT_S,
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=WAIT_S) == 0
     finally:
