@@ -5,7 +5,8 @@ Each command is a module-level function (or a Typer sub-app) in a small module o
 
 - planning on this machine: ``formats``, ``analyze``, ``search``, ``solve``, ``apply``;
 - the service, as its operator: ``db upgrade``, ``keys create``, ``serve``, ``worker``;
-- a job on a service: ``submit``, ``status``, ``wait``, ``cancel``, ``download``; ``demo``.
+- a job on a service: ``submit``, ``status``, ``wait``, ``cancel``, ``download``, ``model``;
+  ``demo``.
 
 A command's module is imported only when that command runs or shows its own help: the planning
 commands read their defaults from :class:`~bitplan.search.spec.JobSpec` (pydantic) and the
@@ -66,6 +67,7 @@ COMMANDS = {
     "wait": Command(f"{_PKG}.jobs:wait", "Wait for a job with a progress bar."),
     "cancel": Command(f"{_PKG}.jobs:cancel", "Cancel a job."),
     "download": Command(f"{_PKG}.jobs:download", "Save a finished job's results."),
+    "model": Command(f"{_PKG}.jobs:model", "Save a job's plan applied to its model (--to)."),
     "demo": Command(f"{_PKG}.demo:demo", "The whole service locally, on a builtin model."),
 }
 

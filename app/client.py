@@ -5,22 +5,28 @@
 >>> job = client.submit_job(model=model["id"], budget="4.5bpw")
 >>> job = client.wait_job(job["id"], progress=lambda j: print(j["stage"], j["progress"]))
 >>> frontier = client.frontier(job["id"])
+>>> client.download_model(job["id"], frontier["points"][0]["plan_id"], "out", to="gguf")
 
 Every non-2xx answer raises :class:`ApiError` carrying the server's problem+json, except that a
 server shedding load (429 or 503) is asked again after its ``Retry-After`` (a bounded number of
 times, each wait capped): a burst of submissions all get in, just later. Submissions carry an
 ``Idempotency-Key`` (a random one unless you pass your own), so a retried submission can never
 queue a job twice. Polling uses
-the job's ``ETag``: an unchanged job costs a 304 with no body. Any ``httpx.Client`` can be
-passed in (tests pass FastAPI's ``TestClient``).
+the job's ``ETag``: an unchanged job costs a 304 with no body. A model export (a plan applied
+to the job's model for a runtime) is made by a worker: :meth:`BitplanClient.download_model`
+asks again after each ``202``'s ``Retry-After`` until the file comes, and streams it to disk.
+Any ``httpx.Client`` can be passed in (tests pass FastAPI's ``TestClient``).
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import re
+import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +54,13 @@ DEFAULT_RETRIES = 6
 _MAX_RETRY_WAIT_S = 15.0
 # The wait when the server names none: 1, 2, 4, ... seconds (capped as above).
 _FALLBACK_WAIT_S = 1.0
+# The problem type of a server shedding load (bitplan.app.problems.service_busy). A model
+# download retries only that 503: the others name an export that failed (they say when it
+# may be tried again), which asking again at once would not cure.
+_BUSY_TYPE = "tag:bitplan,2025:problem/busy"
+_ZIP_MEDIA_TYPE = "application/zip"
+_CHUNK = 1 << 20  # bytes written at a time while a download streams to disk
+_FILENAME = re.compile(r'filename="([^"/\\]+)"')  # Content-Disposition's (quoted) file name
 
 
 def retry_after_s(response: httpx.Response, *, retry: int) -> float:
@@ -133,11 +146,7 @@ class BitplanClient:
             self._sleep(wait)
             response = self.http.request(method, url, **kwargs)
         if response.status_code >= 400:
-            try:
-                problem = response.json()
-            except ValueError:
-                problem = {"status": response.status_code, "detail": response.text[:500]}
-            raise ApiError(response.status_code, problem)
+            raise _api_error(response)
         return response
 
     def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
@@ -235,8 +244,91 @@ class BitplanClient:
         """The sensitivity table as CSV text."""
         return self._request("GET", f"/v1/jobs/{job_id}/sensitivity").text
 
+    def download_model(
+        self,
+        job_id: str,
+        plan_id: str,
+        dest: str | Path,
+        *,
+        to: str = "bitplan",
+        timeout: float | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[Path]:
+        """Save plan ``plan_id`` of the job applied to its model for runtime ``to`` into the
+        folder ``dest``, as ``bitplan apply --to`` writes it (a zip the server sends is
+        unpacked there; a single file keeps its name, e.g. ``model.gguf``); returns the files.
+
+        A worker makes the export: while it does, the server answers ``202`` and this waits its
+        ``Retry-After`` (``progress(export)`` sees each answer) and asks again. A busy server
+        is asked again as by every call; a failed export raises :class:`ApiError` with the
+        server's reason (a ``503`` from it says when a request queues it again). Raises
+        :class:`TimeoutError` after ``timeout`` seconds.
+        """
+        url = f"/v1/jobs/{job_id}/plans/{plan_id}/model"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        busy = 0
+        while True:
+            with self.http.stream("GET", url, params={"to": to}) as response:
+                if response.status_code == 200:
+                    return _save_download(response, Path(dest))
+                response.read()
+            if response.status_code == 202:
+                if progress is not None:
+                    progress(response.json())
+                wait = retry_after_s(response, retry=0)
+            elif _is_busy(response) and busy < self.retries:
+                wait = retry_after_s(response, retry=busy)
+                busy += 1
+            else:
+                raise _api_error(response)
+            if deadline is not None and time.monotonic() + wait > deadline:
+                raise TimeoutError(f"the {to} export of plan {plan_id} not ready after {timeout} s")
+            self._sleep(wait)
+
     def download_report(self, job_id: str, dest: str | Path) -> Path:
         """Save the job's HTML report to ``dest`` and return the path."""
         dest = Path(dest)
         dest.write_bytes(self._request("GET", f"/v1/jobs/{job_id}/report").content)
         return dest
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    """The :class:`ApiError` of a non-2xx answer (its body read)."""
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {"status": response.status_code, "detail": response.text[:500]}
+    return ApiError(response.status_code, problem)
+
+
+def _is_busy(response: httpx.Response) -> bool:
+    """Whether the answer is a server shedding load (the request was not processed)."""
+    if response.status_code == 429:
+        return True
+    try:
+        kind = response.json().get("type")
+    except ValueError:
+        kind = None
+    return response.status_code == 503 and kind == _BUSY_TYPE
+
+
+def _save_download(response: httpx.Response, dest: Path) -> list[Path]:
+    """Stream a model download into the folder ``dest``: a zip is unpacked, a file is named as
+    Content-Disposition says. The bytes land in a temporary file first, so a broken transfer
+    leaves no truncated model behind."""
+    dest.mkdir(parents=True, exist_ok=True)
+    found = _FILENAME.search(response.headers.get("Content-Disposition", ""))
+    name = found[1] if found else "model"
+    with tempfile.NamedTemporaryFile(dir=dest, prefix=".download-", delete=False) as part:
+        for chunk in response.iter_bytes(_CHUNK):
+            part.write(chunk)
+    partial = Path(part.name)
+    try:
+        if response.headers.get("Content-Type", "").startswith(_ZIP_MEDIA_TYPE):
+            with zipfile.ZipFile(partial) as archive:
+                members = [info.filename for info in archive.infolist() if not info.is_dir()]
+                archive.extractall(dest)  # extractall drops absolute and ".." path parts
+            return [dest / member for member in members]
+        return [partial.replace(dest / name)]
+    finally:
+        partial.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from bitplan.app.models import BLOB_KINDS, ApiKey, Blob, Job, utcnow
-from bitplan.app.states import JobState
+from bitplan.app.states import JobKind, JobState
 from bitplan.sensitivity.errors import InputError
 
 __all__ = [
@@ -68,6 +68,10 @@ class BlobInUse(ConflictError):
 
 class IdempotencyMismatch(InputError):
     """An Idempotency-Key was reused with a different request body (HTTP 422)."""
+
+
+# The rows a user's job routes see: planning jobs, not the exports queued beside them.
+_IS_SEARCH = Job.kind == JobKind.SEARCH.value
 
 
 def _owned(column: InstrumentedAttribute[str | None], owner_id: str | None) -> ColumnElement[bool]:
@@ -238,7 +242,11 @@ def _replay(job: Job, request_hash: str | None) -> Job:
 
 
 def get_job(session: Session, *, job_id: str, owner_id: str | None) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id, _owned(Job.owner_id, owner_id)))
+    """The owner's planning job ``job_id``; None for another owner's or an export's id (exports
+    are reached through their job: :mod:`bitplan.app.model_exports`)."""
+    return session.scalar(
+        select(Job).where(Job.id == job_id, _owned(Job.owner_id, owner_id), _IS_SEARCH)
+    )
 
 
 def list_jobs(
@@ -250,7 +258,7 @@ def list_jobs(
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """The owner's jobs, newest first, optionally in one ``state``; returns (page, next_cursor)."""
-    conditions = [_owned(Job.owner_id, owner_id)]
+    conditions = [_owned(Job.owner_id, owner_id), _IS_SEARCH]
     if state is not None:
         if state not in set(JobState):
             accepted = ", ".join(JobState)

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # TERMINAL_STATES is re-exported for modules that still import it from here.
-from bitplan.app.states import TERMINAL_STATES, JobState
+from bitplan.app.states import TERMINAL_STATES, JobKind, JobState
 
 __all__ = [
     "BLOB_KINDS",
@@ -139,19 +139,45 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+def _one_of(column: str, values: type[JobState] | type[JobKind]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
 class Job(Base):
-    """One planning job and its queue bookkeeping (lease, attempts, cancel flag)."""
+    """One unit of queued work and its queue bookkeeping (lease, attempts, cancel flag).
+
+    ``kind`` says what: a user's planning job (``search``), or the export of one of a succeeded
+    job's plans for a runtime (``export``: ``parent_id``, ``plan_id`` and ``target`` name it, at
+    most one row each, so repeated requests share one export). Both kinds go through the same
+    claim, lease, heartbeat, fencing, reaper, staging folder and sweep (app/queue.py,
+    app/worker.py, app/sweeper.py); only the work differs. Exports are never listed as jobs.
+    """
 
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key"),
+        UniqueConstraint("parent_id", "plan_id", "target"),
         Index(None, "state", "created_at"),
         Index(None, "owner_id", "created_at"),
-        CheckConstraint(f"state IN ({', '.join(repr(s.value) for s in JobState)})", name="state"),
+        CheckConstraint(_one_of("state", JobState), name="state"),
+        CheckConstraint(_one_of("kind", JobKind), name="kind"),
+        # An export names its job, plan and target; a search job none of them.
+        CheckConstraint(
+            "(kind = 'search' AND parent_id IS NULL AND plan_id IS NULL AND target IS NULL) OR "
+            "(kind = 'export' AND parent_id IS NOT NULL AND plan_id IS NOT NULL "
+            "AND target IS NOT NULL)",
+            name="export_fields",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(
+        String(16), default=JobKind.SEARCH.value, server_default=JobKind.SEARCH.value
+    )
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    plan_id: Mapped[str | None] = mapped_column(String(128))  # PLAN_ID_PATTERN's longest
+    target: Mapped[str | None] = mapped_column(String(32))  # a name of search/targets.py
     state: Mapped[JobState] = mapped_column(JobStateType(), default=JobState.QUEUED)
     stage: Mapped[str] = mapped_column(String(64), default=JobState.QUEUED.value)
     # Overall fraction done and ETA of the whole attempt (see app/job_progress.py) ...

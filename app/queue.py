@@ -3,10 +3,12 @@
 Following procrastinate's design: the claim is one statement; heartbeats belong to workers;
 recovery is an idempotent reaper; losing a race is normal and handled.
 
-- :func:`claim_job` picks the oldest queued job and marks it running in one ``UPDATE``. On
-  PostgreSQL its subquery is ``FOR UPDATE SKIP LOCKED``, so concurrent workers skip each other's
-  rows. SQLAlchemy drops ``FOR UPDATE`` on SQLite, so there the statement runs in a
-  ``BEGIN IMMEDIATE`` transaction (one writer at a time) and re-checks ``state = 'queued'``.
+- :func:`claim_job` picks the oldest queued job (of either
+  :class:`~bitplan.app.states.JobKind`, first come first served) and marks it running in one
+  ``UPDATE``. On PostgreSQL its subquery is ``FOR UPDATE SKIP LOCKED``, so concurrent workers
+  skip each other's rows. SQLAlchemy drops ``FOR UPDATE`` on SQLite, so there the statement
+  runs in a ``BEGIN IMMEDIATE`` transaction (one writer at a time) and re-checks ``state =
+  'queued'``.
 - A claim starts the attempt's progress at 0 (a retried job starts over).
 - Each claim increments ``lease_version``. Every later write of the holder (heartbeat,
   progress, finish, release) is fenced by ``(id, lease_version, state = 'running')``: once a
@@ -32,7 +34,7 @@ from sqlalchemy.sql.dml import Update
 
 from bitplan.app.job_progress import ProgressSnapshot
 from bitplan.app.models import Job, UTCDateTime, utcnow
-from bitplan.app.states import TERMINAL_STATES, JobState
+from bitplan.app.states import TERMINAL_STATES, JobKind, JobState
 
 __all__ = [
     "ClaimedJob",
@@ -42,6 +44,7 @@ __all__ = [
     "is_cancel_requested",
     "reap_expired",
     "release_job",
+    "requeue_finished",
     "set_progress",
 ]
 
@@ -56,6 +59,7 @@ class ClaimedJob:
     spec: dict[str, Any]
     lease_version: int
     attempts: int
+    kind: str = JobKind.SEARCH.value  # what the spec describes: a search or an export
 
 
 def _fenced(job_id: str, lease_version: int) -> Update:
@@ -130,15 +134,21 @@ def claim_job(
             attempts=Job.attempts + 1,
             started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
         )
-        .returning(Job.id, Job.spec, Job.lease_version, Job.attempts)
+        .returning(Job.id, Job.spec, Job.lease_version, Job.attempts, Job.kind)
     )
     with _writing(engine) as connection:
         row = connection.execute(statement).first()
     if row is None:
         return None
-    logger.info("worker %s claimed job %s (attempt %d)", worker_id, row.id, row.attempts)
+    logger.info(
+        "worker %s claimed %s job %s (attempt %d)", worker_id, row.kind, row.id, row.attempts
+    )
     return ClaimedJob(
-        id=row.id, spec=row.spec, lease_version=row.lease_version, attempts=row.attempts
+        id=row.id,
+        spec=row.spec,
+        lease_version=row.lease_version,
+        attempts=row.attempts,
+        kind=row.kind,
     )
 
 
@@ -195,6 +205,31 @@ def finish_job(
 def release_job(engine: Engine, *, job_id: str, lease_version: int) -> bool:
     """Give a job back to the queue unfinished (graceful shutdown); the attempt is not counted."""
     statement = _fenced(job_id, lease_version).values(**_REQUEUED, attempts=Job.attempts - 1)
+    return _write(engine, statement) == 1
+
+
+def requeue_finished(engine: Engine, *, job_id: str, lease_version: int) -> bool:
+    """Queue a finished job again as if new (attempts from 0, no error, no result); False when
+    it is no longer finished at ``lease_version`` (another caller requeued it first, and a
+    worker may hold it by now). For exports that a later request retries
+    (app/model_exports.py); a planning job is never run twice."""
+    statement = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.lease_version == lease_version,
+            Job.state.in_(TERMINAL_STATES),
+        )
+        .values(
+            **_REQUEUED,
+            attempts=0,
+            error=None,
+            result=None,
+            cancel_requested=False,
+            started_at=None,
+            finished_at=None,
+        )
+    )
     return _write(engine, statement) == 1
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from bitplan.app.states import JobState
 from bitplan.search.budgets import BYTE_UNITS, parse_budget
-from bitplan.search.fields import Format
+from bitplan.search.fields import Format, Rounding
 from bitplan.search.plans import FrontierFile, FrontierPoint
 from bitplan.search.spec import METHODS, SAMPLERS, FuseRule, JobSpec
 from bitplan.sensitivity.builtin import BUILTIN_MODELS
@@ -49,6 +49,7 @@ __all__ = [
     "JobRequestRead",
     "JobState",
     "JobsRead",
+    "ModelExportRead",
     "ModelRead",
     "ModelsRead",
 ]
@@ -217,6 +218,7 @@ class JobCreate(BaseModel):
     budget: str = _spec_field("budget", pattern=BUDGET_PATTERN)
     # uniqueItems: parse_formats refuses a format listed twice.
     formats: list[RequestFormat] = _spec_field("formats", uniqueItems=True)
+    rounding: list[Rounding] = _spec_field("rounding", uniqueItems=True)  # JobSpec refuses repeats
     method: Method = _spec_field("method")
     task: Task | None = _spec_field("task")
     trials: int = _spec_field("trials")
@@ -372,6 +374,24 @@ class JobsRead(BaseModel):
 
     data: list[JobRead] = Field(description="the jobs on this page")
     next_cursor: str | None = Field(description=_NEXT_CURSOR)
+
+
+class ModelExportRead(BaseModel):
+    """A model export on its way: one plan of a job applied to the job's model for a runtime
+    target, queued or being written by a worker (the body of a ``202`` of ``GET
+    /v1/jobs/{id}/plans/{plan_id}/model``; the same URL answers the file once it is ready)."""
+
+    job_id: str = Field(description="the job whose plan is exported")
+    plan_id: str = Field(description="the plan")
+    target: str = Field(description="the runtime target (as `bitplan apply --to`)")
+    state: Literal[JobState.QUEUED, JobState.RUNNING] = Field(
+        description="queued (waiting for a worker) or running"
+    )
+    stage: str = Field(description="'queued', 'starting', 'export' (writing), 'package'")
+    progress: float = Field(ge=0, le=1, description="fraction of the export done, 0 to 1")
+    eta_s: float | None = Field(description="estimated seconds left; null when unknown")
+    attempts: int = Field(ge=0, description="how many times a worker has claimed the export")
+    links: dict[str, str] = Field(description="self: this URL, which serves the file when ready")
 
 
 class FrontierPointRead(FrontierPoint):

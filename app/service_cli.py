@@ -13,11 +13,8 @@ Running the service itself (the API thread and worker processes) is :mod:`bitpla
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -25,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import httpx
 import typer
 
+from bitplan.app.archive import file_sha256, zip_folder
 from bitplan.app.client import ApiError, BitplanClient
 from bitplan.app.console import err_console, run_command
 from bitplan.app.states import JobState
@@ -49,11 +47,6 @@ T = TypeVar("T")
 
 _POLL_S = 0.5  # the API answers an unchanged job with a body-less 304, so polling is cheap
 _BUILTIN = "builtin"  # `builtin` data and `builtin:NAME` models live on the server
-# Every entry of a zipped model folder gets this timestamp (the earliest a zip can hold), so
-# zipping the same folder twice gives the same bytes, hence the same sha256.
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-_ZIP_FILE_MODE = 0o644 << 16  # rw-r--r--, in the high bits of external_attr as unzip reads them
-_CHUNK = 1 << 20  # bytes read at a time when hashing or zipping a file
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -75,28 +68,6 @@ def guarded(fn: Callable[[], T]) -> T:
             raise InputError(str(exc)) from None
 
     return run_command(call)
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read a chunk at a time (the server's content address)."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def zip_folder(folder: Path, dest: Path) -> Path:
-    """Zip ``folder``'s files into ``dest`` reproducibly: the same files give the same bytes
-    (sorted names, fixed timestamps and modes), so an upload can be found again by its hash."""
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zipped:
-        for item in sorted(folder.rglob("*")):
-            if not item.is_file():
-                continue
-            info = zipfile.ZipInfo(item.relative_to(folder).as_posix(), date_time=_ZIP_EPOCH)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = _ZIP_FILE_MODE
-            info.file_size = item.stat().st_size  # lets zipfile choose zip64 for large files
-            with item.open("rb") as src, zipped.open(info, "w") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
-    return dest
 
 
 def upload_ref(client: BitplanClient, ref: str, *, kind: Literal["model", "dataset"]) -> str:

@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     # How often the API sweeps orphans (bitplan.app.sweeper) besides at start-up, in seconds;
     # 0 never. Ten minutes: leftovers are disk space, not errors, and a sweep walks folders.
     sweep_interval_s: float = Field(default=600.0, ge=0)
+    # Model exports (GET /v1/jobs/{id}/plans/{plan_id}/model, app/model_exports.py).
+    export_runner: str = Field(
+        default="bitplan.app.export_run:run_export",
+        description="'module:function' a worker calls to write one export; tests point it at "
+        "a double",
+    )
+    export_retry_after_s: int = Field(
+        default=2,
+        ge=1,
+        description="the Retry-After (seconds) of a 202 while an export is queued or running: "
+        "a small model's export takes a few seconds",
+    )
+    export_retry_failed_s: int = Field(
+        default=60,
+        ge=1,
+        description="how long a failed export (a runtime package missing on the worker, a lost "
+        "worker, a crash) stands before a GET queues it again; its 503 says when",
+    )
 
     @field_validator("optuna_storage", mode="before")
     @classmethod

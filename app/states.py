@@ -1,14 +1,15 @@
-"""The job states of DESIGN §9, in a module that imports nothing heavy.
+"""The job states of DESIGN §9 and the kinds of queued work, in a module that imports nothing
+heavy.
 
 The client and the CLI need them without SQLAlchemy or torch; the ORM, the queue, the API and the
-worker use the same enum, so a state is spelled once.
+worker use the same enums, so a state (or a kind) is spelled once.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["TERMINAL_STATES", "JobState"]
+__all__ = ["TERMINAL_STATES", "JobKind", "JobState"]
 
 
 class JobState(StrEnum):
@@ -22,3 +23,12 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class JobKind(StrEnum):
+    """What a queued row asks a worker for. ``search`` is a user's planning job; ``export`` is
+    one plan of a succeeded job applied to its model for a runtime (``GET
+    /v1/jobs/{id}/plans/{plan_id}/model``), queued by the API and never listed as a job."""
+
+    SEARCH = "search"
+    EXPORT = "export"

@@ -1,6 +1,9 @@
 """The job worker: claims jobs from the database queue and runs the pipeline on them.
 
-One worker runs one job at a time. The job runs in its own thread while the main thread
+A queued row is a planning job or a model export (:class:`~bitplan.app.states.JobKind`, see
+app/model_exports.py); the same worker claims both in arrival order and runs each the same way,
+with a runner per kind (the pipeline, :func:`bitplan.app.export_run.run_export`). One worker
+runs one job at a time. The job runs in its own thread while the main thread
 renews the lease by heartbeat, watches the job's cancel flag and waits for SIGTERM. The
 pipeline's ``should_cancel()`` turns True when the job was cancelled (it ends ``cancelled``),
 when the lease was lost (another worker owns the job now: this one writes nothing more, not
@@ -43,7 +46,15 @@ from typing import Any, cast
 from sqlalchemy import Engine
 
 from bitplan.app.db import Backoff, engine_for, is_transient, retry_transient
-from bitplan.app.job_progress import ProgressTracker
+from bitplan.app.export_run import pack_export
+from bitplan.app.job_progress import EXPORT_STAGE_WEIGHTS, STAGE_WEIGHTS, ProgressTracker
+from bitplan.app.model_exports import (
+    EXPORT_REFUSED,
+    RUNTIME_UNAVAILABLE,
+    ExportSpec,
+    RuntimeUnavailable,
+    plan_file,
+)
 from bitplan.app.queue import (
     ClaimedJob,
     claim_job,
@@ -57,12 +68,12 @@ from bitplan.app.queue import (
 from bitplan.app.redact import path_names, redact
 from bitplan.app.report import render_report
 from bitplan.app.settings import Settings, get_settings
-from bitplan.app.states import JobState
+from bitplan.app.states import JobKind, JobState
 from bitplan.app.worker_presence import WorkerPresence
 from bitplan.search.plans import BEST_PLAN_ID
 from bitplan.search.spec import JobSpec
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.progress import Cancelled
+from bitplan.sensitivity.progress import Cancelled, check_cancel, report
 
 __all__ = [
     "PROGRESS_INTERVAL_S",
@@ -80,6 +91,9 @@ logger = logging.getLogger(__name__)
 # At most one progress write per job every half second: a bar that looks live to a person
 # polling the API, without turning a fast inner loop into a stream of database writes.
 PROGRESS_INTERVAL_S = 0.5
+# The folder inside an export's staging folder that the target is written into, before
+# pack_export turns it into the one file served.
+_EXPORT_FOLDER = "written"
 # How often the main thread wakes to notice SIGTERM or a finished job thread (seconds).
 _TICK_S = 0.1
 # Retries of the write that ends a job: with Backoff's 10 s cap about a minute in all, past
@@ -141,8 +155,17 @@ def _shown_names(spec: JobSpec) -> dict[str, str]:
     return names
 
 
+class _InvalidSpec(Exception):
+    """The row's spec does not describe a job this worker can run."""
+
+
 class _JobRun:
-    """One claimed job: the job thread runs the runner, the caller's thread supervises."""
+    """One claimed job: the job thread runs the runner, the caller's thread supervises.
+
+    A search job's runner is the pipeline; an export's (:class:`~bitplan.app.states.JobKind`)
+    writes one plan for a runtime target, which this class then packs into one file. Both
+    write into the same staging folder and are published, fenced and cleaned up alike.
+    """
 
     def __init__(
         self,
@@ -161,9 +184,13 @@ class _JobRun:
         self.reason: StopReason | None = None
         # the state the runner asks for, and the error message when it failed
         self.outcome: tuple[JobState, str] = (JobState.FAILED, "the job thread did not finish")
+        # the result fields of a success (besides artifact_dir), or of a failure (its kind)
+        self.result: dict[str, Any] | None = None
         self.final_dir = settings.artifact_dir / job.id
         self.staging = settings.artifact_dir / f".{job.id}.{job.lease_version}.partial"
-        self.tracker = ProgressTracker(interval_s=PROGRESS_INTERVAL_S, clock=clock)
+        self.is_export = job.kind == JobKind.EXPORT
+        weights = EXPORT_STAGE_WEIGHTS if self.is_export else STAGE_WEIGHTS
+        self.tracker = ProgressTracker(interval_s=PROGRESS_INTERVAL_S, clock=clock, weights=weights)
         self._names = _server_folders(settings)  # server paths a job's error may quote
 
     def _halt(self, reason: StopReason) -> None:
@@ -197,36 +224,77 @@ class _JobRun:
         if not held:
             self._halt(StopReason.LEASE_LOST)
 
-    def _fail(self, message: str) -> None:
-        """End the job failed with ``message``, minus any server path it quotes."""
+    def _fail(self, message: str, *, problem: str | None = None) -> None:
+        """End the job failed with ``message``, minus any server path it quotes; an export
+        records what kind of ``problem`` it was (app/model_exports.py)."""
         self.outcome = (JobState.FAILED, redact(message, self._names))
+        self.result = {"problem": problem} if problem else None
 
     def _target(self) -> None:
         try:
-            spec = JobSpec(**self.job.spec)
-        except (InputError, TypeError) as error:  # TypeError: unknown or missing fields
-            self._fail(f"invalid job spec: {error}")
-            return
-        self._names.update(_shown_names(spec))
-        try:
-            self.runner(
-                spec,
-                out_dir=self.staging,
-                cache_dir=self.settings.cache_dir,
-                progress=self.progress,
-                should_cancel=self.should_cancel,
-                optuna_storage=self.settings.optuna_storage,
-                study_name=study_name_for(self.job.id, attempt=self.job.attempts),
-            )
-            self._render_report()
+            self.result = self._export() if self.is_export else self._search()
             self.outcome = (JobState.SUCCEEDED, "")
+        except _InvalidSpec as error:
+            self._fail(f"invalid job spec: {error}")
         except Cancelled:
             self.outcome = (JobState.CANCELLED, "")
+        except RuntimeUnavailable as error:
+            self._fail(str(error), problem=RUNTIME_UNAVAILABLE)
         except InputError as error:
-            self._fail(str(error))
+            self._fail(str(error), problem=EXPORT_REFUSED if self.is_export else None)
         except Exception as error:  # noqa: BLE001 -- any crash fails the job, with its reason
             logger.exception("job %s crashed", self.job.id)
             self._fail(f"internal error: {type(error).__name__}: {error}")
+
+    def _search(self) -> dict[str, Any]:
+        """Run the pipeline into the staging folder; the result lists the plans."""
+        try:
+            spec = JobSpec(**self.job.spec)
+        except (InputError, TypeError) as error:  # TypeError: unknown or missing fields
+            raise _InvalidSpec(str(error)) from None
+        self._names.update(_shown_names(spec))
+        self.runner(
+            spec,
+            out_dir=self.staging,
+            cache_dir=self.settings.cache_dir,
+            progress=self.progress,
+            should_cancel=self.should_cancel,
+            optuna_storage=self.settings.optuna_storage,
+            study_name=study_name_for(self.job.id, attempt=self.job.attempts),
+        )
+        self._render_report()
+        # best.json is a copy of one of the plans (a handle), not a plan of its own.
+        plan_ids = sorted(
+            path.stem
+            for path in (self.staging / "plans").glob("*.json")
+            if path.stem != BEST_PLAN_ID
+        )
+        return {"plan_ids": plan_ids}
+
+    def _export(self) -> dict[str, Any]:
+        """Write the export's target into the staging folder and pack it into one file."""
+        try:
+            spec = ExportSpec.from_dict(self.job.spec)
+        except InputError as error:
+            raise _InvalidSpec(str(error)) from None
+        if spec.model_name:
+            self._names.update(path_names(spec.model, spec.model_name))
+        written = self.staging / _EXPORT_FOLDER
+        self.runner(
+            spec,
+            plan_path=plan_file(
+                self.settings.artifact_dir, parent_id=spec.parent_id, plan_id=spec.plan_id
+            ),
+            out_dir=written,
+            cache_dir=self.settings.cache_dir,
+            progress=self.progress,
+            should_cancel=self.should_cancel,
+        )
+        check_cancel(self.should_cancel)
+        report(self.progress, "package", 0, 1)
+        result = pack_export(written, self.staging)
+        report(self.progress, "package", 1, 1)
+        return result
 
     def _render_report(self) -> None:
         """The HTML report, linking to the API's download routes. A job whose report cannot be
@@ -327,6 +395,7 @@ class _JobRun:
                 lease_version=version,
                 state=JobState.FAILED,
                 error=message,
+                result=self.result,
             )
 
     def _publish(self) -> None:
@@ -338,13 +407,7 @@ class _JobRun:
         if self.staging.exists():  # absent when a first try moved it and then lost the database
             shutil.rmtree(self.final_dir, ignore_errors=True)  # a crashed attempt's leftovers
             self.staging.rename(self.final_dir)
-        # best.json is a copy of one of the plans (a handle), not a plan of its own.
-        plan_ids = sorted(
-            path.stem
-            for path in (self.final_dir / "plans").glob("*.json")
-            if path.stem != BEST_PLAN_ID
-        )
-        result = {"artifact_dir": str(self.final_dir), "plan_ids": plan_ids}
+        result = {"artifact_dir": str(self.final_dir), **(self.result or {})}
         finish_job(
             self.engine,
             job_id=self.job.id,
@@ -370,13 +433,19 @@ def run_worker(
     stop_event: threading.Event | None = None,
     once: bool = False,
     runner: Runner | None = None,
+    export_runner: Runner | None = None,
     clock: Clock = time.monotonic,
 ) -> int:
     """Claim and run jobs until ``stop_event`` is set (SIGTERM/SIGINT when none is given and
     this is the main thread). With ``once``, return as soon as the queue is empty. Returns the
-    number of jobs this worker ran. ``clock`` times heartbeats, reaping and progress writes."""
+    number of jobs (searches and exports) this worker ran. ``runner`` runs searches and
+    ``export_runner`` exports (default: the settings' ``worker_runner`` and
+    ``export_runner``). ``clock`` times heartbeats, reaping and progress writes."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    runner = runner or load_runner(settings.worker_runner)
+    runners = {
+        JobKind.SEARCH: runner or load_runner(settings.worker_runner),
+        JobKind.EXPORT: export_runner or load_runner(settings.export_runner),
+    }
     if stop_event is None:
         stop_event = threading.Event()
         if threading.current_thread() is threading.main_thread():
@@ -422,7 +491,7 @@ def run_worker(
                 settings=settings,
                 worker_id=worker_id,
                 job=job,
-                runner=runner,
+                runner=runners[JobKind(job.kind)],
                 shutdown=stop_event,
                 clock=clock,
             ).run()

@@ -15,8 +15,9 @@ What runs, all offline on the CPU:
 - one ``bitplan.search`` per model and target family, its ``plans/best.json`` applied:
   *ggml* (llama.cpp block formats, q/k/v fused as llama.cpp's gpt2 stores them) for ``gguf``;
   *int* (symmetric int8 per row and int4 per group, q/k/v and gate/up fused as vLLM runs them,
-  embedding and LM head left out as vLLM keeps them) for ``torchao`` and ``compressed-tensors``;
-  the ``bitplan`` target takes every plan (tiny-lm only has the bitplan and gguf targets);
+  embeddings and LM head left out as vLLM keeps them) for ``torchao`` and
+  ``compressed-tensors``, which write tiny-lm as its transformers twin (an ``OPTForCausalLM``,
+  :mod:`bitplan.search.builtin_hf`); the ``bitplan`` target takes every plan;
 - ``bitplan.apply(..., to=target)``, then the runtime's own loader, timed: bitplan's
   ``load_artifact`` into a copy of the model, transformers' ``from_pretrained`` (torchao and
   compressed-tensors; compressed-tensors decompresses on the first forward pass, so the first
@@ -97,13 +98,11 @@ GGML = Family("ggml", ("q8_0", "q6_k", "q5_k", "q4_k", "q5_0", "q4_0"), "5bpw", 
 # What vLLM serves from a compressed-tensors checkpoint and transformers loads (symmetric 4- and
 # 8-bit, fused sets in one format, no quantized embeddings or LM head); torchao stores all of it
 # natively. 5 bpw sits between int4-g128 (4.125) and int8 (8.06 on rows of 256).
-INT = Family(
-    "int",
-    ("int8", "int4-g32", "int4-g128"),
-    "5bpw",
-    "qkv,gate_up",
-    ("model.embed_tokens", "lm_head"),
-)
+INT_FORMATS = ("int8", "int4-g32", "int4-g128")
+INT = Family("int", INT_FORMATS, "5bpw", "qkv,gate_up", ("model.embed_tokens", "lm_head"))
+# The same for tiny-lm: its MLP has no gate/up, and its embeddings (the token table, tied to the
+# LM head, and the position table) are left out. Rows of 64 make int4-g128 one group a row.
+INT_TINY_LM = Family("int", INT_FORMATS, "5bpw", "qkv", ("wte", "wpe"))
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,7 @@ class Case:
 
 CASES = (
     Case("tiny-lm", GGML, ("bitplan", "gguf")),
+    Case("tiny-lm", INT_TINY_LM, ("bitplan", "torchao", "compressed-tensors")),
     Case("llama", INT, ("bitplan", "torchao", "compressed-tensors")),
     Case("llama", GGML, ("bitplan", "gguf")),
 )
@@ -339,8 +339,12 @@ def _explained(target: str, report: ArtifactReport, plan: Plan) -> tuple[int, st
         words = f"codes unpacked to int8 with an fp16 scale and int8 zero point a group {layers:+d}"
         if fallback:
             words += f" ({fallback} layer(s) stored dequantized)"
-        if note["extra_bytes"] != layers:
-            words += f", other tensors {note['extra_bytes'] - layers:+d}"
+        conversion = (note.get("conversion") or {}).get("extra_bytes", {})
+        for cause, nbytes in conversion.items():
+            words += f", {cause} {nbytes:+d}"
+        other = note["extra_bytes"] - layers - sum(conversion.values())
+        if other:
+            words += f", other tensors {other:+d}"
         return int(note["extra_bytes"]), words
     return report.total_bytes - plan.totals.total_bytes, "none: the packed codes are the plan's"
 
@@ -555,9 +559,10 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"initializer_range {llama['initializer_range']}, seed {SEED}) on "
             f"{settings.llama_windows} windows of {settings.llama_tokens} tokens it sampled "
             "itself. Plans: *ggml* (llama.cpp block formats, q/k/v in one format) for gguf; "
-            "*int* (symmetric int8 per row / int4 per group, q/k/v and gate/up fused, embedding "
-            "and LM head excluded: what vLLM serves) for torchao and compressed-tensors; the "
-            "bitplan target takes both.",
+            "*int* (symmetric int8 per row / int4 per group, q/k/v and gate/up fused, embeddings "
+            "and LM head excluded: what vLLM serves) for torchao and compressed-tensors, which "
+            "write tiny-lm as a transformers `OPTForCausalLM` with its weights (OPT's position "
+            "table has 2 more rows: `opt_position_rows`); the bitplan target takes both.",
             "",
             *plans,
             "",

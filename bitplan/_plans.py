@@ -17,8 +17,10 @@ from bitplan.search.plans import Plan, read_plan
 from bitplan.search.solve import DEFAULT_POINTS, SolveResult, solve_table
 from bitplan.search.targets import DEFAULT_TARGET, target_writer
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.format_spec import DATA_AWARE_ROUNDINGS
 from bitplan.sensitivity.models import load_model
 from bitplan.sensitivity.progress import ProgressFn
+from bitplan.sensitivity.rounder import STATS_GLOB, Rounder
 
 __all__ = ["apply", "load_plan", "solve"]
 
@@ -77,6 +79,9 @@ def apply(
     out_dir: PathLike,
     to: str = DEFAULT_TARGET,
     device: str = _APPLY_DEVICE,
+    rounding_stats: PathLike | None = None,
+    model_name: str | None = None,
+    cache_dir: PathLike | None = None,
 ) -> ArtifactReport:
     """Write ``model`` quantized per ``plan`` for a runtime, like ``bitplan apply --to``.
 
@@ -108,7 +113,15 @@ def apply(
     bytes of every stored tensor, ``.tensor_bytes`` each one's. ``out_dir`` must not be the
     model's own folder (its files would be replaced). That, an unknown ``to`` (the message lists
     the targets) and a missing runtime package each raise
-    :class:`~bitplan.sensitivity.errors.InputError` before the model is read.
+    :class:`~bitplan.sensitivity.errors.InputError` before the model is read. ``model_name``
+    is how the written files name the model (default: ``model`` as given; the service passes
+    an upload's file name, never its stored path); ``cache_dir`` is where builtin weights and
+    unzipped models are cached (default: ``BITPLAN_CACHE_DIR``, else the user cache).
+
+    Layers planned with a data-aware rounding (``gptq``, ``awq``) are rounded from the input
+    statistics the job left beside its plans (``rounding-stats-*.safetensors``):
+    ``rounding_stats`` names that job folder, found by default next to a plan file's ``plans/``
+    folder. The integers written are then exactly those the job measured.
 
     Example::
 
@@ -124,7 +137,33 @@ def apply(
             "written model would replace; write it to another folder"
         )
     parsed = plan if isinstance(plan, Plan) else read_plan(Path(plan))
-    loaded = load_model(os.fspath(model), device=device)
+    rounder = _rounder(parsed, plan, rounding_stats)
+    cache = None if cache_dir is None else Path(os.fspath(cache_dir))
+    loaded = load_model(os.fspath(model), device=device, cache_dir=cache)
     planned = {layer.name for layer in parsed.layers}
-    loaded = replace(loaded, layers=[lay for lay in loaded.layers if lay.name in planned])
-    return writer(model=loaded, plan=parsed, out_dir=Path(out_dir))
+    layers = [lay for lay in loaded.layers if lay.name in planned]
+    loaded = replace(loaded, layers=layers, ref=model_name or loaded.ref)
+    return writer(model=loaded, plan=parsed, out_dir=Path(out_dir), rounder=rounder)
+
+
+def _rounder(plan: Plan, source: Plan | PathLike, stats: PathLike | None) -> Rounder:
+    """What rounds ``plan``'s layers: the job's statistics when a layer needs them."""
+    needs = sorted({lay.rounding for lay in plan.layers} & DATA_AWARE_ROUNDINGS)
+    if not needs:
+        return Rounder()
+    if stats is not None:
+        folders = [Path(os.fspath(stats)).expanduser()]
+    elif isinstance(source, Plan):
+        folders = []
+    else:  # <job>/plans/<id>.json -> <job>
+        folders = [Path(os.fspath(source)).expanduser().resolve().parent.parent]
+    for folder in folders:
+        found = Rounder.from_folder(folder)
+        if found is not None:
+            return found
+    where = f" in {folders[0].name}/" if folders else ""
+    raise InputError(
+        f"the plan rounds layers with {', '.join(needs)}, computed from the job's calibration "
+        f"inputs, but no rounding statistics ({STATS_GLOB}) were found{where}; give the job's "
+        "folder with --rounding-stats"
+    )

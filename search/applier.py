@@ -24,6 +24,7 @@ from torch import nn
 from bitplan.search.points import Choice
 from bitplan.sensitivity.formats import QuantFormat, fake_quantize
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from bitplan.sensitivity.rounder import Rounder
 
 __all__ = ["PlanApplier"]
 
@@ -35,12 +36,20 @@ class PlanApplier:
 
     ``apply(choice)`` takes ``{group: format}`` (a group is a share group, a tie group or a
     layer FQN, see :attr:`QuantLayer.group`); groups left out are restored to full precision.
+    Formats with a rounding other than rtn are rounded by ``rounder`` (the one the sensitivity
+    table was measured with, so trials see the integers that ship).
     """
 
     def __init__(
-        self, model: nn.Module, layers: Sequence[QuantLayer], *, workdir: Path | None = None
+        self,
+        model: nn.Module,
+        layers: Sequence[QuantLayer],
+        *,
+        workdir: Path | None = None,
+        rounder: Rounder | None = None,
     ) -> None:
         self.model = model
+        self.rounder = rounder or Rounder()
         self.layers = list(layers)
         self._by_param: dict[str, QuantLayer] = {}
         for lay in self.layers:
@@ -86,7 +95,7 @@ class PlanApplier:
                 return
             src = weight_matrix(original, lay.kind)
             dst = weight_matrix(weight.data, lay.kind)
-            fake_quantize(src.to(dst.device), fmt, out=dst)
+            fake_quantize(src.to(dst.device), fmt, out=dst, codes=self.rounder.quantizer(param))
 
     def apply(self, choice: Choice) -> None:
         """Set every planned layer to ``choice[layer.group]`` (full precision when absent)."""

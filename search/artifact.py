@@ -52,6 +52,7 @@ from bitplan.sensitivity.formats import (
     tensor_bytes,
 )
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from bitplan.sensitivity.rounder import Rounder
 
 if TYPE_CHECKING:
     from bitplan.sensitivity.models import LoadedModel
@@ -146,11 +147,12 @@ def _n_codes(fmt: QuantFormat, rows: int, cols: int, groups_per_row: int) -> int
     return rows * cols + (0 if fmt.symmetric else rows * groups_per_row)
 
 
-def _row_chunks(matrix: torch.Tensor) -> Iterator[torch.Tensor]:
+def _row_chunks(matrix: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, rows)`` chunks of a ``[rows, cols]`` matrix."""
     rows, cols = matrix.shape
     step = _row_step(cols)
     for start in range(0, rows, step):
-        yield matrix[start : start + step]
+        yield start, matrix[start : start + step]
 
 
 def _plain(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> _Tensor:
@@ -175,14 +177,17 @@ def _ggml_blocks(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> _Tensor:
     nbytes = tensor_bytes(fmt, rows, cols)
 
     def write(f: BinaryIO) -> int:
-        return sum(f.write(_raw(quantize_codes(chunk, fmt).q)) for chunk in _row_chunks(matrix))
+        return sum(f.write(_raw(quantize_codes(chunk, fmt).q)) for _, chunk in _row_chunks(matrix))
 
     return _Tensor(f"{param}.qdata", torch.uint8, (rows, nbytes // max(rows, 1)), nbytes, write)
 
 
-def _quantized(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> list[_Tensor]:
+def _quantized(
+    param: str, matrix: torch.Tensor, fmt: QuantFormat, rounder: Rounder
+) -> list[_Tensor]:
     """``<param>.qdata`` and ``<param>.scales`` of a ``[rows, cols]`` matrix in ``fmt``
-    (``qdata`` alone for a ggml format: its scales live in its blocks)."""
+    (``qdata`` alone for a ggml format: its scales live in its blocks), rounded by ``rounder``
+    as the format says."""
     if fmt.kind == "ggml":
         return [_ggml_blocks(param, matrix, fmt)]
     rows, cols = matrix.shape
@@ -191,7 +196,7 @@ def _quantized(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> list[_Tens
 
     def write_fp8(f: BinaryIO) -> int:
         written = 0
-        for chunk in _row_chunks(matrix):
+        for _, chunk in _row_chunks(matrix):
             codes = quantize_codes(chunk, fmt)
             written += f.write(_raw(codes.q))
             scales.append(codes.scale.cpu())
@@ -200,8 +205,8 @@ def _quantized(param: str, matrix: torch.Tensor, fmt: QuantFormat) -> list[_Tens
     def write_int(f: BinaryIO) -> int:
         packer, zeros, written = BitPacker(fmt.bits), [], 0
         offset = 1 << (fmt.bits - 1) if fmt.symmetric else 0  # signed [-qmax, qmax] -> unsigned
-        for chunk in _row_chunks(matrix):
-            codes = quantize_codes(chunk, fmt)
+        for row0, chunk in _row_chunks(matrix):
+            codes = rounder.codes(param, chunk, fmt, row0=row0)
             written += f.write(packer.add(codes.q.to(torch.int16) + offset))
             scales.append(codes.scale.cpu())
             if codes.zero is not None:
@@ -254,9 +259,13 @@ def _resolve_formats(
 
 
 def _layout(
-    model: nn.Module, layers: list[QuantLayer], formats: Mapping[str, QuantFormat]
+    model: nn.Module,
+    layers: list[QuantLayer],
+    formats: Mapping[str, QuantFormat],
+    rounder: Rounder | None = None,
 ) -> tuple[list[_Tensor], dict[str, str]]:
     """Every tensor of ``model.safetensors`` in file order, and the per-parameter metadata."""
+    rounder = rounder or Rounder()
     resolved = _resolve_formats(layers, formats)
     planned_ids = {id(get_weight(model, lay)): param for param, (lay, _) in resolved.items()}
     tensors: list[_Tensor] = []
@@ -271,7 +280,8 @@ def _layout(
         rows, cols = matrix.shape
         meta[name] = json.dumps(
             {
-                "format": fmt.name,
+                "format": fmt.base_name,
+                "rounding": fmt.rounding,
                 "kind": lay.kind,
                 "shape": list(p.shape),
                 "rows": rows,
@@ -282,7 +292,7 @@ def _layout(
         if fmt.kind == "float":
             tensors.append(_plain(name, p, FLOAT_DTYPES[fmt.name]))
         else:
-            tensors.extend(_quantized(name, matrix, fmt))
+            tensors.extend(_quantized(lay.param, matrix, fmt, rounder))
     return tensors, meta
 
 
@@ -321,14 +331,16 @@ def write_artifact(
     out_dir: Path,
     plan: Plan | None = None,
     model_ref: str | None = None,
+    rounder: Rounder | None = None,
 ) -> ArtifactReport:
     """Write ``out_dir/model.safetensors`` (+ ``buffers.safetensors``, ``plan.json``).
 
     ``formats`` maps layer FQNs to formats; members of a tie group may each be listed (with one
-    format) or only one of them. Every layer of ``layers`` needs a format.
+    format) or only one of them. Every layer of ``layers`` needs a format. Formats with a
+    rounding other than rtn are rounded by ``rounder``.
     """
     out_dir = Path(out_dir)
-    tensors, meta = _layout(model, layers, formats)
+    tensors, meta = _layout(model, layers, formats, rounder)
     meta[_INFO_KEY] = json.dumps({"schema": ARTIFACT_SCHEMA, "model_ref": model_ref})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE
@@ -355,7 +367,9 @@ def write_artifact(
     )
 
 
-def apply_plan(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactReport:
+def apply_plan(
+    *, model: LoadedModel, plan: Plan, out_dir: Path, rounder: Rounder | None = None
+) -> ArtifactReport:
     """``bitplan apply``: write ``model`` quantized per a plan (DESIGN §4), checking it fits.
 
     The plan must be for this model (same weights hash) and its ``total_bytes`` must equal the
@@ -379,6 +393,7 @@ def apply_plan(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactRepo
         out_dir=out_dir,
         plan=plan,
         model_ref=model.ref,
+        rounder=rounder,
     )
 
 

@@ -73,6 +73,7 @@ _CSV_FIELDS = (
     "numel",
     "tie",
     "format",
+    "rounding",
     "bits",
     "group_size",
     "symmetric",
@@ -96,7 +97,8 @@ def plan_to_csv(plan: Plan) -> str:
                 "cols": cols,
                 "numel": lay.numel,
                 "tie": lay.tie or "",
-                "format": lay.format.name,
+                "format": lay.format.base_name,
+                "rounding": lay.rounding,
                 "bits": lay.bits,
                 "group_size": lay.group_size or "",
                 "symmetric": lay.symmetric,
@@ -205,12 +207,23 @@ def torchao_config(plan: Plan) -> dict[str, Any]:
                     gap,
                 )
     envelope = _ao("FqnToConfig", {"fqn_to_config": mapping})
+    note: dict[str, Any] = {}
     if gaps:
         summary = (
             f"{len(gaps)} quantized layer(s) have no torchao equivalent and map to null, so "
             "torchao leaves them in full precision"
         )
-        envelope["note"] = {"summary": summary, "layers": gaps}
+        note = {"summary": summary, "layers": gaps}
+    rounded = {lay.name: lay.rounding for lay in plan.layers if lay.rounding != "rtn"}
+    if rounded:  # a config can only say "quantize": torchao then rounds to nearest itself
+        note["rounding"] = {
+            "summary": f"{len(rounded)} layer(s) were planned with another rounding than "
+            "round-to-nearest, which quantize_ applies; `bitplan apply --to torchao` writes "
+            "their rounded integers",
+            "layers": rounded,
+        }
+    if note:
+        envelope["note"] = note
     return envelope
 
 

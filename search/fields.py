@@ -9,13 +9,18 @@ canonical name on the way out; a bad name fails with the parser's message.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
-from bitplan.sensitivity.format_spec import QuantFormat, parse_format
+from bitplan.sensitivity.format_spec import ROUNDINGS, QuantFormat, parse_format
 
-__all__ = ["Format", "as_format"]
+__all__ = ["Format", "Rounding", "as_format"]
+
+# How weights are rounded onto a format's grid (a plan layer's ``rounding``, a job's options).
+Rounding = Literal["rtn", "gptq", "awq", "hqq"]
+if get_args(Rounding) != ROUNDINGS:  # pragma: no cover - a guard against editing one list
+    raise ImportError("Rounding drifted from format_spec.ROUNDINGS")
 
 
 def as_format(value: object) -> QuantFormat:
@@ -46,7 +51,8 @@ Format = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "description": "fp32, bf16, fp16, fp8-e4m3 or int{b}[-g{G}][-asym]",
+            "description": "fp32, bf16, fp16, fp8-e4m3, int{b}[-g{G}][-asym] or a llama.cpp "
+            "block format (q8_0 … q2_k)",
             "examples": ["int4-g128"],
         }
     ),

@@ -27,6 +27,11 @@ How the search is set up, and why:
 * **Seeds first.** Seed choices (exact-frontier points near the budget, uniform plans) are
   enqueued in order, deduplicated, with user attr ``"source": "seed"``; they count toward
   ``trials``.
+* **Guided by the proxy, when given one.** With ``proxy`` (the sensitivity table's error per
+  group and format) only the head of the seed list runs first; then local moves around the
+  measured Pareto plans nearest the cap, the rest of the seeds ranked by the proxy corrected on
+  the measured trials, and sampler trials take turns (:mod:`bitplan.search.guided`), and the
+  result reports the proxy-vs-measured gap (:class:`~bitplan.search.proxy_fit.ProxyGap`).
 * **Identical choices are evaluated once** (NSGA-II repeats individuals): errors are cached by
   the choice, and the cache starts from the study's finished trials when a study is continued.
 * **Reproducible:** the same ``seed`` and a deterministic ``evaluate`` give the same trials.
@@ -63,7 +68,11 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from bitplan.search.guided import GuideCallback, GuidedTrials, first_seed_count, fit_near_cap
+from bitplan.search.local_moves import Neighbourhood
+from bitplan.search.pareto import pareto_front
 from bitplan.search.points import Choice, Point, choice_names
+from bitplan.search.proxy_fit import ProxyGap, ProxyTable, proxy_gap
 from bitplan.search.spec import SAMPLERS
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat
@@ -97,7 +106,8 @@ class SearchResult:
     whether the search stopped early, and where the time went (``eval_s`` inside ``evaluate``).
 
     Each trial is a :class:`Point` with its ``planned_bytes``, its measured error as
-    ``calibration["error"]``, its trial ``number`` and ``source`` ``seed`` or ``sampler``.
+    ``calibration["error"]``, its trial ``number`` and ``source`` ``seed``, ``local`` or
+    ``sampler``. ``proxy_gap`` compares the proxy with the measured trials (None without one).
     """
 
     trials: list[Point]
@@ -105,6 +115,7 @@ class SearchResult:
     interrupted: bool
     wall_s: float
     eval_s: float
+    proxy_gap: ProxyGap | None = None
 
 
 def measured_search(
@@ -114,6 +125,7 @@ def measured_search(
     cap_bytes: int | None,
     evaluate: Callable[[dict[str, QuantFormat]], float],
     seeds: Sequence[Choice] = (),
+    proxy: ProxyTable | None = None,
     trials: int,
     timeout: float | None = None,
     seed: int = 0,
@@ -130,14 +142,18 @@ def measured_search(
     ``evaluate(choice)`` applies the choice in place, measures the error on the calibration
     split and restores the model; it is called only for choices within the cap, at most once per
     distinct choice. ``trials`` counts trials run by this call, seeds included; ``timeout`` is in
-    seconds. See the module docstring for the repair rule, seeding and shared studies.
+    seconds. ``proxy[group][format]`` is the additive proxy's error (the sensitivity table's);
+    with it the search is guided near the cap. See the module docstring for the repair rule,
+    seeding, guidance and shared studies.
     """
     started = time.perf_counter()
     _check_arguments(options, group_bytes, cap_bytes, trials, timeout, sampler, storage, study_name)
+    _check_proxy(proxy, options)
     objective = _Objective(
         options=options, group_bytes=group_bytes, cap_bytes=cap_bytes, evaluate=evaluate
     )
     seed_params = _seed_params(seeds, options, objective.free)
+    first = len(seed_params) if proxy is None else first_seed_count(len(seed_params), trials)
 
     with _quiet_optuna():
         study = optuna.create_study(
@@ -147,27 +163,49 @@ def measured_search(
             study_name=study_name,
             load_if_exists=storage is not None,
         )
-        for params in seed_params:
+        for params in seed_params[:first]:
             study.enqueue_trial(params, user_attrs={"source": "seed"}, skip_if_exists=True)
-        objective.remember(objective.points(study))
+        known = objective.points(study)
+        objective.remember(known)
         tracker = _Tracker(trials=trials, progress=progress, should_cancel=should_cancel)
+        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [tracker]
+        if proxy is not None:
+            guided = GuidedTrials(
+                neighbourhood=Neighbourhood(options=options, group_bytes=group_bytes, proxy=proxy),
+                proxy=proxy,
+                later=[objective.choice_of(params) for params in seed_params[first:]],
+                cap_bytes=cap_bytes,
+                known=known,
+            )
+            callbacks.append(
+                GuideCallback(
+                    guided,
+                    point_of=objective.point_of,
+                    free=objective.free,
+                    first=first,
+                    trials=trials,
+                )
+            )
         if trials > 0 and not (should_cancel is not None and should_cancel()):
             try:
-                study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[tracker])
+                study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=callbacks)
             except KeyboardInterrupt:  # Ctrl-C outside evaluate, inside Optuna's own loop
                 logger.warning("search interrupted after %d of %d trials", tracker.done, trials)
         found = objective.points(study)
 
+    gap = None if proxy is None else proxy_gap(found, proxy, fit_near_cap(found, proxy, cap_bytes))
     result = SearchResult(
         trials=found,
         pareto=pareto_front(found, cap_bytes=cap_bytes),
         interrupted=tracker.done < trials,
         wall_s=time.perf_counter() - started,
         eval_s=objective.eval_s,
+        proxy_gap=gap,
     )
     logger.info(
-        "measured search: %d trials (%d new), %d on the Pareto set, %.1fs (%.1fs evaluating)",
+        "measured search: %d trials (%d new), %d on the Pareto set, %.1fs (%.1fs evaluating)%s",
         len(found), tracker.done, len(result.pareto), result.wall_s, result.eval_s,
+        "" if gap is None else f"; proxy gap {gap.as_dict()}",
     )  # fmt: skip
     return result
 
@@ -219,20 +257,25 @@ class _Objective:
 
     def points(self, study: optuna.Study) -> list[Point]:
         """Every complete trial of the study as a point, in trial order."""
-        found = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            names = {**choice_names(self.fixed), **t.params, **t.user_attrs.get("repaired", {})}
-            choice = {g: self.by_name[g][names[g]] for g in self.groups}
-            found.append(
-                Point(
-                    choice=choice,
-                    planned_bytes=int(t.user_attrs["bytes"]),
-                    calibration={"error": float(t.values[1])},
-                    source=t.user_attrs.get("source", "sampler"),
-                    number=t.number,
-                )
-            )
-        return found
+        return [
+            self.point_of(t)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        ]
+
+    def choice_of(self, names: Mapping[str, str]) -> dict[str, QuantFormat]:
+        """The choice of Optuna params (free groups' format names), pinned groups added."""
+        names = {**choice_names(self.fixed), **names}
+        return {g: self.by_name[g][names[g]] for g in self.groups}
+
+    def point_of(self, t: FrozenTrial) -> Point:
+        """A complete trial as a point: the choice it evaluated (repaired, if it was)."""
+        return Point(
+            choice=self.choice_of({**t.params, **t.user_attrs.get("repaired", {})}),
+            planned_bytes=int(t.user_attrs["bytes"]),
+            calibration={"error": float(t.values[1])},
+            source=t.user_attrs.get("source", "sampler"),
+            number=t.number,
+        )
 
     def _measure(self, trial: Trial, choice: dict[str, QuantFormat]) -> float:
         started = time.perf_counter()
@@ -269,32 +312,6 @@ class _Tracker:
             study.stop()
 
 
-def pareto_front(points: Sequence[Point], *, cap_bytes: int | None) -> list[Point]:
-    """Non-dominated points over (planned bytes, measured error) within the cap, by bytes.
-
-    Points with a non-finite (or unmeasured) error never qualify; of several with the same
-    (bytes, error), the earliest (lowest number, then first given) is kept.
-    """
-    feasible = [
-        p
-        for p in points
-        if math.isfinite(p.error) and (cap_bytes is None or p.planned_bytes <= cap_bytes)
-    ]
-    order = sorted(
-        range(len(feasible)),
-        key=lambda i: (feasible[i].planned_bytes, feasible[i].error, _number(feasible[i]), i),
-    )
-    front: list[Point] = []
-    for i in order:
-        if not front or feasible[i].error < front[-1].error:
-            front.append(feasible[i])
-    return front
-
-
-def _number(point: Point) -> float:
-    return math.inf if point.number is None else point.number
-
-
 def _check_arguments(
     options: Options,
     group_bytes: GroupBytes,
@@ -326,6 +343,19 @@ def _check_arguments(
         raise InputError(
             f"budget of {cap_bytes} planned bytes is below the smallest reachable {smallest}"
         )
+
+
+def _check_proxy(proxy: ProxyTable | None, options: Options) -> None:
+    """Every allowed format of every group has a finite proxy error."""
+    if proxy is None:
+        return
+    for group, allowed in options.items():
+        known = proxy.get(group, {})
+        missing = [f.name for f in allowed if not math.isfinite(known.get(f, math.nan))]
+        if missing:
+            raise InputError(
+                f"the proxy gives group {group!r} no finite error for {', '.join(missing)}"
+            )
 
 
 def _seed_params(

@@ -30,8 +30,10 @@ from bitplan.search.outputs import best_measured, publish
 from bitplan.search.plans import FrontierFile, FrontierPoint
 from bitplan.search.points import Choice, Point
 from bitplan.search.problem import Problem, as_layer_rows, build_problem
+from bitplan.search.proxy_fit import ProxyGap, proxy_table
+from bitplan.search.seeding import dense_seeds
 from bitplan.search.spec import JobSpec
-from bitplan.sensitivity.analyzer import analyze, write_table
+from bitplan.sensitivity.analyzer import analyze, rounder_for, write_table
 from bitplan.sensitivity.data import CalibData, load_calibration, split_calibration
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat, candidate_formats
@@ -46,16 +48,11 @@ from bitplan.sensitivity.progress import (
     check_cancel,
     report,
 )
+from bitplan.sensitivity.rounder import Rounder, needs_data
 
 __all__ = ["JobResult", "ScoreFn", "UserMetric", "analyze_spec", "load_inputs", "run_job"]
 
 logger = logging.getLogger(__name__)
-
-# Exact-frontier points handed to the measured search as seeds: the best few just under the
-# budget (where the user's answer lies) plus a spread over the whole range (so the measured
-# frontier covers every size, not just the budget).
-_SEEDS_NEAR_BUDGET = 4
-_SEEDS_SPREAD = 8
 
 
 @dataclass(frozen=True)
@@ -66,6 +63,7 @@ class JobResult:
     ``uniform`` baselines name exactly the plan files under ``plans/`` (:attr:`plan_ids`);
     ``best_plan_id`` is the plan also copied to ``plans/best.json``. ``budget_note`` says so
     when the budget does not constrain the plans (everything fits), else it is None.
+    ``proxy_gap`` says how far the sensitivity proxy was from the search's measurements.
     """
 
     out_dir: Path
@@ -74,6 +72,7 @@ class JobResult:
     best_plan_id: str | None
     interrupted: bool
     budget_note: str | None
+    proxy_gap: ProxyGap | None = None
 
     @property
     def plan_ids(self) -> list[str]:
@@ -129,17 +128,19 @@ def _table(
     cache_dir: Path | None,
     progress: ProgressFn | None,
     should_cancel: CancelFn | None,
+    rounder: Rounder | None = None,
 ) -> pd.DataFrame:
     table = analyze(
         model,
         calib,
         method=spec.method,
-        formats=spec.formats,
+        formats=spec.options,
         batch_size=spec.batch_size,
         seed=spec.seed,
         cache_dir=cache_dir,
         progress=progress,
         should_cancel=should_cancel,
+        rounder=rounder,
     )
     write_table(table, out_dir, layers)  # the layers as planned: share groups recorded
     return table
@@ -199,23 +200,9 @@ def _check_budget(
 def _seeds(
     problem: Problem, frontier: Frontier, cap: int, formats: list[QuantFormat]
 ) -> list[Choice]:
-    """Exact-frontier points near the budget and across the range, then uniform plans."""
-    seeds: list[Choice] = []
-    best = frontier.index_under(cap)
-    if best is not None:
-        seeds += [
-            frontier.point(i).choice for i in range(best, max(-1, best - _SEEDS_NEAR_BUDGET), -1)
-        ]
-        seeds += [
-            frontier.point(i).choice
-            for i in frontier.spread(_SEEDS_SPREAD)
-            if frontier.bytes[i] <= cap
-        ]
-    for fmt in formats:
-        choice = problem.uniform_choice(fmt)
-        if choice is not None and problem.cost(choice)[0] <= cap:
-            seeds.append(choice)
-    return seeds
+    """Exact-frontier points at many budgets just under the cap, coarse to fine, a few below,
+    then uniform plans (:func:`~bitplan.search.seeding.dense_seeds`)."""
+    return dense_seeds(problem, frontier, cap, formats)
 
 
 # A caller's score of a model: the module as it is at the call, some layers quantized in place.
@@ -353,6 +340,15 @@ def run_job(
     layers = fuse_layers(model.layers, spec.fuse)
     unplanned, fp16 = parameter_bytes(model.module, layers)
     _check_budget(layers, spec, budget, unplanned_bytes=unplanned, fp16_bytes=fp16)
+    # Data-aware roundings are computed from the calibration split's input statistics, kept
+    # beside the plans: the search measures those integers and `bitplan apply` ships them.
+    rounder = (
+        rounder_for(
+            model, calib, batch_size=spec.batch_size, workdir=out_dir, should_cancel=should_cancel
+        )
+        if needs_data(spec.options)
+        else None
+    )
     table = _table(
         spec,
         model,
@@ -362,6 +358,7 @@ def run_job(
         cache_dir=cache_dir,
         progress=progress,
         should_cancel=should_cancel,
+        rounder=rounder,
     )
 
     problem = build_problem(table, layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
@@ -372,7 +369,7 @@ def run_job(
     frontier = exact_frontier(problem, progress=progress, should_cancel=should_cancel)
     logger.info("exact proxy frontier: %d points (exact=%s)", len(frontier), frontier.exact)
 
-    with PlanApplier(model.module, layers, workdir=out_dir) as applier:
+    with PlanApplier(model.module, layers, workdir=out_dir, rounder=rounder) as applier:
         report(progress, "reference", 0, 2)
         on_calib = _Evaluator(model, applier, calib, batch_size=spec.batch_size, metric=metric)
         report(progress, "reference", 1, 2)
@@ -391,6 +388,7 @@ def run_job(
             cap_bytes=cap,
             evaluate=on_calib,
             seeds=_seeds(problem, frontier, cap, spec.formats),
+            proxy=proxy_table(problem),
             trials=spec.trials,
             timeout=spec.timeout,
             seed=spec.seed,
@@ -421,6 +419,7 @@ def run_job(
         best_plan_id=written.best_plan_id,
         interrupted=result.interrupted,
         budget_note=note,
+        proxy_gap=result.proxy_gap,
     )
 
 

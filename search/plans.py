@@ -28,19 +28,26 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from bitplan.search.budgets import Budget
 from bitplan.search.budgets import BudgetDict as PlanBudget
-from bitplan.search.fields import Format
+from bitplan.search.fields import Format, Rounding
 from bitplan.search.points import Choice, choice_names
 from bitplan.search.spec import validation_message
 from bitplan.sensitivity.atomic import write_text_atomic
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.format_spec import QuantFormat, tensor_bytes
+from bitplan.sensitivity.format_spec import QuantFormat, parse_format, tensor_bytes
 
 if TYPE_CHECKING:  # make_plan imports them when called: reading a plan needs no torch
     from bitplan.search.problem import LayerRow
@@ -112,10 +119,33 @@ class PlanLayer(_Contract):
         description="the share group (tensors that take one format), or null",
     )
     format: Format
+    rounding: Rounding = "rtn"
     bits: int
     group_size: int | None
     symmetric: bool
     bytes: int = Field(ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _join_rounding(cls, data: Any) -> Any:
+        """The file has ``format`` and ``rounding`` apart; the model holds one option (a
+        :class:`QuantFormat` with its rounding). A parsed option brings its own rounding."""
+        if not isinstance(data, Mapping):
+            return data
+        fmt, rounding = data.get("format"), data.get("rounding")
+        if isinstance(fmt, QuantFormat):
+            return {**data, "rounding": fmt.rounding}
+        if isinstance(fmt, str) and isinstance(rounding, str) and "+" not in fmt:
+            try:
+                joined = parse_format(fmt).with_rounding(rounding).name
+            except InputError:
+                return data  # the field validators name the bad value
+            return {**data, "format": joined}
+        return data
+
+    @field_serializer("format")
+    def _storage_format(self, fmt: QuantFormat) -> str:
+        return fmt.base_name
 
     @property
     def tensor_key(self) -> str:
@@ -130,6 +160,10 @@ class PlanLayer(_Contract):
     @model_validator(mode="after")
     def _consistent(self) -> PlanLayer:
         fmt = self.format
+        if fmt.rounding != self.rounding:
+            raise ValueError(
+                f"layer {self.name}: format {fmt.name} and rounding {self.rounding} disagree"
+            )
         if (self.bits, self.group_size, self.symmetric) != (
             fmt.bits,
             fmt.group_size,
@@ -349,6 +383,7 @@ def _plan_layer(row: LayerRow, fmt: QuantFormat) -> PlanLayer:
         tie=row.tie,
         group=row.share,
         format=fmt,
+        rounding=cast(Rounding, fmt.rounding),
         bits=fmt.bits,
         group_size=fmt.group_size,
         symmetric=fmt.symmetric,

@@ -36,6 +36,13 @@ layer with its own scheme on the first forward pass), and so does compressed-ten
 transformers 5 with compressed-tensors 0.20 builds the zero points of asymmetric layers unpacked
 on the meta device, so it refuses asymmetric ``pack-quantized`` layers (the model-free
 dequantizer reads them exactly).
+
+``builtin:tiny-lm`` is written as its transformers twin, an ``OPTForCausalLM`` with the same
+weights and logits, plus a byte-level tokenizer with the builtin model's ids
+(:mod:`bitplan.search.builtin_hf`); the plan is renamed to the twin's modules
+(:mod:`bitplan.search.hf_form`) and ``plan.json`` in the folder is that renamed plan. The twin's
+position table has OPT's two leading rows, which the report counts as one more cause of extra
+bytes, ``opt_position_rows``. vLLM serves OPT and fuses its q/k/v like LLaMA's.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from torch import nn
 
 from bitplan.search.artifact import PLAN_FILE, ArtifactReport
 from bitplan.search.hf_folder import staged_folder
+from bitplan.search.hf_form import hf_form
 from bitplan.search.plans import Plan
 from bitplan.search.runtime_compressed_tensors_schemes import (
     LayerScheme,
@@ -68,8 +76,9 @@ from bitplan.search.runtime_compressed_tensors_schemes import (
 )
 from bitplan.search.targets import check_model_hash
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.formats import FLOAT_DTYPES, dequantize, quantize_codes
+from bitplan.sensitivity.formats import FLOAT_DTYPES, dequantize
 from bitplan.sensitivity.progress import ProgressFn, report
+from bitplan.sensitivity.rounder import Rounder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -99,7 +108,9 @@ class CompressedTensorsReport(ArtifactReport):
     ``plan_bytes`` the plan's ``total_bytes``; ``extra_bytes`` the difference by cause
     (``packing``: int32 word padding of packed codes and zero points; ``scales``: scales wider
     than fp16; ``shapes``: ``weight_shape`` tensors; ``buffers``: persistent buffers, which are
-    no parameters), so ``total_bytes == plan_bytes + sum(extra_bytes.values())``.
+    no parameters; ``opt_position_rows``, only for ``builtin:tiny-lm``: the two rows its OPT
+    twin's position table has in front), so ``total_bytes == plan_bytes +
+    sum(extra_bytes.values())``.
     ``config_groups`` maps each config group to the modules it targets; ``ignored`` lists the
     linear layers left unquantized.
     """
@@ -109,17 +120,6 @@ class CompressedTensorsReport(ArtifactReport):
     extra_bytes: dict[str, int]
     config_groups: dict[str, tuple[str, ...]]
     ignored: tuple[str, ...]
-
-
-def _hf_module(model: LoadedModel) -> PreTrainedModel:
-    from transformers import PreTrainedModel
-
-    if not isinstance(model.module, PreTrainedModel):
-        raise InputError(
-            f"{model.ref} is not a Hugging Face model, and a compressed-tensors checkpoint is "
-            "a Hugging Face folder; write bitplan's own packed artifact for it instead"
-        )
-    return model.module
 
 
 def _check_plan(model: LoadedModel, module: nn.Module, plan: Plan) -> None:
@@ -161,10 +161,13 @@ def _scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if weight_dtype == torch.float16 else torch.float32
 
 
-def _compress(weight: torch.Tensor, scheme: LayerScheme) -> dict[str, torch.Tensor]:
-    """The compressed tensors of one linear weight ``[out, in]`` (local names), checked exact."""
+def _compress(
+    weight: torch.Tensor, scheme: LayerScheme, rounder: Rounder
+) -> dict[str, torch.Tensor]:
+    """The compressed tensors of one linear weight ``[out, in]`` (local names), checked exact;
+    its codes rounded as the plan says."""
     fmt = scheme.layer.format
-    codes = quantize_codes(weight, fmt)
+    codes = rounder.codes(scheme.layer.param, weight, fmt)
     w_hat = dequantize(codes, fmt, weight.shape[1]).cpu()  # (rows, cols) float32: bitplan's
     state = {"weight": w_hat, "weight_scale": codes.scale.to(_scale_dtype(weight.dtype)).cpu()}
     if codes.zero is not None:  # signed storage, offset by 2^(b-1) like the codes
@@ -246,6 +249,7 @@ def _write_tensors(
     plan: Plan,
     schemes: Mapping[str, LayerScheme],
     progress: ProgressFn | None,
+    rounder: Rounder,
 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """Every state-dict tensor (a shared one once), planned layers in their stored form: the
     files written, each tensor's bytes and the bytes beyond the plan's by cause."""
@@ -267,7 +271,7 @@ def _write_tensors(
             seen.add(id(tensor))
             if name in by_param:
                 scheme = by_param[name]
-                stored = _compress(tensor.detach(), scheme)
+                stored = _compress(tensor.detach(), scheme, rounder)
                 for cause, nbytes in _extras(stored, scheme.layer.bytes).items():
                     extra[cause] += nbytes
                 prefix = name.removesuffix("weight")
@@ -328,17 +332,27 @@ def write_compressed_tensors(
     out_dir: Path,
     vllm_checks: bool = True,
     progress: ProgressFn | None = None,
+    rounder: Rounder | None = None,
 ) -> CompressedTensorsReport:
     """Write ``model`` quantized per ``plan`` as a compressed-tensors checkpoint in ``out_dir``.
 
-    ``model`` is a Hugging Face model (bitplan's ``load_model``) and ``plan`` a plan made for
-    it. With ``vllm_checks`` (default; ``bitplan apply`` always checks) plans vLLM cannot serve
+    ``model`` is a Hugging Face model or ``builtin:tiny-lm`` (bitplan's ``load_model``; the
+    builtin model is written as its OPT twin and not changed) and ``plan`` a plan made for it.
+    With ``vllm_checks`` (default; ``bitplan apply`` always checks) plans vLLM cannot serve
     are refused (fused siblings in different formats, widths other than 4/8 bits, a quantized
     LM head); every refusal is an :class:`InputError` naming the layers and formats, raised
     before anything is written. Files appear in ``out_dir`` only once all are complete; a
     failure leaves none behind.
     """
-    module = _hf_module(model)
+    form = hf_form(model, plan)
+    if form is None:
+        raise InputError(
+            f"{model.ref} is not a Hugging Face model, and a compressed-tensors checkpoint is "
+            "a Hugging Face folder; write bitplan's own packed artifact for it instead (of the "
+            "builtin models, tiny-lm is written as a transformers OPT)"
+        )
+    rounder = (rounder or Rounder()).renamed(form.param_names(plan))
+    model, plan, module = form.model, form.plan, form.module
     out_dir = Path(out_dir)
     _check_plan(model, module, plan)
     schemes = layer_schemes(model=module, layers=plan.layers, vllm_checks=vllm_checks)
@@ -356,7 +370,7 @@ def write_compressed_tensors(
         )
     qc = _quantization_config(module, schemes)
     with staged_folder(out_dir) as staging:
-        names, sizes, extra = _write_tensors(staging, module, plan, schemes, progress)
+        names, sizes, extra = _write_tensors(staging, module, plan, schemes, progress, rounder)
         total = sum(sizes.values())
         if total != plan.totals.total_bytes + sum(extra.values()):
             raise RuntimeError(
@@ -365,11 +379,13 @@ def write_compressed_tensors(
             )
         _write_side_files(staging, model, module, qc)
         plan.write(staging / PLAN_FILE)
+    if form.conversion is not None:
+        extra.update(form.conversion["extra_bytes"])
     log.info(
         "wrote %s: %d tensor bytes (plan %d, compressed-tensors layout %s)",
         out_dir,
         total,
-        plan.totals.total_bytes,
+        form.plan_total_bytes,
         extra,
     )
     return CompressedTensorsReport(
@@ -378,7 +394,7 @@ def write_compressed_tensors(
         total_bytes=total,
         plan_path=out_dir / PLAN_FILE,
         files=tuple(out_dir / n for n in names),
-        plan_bytes=plan.totals.total_bytes,
+        plan_bytes=form.plan_total_bytes,
         extra_bytes=extra,
         config_groups={
             g: tuple(s.targets)

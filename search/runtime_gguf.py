@@ -49,6 +49,7 @@ from bitplan.sensitivity.layers import LayerKind, weight_matrix
 
 if TYPE_CHECKING:
     from bitplan.sensitivity.models import LoadedModel
+    from bitplan.sensitivity.rounder import Rounder
 
 __all__ = ["GGUF_FILE", "GgufReport", "write_gguf", "write_gguf_target"]
 
@@ -273,6 +274,12 @@ def write_gguf(*, model: LoadedModel, plan: Plan, out_path: Path) -> GgufReport:
     )
 
 
-def write_gguf_target(*, model: LoadedModel, plan: Plan, out_dir: Path) -> GgufReport:
-    """``bitplan apply --to gguf``: :func:`write_gguf` into ``out_dir/model.gguf``."""
+def write_gguf_target(
+    *, model: LoadedModel, plan: Plan, out_dir: Path, rounder: Rounder | None = None
+) -> GgufReport:
+    """``bitplan apply --to gguf``: :func:`write_gguf` into ``out_dir/model.gguf``.
+
+    ``rounder`` goes unused: llama.cpp's block formats (and the float casts) are rounded to
+    nearest only, so a plan for this target has no other rounding."""
+    del rounder
     return write_gguf(model=model, plan=plan, out_path=Path(out_dir) / GGUF_FILE)

@@ -17,15 +17,16 @@ and the loaded weights dequantize to exactly bitplan's fake-quantized values.
   bitplan stores them, an int8 zero point a group. torchao keeps int{b} codes in
   ``[-2^(b-1), 2^(b-1)-1]``, so asymmetric codes and zero points (``0..2^b-1`` in bitplan) are
   both shifted by ``-2^(b-1)``, which leaves ``q - zp`` unchanged; symmetric ones are stored
-  as they are with zero point 0.
+  as they are with zero point 0. A group at least as wide as the row is bitplan's one group a
+  row (same scales, same bytes), stored per row (``PerAxis``), as torchao needs whole blocks.
 - ``fp8-e4m3`` -> ``Float8Tensor`` with its per-row scale in float32 (torchao's scale dtype;
   the value is bitplan's float16 scale, exactly).
 - ``fp32``/``bf16``/``fp16`` -> a plain tensor of that dtype; transformers casts it to the
   model's dtype on loading, which is exact.
-- anything torchao has no form for (Conv layers, transformers' Conv1D, a group size that does
-  not divide the row, llama.cpp block formats) and quantized tied weights (a torchao tensor
-  shared by two modules does not load: transformers' ``tie_weights`` compares the two with
-  ``aten.equal``, which torchao's subclasses lack) -> the fake-quantized values as a plain
+- anything torchao has no form for (Conv layers, transformers' Conv1D, a group size narrower
+  than the row that does not divide it, llama.cpp block formats) and quantized tied weights (a
+  torchao tensor shared by two modules does not load: transformers' ``tie_weights`` compares the
+  two with ``aten.equal``, which torchao's subclasses lack) -> the fake-quantized values as a plain
   tensor of the model's dtype: the same numbers, unpacked. Such layers are logged and listed.
 
 torchao stores no sub-byte packing that loads on the CPU, so the bytes on disk exceed the plan's
@@ -33,6 +34,13 @@ torchao stores no sub-byte packing that loads on the CPU, so the bytes on disk e
 against the plan's packed ``ceil((numel·b + 16·n_groups [+ b·n_groups])/8)``.
 ``bitplan-torchao.json`` in the folder lists, per layer, what was stored and its bytes next to
 the plan's.
+
+``builtin:tiny-lm`` is written as its transformers twin, an ``OPTForCausalLM`` with the same
+weights and logits (:mod:`bitplan.search.builtin_hf`, :mod:`bitplan.search.hf_form`), and a
+byte-level tokenizer with the builtin model's ids. The note then also says how it was converted:
+the module names (the plan's are the builtin model's) and the bytes the twin adds (OPT's two
+leading position rows), so that ``extra_bytes`` = the layers' torchao storage beyond the plan
+(``bytes - plan_bytes`` summed) + the conversion's bytes.
 
 torchao is imported with this module (the ``runtimes`` extra), before anything is changed; the
 folder is staged and moved into place by :mod:`bitplan.search.hf_folder`.
@@ -43,7 +51,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +63,7 @@ from torchao.quantization import Float8Tensor, FqnToConfig, IntxUnpackedToInt8Te
 from bitplan.search.artifact import PLAN_FILE, ArtifactReport, tensor_sizes_of
 from bitplan.search.exports import torchao_config_of, torchao_gap
 from bitplan.search.hf_folder import staged_folder
+from bitplan.search.hf_form import HfForm, hf_form
 from bitplan.search.plans import Plan
 from bitplan.search.targets import check_plan_matches
 from bitplan.sensitivity.atomic import write_text_atomic
@@ -64,9 +73,10 @@ from bitplan.sensitivity.formats import (
     QuantCodes,
     QuantFormat,
     fake_quantize,
-    quantize_codes,
 )
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
+from bitplan.sensitivity.rounder import Rounder
+from bitplan.sensitivity.rounding import concat_codes
 
 if TYPE_CHECKING:
     from bitplan.sensitivity.models import LoadedModel
@@ -94,20 +104,19 @@ class _Stored:
     reason: str | None = None
 
 
-def _codes(matrix: torch.Tensor, fmt: QuantFormat) -> QuantCodes:
-    """:func:`quantize_codes` of a ``[rows, cols]`` matrix, a chunk of rows at a time."""
+def _codes(matrix: torch.Tensor, fmt: QuantFormat, rounder: Rounder, param: str) -> QuantCodes:
+    """The codes of ``param``'s ``[rows, cols]`` matrix as the plan rounds them, a chunk of rows
+    at a time."""
     step = max(1, _CHUNK_ELEMENTS // max(matrix.shape[1], 1))
-    parts = [quantize_codes(matrix[s : s + step], fmt) for s in range(0, matrix.shape[0], step)]
-    zeros = [p.zero for p in parts if p.zero is not None]
-    return QuantCodes(
-        q=torch.cat([p.q for p in parts]),  # (rows, cols)
-        scale=torch.cat([p.scale for p in parts]),  # (rows, groups per row)
-        zero=torch.cat(zeros) if zeros else None,
+    return concat_codes(
+        [
+            rounder.codes(param, matrix[s : s + step], fmt, row0=s)
+            for s in range(0, matrix.shape[0], step)
+        ]
     )
 
 
-def _intx_tensor(matrix: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    codes = _codes(matrix, fmt)
+def _intx_tensor(matrix: torch.Tensor, fmt: QuantFormat, codes: QuantCodes) -> torch.Tensor:
     if codes.zero is None:
         q, zero = codes.q, torch.zeros_like(codes.scale, dtype=torch.int8)
     else:
@@ -126,8 +135,7 @@ def _intx_tensor(matrix: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return tensor
 
 
-def _float8_tensor(matrix: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    codes = _codes(matrix, fmt)
+def _float8_tensor(matrix: torch.Tensor, codes: QuantCodes) -> torch.Tensor:
     tensor: torch.Tensor = Float8Tensor(
         codes.q,
         codes.scale.to(torch.float32),  # (rows, 1): torchao's scale dtype, bitplan's fp16 value
@@ -159,8 +167,15 @@ def _groups(model: LoadedModel, plan: Plan) -> list[tuple[list[QuantLayer], Quan
     return groups
 
 
+def _row_spanning(fmt: QuantFormat, cols: int) -> QuantFormat:
+    """``int{b}-g{G}`` with ``G >= cols`` as the per-row ``int{b}`` it is (one group a row)."""
+    if fmt.kind != "int" or fmt.group_size is None or fmt.group_size < cols:
+        return fmt
+    return replace(fmt, name=fmt.name.replace(f"-g{fmt.group_size}", ""), group_size=None)
+
+
 def _store(
-    module: nn.Module, members: list[QuantLayer], fmt: QuantFormat
+    module: nn.Module, members: list[QuantLayer], fmt: QuantFormat, rounder: Rounder
 ) -> tuple[str, str | None, dict[str, Any] | None]:
     """Put one planned tensor into ``module`` in its torchao form.
 
@@ -170,6 +185,7 @@ def _store(
     lay = members[0]
     weight = get_weight(module, lay)
     matrix = weight_matrix(weight.detach(), lay.kind)
+    fmt = _row_spanning(fmt, matrix.shape[1])
     entry = torchao_config_of(fmt, lay.kind, matrix.shape[1])
     if fmt.kind == "float":
         cast = nn.Parameter(weight.detach().to(FLOAT_DTYPES[fmt.name]), requires_grad=False)
@@ -177,7 +193,10 @@ def _store(
             module.get_submodule(m.name).weight = cast
         return str(cast.dtype).removeprefix("torch."), None, None
     if entry is not None and len(members) == 1:
-        tensor = _float8_tensor(matrix, fmt) if fmt.kind == "fp8" else _intx_tensor(matrix, fmt)
+        codes = _codes(matrix, fmt, rounder, lay.param)
+        tensor = (
+            _float8_tensor(matrix, codes) if fmt.kind == "fp8" else _intx_tensor(matrix, fmt, codes)
+        )
         module.get_submodule(lay.name).weight = nn.Parameter(tensor, requires_grad=False)
         return type(tensor).__name__, None, entry
     if entry is not None:
@@ -187,7 +206,7 @@ def _store(
         reason = torchao_gap(fmt, lay.kind, matrix.shape[1]) or f"torchao has no {fmt.name} form"
     with torch.no_grad():
         view = weight_matrix(weight.data, lay.kind)
-        fake_quantize(view, fmt, out=view)  # the same values, unpacked
+        fake_quantize(view, fmt, out=view, codes=rounder.quantizer(lay.param))  # same values
     return f"dequantized {str(weight.dtype).removeprefix('torch.')}", reason, None
 
 
@@ -225,14 +244,16 @@ def _fix_config_dtype(folder: Path, dtype: torch.dtype) -> None:
         write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _note(model: LoadedModel, plan: Plan, stored: list[_Stored], tensor_bytes: int) -> str:
+def _note(form: HfForm, stored: list[_Stored], tensor_bytes: int) -> str:
+    """The note: bytes against the user's plan, per layer against the written plan's layer."""
     return json.dumps(
         {
             "schema": NOTE_SCHEMA,
-            "model": model.ref,
-            "plan_total_bytes": plan.totals.total_bytes,
+            "model": form.model.ref,
+            "plan_total_bytes": form.plan_total_bytes,
             "tensor_bytes": tensor_bytes,
-            "extra_bytes": tensor_bytes - plan.totals.total_bytes,
+            "extra_bytes": tensor_bytes - form.plan_total_bytes,
+            "conversion": form.conversion,
             "layers": [
                 {
                     "layers": list(s.layers),
@@ -249,27 +270,32 @@ def _note(model: LoadedModel, plan: Plan, stored: list[_Stored], tensor_bytes: i
     )
 
 
-def write_torchao(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactReport:
+def write_torchao(
+    *, model: LoadedModel, plan: Plan, out_dir: Path, rounder: Rounder | None = None
+) -> ArtifactReport:
     """Write ``model`` quantized per ``plan`` as a transformers + torchao folder in ``out_dir``.
 
-    Changes ``model.module`` in place (its planned weights become torchao tensors). Refuses a
-    model that is not a transformers model, and a plan made for another model.
+    Changes a transformers ``model.module`` in place (its planned weights become torchao
+    tensors); ``builtin:tiny-lm`` is written as its OPT twin and stays as it is. Refuses any
+    other model, and a plan made for another model.
     """
-    from transformers import PreTrainedModel
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    module = model.module
-    if not isinstance(module, PreTrainedModel):
+    form = hf_form(model, plan)
+    if form is None:
         raise InputError(
             f"--to torchao writes a Hugging Face folder, and {model.ref} is not a transformers "
-            "model; use --to bitplan, or the torchao export with quantize_ on your own module"
+            "model; use --to bitplan, or the torchao export with quantize_ on your own module "
+            "(of the builtin models, tiny-lm is written as a transformers OPT)"
         )
+    rounder = (rounder or Rounder()).renamed(form.param_names(plan))
+    model, plan, module = form.model, form.plan, form.module
     check_plan_matches(model, plan)
     dtype = module.dtype
     stored: list[_Stored] = []
     configs: dict[str, dict[str, Any]] = {}
     for members, fmt, plan_bytes in _groups(model, plan):
-        stored_as, reason, entry = _store(module, members, fmt)
+        stored_as, reason, entry = _store(module, members, fmt, rounder)
         if entry is not None:
             configs[members[0].name] = entry
         weight = get_weight(module, members[0])
@@ -300,13 +326,13 @@ def write_torchao(*, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactR
             sizes.update(tensor_sizes_of(shard))
         total = sum(sizes.values())
         plan.write(tmp / PLAN_FILE)
-        write_text_atomic(tmp / NOTE_FILE, _note(model, plan, stored, total) + "\n")
+        write_text_atomic(tmp / NOTE_FILE, _note(form, stored, total) + "\n")
     log.info(
         "wrote %s: %d torchao layers, %d tensor bytes (plan %d)",
         out_dir,
         len(configs),
         total,
-        plan.totals.total_bytes,
+        form.plan_total_bytes,
     )
     return ArtifactReport(
         path=out_dir,

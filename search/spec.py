@@ -18,9 +18,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bitplan.search.budgets import parse_budget
-from bitplan.search.fields import Format
+from bitplan.search.fields import Format, Rounding
 from bitplan.sensitivity.errors import InputError
-from bitplan.sensitivity.format_spec import DEFAULT_FORMATS, QuantFormat, parse_formats
+from bitplan.sensitivity.format_spec import DEFAULT_FORMATS, ROUNDINGS, QuantFormat, parse_formats
 from bitplan.sensitivity.fusion import FUSE_RULES, FuseRule, check_fuse_rules
 from bitplan.sensitivity.method_names import METHODS
 
@@ -49,6 +49,7 @@ MAX_SAMPLES = 10_000_000
 MAX_BATCH_SIZE = 65_536
 MAX_PATTERNS = 1024  # exclude patterns or pins; a model has fewer distinct layer groups
 MAX_NAME_LENGTH = 255  # a file name, as the service stores it
+_DEFAULT_ROUNDING: tuple[Rounding, ...] = ("rtn",)  # round to nearest: what runtimes do alone
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -97,6 +98,13 @@ class JobSpec(BaseModel):
         default_factory=lambda: parse_formats(DEFAULT_FORMATS),
         min_length=1,
         description="the formats a layer may take",
+    )
+    rounding: list[Rounding] = Field(
+        default_factory=lambda: list(_DEFAULT_ROUNDING),
+        min_length=1,
+        max_length=len(ROUNDINGS),
+        description="how int formats may be rounded (each a planning option of the same bytes): "
+        "rtn (nearest), gptq and awq (from the calibration inputs), hqq (data-free)",
     )
     method: str = Field("fisher", description="sensitivity method: " + ", ".join(METHODS))
     task: str | None = Field(None, description="model task; None infers it from the model")
@@ -168,6 +176,26 @@ class JobSpec(BaseModel):
     @classmethod
     def _check_formats(cls, value: list[QuantFormat]) -> list[QuantFormat]:
         return parse_formats(value)  # rejects a format listed twice
+
+    @field_validator("rounding")
+    @classmethod
+    def _check_rounding(cls, value: list[str]) -> list[str]:
+        twice = sorted({r for r in value if value.count(r) > 1})
+        if twice:
+            raise ValueError(f"rounding listed twice: {', '.join(twice)}")
+        return value
+
+    @property
+    def options(self) -> list[QuantFormat]:
+        """The planning options: every int format once per rounding, other formats as they are
+        (they round to nearest only)."""
+        out: list[QuantFormat] = []
+        for fmt in self.formats:
+            if fmt.kind == "int":
+                out += [fmt.with_rounding(r) for r in self.rounding]
+            else:
+                out.append(fmt)
+        return list(dict.fromkeys(out))
 
     @property
     def format_names(self) -> list[str]:

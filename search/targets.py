@@ -4,7 +4,8 @@ Four targets, each a file set one runtime loads:
 
 - ``bitplan``: the bit-packed safetensors only bitplan reads (:mod:`bitplan.search.artifact`);
 - ``torchao``: a Hugging Face folder that transformers + torchao load
-  (:mod:`bitplan.search.runtime_torchao`);
+  (:mod:`bitplan.search.runtime_torchao`; ``builtin:tiny-lm`` goes as its transformers twin,
+  :mod:`bitplan.search.hf_form`);
 - ``gguf``: one ``model.gguf`` that llama.cpp loads (:mod:`bitplan.search.runtime_gguf`);
 - ``compressed-tensors``: a Hugging Face folder that vLLM and transformers load through the
   compressed-tensors package (:mod:`bitplan.search.runtime_compressed_tensors`).
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # the CLI reads TARGETS for its help, which must not load pyd
     from bitplan.search.artifact import ArtifactReport
     from bitplan.search.plans import Plan
     from bitplan.sensitivity.models import LoadedModel
+    from bitplan.sensitivity.rounder import Rounder
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -51,9 +53,13 @@ _NAMED = 4
 
 
 class TargetWriter(Protocol):
-    """``writer(model=..., plan=..., out_dir=...)``: write the files, report their bytes."""
+    """``writer(model=..., plan=..., out_dir=..., rounder=...)``: write the files, report their
+    bytes. ``rounder`` makes the codes of layers planned with a rounding other than rtn (the
+    integers the job measured); None rounds to nearest."""
 
-    def __call__(self, *, model: LoadedModel, plan: Plan, out_dir: Path) -> ArtifactReport: ...
+    def __call__(
+        self, *, model: LoadedModel, plan: Plan, out_dir: Path, rounder: Rounder | None = None
+    ) -> ArtifactReport: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,8 @@ TARGETS: Final[dict[str, Target]] = {
         ),
         Target(
             "torchao",
-            "a Hugging Face folder that transformers + torchao load (Hugging Face models)",
+            "a Hugging Face folder that transformers + torchao load (Hugging Face models and "
+            "builtin:tiny-lm)",
             "bitplan.search.runtime_torchao:write_torchao",
             ("torchao",),
         ),
@@ -91,7 +98,7 @@ TARGETS: Final[dict[str, Target]] = {
         Target(
             "compressed-tensors",
             "a Hugging Face folder in the compressed-tensors format that vLLM and transformers "
-            "load (Hugging Face models)",
+            "load (Hugging Face models and builtin:tiny-lm)",
             "bitplan.search.runtime_compressed_tensors:write_compressed_tensors",
             ("compressed_tensors",),
         ),

@@ -21,7 +21,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,8 +41,14 @@ from bitplan.sensitivity.methods import (
     layer_errors,
     weight_errors,
 )
+from bitplan.sensitivity.methods.rounded import (
+    needs_rescaling,
+    rescale_rounded,
+    scored_formats,
+)
 from bitplan.sensitivity.metrics import collect_reference, forward_output, measure, output_kind
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, report
+from bitplan.sensitivity.rounder import Rounder, collect_rounder, needs_data
 from bitplan.sensitivity.table import (
     build_table,
     cache_key,
@@ -54,7 +62,7 @@ if TYPE_CHECKING:
     from bitplan.sensitivity.data import CalibData
     from bitplan.sensitivity.models import LoadedModel
 
-__all__ = ["METHODS", "analyze", "read_table", "write_table"]
+__all__ = ["METHODS", "analyze", "read_table", "rounder_for", "write_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,7 @@ def _measure_scores(
     seed: int,
     progress: ProgressFn | None,
     should_cancel: CancelFn | None,
+    rounder: Rounder | None,
 ) -> tuple[Scores, dict[str, str]]:
     """Scores of every layer and ``{layer: method}`` for layers another method had to score.
 
@@ -105,7 +114,7 @@ def _measure_scores(
     module, layers = model.module, model.layers
     if method == "weight":
         scores = weight_errors(
-            module, layers, formats, progress=progress, should_cancel=should_cancel
+            module, layers, formats, progress=progress, should_cancel=should_cancel, rounder=rounder
         )
         return scores, {}
     if len(calib) == 0:
@@ -124,6 +133,7 @@ def _measure_scores(
             n_batches=n_batches,
             progress=progress,
             should_cancel=should_cancel,
+            rounder=rounder,
         )
         return scores, {}
     if method == "fisher":
@@ -140,12 +150,19 @@ def _measure_scores(
             n_batches=n_fisher,
             progress=progress,
             should_cancel=should_cancel,
+            rounder=rounder,
         )
         unreached = [lay for lay in layers if lay.name not in scores]
         if not unreached:
             return scores, {}
         return scores, _score_unreached(
-            module, unreached, formats, scores, batches=batches, should_cancel=should_cancel
+            module,
+            unreached,
+            formats,
+            scores,
+            batches=batches,
+            should_cancel=should_cancel,
+            rounder=rounder,
         )
     reference = collect_reference(model, calib, batch_size=batch_size)
     scores = e2e_errors(
@@ -155,8 +172,43 @@ def _measure_scores(
         evaluate=lambda: measure(model, calib, reference)["error"],
         progress=progress,
         should_cancel=should_cancel,
+        rounder=rounder,
     )
     return scores, {}
+
+
+def _measure_with_roundings(
+    model: LoadedModel,
+    calib: CalibData,
+    method: str,
+    formats: list[QuantFormat],
+    *,
+    batch_size: int,
+    seed: int,
+    progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+    rounder: Rounder | None,
+) -> tuple[Scores, dict[str, str]]:
+    """:func:`_measure_scores`, except that ``weight`` and ``fisher`` score rounded options
+    through the ``layer`` method's ratio to round-to-nearest (see
+    :mod:`bitplan.sensitivity.methods.rounded` for why their own scores mislead there)."""
+    options = dict(batch_size=batch_size, seed=seed, should_cancel=should_cancel, rounder=rounder)
+    if not needs_rescaling(method, formats) or len(calib) == 0:
+        return _measure_scores(model, calib, method, formats, progress=progress, **options)
+    direct, ratio_formats = scored_formats(formats)
+    scores, scored_by = _measure_scores(model, calib, method, direct, progress=progress, **options)
+    by_layer = layer_errors(
+        model.module,
+        model.layers,
+        ratio_formats,
+        batches=lambda: calib.batches(batch_size, device=model.device),
+        skip_unmeasured=True,
+        should_cancel=should_cancel,
+        rounder=rounder,
+    )
+    scores = rescale_rounded(scores, by_layer, formats)
+    wanted = {f.name for f in formats}
+    return {k: {f: e for f, e in v.items() if f in wanted} for k, v in scores.items()}, scored_by
 
 
 # Why each fallback scored a layer that fisher could not, as the user reads it.
@@ -175,6 +227,7 @@ def _score_unreached(
     *,
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
     should_cancel: CancelFn | None,
+    rounder: Rounder | None,
 ) -> dict[str, str]:
     """Score the layers no fisher gradient reached by ``layer``, or by ``weight`` for those
     whose output carried no signal on the data; add them to ``scores``, warn once per layer
@@ -187,12 +240,15 @@ def _score_unreached(
         batches=batches,
         skip_unmeasured=True,
         should_cancel=should_cancel,
+        rounder=rounder,
     )
     scores.update(by_layer)
     scored_by.update(dict.fromkeys(by_layer, "layer"))
     by_weight = [lay for lay in unreached if lay.name not in by_layer]
     if by_weight:
-        scores.update(weight_errors(module, by_weight, formats, should_cancel=should_cancel))
+        scores.update(
+            weight_errors(module, by_weight, formats, should_cancel=should_cancel, rounder=rounder)
+        )
     for name, how in scored_by.items():
         logger.warning(
             "fisher: no gradient reached %s (it does not change the output bitplan measures); "
@@ -203,6 +259,27 @@ def _score_unreached(
             how,
         )
     return scored_by
+
+
+def rounder_for(
+    model: LoadedModel,
+    calib: CalibData,
+    *,
+    batch_size: int,
+    workdir: Path,
+    should_cancel: CancelFn | None = None,
+) -> Rounder:
+    """A :class:`Rounder` with ``model``'s planned layers' input statistics on ``calib``."""
+    if len(calib) == 0:
+        raise InputError("the calibration data is empty; data-aware rounding needs samples")
+    return collect_rounder(
+        model.module,
+        model.layers,
+        batches=lambda: calib.batches(batch_size, device=model.device),
+        forward=lambda batch: forward_output(model, batch),
+        workdir=workdir,
+        should_cancel=should_cancel,
+    )
 
 
 def analyze(
@@ -216,6 +293,7 @@ def analyze(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     seed: int = 0,
+    rounder: Rounder | None = None,
 ) -> pd.DataFrame:
     """The sensitivity table of ``model.layers`` in ``formats`` (pinned layers: their format).
 
@@ -223,7 +301,9 @@ def analyze(
     method`` (``method``: what scored the row; ``fisher`` falls back to ``layer`` or
     ``weight`` for layers no gradient reaches, and says so in a warning). With
     ``cache_dir`` the table is looked up first and stored after (``<cache_dir>/sensitivity``).
-    ``seed`` seeds the fisher method's sampling. Progress: stage ``"analyze"`` per layer, and
+    ``seed`` seeds the fisher method's sampling. Formats with a data-aware rounding
+    (``int4-g128+gptq``) are rounded by ``rounder``; without one, one is collected here (a forward
+    pass over ``calib``) and dropped afterwards. Progress: stage ``"analyze"`` per layer, and
     ``"collect"`` per batch of the data pass of ``layer`` and ``fisher``; ``should_cancel`` is
     polled between layers and batches.
     """
@@ -236,7 +316,7 @@ def analyze(
         raise InputError("nothing to analyze: every quantizable layer is excluded")
     key = cache_key(
         model_sha256=model.sha256,
-        calib_sha256=None if method == "weight" else calib.sha256,
+        calib_sha256=None if method == "weight" and not needs_data(fmts) else calib.sha256,
         method=method,
         formats=fmts,
         layers=model.layers,
@@ -255,16 +335,26 @@ def analyze(
         method,
         model.device,
     )
-    scores, scored_by = _measure_scores(
-        model,
-        calib,
-        method,
-        fmts,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        should_cancel=should_cancel,
-    )
+    with ExitStack() as stack:
+        if needs_data(fmts) and (rounder is None or not rounder.has_data):
+            rounder = rounder_for(
+                model,
+                calib,
+                batch_size=batch_size,
+                workdir=Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                should_cancel=should_cancel,
+            )
+        scores, scored_by = _measure_with_roundings(
+            model,
+            calib,
+            method,
+            fmts,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            should_cancel=should_cancel,
+            rounder=rounder,
+        )
     table = build_table(model.layers, scores, method=method, scored_by=scored_by)
     if cache_dir is not None:
         store_cached(cache_dir, key, table)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from bitplan.sensitivity.errors import InputError
@@ -28,6 +28,8 @@ __all__ = [
     "FLOAT_BYTES",
     "GGML_TYPES",
     "FormatError",
+    "DATA_AWARE_ROUNDINGS",
+    "ROUNDINGS",
     "QuantFormat",
     "applicable_format",
     "candidate_formats",
@@ -41,6 +43,13 @@ ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 DEFAULT_FORMATS = ("int8", "int6-g128", "int4-g128", "int3-g64", "int2-g32-asym")
+
+# How a layer's weights are rounded onto a format's grid (issue: rounding as a search dimension).
+# ``rtn`` rounds to nearest (DESIGN §3); the others pick other integers and scales on the same
+# grid, so bytes never change (see :mod:`bitplan.sensitivity.rounding`). gptq and awq need the
+# calibration inputs; hqq is data-free.
+ROUNDINGS = ("rtn", "gptq", "awq", "hqq")
+DATA_AWARE_ROUNDINGS = frozenset({"gptq", "awq"})
 
 _INT_RE = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?$")
 _ACCEPTED = (
@@ -67,6 +76,11 @@ class QuantFormat:
     (uniform integer grid) or ``ggml`` (a llama.cpp block type; ``group_size`` is its block,
     ``bits`` its nominal code width, ``symmetric`` False when blocks store a minimum).
     ``group_size`` is ``None`` for one scale per row.
+
+    ``rounding`` (int formats only) says how weights are rounded onto the grid; a format with a
+    rounding other than ``rtn`` is a distinct planning option named ``<format>+<rounding>``
+    (``int4-g128+gptq``) with the same bytes. :attr:`base_name` is the storage format's name,
+    what plan files and runtimes see.
     """
 
     name: str
@@ -74,8 +88,18 @@ class QuantFormat:
     bits: int
     group_size: int | None = None
     symmetric: bool = True
+    rounding: str = "rtn"
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise FormatError(
+                f"unknown rounding {self.rounding!r}; accepted: {', '.join(ROUNDINGS)}"
+            )
+        if self.rounding != "rtn" and self.kind != "int":
+            raise FormatError(
+                f"{self.base_name} takes only rtn rounding; {self.rounding} applies to the "
+                "int{b}[-g{G}][-asym] formats"
+            )
         if self.kind == "int":
             if self.bits not in ALLOWED_BITS:
                 raise FormatError(f"unsupported bit width {self.bits}; accepted: {_ACCEPTED}")
@@ -91,6 +115,16 @@ class QuantFormat:
                 raise FormatError(f"{self.name} is no llama.cpp block format bitplan knows")
         elif self.group_size is not None or not self.symmetric:
             raise FormatError(f"{self.kind} formats take no group size or -asym")
+
+    @property
+    def base_name(self) -> str:
+        """The storage format's name, without the rounding (``int4-g128`` of ``int4-g128+gptq``)."""
+        return self.name.partition("+")[0]
+
+    def with_rounding(self, rounding: str) -> QuantFormat:
+        """This storage format with ``rounding`` (named ``<format>+<rounding>`` unless rtn)."""
+        name = self.base_name if rounding == "rtn" else f"{self.base_name}+{rounding}"
+        return replace(self, name=name, rounding=rounding)
 
     @property
     def is_quantized(self) -> bool:
@@ -124,8 +158,11 @@ class QuantFormat:
 
 
 def parse_format(name: str) -> QuantFormat:
-    """Parse a format name (DESIGN §3); the error message says what is accepted."""
-    text = name.strip().lower()
+    """Parse a format name (DESIGN §3), optionally with a rounding (``int4-g128+gptq``); the
+    error message says what is accepted."""
+    text, plus, rounding = name.strip().lower().partition("+")
+    if plus:
+        return parse_format(text).with_rounding(rounding.strip())
     if text in GGML_TYPES:
         t = GGML_TYPES[text]
         return QuantFormat(

@@ -18,6 +18,7 @@ quantization with fp16 scales; the OCP 8-bit floating point spec for e4m3; llama
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from bitplan.sensitivity.ggml_blocks import dequantize_blocks, quantize_blocks
 
 __all__ = [
     "ALLOWED_BITS",
+    "CodesFn",
     "DEFAULT_FORMATS",
     "GGML_TYPES",
     "FormatError",
@@ -140,7 +142,11 @@ def _fp8_codes(w: torch.Tensor) -> QuantCodes:
 
 
 def quantize_codes(w: torch.Tensor, fmt: QuantFormat) -> QuantCodes:
-    """Codes and scales of a ``[rows, cols]`` matrix in an int, fp8 or ggml format."""
+    """Codes and scales of a ``[rows, cols]`` matrix in an int, fp8 or ggml format, rounded to
+    nearest (a format with another rounding goes through a
+    :class:`~bitplan.sensitivity.rounder.Rounder`, which knows what that rounding needs)."""
+    if fmt.rounding != "rtn":
+        raise ValueError(f"{fmt.name}: {fmt.rounding} rounding needs a Rounder")
     if w.dim() != 2:
         raise ValueError(f"expected a [rows, cols] matrix, got shape {tuple(w.shape)}")
     if fmt.kind == "ggml":
@@ -165,14 +171,27 @@ def dequantize(codes: QuantCodes, fmt: QuantFormat, cols: int) -> torch.Tensor:
     return _int_dequant(codes, fmt, cols)
 
 
-def _fake_quantize_chunk(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+# How a caller's codes are made: ``codes(chunk, fmt, first_row)`` (see Rounder.quantizer).
+CodesFn = Callable[[torch.Tensor, QuantFormat, int], QuantCodes]
+
+
+def _fake_quantize_chunk(
+    w: torch.Tensor, fmt: QuantFormat, row0: int, codes: CodesFn | None
+) -> torch.Tensor:
     if fmt.kind == "float":
         return w.to(FLOAT_DTYPES[fmt.name]).to(torch.float32)
+    if codes is not None:
+        return dequantize(codes(w, fmt, row0), fmt, w.shape[1])
     return dequantize(quantize_codes(w, fmt), fmt, w.shape[1])
 
 
 def fake_quantize(
-    w: torch.Tensor, fmt: QuantFormat, *, out: torch.Tensor | None = None
+    w: torch.Tensor,
+    fmt: QuantFormat,
+    *,
+    out: torch.Tensor | None = None,
+    codes: CodesFn | None = None,
+    row0: int = 0,
 ) -> torch.Tensor:
     """Quantize and dequantize a ``[rows, cols]`` matrix (DESIGN §3 reference arithmetic).
 
@@ -180,7 +199,8 @@ def fake_quantize(
     otherwise; see :func:`applicable_format`). Works a chunk of rows at a time, so the float32
     work space stays bounded. The result is written into ``out`` (which may be ``w`` itself, or
     a strided view such as a transpose) in ``out``'s dtype; without ``out`` a new tensor of
-    ``w``'s dtype is returned.
+    ``w``'s dtype is returned. ``codes`` makes the codes of formats with a rounding other than
+    rtn (``w`` being rows ``row0 :`` of its matrix); without it only rtn is possible.
     """
     if w.dim() != 2:
         raise ValueError(f"expected a [rows, cols] matrix, got shape {tuple(w.shape)}")
@@ -194,5 +214,5 @@ def fake_quantize(
     with torch.no_grad():
         for start in range(0, rows, step):
             chunk = w[start : start + step].to(torch.float32)
-            out[start : start + step].copy_(_fake_quantize_chunk(chunk, fmt))
+            out[start : start + step].copy_(_fake_quantize_chunk(chunk, fmt, row0 + start, codes))
     return out

@@ -26,6 +26,7 @@ from torch import nn
 
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import (
+    CodesFn,
     FormatError,
     QuantFormat,
     check_applicable,
@@ -199,8 +200,15 @@ def parameter_bytes(model: nn.Module, layers: Sequence[QuantLayer]) -> tuple[int
 
 
 @contextmanager
-def quantized(model: nn.Module, layer: QuantLayer, fmt: QuantFormat | str) -> Iterator[None]:
-    """Fake-quantize one layer's weight in place for the duration of the block, then restore it.
+def quantized(
+    model: nn.Module,
+    layer: QuantLayer,
+    fmt: QuantFormat | str,
+    *,
+    codes: CodesFn | None = None,
+) -> Iterator[None]:
+    """Fake-quantize one layer's weight in place for the duration of the block, then restore it
+    (``codes``: how a format with a rounding other than rtn is rounded, see ``fake_quantize``).
 
     Holds exactly one extra copy of the weight (the backup), in the weight's own dtype.
     """
@@ -210,7 +218,7 @@ def quantized(model: nn.Module, layer: QuantLayer, fmt: QuantFormat | str) -> It
         backup = weight.detach().clone()
         try:
             view = weight_matrix(weight.data, layer.kind)
-            fake_quantize(view, fmt, out=view)
+            fake_quantize(view, fmt, out=view, codes=codes)
             yield
         finally:
             weight.data.copy_(backup)

@@ -46,9 +46,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("layer", "param", "format", "error", "numel", "bytes", "tie", "method")
-_USER_COLUMNS = "layer, format, error[, bytes][, numel][, tie][, group]"
+_USER_COLUMNS = "layer, format, error[, bytes][, numel][, tie][, group][, rounding]"
 # Read from a user's table, never measured: ``group`` names share groups (DESIGN §6).
-_USER_ONLY_COLUMNS = ("group",)
+# ``rounding`` is how the row's weights were rounded (rtn when absent): in a written table
+# ``format`` is the storage format and ``rounding`` a column of its own, while in memory a
+# row's ``format`` is the planning option's name (``int4-g128+gptq``, see QuantFormat).
+_USER_ONLY_COLUMNS = ("group", "rounding")
 # Bump when a method's numbers change for the same inputs, so stale cached tables are not reused.
 _CACHE_VERSION = 2  # 2: the method column
 
@@ -102,9 +105,14 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_table(df: pd.DataFrame, out_dir: Path | str, layers: Sequence[QuantLayer]) -> None:
-    """Write ``bitplan.sensitivity.csv`` (the table) and ``layers.json`` (the planned layers)."""
+    """Write ``sensitivity.csv`` (the table, one row per layer, format and rounding) and
+    ``layers.json`` (the planned layers)."""
     out = Path(out_dir)
-    write_text_atomic(out / "sensitivity.csv", df.to_csv(index=False))
+    parsed = {name: parse_format(name) for name in df["format"].unique()}
+    written = df.copy()
+    written["format"] = df["format"].map({n: f.base_name for n, f in parsed.items()})
+    written.insert(3, "rounding", df["format"].map({n: f.rounding for n, f in parsed.items()}))
+    write_text_atomic(out / "sensitivity.csv", written.to_csv(index=False))
     write_text_atomic(out / "layers.json", json.dumps([asdict(lay) for lay in layers], indent=1))
 
 
@@ -179,6 +187,11 @@ def read_table(path: Path | str) -> pd.DataFrame:
     if (df["layer"] == "").any():
         i = int((df["layer"] == "").to_numpy().nonzero()[0][0])
         raise InputError(f"row {i + 2} of {path} has an empty layer name")
+    if "rounding" in df.columns:  # back to option names: int4-g128 + gptq -> int4-g128+gptq
+        df["format"] = [
+            parse_format(f).with_rounding(r.strip().lower() or "rtn").name
+            for f, r in zip(df["format"], df.pop("rounding"), strict=True)
+        ]
     df["format"] = df["format"].map({f: parse_format(f).name for f in df["format"].unique()})
     df["error"] = _numbers(df, "error", integer=False)
     for column in ("numel", "bytes"):

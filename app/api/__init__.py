@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from bitplan.app.api.routes import datasets, health, jobs, models
+from bitplan.app.api.routes import datasets, health, jobs, model_export, models
 
 __all__ = ["api_router"]
 
@@ -17,3 +17,4 @@ api_router.include_router(health.router)
 api_router.include_router(models.router)
 api_router.include_router(datasets.router)
 api_router.include_router(jobs.router)
+api_router.include_router(model_export.router)

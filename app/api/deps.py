@@ -24,6 +24,7 @@ import anyio.to_thread
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bitplan.app import crud
@@ -32,7 +33,15 @@ from bitplan.app.models import ApiKey
 from bitplan.app.problems import service_busy
 from bitplan.app.settings import Settings
 
-__all__ = ["CurrentKeyDep", "OwnerDep", "PageCursor", "PageLimit", "SessionDep", "SettingsDep"]
+__all__ = [
+    "CurrentKeyDep",
+    "EngineDep",
+    "OwnerDep",
+    "PageCursor",
+    "PageLimit",
+    "SessionDep",
+    "SettingsDep",
+]
 
 # auto_error=False: a missing header must become our problem+json 401 (or pass when auth is off),
 # not FastAPI's own 403.
@@ -90,6 +99,17 @@ def get_db(request: Request, _slot: Annotated[None, Depends(_db_slot)]) -> Itera
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
+
+
+async def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine  # set by create_app
+    return engine
+
+
+# For the rare GET that also writes (queueing a model export): it reads with its SessionDep,
+# ends that read transaction, then writes in a transaction of its own on the engine (a SQLite
+# read transaction must not turn into a write; see make_sessionmaker).
+EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
 def get_current_key(

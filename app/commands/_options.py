@@ -22,6 +22,7 @@ __all__ = [
     "CalibOpt",
     "DEFAULT_FORMATS",
     "ExcludeOpt",
+    "DEFAULT_ROUNDING",
     "FormatsOpt",
     "FuseOpt",
     "HoldoutOpt",
@@ -38,6 +39,7 @@ __all__ = [
     "TrialsOpt",
     "parse_fuse",
     "parse_pins",
+    "RoundingOpt",
     "request_fields",
 ]
 
@@ -52,6 +54,11 @@ FormatsOpt = Annotated[
     str, typer.Option("--formats", "-f", help=f"Comma-separated: {spec_help('formats')}")
 ]
 MethodOpt = Annotated[str, typer.Option(help=spec_help("method"))]
+RoundingOpt = Annotated[
+    str, typer.Option("--rounding", help=f"Comma-separated: {spec_help('rounding')}")
+]
+# JobSpec's default roundings as --rounding writes them.
+DEFAULT_ROUNDING = ",".join(spec_default("rounding"))
 ExcludeOpt = Annotated[
     list[str] | None,
     typer.Option(help="Repeatable: an fnmatch pattern of layers to leave unquantized."),
@@ -90,12 +97,18 @@ def parse_fuse(fuse: list[str] | None) -> list[str]:
 
 
 def request_fields(
-    *, formats: str, exclude: list[str] | None, pin: list[str] | None, **options: Any
+    *,
+    formats: str,
+    exclude: list[str] | None,
+    pin: list[str] | None,
+    rounding: str = DEFAULT_ROUNDING,
+    **options: Any,
 ) -> dict[str, Any]:
-    """The options as JobSpec fields: formats as a list, patterns as a list, pins as a dict;
-    every other option passes through under its own name."""
+    """The options as JobSpec fields: formats and roundings as lists, patterns as a list, pins as
+    a dict; every other option passes through under its own name."""
     return {
         "formats": [name.strip() for name in formats.split(",") if name.strip()],
+        "rounding": [name.strip().lower() for name in rounding.split(",") if name.strip()],
         "exclude": list(exclude or []),
         "pins": parse_pins(pin),
         **options,

@@ -32,6 +32,14 @@ def apply(
         str | None,
         typer.Option(help="auto, cpu or cuda (default: bitplan.apply's, the CPU)."),
     ] = None,
+    rounding_stats: Annotated[
+        Path | None,
+        typer.Option(
+            "--rounding-stats",
+            help="The job folder whose rounding-stats-*.safetensors round the plan's gptq/awq "
+            "layers (default: the folder above the plan's plans/).",
+        ),
+    ] = None,
 ) -> None:
     """Write MODEL quantized per PLAN for a runtime: bit-packed safetensors whose bytes equal
     the plan's (--to bitplan, the default), a Hugging Face folder for transformers + torchao
@@ -45,6 +53,8 @@ def apply(
         target_writer(to)  # an unknown target or missing runtime packages: said before the plan
         parsed = bitplan.load_plan(path=plan)
         options: dict[str, Any] = {} if device is None else {"device": device}
+        # By default a plan file under <job>/plans/ is rounded with that job's statistics.
+        options["rounding_stats"] = rounding_stats or plan.expanduser().resolve().parent.parent
         with output_folder(out):
             report = bitplan.apply(model=model, plan=parsed, out_dir=out, to=to, **options)
         where = report.path if to == DEFAULT_TARGET else out

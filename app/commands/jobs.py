@@ -1,5 +1,5 @@
-"""``status``, ``wait``, ``cancel`` and ``download``: a job on a bitplan service (``submit`` is
-in :mod:`~bitplan.app.commands.submit`, with the job options).
+"""``status``, ``wait``, ``cancel``, ``download`` and ``model``: a job on a bitplan service
+(``submit`` is in :mod:`~bitplan.app.commands.submit`, with the job options).
 
 They talk HTTP through :class:`~bitplan.app.client.BitplanClient` (``--url``/``--api-key`` or
 ``BITPLAN_URL``/``BITPLAN_API_KEY``); the client is imported inside each command, so ``bitplan
@@ -20,8 +20,9 @@ from bitplan.app.commands._paths import OutOpt
 from bitplan.app.console import console, err_console, output_folder
 from bitplan.app.endpoint import DEFAULT_URL
 from bitplan.app.states import JobState
+from bitplan.search.targets import DEFAULT_TARGET, TARGETS
 
-__all__ = ["JobIdArg", "KeyOpt", "UrlOpt", "cancel", "download", "status", "wait"]
+__all__ = ["JobIdArg", "KeyOpt", "UrlOpt", "cancel", "download", "model", "status", "wait"]
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="BITPLAN_URL", help="The server's URL.")]
 KeyOpt = Annotated[
@@ -106,3 +107,46 @@ def download(
 
     files = guarded(run)
     console.print(f"wrote {len(files)} files to {out}; open {out / 'report.html'}")
+
+
+def model(
+    job_id: JobIdArg,
+    plan_id: Annotated[str, typer.Argument(help="A plan id of the job (`bitplan status`).")],
+    out: OutOpt,
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="The runtime: "
+            + "; ".join(f"{t.name}: {t.description}" for t in TARGETS.values()),
+        ),
+    ] = DEFAULT_TARGET,
+    timeout: Annotated[float | None, typer.Option(help="Give up after S seconds.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Save a plan of a succeeded job applied to the job's model for a runtime, as `bitplan
+    apply MODEL PLAN --to TARGET -o OUT` writes it; a worker of the service makes it, and this
+    waits while it does."""
+    from bitplan.app.client import BitplanClient
+    from bitplan.app.service_cli import guarded
+
+    def run() -> list[Path]:
+        with (
+            BitplanClient(url, api_key=api_key) as client,
+            err_console.status(f"asking for the {to} export of {plan_id}") as shown,
+            output_folder(out),
+        ):
+
+            def show(export: dict[str, Any]) -> None:
+                shown.update(
+                    f"{to} export of {plan_id}: {export['state']} ({export['progress']:.0%})"
+                )
+
+            return client.download_model(
+                job_id, plan_id, out, to=to, timeout=timeout, progress=show
+            )
+
+    files = guarded(run)
+    size = sum(path.stat().st_size for path in files)
+    console.print(f"wrote {len(files)} file(s) to {out}: {size} bytes", highlight=False)

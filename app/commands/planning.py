@@ -17,6 +17,7 @@ import typer
 
 from bitplan.app.commands._options import (
     DEFAULT_FORMATS,
+    DEFAULT_ROUNDING,
     BudgetOpt,
     CalibOpt,
     ExcludeOpt,
@@ -29,6 +30,7 @@ from bitplan.app.commands._options import (
     ModelArg,
     OutOpt,
     PinOpt,
+    RoundingOpt,
     SamplerOpt,
     SeedOpt,
     TaskOpt,
@@ -75,6 +77,7 @@ def analyze(
     calib: CalibOpt = spec_default("calib"),
     task: TaskOpt = spec_default("task"),
     formats: FormatsOpt = DEFAULT_FORMATS,
+    rounding: RoundingOpt = DEFAULT_ROUNDING,
     method: MethodOpt = spec_default("method"),
     exclude: ExcludeOpt = None,
     pin: PinOpt = None,
@@ -99,6 +102,7 @@ def analyze(
                 calib=calib,
                 task=task,
                 formats=formats,
+                rounding=rounding,
                 method=method,
                 exclude=exclude,
                 pin=pin,
@@ -125,6 +129,7 @@ def search(
     calib: CalibOpt = spec_default("calib"),
     task: TaskOpt = spec_default("task"),
     formats: FormatsOpt = DEFAULT_FORMATS,
+    rounding: RoundingOpt = DEFAULT_ROUNDING,
     method: MethodOpt = spec_default("method"),
     trials: TrialsOpt = spec_default("trials"),
     timeout: TimeoutOpt = spec_default("timeout"),
@@ -143,7 +148,12 @@ def search(
 
     def run() -> None:
         from bitplan.app.report import render_report
-        from bitplan.app.summary import fallback_note, frontier_table, plans_written
+        from bitplan.app.summary import (
+            fallback_note,
+            frontier_table,
+            plans_written,
+            proxy_gap_note,
+        )
         from bitplan.search.pipeline import run_job
         from bitplan.sensitivity.table import read_table
 
@@ -154,6 +164,7 @@ def search(
                 calib=calib,
                 task=task,
                 formats=formats,
+                rounding=rounding,
                 method=method,
                 trials=trials,
                 timeout=timeout,
@@ -172,9 +183,13 @@ def search(
         with output_folder(out), ctrl_c_watch() as ctrl_c, progress_bars() as progress:
             result = run_job(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
         console.print(frontier_table(result.frontier))
-        note = fallback_note(read_table(out / "sensitivity.csv"), method=spec.method)
-        if note is not None:
-            console.print(note, highlight=False, soft_wrap=True)
+        notes = (
+            fallback_note(read_table(out / "sensitivity.csv"), method=spec.method),
+            proxy_gap_note(result.proxy_gap),
+        )
+        for note in notes:
+            if note is not None:
+                console.print(note, highlight=False, soft_wrap=True)
         if result.interrupted:
             console.print(
                 "[yellow]search stopped early: the frontier holds the trials that finished[/yellow]"

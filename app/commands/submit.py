@@ -13,6 +13,7 @@ import typer
 
 from bitplan.app.commands._options import (
     DEFAULT_FORMATS,
+    DEFAULT_ROUNDING,
     BudgetOpt,
     ExcludeOpt,
     FormatsOpt,
@@ -22,6 +23,7 @@ from bitplan.app.commands._options import (
     MaxSamplesOpt,
     MethodOpt,
     PinOpt,
+    RoundingOpt,
     SamplerOpt,
     SeedOpt,
     TaskOpt,
@@ -51,6 +53,7 @@ def submit(
     ] = spec_default("calib"),
     task: TaskOpt = spec_default("task"),
     formats: FormatsOpt = DEFAULT_FORMATS,
+    rounding: RoundingOpt = DEFAULT_ROUNDING,
     method: MethodOpt = spec_default("method"),
     trials: TrialsOpt = spec_default("trials"),
     timeout: TimeoutOpt = spec_default("timeout"),
@@ -76,6 +79,7 @@ def submit(
     def run() -> dict[str, Any]:
         fields = request_fields(
             formats=formats,
+            rounding=rounding,
             exclude=exclude,
             pin=pin,
             fuse=parse_fuse(fuse),

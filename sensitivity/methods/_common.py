@@ -13,11 +13,13 @@ Scores are returned as ``{layer name: {format name: error}}``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from bitplan.sensitivity.formats import (
+    CodesFn,
     QuantFormat,
     candidate_formats,
     fake_quantize,
@@ -25,7 +27,18 @@ from bitplan.sensitivity.formats import (
 )
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
 
-__all__ = ["Scores", "candidates", "iter_deltas", "layer_matrix", "spread_over_ties", "tie_groups"]
+if TYPE_CHECKING:
+    from bitplan.sensitivity.rounder import Rounder
+
+__all__ = [
+    "Scores",
+    "candidates",
+    "iter_deltas",
+    "layer_matrix",
+    "quantizer_of",
+    "spread_over_ties",
+    "tie_groups",
+]
 
 Scores = dict[str, dict[str, float]]
 
@@ -41,6 +54,16 @@ def candidates(layer: QuantLayer, formats: Sequence[QuantFormat]) -> list[QuantF
     if layer.pinned is not None:
         return [parse_format(layer.pinned)]
     return candidate_formats(formats, layer.shape[1])
+
+
+def quantizer_of(rounder: Rounder | None, layer: QuantLayer) -> CodesFn:
+    """How ``layer``'s codes are made: by ``rounder``, or without calibration statistics (rtn
+    and the data-free roundings) when there is none."""
+    if rounder is None:
+        from bitplan.sensitivity.rounder import Rounder  # noqa: PLC0415 - it imports methods
+
+        rounder = Rounder()
+    return rounder.quantizer(layer.param)
 
 
 def tie_groups(layers: Sequence[QuantLayer]) -> list[list[QuantLayer]]:
@@ -69,12 +92,18 @@ def layer_matrix(module: nn.Module, layer: QuantLayer) -> torch.Tensor:
 
 
 def iter_deltas(
-    matrix: torch.Tensor, fmt: QuantFormat, *, block: int | None = None
+    matrix: torch.Tensor,
+    fmt: QuantFormat,
+    *,
+    block: int | None = None,
+    codes: CodesFn | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, stop, W, ΔW)`` float32 chunks of rows ``start:stop`` of ``matrix``.
 
     ``block`` keeps every chunk inside one block of that many rows (grouped convolutions score
-    each group of output channels against its own input statistics).
+    each group of output channels against its own input statistics). ``codes`` makes the
+    codes of a format with a rounding other than rtn (see
+    :meth:`bitplan.sensitivity.rounder.Rounder.quantizer`).
     """
     rows, cols = matrix.shape
     block = rows if block is None else block
@@ -83,6 +112,8 @@ def iter_deltas(
         for start in range(first, min(first + block, rows), step):
             stop = min(start + step, first + block, rows)
             chunk = matrix[start:stop]
-            q = fake_quantize(chunk, fmt)  # in the weight's dtype, as the model would see it
+            q = fake_quantize(
+                chunk, fmt, codes=codes, row0=start
+            )  # in the weight's dtype, as the model would see it
             w = chunk.to(torch.float32)
             yield start, stop, w, q.to(torch.float32) - w

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from bitplan.sensitivity.formats import QuantFormat
 from bitplan.sensitivity.layers import QuantLayer, quantized
-from bitplan.sensitivity.methods._common import Scores, candidates, spread_over_ties, tie_groups
+from bitplan.sensitivity.methods._common import (
+    Scores,
+    candidates,
+    quantizer_of,
+    spread_over_ties,
+    tie_groups,
+)
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+
+if TYPE_CHECKING:
+    from bitplan.sensitivity.rounder import Rounder
 
 __all__ = ["e2e_errors"]
 
@@ -32,6 +42,7 @@ def e2e_errors(
     evaluate: Callable[[], float],
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    rounder: Rounder | None = None,
 ) -> Scores:
     """Model-level error with each layer alone quantized, for every candidate format.
 
@@ -43,7 +54,7 @@ def e2e_errors(
         errors = {}
         for fmt in candidates(group[0], formats):
             check_cancel(should_cancel)
-            with quantized(module, group[0], fmt):
+            with quantized(module, group[0], fmt, codes=quantizer_of(rounder, group[0])):
                 # A metric can come out a hair better than full precision by chance (fewer
                 # flipped labels); the table holds losses, which are never negative.
                 errors[fmt.name] = max(0.0, float(evaluate()))

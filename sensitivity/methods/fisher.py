@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,15 @@ from bitplan.sensitivity.methods._common import (
     candidates,
     iter_deltas,
     layer_matrix,
+    quantizer_of,
     spread_over_ties,
     tie_groups,
 )
 from bitplan.sensitivity.metrics import counted_positions
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+
+if TYPE_CHECKING:
+    from bitplan.sensitivity.rounder import Rounder
 
 __all__ = ["FISHER_TARGETS", "FisherTarget", "fisher_errors"]
 
@@ -156,6 +160,7 @@ def fisher_errors(
     n_batches: int | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    rounder: Rounder | None = None,
 ) -> Scores:
     """Fisher-weighted error of every layer in every candidate format.
 
@@ -210,7 +215,7 @@ def fisher_errors(
         errors = {}
         for fmt in candidates(lay, formats):
             total = 0.0
-            for start, stop, _, dw in iter_deltas(matrix, fmt):
+            for start, stop, _, dw in iter_deltas(matrix, fmt, codes=quantizer_of(rounder, lay)):
                 total += float((f[start:stop].to(torch.float32) * dw.square()).sum())
             # ½ ΔWᵀ F ΔW, F per prediction: the expected loss (KL) increase, see module doc.
             errors[fmt.name] = 0.5 * total / n_predictions

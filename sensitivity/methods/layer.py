@@ -14,18 +14,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from bitplan.sensitivity.formats import QuantFormat
+from bitplan.sensitivity.formats import CodesFn, QuantFormat
 from bitplan.sensitivity.layers import QuantLayer
-from bitplan.sensitivity.methods._common import Scores, candidates, iter_deltas, layer_matrix
+from bitplan.sensitivity.methods._common import (
+    Scores,
+    candidates,
+    iter_deltas,
+    layer_matrix,
+    quantizer_of,
+)
 from bitplan.sensitivity.methods._gram import InputStats, stats_bytes
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
-__all__ = ["DEFAULT_STATS_BYTES", "layer_errors"]
+if TYPE_CHECKING:
+    from bitplan.sensitivity.rounder import Rounder
+
+__all__ = ["DEFAULT_STATS_BYTES", "collect_input_stats", "layer_errors", "plan_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ Batch = Mapping[str, torch.Tensor]
 DEFAULT_STATS_BYTES = 4 << 30
 
 
-def _plan_passes(
+def plan_passes(
     module: nn.Module, layers: Sequence[QuantLayer], budget: int
 ) -> list[list[QuantLayer]]:
     """Consecutive runs of layers whose statistics fit ``budget`` (a larger one runs alone)."""
@@ -52,7 +61,7 @@ def _plan_passes(
     return passes
 
 
-def _collect(
+def collect_input_stats(
     module: nn.Module,
     layers: Sequence[QuantLayer],
     batches: Callable[[], Iterable[Batch]],
@@ -89,7 +98,7 @@ def _collect(
 
 
 def _score(
-    matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat]
+    matrix: torch.Tensor, st: InputStats, formats: Sequence[QuantFormat], codes: CodesFn | None
 ) -> tuple[dict[str, float], bool]:
     """``tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`` per format (the denominator is computed once), and whether
     that denominator is positive: when it is 0 the layer's output carried no signal to compare
@@ -98,7 +107,7 @@ def _score(
     den: float | None = None
     for fmt in formats:
         num = total = 0.0
-        for start, stop, w, dw in iter_deltas(matrix, fmt, block=st.block):
+        for start, stop, w, dw in iter_deltas(matrix, fmt, block=st.block, codes=codes):
             num += st.energy(start, stop, dw)
             if den is None:
                 total += st.energy(start, stop, w)
@@ -124,8 +133,10 @@ def layer_errors(
     skip_unmeasured: bool = False,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    rounder: Rounder | None = None,
 ) -> Scores:
-    """Relative output error of every layer in every candidate format.
+    """Relative output error of every layer in every candidate format (formats with a rounding
+    other than rtn are rounded by ``rounder``).
 
     ``batches()`` returns a fresh iterable of input dicts on the module's device each call;
     ``forward(batch)`` runs the model (default ``module(**batch)``). Progress: stage
@@ -137,7 +148,7 @@ def layer_errors(
     tells the user how, so that no warning here contradicts it).
     """
     forward = forward or (lambda batch: module(**batch))
-    passes = _plan_passes(module, layers, max_stats_bytes)
+    passes = plan_passes(module, layers, max_stats_bytes)
     if len(passes) > 1:
         logger.info(
             "layer statistics exceed %d bytes: %d forward passes", max_stats_bytes, len(passes)
@@ -153,11 +164,13 @@ def layer_errors(
     scores: Scores = {}
     done = 0
     for group in passes:
-        stats = _collect(module, group, batches, forward, on_batch, should_cancel)
+        stats = collect_input_stats(module, group, batches, forward, on_batch, should_cancel)
         for lay in group:
             check_cancel(should_cancel)
             st = stats.pop(lay.name)  # dropped from the dict: H is freed once scored
-            errors, measured = _score(layer_matrix(module, lay), st, candidates(lay, formats))
+            matrix = layer_matrix(module, lay)
+            codes = quantizer_of(rounder, lay)
+            errors, measured = _score(matrix, st, candidates(lay, formats), codes)
             if measured:
                 scores[lay.name] = errors
             elif skip_unmeasured:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -19,10 +20,14 @@ from bitplan.sensitivity.methods._common import (
     candidates,
     iter_deltas,
     layer_matrix,
+    quantizer_of,
     spread_over_ties,
     tie_groups,
 )
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
+
+if TYPE_CHECKING:
+    from bitplan.sensitivity.rounder import Rounder
 
 __all__ = ["weight_errors"]
 
@@ -36,8 +41,10 @@ def weight_errors(
     *,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    rounder: Rounder | None = None,
 ) -> Scores:
-    """Relative weight error of every layer in every candidate format.
+    """Relative weight error of every layer in every candidate format (formats with a rounding
+    other than rtn are rounded by ``rounder``).
 
     Tied layers share one tensor, so its score is split over them (see ``spread_over_ties``).
     """
@@ -48,7 +55,7 @@ def weight_errors(
         errors = {}
         for fmt in candidates(group[0], formats):
             num = den = 0.0
-            for _, _, w, dw in iter_deltas(matrix, fmt):
+            for _, _, w, dw in iter_deltas(matrix, fmt, codes=quantizer_of(rounder, group[0])):
                 num += float(dw.square().sum())
                 den += float(w.square().sum())
             errors[fmt.name] = num / den if den > 0 else 0.0

@@ -148,14 +148,22 @@ def test_search_then_apply_writes_exact_bytes(tmp_path: Path) -> None:
             "cpu",
             "--batch-size",
             "256",
+            "--rounding",
+            "rtn,gptq",
             "-o",
             str(tmp_path / "job"),
         ]
     )
     assert "Pareto frontier" in out and "u-int8" in out
+    assert "proxy vs measured over" in out  # how far the table's sum was from the measurements
     assert _files_written(out) == len(list((tmp_path / "job" / "plans").glob("*.json")))
     frontier = json.loads((tmp_path / "job" / "frontier.json").read_text())
-    plan_path = tmp_path / "job" / frontier["points"][-1]["plan"]
+    # A frontier plan that rounds some layer by gptq: apply finds the job's rounding statistics
+    # beside plans/ by itself.
+    paths = [tmp_path / "job" / point["plan"] for point in frontier["points"]]
+    rounded = [p for p in paths if "gptq" in {lay.rounding for lay in read_plan(p).layers}]
+    assert rounded, "no frontier plan took gptq"
+    plan_path = rounded[-1]
     _ok(["apply", "builtin:digits-cnn", str(plan_path), "-o", str(tmp_path / "packed")])
     plan = read_plan(plan_path)
     assert tensor_bytes_of(tmp_path / "packed" / "model.safetensors") == plan.totals.total_bytes

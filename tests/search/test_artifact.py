@@ -172,6 +172,7 @@ def test_file_layout(tmp_path: Path) -> None:
         meta = json.loads(f.metadata()["conv.weight"])
     assert meta == {
         "format": "int3-g16-asym",
+        "rounding": "rtn",
         "kind": "conv2d",
         "shape": [24, 70, 3, 1],
         "rows": 24,

@@ -103,6 +103,7 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
         "tie",
         "group",
         "format",
+        "rounding",
         "bits",
         "group_size",
         "symmetric",

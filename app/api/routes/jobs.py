@@ -10,7 +10,9 @@
 - ``POST /v1/jobs/{id}:cancel``: a queued job is cancelled at once, a running one stops at its
   next check (between layers or trials); a job that already succeeded or failed is a 409.
 - Results (``/frontier``, ``/plans/{plan_id}``, ``/sensitivity``, ``/report``) are read from
-  ``artifact_dir/<id>/``, which a worker fills only when the job succeeds: 409 until then.
+  ``artifact_dir/<id>/``, which a worker fills only when the job succeeds: 409 until then. A
+  plan applied to the job's model for a runtime (``/plans/{plan_id}/model``) is made by a
+  worker on request: :mod:`bitplan.app.api.routes.model_export`.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from bitplan.search.exports import EXPORTS
 from bitplan.search.fields import as_format
 from bitplan.search.plans import PLAN_ID_PATTERN, FrontierPoint, read_frontier, read_plan
 
-__all__ = ["router"]
+__all__ = ["JobId", "PlanId", "etag_matches", "job_artifact", "owned_job", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,9 @@ PlanFormat = Literal[tuple(EXPORTS)]  # type: ignore[valid-type]
 # The pattern documents what _JobIdConvertor routes: an id never holds ":" (nor "/").
 JobId = Annotated[
     str, PathParam(pattern="^[^/:]+$", description="the job's id (from POST /v1/jobs)")
+]
+PlanId = Annotated[
+    str, PathParam(pattern=PLAN_ID_PATTERN, description="a plan id from the job's frontier")
 ]
 _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
 _ETAG = {"ETag": {"description": "validator for If-None-Match", "schema": {"type": "string"}}}
@@ -136,7 +141,7 @@ def _etag(payload: bytes) -> str:
     return f'"{digest[:32]}"'  # 128 bits tell versions apart; the full hash adds nothing
 
 
-def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """RFC 9110 §13.1.2: weak comparison against a list of tags or ``*``."""
     if not if_none_match:
         return False
@@ -144,7 +149,7 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-def _owned_job(session: Session, owner_id: str | None, job_id: str) -> Job:
+def owned_job(session: Session, owner_id: str | None, job_id: str) -> Job:
     job = crud.get_job(session, job_id=job_id, owner_id=owner_id)
     if job is None:
         raise ProblemError(404, f"no job with id {job_id!r}", slug="not-found")
@@ -260,11 +265,11 @@ def get_job(
     ] = None,
 ) -> Response:
     # Serialised once: the same bytes are hashed for the ETag and sent as the body.
-    payload = _job_read(_owned_job(session, owner_id, job_id)).model_dump_json().encode()
+    payload = _job_read(owned_job(session, owner_id, job_id)).model_dump_json().encode()
     etag = _etag(payload)
     # no-cache: caches may keep the body but must revalidate, so pollers always see news.
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if _etag_matches(if_none_match, etag):
+    if etag_matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return Response(payload, media_type="application/json", headers=headers)
 
@@ -277,7 +282,7 @@ def get_job(
     responses=problem_responses(401, 404, 409),
 )
 def cancel_job(job_id: JobId, session: SessionDep, owner_id: OwnerDep) -> JobRead:
-    job = _owned_job(session, owner_id, job_id)
+    job = owned_job(session, owner_id, job_id)
     if job.state in (JobState.SUCCEEDED, JobState.FAILED):
         raise ProblemError(
             409,
@@ -291,7 +296,7 @@ def cancel_job(job_id: JobId, session: SessionDep, owner_id: OwnerDep) -> JobRea
     return _job_read(cancelled)
 
 
-def _artifact(
+def job_artifact(
     settings: Settings, job: Job, name: str, *, what: str, missing_status: int = 404
 ) -> Path:
     """A result file of a succeeded job; 409 before it succeeded, ``missing_status`` when the
@@ -321,8 +326,8 @@ def _artifact(
 def get_frontier(
     job_id: JobId, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> FrontierRead:
-    job = _owned_job(session, owner_id, job_id)
-    frontier = read_frontier(_artifact(settings, job, "frontier.json", what="frontier"))
+    job = owned_job(session, owner_id, job_id)
+    frontier = read_frontier(job_artifact(settings, job, "frontier.json", what="frontier"))
 
     def linked(point: FrontierPoint) -> FrontierPointRead:
         href = f"/v1/jobs/{job.id}/plans/{point.plan_id}"
@@ -349,9 +354,7 @@ def get_frontier(
 )
 def get_plan(
     job_id: JobId,
-    plan_id: Annotated[
-        str, PathParam(pattern=PLAN_ID_PATTERN, description="a plan id from the job's frontier")
-    ],
+    plan_id: PlanId,
     session: SessionDep,
     settings: SettingsDep,
     owner_id: OwnerDep,
@@ -360,8 +363,8 @@ def get_plan(
         Query(description="; ".join(f"{e.name}: {e.description}" for e in EXPORTS.values())),
     ] = "json",
 ) -> Response:
-    job = _owned_job(session, owner_id, job_id)
-    path = _artifact(settings, job, f"plans/{plan_id}.json", what=f"plan {plan_id!r}")
+    job = owned_job(session, owner_id, job_id)
+    path = job_artifact(settings, job, f"plans/{plan_id}.json", what=f"plan {plan_id!r}")
     export = EXPORTS[format]
     if export.render is None:  # the plan file itself
         return FileResponse(path, media_type=export.media_type)
@@ -386,8 +389,8 @@ class _HTMLFile(FileResponse):
 def get_sensitivity(
     job_id: JobId, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> _CSVFile:
-    job = _owned_job(session, owner_id, job_id)
-    return _CSVFile(_artifact(settings, job, "sensitivity.csv", what="sensitivity table"))
+    job = owned_job(session, owner_id, job_id)
+    return _CSVFile(job_artifact(settings, job, "sensitivity.csv", what="sensitivity table"))
 
 
 @router.get(
@@ -399,6 +402,6 @@ def get_sensitivity(
 def get_report(
     job_id: JobId, session: SessionDep, settings: SettingsDep, owner_id: OwnerDep
 ) -> _HTMLFile:
-    job = _owned_job(session, owner_id, job_id)
+    job = owned_job(session, owner_id, job_id)
     # The report is written after the job's other results, so its absence means "not yet".
-    return _HTMLFile(_artifact(settings, job, "report.html", what="report", missing_status=409))
+    return _HTMLFile(job_artifact(settings, job, "report.html", what="report", missing_status=409))
