@@ -9,13 +9,17 @@ lost, and one pass yields the frontier for *every* budget at once; :func:`best_u
 answers a budget by binary search.
 
 Conventions: bytes are integers; among plans with equal bytes the lower error wins; among
-plans with equal error the fewer bytes win. Back-pointers (parent index, option index) per
-merge let any point's plan be rebuilt without storing a plan per point.
+plans with equal error the fewer bytes win. Back-pointers per merge let any point's plan be
+rebuilt without storing a plan per point; they are run-length encoded
+(:mod:`bitplan.search._frontier_runs`), as a merge's points come in long runs of one option.
+How one merge stays fast on large sets without losing a point is the subject of
+:mod:`bitplan.search._frontier_merge` and :mod:`bitplan.search._frontier_bounds`.
 
 The Pareto set can grow large (it is bounded only by the number of distinct byte totals). Past
 ``max_points`` it is thinned to one point per cell of an error grid, with a warning, and the
-result says ``exact=False``. References: Kellerer, Pferschy & Pisinger, *Knapsack Problems*
-(2004), ch. 11 (multiple-choice knapsack) and the "Nemhauser–Ullmann" Pareto-set algorithm.
+result says ``exact=False``; ``max_points=None`` never thins. References: Kellerer, Pferschy &
+Pisinger, *Knapsack Problems* (2004), ch. 11 (multiple-choice knapsack) and the
+"Nemhauser–Ullmann" Pareto-set algorithm.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bitplan.search._frontier_merge import merge_group
+from bitplan.search._frontier_runs import Runs
+from bitplan.search._frontier_scratch import Scratch
 from bitplan.search.budgets import Budget
 from bitplan.search.points import Point
 from bitplan.search.problem import Group, Problem
@@ -60,8 +67,7 @@ class Frontier:
     error: np.ndarray  # float64 (n_points,)
     exact: bool
     _order: list[int] = field(repr=False)  # group index merged at each step
-    _parents: list[np.ndarray] = field(repr=False)  # per step: index into the previous set
-    _options: list[np.ndarray] = field(repr=False)  # per step: option index of that group
+    _runs: list[Runs] = field(repr=False)  # per step: back-pointers into the previous set
 
     def __len__(self) -> int:
         return len(self.bytes)
@@ -71,8 +77,7 @@ class Frontier:
         chosen = [0] * len(self.problem.groups)
         at = index
         for step in range(len(self._order) - 1, -1, -1):
-            chosen[self._order[step]] = int(self._options[step][at])
-            at = int(self._parents[step][at])
+            at, chosen[self._order[step]] = self._runs[step].locate(at)
         return chosen
 
     def point(self, index: int) -> Point:
@@ -132,42 +137,6 @@ def _prune(group: Group) -> np.ndarray:
     return order[keep]
 
 
-def _candidates(
-    cur_bytes: np.ndarray, cur_err: np.ndarray, opt_bytes: np.ndarray, opt_err: np.ndarray
-) -> np.ndarray:
-    """Ids ``option * n + point`` of the sums not already beaten by the next cheaper option.
-
-    Options are sorted by bytes (error falling). Point p with option j is beaten when point q
-    with option j-1 has no more bytes (q = the last with ``b_q <= b_p + Δbytes``) and no more
-    error; the current set is a chain, so that q is the best such point. This cheap pass drops
-    most sums before the sort in :func:`_pareto` and never drops a Pareto-optimal one.
-    """
-    n = len(cur_bytes)
-    ids = [np.arange(n, dtype=np.int64)]
-    for j in range(1, len(opt_bytes)):
-        q = (
-            np.searchsorted(cur_bytes, cur_bytes + (opt_bytes[j] - opt_bytes[j - 1]), side="right")
-            - 1
-        )
-        alive = cur_err + opt_err[j] < cur_err[q] + opt_err[j - 1]
-        ids.append(np.flatnonzero(alive) + j * n)
-    return np.concatenate(ids)
-
-
-def _pareto(cand_bytes: np.ndarray, cand_err: np.ndarray) -> np.ndarray:
-    """Indices of the Pareto-optimal candidates, sorted by bytes ascending."""
-    # The candidates are k runs each sorted by bytes: a stable sort merges them in O(m log k)
-    # and keeps equal-bytes candidates in their run order.
-    order = np.argsort(cand_bytes, kind="stable")
-    err = cand_err[order]
-    running = np.minimum.accumulate(err)
-    keep = np.r_[True, err[1:] < running[:-1]]  # strictly better than everything cheaper
-    order = order[keep]
-    # Survivors have strictly falling error; of equal-bytes survivors the last is the best.
-    b = cand_bytes[order]
-    return order[np.r_[b[1:] != b[:-1], True]]
-
-
 def _thin(err: np.ndarray, max_points: int) -> np.ndarray:
     """Mask keeping the cheapest point of each cell of an error grid with max_points/2 cells,
     and the lowest-error point, so both ends of the frontier stay exact."""
@@ -181,12 +150,13 @@ def _thin(err: np.ndarray, max_points: int) -> np.ndarray:
 def exact_frontier(
     problem: Problem,
     *,
-    max_points: int = DEFAULT_MAX_POINTS,
+    max_points: int | None = DEFAULT_MAX_POINTS,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> Frontier:
-    """Every Pareto-optimal plan of ``problem`` (thinned past ``max_points``, see module doc)."""
-    if max_points < 2:
+    """Every Pareto-optimal plan of ``problem`` (thinned past ``max_points``, see module doc;
+    ``max_points=None`` keeps every point however many there are)."""
+    if max_points is not None and max_points < 2:
         raise InputError(f"max_points must be at least 2, got {max_points}")
     kept = [_prune(g) for g in problem.groups]
     # Merging narrow groups first keeps the intermediate sets small for longer.
@@ -195,21 +165,18 @@ def exact_frontier(
     )
     cur_bytes = np.zeros(1, dtype=np.int64)
     cur_err = np.zeros(1, dtype=np.float64)
-    parents: list[np.ndarray] = []
-    options: list[np.ndarray] = []
+    runs: list[Runs] = []
     exact = True
+    scratch = Scratch()
     for step, gi in enumerate(order):
         check_cancel(should_cancel)
         group, opts = problem.groups[gi], kept[gi]
-        n = len(cur_bytes)
-        ids = _candidates(cur_bytes, cur_err, group.bytes[opts], group.error[opts])
-        cand_bytes = group.bytes[opts][ids // n] + cur_bytes[ids % n]
-        cand_err = group.error[opts][ids // n] + cur_err[ids % n]
-        sel = _pareto(cand_bytes, cand_err)
-        parent, option = ids[sel] % n, opts[ids[sel] // n]
-        cur_bytes, cur_err = cand_bytes[sel], cand_err[sel]
-        if len(cur_bytes) > max_points:
-            mask = _thin(cur_err, max_points)
+        merged = merge_group(
+            cur_bytes, cur_err, group.bytes[opts], group.error[opts], scratch=scratch
+        )
+        cur_bytes, cur_err, back = merged.bytes, merged.error, merged.runs.stored(opts)
+        if max_points is not None and len(cur_bytes) > max_points:
+            keep = np.flatnonzero(_thin(cur_err, max_points))
             if exact:
                 log.warning(
                     "the Pareto set passed %d points at group %d of %d; thinning it to "
@@ -219,19 +186,17 @@ def exact_frontier(
                     len(order),
                 )
             exact = False
-            parent, option = parent[mask], option[mask]
-            cur_bytes, cur_err = cur_bytes[mask], cur_err[mask]
-        parents.append(parent.astype(np.int32))
-        options.append(option.astype(np.min_scalar_type(len(group.formats))))
+            back = back.select(keep, len(cur_bytes))
+            cur_bytes, cur_err = cur_bytes[keep], cur_err[keep]
+        runs.append(back)
         report(progress, "frontier", step + 1, len(order))
     return Frontier(
         problem=problem,
-        bytes=cur_bytes,
-        error=cur_err,
+        bytes=cur_bytes.copy(),  # the last merge's output may be a view of scratch memory
+        error=cur_err.copy(),
         exact=exact,
         _order=order,
-        _parents=parents,
-        _options=options,
+        _runs=runs,
     )
 
 
