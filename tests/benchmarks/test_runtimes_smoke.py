@@ -41,6 +41,9 @@ def test_a_quick_run_loads_every_target_in_its_runtime(tmp_path: Path) -> None:
     assert seen == {
         ("tiny-lm", "ggml", "bitplan"),
         ("tiny-lm", "ggml", "gguf"),
+        ("tiny-lm", "int", "bitplan"),  # as its transformers OPT twin for torchao and vLLM's format
+        ("tiny-lm", "int", "torchao"),
+        ("tiny-lm", "int", "compressed-tensors"),
         ("llama", "int", "bitplan"),
         ("llama", "int", "torchao"),
         ("llama", "int", "compressed-tensors"),
