@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.api_load
 	$(BIN)/python -m benchmarks.service_limits
 	$(BIN)/python -m benchmarks.runtimes
+	$(BIN)/python -m benchmarks.distributed  # needs PostgreSQL at 127.0.0.1:5432
+	$(BIN)/python -m benchmarks.scale
 
 clean:
 	rm -rf $(VENV) .bitplan bitplan-demo

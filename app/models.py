@@ -42,6 +42,7 @@ __all__ = [
     "Blob",
     "Job",
     "JobStateType",
+    "SearchPeer",
     "UTCDateTime",
     "WorkerBeat",
     "new_id",
@@ -216,3 +217,23 @@ class WorkerBeat(Base):
     id: Mapped[str] = mapped_column(String(255), primary_key=True)  # the worker id of its leases
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class SearchPeer(Base):
+    """A place for another worker in a running job's measured search (app/search_peers.py).
+
+    The job's own worker opens ``search_peers`` places when its job reaches the search stage and
+    deletes them when it leaves; an idle worker claims one (``worker_id``, a lease it renews)
+    and runs trials of the job's Optuna study. ``job_lease_version`` ties a place to the attempt
+    that opened it: once that attempt's lease is gone, nobody can claim or renew it.
+    """
+
+    __tablename__ = "search_peers"
+    __table_args__ = (UniqueConstraint("job_id", "slot"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    slot: Mapped[int]  # 1.. the job's number of places; the joining worker's seed offset
+    job_lease_version: Mapped[int]
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]

@@ -52,6 +52,7 @@ __all__ = [
     "ModelExportRead",
     "ModelRead",
     "ModelsRead",
+    "StageRead",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -311,6 +312,24 @@ class JobRequestRead(JobCreate):
     budget: str = Field(description="the budget as submitted: 4.5bpw, 60MB, 58MiB or 0.3x")
 
 
+class StageRead(BaseModel):
+    """What one stage of a finished job cost (:mod:`bitplan.search.stage_stats`)."""
+
+    stage: str = Field(description="the stage's name, as 'stage' showed it while it ran")
+    seconds: float = Field(ge=0, description="wall-clock seconds spent in the stage")
+    peak_rss_bytes: int | None = Field(
+        ge=0,
+        description="the worker process's peak resident memory during the stage, sampled every "
+        "50 ms; null where the platform does not say",
+    )
+    forward_equivalents: float | None = Field(
+        ge=0,
+        description="samples the model forwarded during the stage, in passes over the "
+        "calibration split (held-out passes count in the same unit; backward passes do not); "
+        "null when not counted",
+    )
+
+
 class JobRead(BaseModel):
     """A job: its state, how far it got, what was asked, and where its results are.
 
@@ -359,6 +378,11 @@ class JobRead(BaseModel):
     plans: list[str] = Field(
         description="ids of the job's plans (frontier points and uniform baselines; "
         "'best' is an alias of one of them), once the job succeeded"
+    )
+    stages: list[StageRead] = Field(
+        default_factory=list,
+        description="what each stage cost, in the order they ran, once the job succeeded "
+        "(empty before, and for jobs finished before the service recorded it)",
     )
     created_at: datetime = Field(description="when the job was submitted (UTC)")
     started_at: datetime | None = Field(description="when a worker first claimed it (UTC)")

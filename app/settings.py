@@ -44,6 +44,17 @@ class Settings(BaseSettings):
     optuna_storage: str | None = Field(
         default_factory=lambda data: f"sqlite:///{data['data_dir'] / 'optuna.db'}"
     )
+    # Optuna's trial heartbeat on that storage: a trial silent for the grace period (its worker
+    # died) is failed and its place in the study sampled again (bitplan.search.measured).
+    optuna_heartbeat_s: float = Field(default=10.0, gt=0)
+    optuna_grace_s: float = Field(default=60.0, gt=0)
+    search_peers: int = Field(
+        default=0,
+        ge=0,
+        description="how many idle workers may join one running job's measured search, each "
+        "running trials of the job's Optuna study (app/search_peers.py); 0 turns joining off. "
+        "Needs an optuna_storage that every worker reaches (PostgreSQL)",
+    )
     trusted_models: bool = False
     # "module:function" the worker calls for each job; tests point it at a small double.
     worker_runner: str = "bitplan.search.pipeline:run_job"
@@ -119,6 +130,15 @@ class Settings(BaseSettings):
     def _empty_storage_is_none(cls, value: object) -> object:
         # An empty BITPLAN_OPTUNA_STORAGE means "no RDB storage" (an in-memory study per job).
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _optuna_heartbeat_within_grace(self) -> Settings:
+        if self.optuna_heartbeat_s >= self.optuna_grace_s:
+            raise ValueError(
+                f"optuna_heartbeat_s ({self.optuna_heartbeat_s}) must be shorter than "
+                f"optuna_grace_s ({self.optuna_grace_s}), or live trials are failed"
+            )
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:

@@ -3,7 +3,8 @@
 A queued row is a planning job or a model export (:class:`~bitplan.app.states.JobKind`, see
 app/model_exports.py); the same worker claims both in arrival order and runs each the same way,
 with a runner per kind (the pipeline, :func:`bitplan.app.export_run.run_export`). One worker
-runs one job at a time. The job runs in its own thread while the main thread
+runs one job at a time; with no job queued it may join a running job's search stage
+(:mod:`bitplan.app.search_peers`). The job runs in its own thread while the main thread
 renews the lease by heartbeat, watches the job's cancel flag and waits for SIGTERM. The
 pipeline's ``should_cancel()`` turns True when the job was cancelled (it ends ``cancelled``),
 when the lease was lost (another worker owns the job now: this one writes nothing more, not
@@ -67,6 +68,13 @@ from bitplan.app.queue import (
 )
 from bitplan.app.redact import path_names, redact
 from bitplan.app.report import render_report
+from bitplan.app.search_peers import (
+    SearchOpening,
+    join_running_search,
+    staging_dir,
+    study_name_for,
+    study_storage,
+)
 from bitplan.app.settings import Settings, get_settings
 from bitplan.app.states import JobKind, JobState
 from bitplan.app.worker_presence import WorkerPresence
@@ -112,13 +120,6 @@ class StopReason(StrEnum):
     CANCEL = "cancel"  # the user cancelled: the job ends cancelled
     LEASE_LOST = "lease lost"  # another worker or the reaper has the job: write nothing more
     SHUTDOWN = "shutdown"  # SIGTERM: the job goes back to the queue
-
-
-def study_name_for(job_id: str, *, attempt: int) -> str:
-    """The Optuna study of one attempt of a job. A retried job (its worker died) starts a fresh
-    study: the dead attempt's study still holds trials in state RUNNING that nobody will finish,
-    and a sampler sharing that study would count them and seed from them."""
-    return f"bitplan-{job_id}-attempt{attempt}"
 
 
 def load_runner(dotted: str) -> Runner:
@@ -187,7 +188,11 @@ class _JobRun:
         # the result fields of a success (besides artifact_dir), or of a failure (its kind)
         self.result: dict[str, Any] | None = None
         self.final_dir = settings.artifact_dir / job.id
-        self.staging = settings.artifact_dir / f".{job.id}.{job.lease_version}.partial"
+        self.staging = staging_dir(settings.artifact_dir, job.id, job.lease_version)
+        # places for idle workers in this job's search (app/search_peers.py)
+        self.opening = SearchOpening(
+            engine, settings, job_id=job.id, lease_version=job.lease_version, kind=job.kind
+        )
         self.is_export = job.kind == JobKind.EXPORT
         weights = EXPORT_STAGE_WEIGHTS if self.is_export else STAGE_WEIGHTS
         self.tracker = ProgressTracker(interval_s=PROGRESS_INTERVAL_S, clock=clock, weights=weights)
@@ -205,6 +210,7 @@ class _JobRun:
     def progress(self, stage: str, done: int, total: int) -> None:
         if self.reason == StopReason.LEASE_LOST:
             return  # the job is someone else's now
+        self.opening.on_stage(stage)
         snapshot = self.tracker.update(stage, done, total)
         if snapshot is None:
             return
@@ -247,21 +253,23 @@ class _JobRun:
             self._fail(f"internal error: {type(error).__name__}: {error}")
 
     def _search(self) -> dict[str, Any]:
-        """Run the pipeline into the staging folder; the result lists the plans."""
+        """Run the pipeline into the staging folder; the result lists the plans and what each
+        stage cost (:mod:`bitplan.search.stage_stats`)."""
         try:
             spec = JobSpec(**self.job.spec)
         except (InputError, TypeError) as error:  # TypeError: unknown or missing fields
             raise _InvalidSpec(str(error)) from None
         self._names.update(_shown_names(spec))
-        self.runner(
-            spec,
-            out_dir=self.staging,
-            cache_dir=self.settings.cache_dir,
-            progress=self.progress,
-            should_cancel=self.should_cancel,
-            optuna_storage=self.settings.optuna_storage,
-            study_name=study_name_for(self.job.id, attempt=self.job.attempts),
-        )
+        with study_storage(self.settings) as storage:
+            returned = self.runner(
+                spec,
+                out_dir=self.staging,
+                cache_dir=self.settings.cache_dir,
+                progress=self.progress,
+                should_cancel=self.should_cancel,
+                optuna_storage=storage,
+                study_name=study_name_for(self.job.id, attempt=self.job.attempts),
+            )
         self._render_report()
         # best.json is a copy of one of the plans (a handle), not a plan of its own.
         plan_ids = sorted(
@@ -269,7 +277,11 @@ class _JobRun:
             for path in (self.staging / "plans").glob("*.json")
             if path.stem != BEST_PLAN_ID
         )
-        return {"plan_ids": plan_ids}
+        result: dict[str, Any] = {"plan_ids": plan_ids}
+        stages = getattr(returned, "stages", None)  # a JobResult's; a custom runner may have none
+        if stages is not None:
+            result["stages"] = stages
+        return result
 
     def _export(self) -> dict[str, Any]:
         """Write the export's target into the staging folder and pack it into one file."""
@@ -354,6 +366,7 @@ class _JobRun:
         thread = threading.Thread(target=self._target, name=f"job-{self.job.id}", daemon=True)
         thread.start()
         self._supervise(thread)
+        self.opening.close()
         self._settle()
         shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -417,13 +430,23 @@ class _JobRun:
         )
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM and SIGINT set ``stop``; returns what puts the previous handlers back (a worker
+    run inside another program, or a test, must not leave its handlers behind)."""
+
     def _handle(signum: int, _frame: Any) -> None:
         logger.info("received %s: finishing or releasing the current job", signal.strsignal(signum))
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _handle)
+    previous = {
+        signum: signal.signal(signum, _handle) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 def run_worker(
@@ -446,10 +469,11 @@ def run_worker(
         JobKind.SEARCH: runner or load_runner(settings.worker_runner),
         JobKind.EXPORT: export_runner or load_runner(settings.export_runner),
     }
+    restore_signals: Callable[[], None] | None = None
     if stop_event is None:
         stop_event = threading.Event()
         if threading.current_thread() is threading.main_thread():
-            _install_signal_handlers(stop_event)
+            restore_signals = _install_signal_handlers(stop_event)
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     engine = engine_for(settings)
     ran = 0
@@ -484,7 +508,10 @@ def run_worker(
             if job is None:
                 if once:
                     break
-                stop_event.wait(settings.poll_seconds)
+                if not join_running_search(  # no queued job: join a running search
+                    engine, settings, worker_id=worker_id, shutdown=stop_event, clock=clock
+                ):
+                    stop_event.wait(settings.poll_seconds)
                 continue
             _JobRun(
                 engine=engine,
@@ -499,6 +526,8 @@ def run_worker(
     finally:
         presence.stop()
         engine.dispose()
+        if restore_signals is not None:
+            restore_signals()
         logger.info("worker %s stopped after %d job(s)", worker_id, ran)
     return ran
 

@@ -19,9 +19,13 @@ a budget of exactly ``U``'s size and records, all on the held-out split:
 
 Models: ``builtin:digits-cnn``, ``builtin:tiny-lm`` and ``tiny-llama`` (a 37-layer
 LlamaForCausalLM built from a config and trained briefly, shared with
-``benchmarks/sensitivity.py``). Run: ``python benchmarks/frontier.py`` (writes the "Frontier
-quality" section of ``benchmarks/RESULTS.md`` and ``docs/frontier.svg``); ``--quick`` runs
-tiny-llama only, barely trained, on a few samples and formats: a seconds-long smoke run.
+``benchmarks/sensitivity.py``). Each model also runs the rounding comparison of
+:mod:`benchmarks.frontier_rounding` (RTN-only frontier vs frontier with rounding choices vs
+uniform, at the sizes of int4-g128 and int3-g64). Run: ``python -m benchmarks.frontier``
+(writes the "Frontier quality" and "Frontier with rounding choices" sections of
+``benchmarks/RESULTS.md`` and ``docs/frontier.svg``); ``--rounding-only`` runs only the
+rounding comparison; ``--quick`` runs both on tiny-llama only, barely trained, on a few
+samples and formats: a smoke run.
 """
 
 from __future__ import annotations
@@ -43,11 +47,22 @@ from dataclasses import dataclass, field  # noqa: E402
 from unittest import mock  # noqa: E402
 
 from benchmarks._common import RESULTS_PATH, machine_info, update_results_section  # noqa: E402
+from benchmarks._frontier_points import best_within, pareto_holdout  # noqa: E402
+from benchmarks._frontier_points import fmt as _fmt  # noqa: E402
+from benchmarks._frontier_points import median as _median  # noqa: E402
+from benchmarks._frontier_points import ratio as _ratio  # noqa: E402
 from benchmarks.baselines import (  # noqa: E402
     greedy_promotion,
     hawq_table,
     hessian_traces,
     ilp_allocation,
+)
+from benchmarks.frontier_rounding import SECTION as ROUNDING_SECTION  # noqa: E402
+from benchmarks.frontier_rounding import UNIFORM as ROUNDING_UNIFORM  # noqa: E402
+from benchmarks.frontier_rounding import (  # noqa: E402
+    RoundingResult,
+    bench_rounding,
+    render_rounding,
 )
 from benchmarks.sensitivity import Case, tiny_llama_case  # noqa: E402
 from bitplan.search import pipeline  # noqa: E402
@@ -139,17 +154,7 @@ class ModelResult:
     uniform: list[FrontierPoint] = field(default_factory=list)
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else (1.0 if a == 0 else math.inf)
-
-
 _DEFAULT_METHOD = JobSpec.model_fields["method"].default
-
-
-def best_within(points: Sequence[FrontierPoint], total_bytes: int) -> FrontierPoint | None:
-    """The point with the lowest held-out error among those no larger than ``total_bytes``."""
-    fitting = [p for p in points if p.total_bytes <= total_bytes]
-    return min(fitting, key=lambda p: p.holdout["error"], default=None)
 
 
 @contextmanager
@@ -274,10 +279,6 @@ def bench_model(
     return result
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.3g}"
-
-
 def _overhead(search: SearchResult) -> float:
     return (search.wall_s - search.eval_s) / search.wall_s
 
@@ -368,23 +369,6 @@ def summary(results: Sequence[ModelResult]) -> list[str]:
     ]
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(v for v in values if not math.isnan(v))
-    if not ordered:
-        return math.nan
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def pareto_holdout(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
-    """Points no other point beats on both size and held-out error, smallest first."""
-    front: list[FrontierPoint] = []
-    for p in sorted(points, key=lambda p: (p.total_bytes, p.holdout["error"])):
-        if not front or p.holdout["error"] < front[-1].holdout["error"]:
-            front.append(p)
-    return front
-
-
 # Plot geometry in SVG user units: one 320 x 260 panel per model, margins for the axis labels.
 _PANEL_W, _PANEL_H, _LEFT, _RIGHT, _TOP, _BOTTOM = 320, 260, 52, 12, 28, 40
 
@@ -463,12 +447,26 @@ def frontier_svg(results: Sequence[ModelResult]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
+@dataclass
+class BenchRun:
+    """What one invocation measured: the frontier comparisons and the rounding comparison
+    (either list is empty when its part did not run)."""
+
+    frontier: list[ModelResult]
+    rounding: list[RoundingResult]
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny-llama only, barely trained, few samples: a smoke run",
+        help="tiny-llama only, barely trained, few samples: a smoke run of both parts",
+    )
+    parser.add_argument(
+        "--rounding-only",
+        action="store_true",
+        help=f"run only the rounding comparison (the {ROUNDING_SECTION!r} section)",
     )
     parser.add_argument(
         "--trials",
@@ -489,11 +487,15 @@ def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
         default=None,
         help="SVG to write (default docs/frontier.svg; --quick: none unless given)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> BenchRun:
+    args = _parser().parse_args(argv)
     trials = args.trials or (QUICK_TRIALS if args.quick else TRIALS)
     formats = QUICK_FORMATS if args.quick else FORMATS
     uniform = ("int4-g128",) if args.quick else UNIFORM
-    results = []
+    run = BenchRun([], [])
     with tempfile.TemporaryDirectory(prefix="bench-frontier-") as tmp:
         work = Path(tmp)
         llama = tiny_llama_case(
@@ -511,29 +513,44 @@ def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
             ]
         )
         for case in cases:
-            logger.info("benchmarking %s", case.name)
-            results.append(
-                bench_model(
+            if not args.rounding_only:
+                logger.info("benchmarking %s", case.name)
+                run.frontier.append(
+                    bench_model(
+                        case,
+                        formats=formats,
+                        uniform=uniform,
+                        trials=trials,
+                        probes=QUICK_PROBES if args.quick else PROBES,
+                        work_dir=work,
+                        cache_dir=resolve_cache_dir(),
+                    )
+                )
+            logger.info("rounding comparison on %s", case.name)
+            run.rounding.append(
+                bench_rounding(
                     case,
                     formats=formats,
-                    uniform=uniform,
+                    uniform=uniform if args.quick else ROUNDING_UNIFORM,
                     trials=trials,
-                    probes=QUICK_PROBES if args.quick else PROBES,
                     work_dir=work,
-                    cache_dir=resolve_cache_dir(),
+                    warm_up=not args.quick,
                 )
             )
-    markdown = render(results, trials=trials, formats=formats)
-    print(markdown)
     results_path = args.results or (None if args.quick else RESULTS_PATH)
+    sections = [(ROUNDING_SECTION, render_rounding(run.rounding, trials=trials, formats=formats))]
+    if run.frontier:
+        sections.insert(0, (SECTION, render(run.frontier, trials=trials, formats=formats)))
+    for title, markdown in sections:
+        print(f"## {title}\n\n{markdown}\n")
+        if results_path is not None:
+            print(f"results written to {update_results_section(title, markdown, results_path)}")
     plot = args.plot or (None if args.quick else REPO_ROOT / "docs" / "frontier.svg")
-    if results_path is not None:
-        print(f"results written to {update_results_section(SECTION, markdown, results_path)}")
-    if plot is not None:
+    if run.frontier and plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
-        plot.write_text(frontier_svg(results), encoding="utf-8")
+        plot.write_text(frontier_svg(run.frontier), encoding="utf-8")
         print(f"plot written to {plot}")
-    return results
+    return run
 
 
 if __name__ == "__main__":

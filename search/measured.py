@@ -41,13 +41,28 @@ How the search is set up, and why:
   with every finished trial kept and ``interrupted=True``.
 
 Shared studies: with ``storage`` (an RDB URL such as ``sqlite:///optuna.db`` or
-``postgresql://…``) and ``study_name``, several workers (or successive calls) continue one study.
-Optuna's RDB storage keeps its own Alembic version table, also named ``alembic_version``: the
-service must give Optuna its own database (or PostgreSQL schema, or URL) rather than the app's,
-or the two migration histories collide. Workers that share a study should pass different seeds
-(or they sample the same choices) and the same ``trials`` (it sets NSGA-II's population size).
-The storage runs Optuna's heartbeat: a trial whose process died stops beating and is marked
-failed after :data:`OPTUNA_GRACE_S` by the next trial started in the study.
+``postgresql://…``, or a storage made by :func:`rdb_storage`) and ``study_name``, several
+workers (or successive calls) continue one study: Optuna's own distributed mode, each process
+asking and telling trials of one RDB study. Optuna's RDB storage keeps its own Alembic version
+table, also named ``alembic_version``: the service must give Optuna its own database (or
+PostgreSQL schema, or URL) rather than the app's, or the two migration histories collide.
+Workers that share a study should pass different seeds (or they sample the same choices) and
+the same ``trials`` (it sets NSGA-II's population size). On a shared storage:
+
+* ``trials`` is the **study's total** of complete trials, all workers together: each worker
+  stops when the study holds that many. A trial is *admitted* only while fewer than ``trials``
+  live trials (complete, running or waiting) have a smaller trial number; otherwise it waits
+  for those to end (a failed or pruned trial frees a place) and is pruned, unevaluated, once
+  the study is complete. Trial numbers grow with creation, and a trial that completes was live
+  from its creation on, so every complete trial saw all complete trials numbered below it as
+  live: at most ``trials`` trials ever complete, whatever the timing (no overshoot).
+* Every complete trial records the process that measured it (user attr ``"worker"``), and the
+  cache of measured choices is refreshed from the study's complete trials, so a choice another
+  worker measured is not measured again.
+* The storage runs Optuna's heartbeat: a trial whose process died stops beating and is marked
+  failed after :data:`OPTUNA_GRACE_S` by the next trial started in the study (and by workers
+  waiting for a place), so its place is sampled again and never counted.
+* The Pareto set is built from every complete trial of the study, whoever measured it.
 
 References: Deb et al., "A fast and elitist multiobjective genetic algorithm: NSGA-II" (2002);
 Ozaki et al., "Multiobjective tree-structured Parzen estimator" (2022); HAQ (Wang et al., 2019)
@@ -59,6 +74,8 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -72,13 +89,21 @@ from bitplan.search.guided import GuideCallback, GuidedTrials, first_seed_count,
 from bitplan.search.local_moves import Neighbourhood
 from bitplan.search.pareto import pareto_front
 from bitplan.search.points import Choice, Point, choice_names
+from bitplan.search.problem import Problem
 from bitplan.search.proxy_fit import ProxyGap, ProxyTable, proxy_gap
 from bitplan.search.spec import SAMPLERS
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat
 from bitplan.sensitivity.progress import CancelFn, Cancelled, ProgressFn, report
 
-__all__ = ["SAMPLERS", "SearchResult", "measured_search", "pareto_front"]
+__all__ = [
+    "SAMPLERS",
+    "SearchResult",
+    "measured_search",
+    "pareto_front",
+    "rdb_storage",
+    "search_space",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +118,10 @@ _MIN_POPULATION, _MAX_POPULATION, _GENERATIONS = 8, 50, 4
 # several beats, so a busy database or a long garbage collection does not fail a live trial.
 OPTUNA_HEARTBEAT_S = 10
 OPTUNA_GRACE_S = 60
+# How often a worker of a shared study waiting for a place looks at the study again (seconds):
+# one small query, far below a trial's cost.
+_ADMISSION_POLL_S = 0.2
+_LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 
 
 # Per group: its allowed formats; and per group and format: the group's planned bytes.
@@ -118,6 +147,15 @@ class SearchResult:
     proxy_gap: ProxyGap | None = None
 
 
+def search_space(problem: Problem) -> tuple[Options, GroupBytes]:
+    """``options`` and ``group_bytes`` of :func:`measured_search` for ``problem``'s groups."""
+    options = {g.key: g.formats for g in problem.groups}
+    group_bytes = {
+        g.key: dict(zip(g.formats, map(int, g.bytes), strict=True)) for g in problem.groups
+    }
+    return options, group_bytes
+
+
 def measured_search(
     *,
     options: Options,
@@ -130,7 +168,7 @@ def measured_search(
     timeout: float | None = None,
     seed: int = 0,
     sampler: str = "nsga2",
-    storage: str | None = None,
+    storage: str | optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
@@ -141,10 +179,11 @@ def measured_search(
     ``group_bytes[group][format]`` is that group's planned bytes (a tie group counted once).
     ``evaluate(choice)`` applies the choice in place, measures the error on the calibration
     split and restores the model; it is called only for choices within the cap, at most once per
-    distinct choice. ``trials`` counts trials run by this call, seeds included; ``timeout`` is in
-    seconds. ``proxy[group][format]`` is the additive proxy's error (the sensitivity table's);
-    with it the search is guided near the cap. See the module docstring for the repair rule,
-    seeding, guidance and shared studies.
+    distinct choice. ``trials`` counts trials run by this call, seeds included (on a shared
+    ``storage``: the study's complete trials, all workers together); ``timeout`` is in seconds.
+    ``proxy[group][format]`` is the additive proxy's error (the sensitivity table's); with it
+    the search is guided near the cap. See the module docstring for the repair rule, seeding,
+    guidance and shared studies.
     """
     started = time.perf_counter()
     _check_arguments(options, group_bytes, cap_bytes, trials, timeout, sampler, storage, study_name)
@@ -152,6 +191,7 @@ def measured_search(
     objective = _Objective(
         options=options, group_bytes=group_bytes, cap_bytes=cap_bytes, evaluate=evaluate
     )
+    shared = storage is not None
     seed_params = _seed_params(seeds, options, objective.free)
     first = len(seed_params) if proxy is None else first_seed_count(len(seed_params), trials)
 
@@ -159,15 +199,25 @@ def measured_search(
         study = optuna.create_study(
             directions=["minimize", "minimize"],
             sampler=_make_sampler(sampler, seed=seed, trials=trials),
-            storage=None if storage is None else _rdb_storage(storage),
+            storage=rdb_storage(storage) if isinstance(storage, str) else storage,
             study_name=study_name,
-            load_if_exists=storage is not None,
+            load_if_exists=shared,
         )
+        if shared:
+            _fail_stale(study)  # a dead worker's trial is no place taken
+            objective.admission = _Admission(
+                trials=trials,
+                should_cancel=should_cancel,
+                deadline=None if timeout is None else started + timeout,
+                objective=objective,
+            )
         for params in seed_params[:first]:
             study.enqueue_trial(params, user_attrs={"source": "seed"}, skip_if_exists=True)
         known = objective.points(study)
         objective.remember(known)
-        tracker = _Tracker(trials=trials, progress=progress, should_cancel=should_cancel)
+        tracker = _Tracker(
+            trials=trials, progress=progress, should_cancel=should_cancel, shared=shared
+        )
         callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [tracker]
         if proxy is not None:
             guided = GuidedTrials(
@@ -177,18 +227,20 @@ def measured_search(
                 cap_bytes=cap_bytes,
                 known=known,
             )
-            callbacks.append(
-                GuideCallback(
-                    guided,
-                    point_of=objective.point_of,
-                    free=objective.free,
-                    first=first,
-                    trials=trials,
-                )
+            guide = GuideCallback(
+                guided, point_of=objective.point_of, free=objective.free, first=first, trials=trials
             )
+            # The tracker runs first: once a shared study is complete, nothing more is enqueued
+            # (a guided trial nobody runs would stay WAITING in the study).
+            callbacks.append(lambda s, t: None if tracker.study_complete else guide(s, t))
         if trials > 0 and not (should_cancel is not None and should_cancel()):
             try:
-                study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=callbacks)
+                study.optimize(
+                    objective,
+                    n_trials=None if shared else trials,  # shared: until the study is complete
+                    timeout=timeout,
+                    callbacks=callbacks,
+                )
             except KeyboardInterrupt:  # Ctrl-C outside evaluate, inside Optuna's own loop
                 logger.warning("search interrupted after %d of %d trials", tracker.done, trials)
         found = objective.points(study)
@@ -197,7 +249,7 @@ def measured_search(
     result = SearchResult(
         trials=found,
         pareto=pareto_front(found, cap_bytes=cap_bytes),
-        interrupted=tracker.done < trials,
+        interrupted=(len(found) if shared else tracker.done) < trials,
         wall_s=time.perf_counter() - started,
         eval_s=objective.eval_s,
         proxy_gap=gap,
@@ -231,12 +283,19 @@ class _Objective:
         self.by_name = {g: {f.name: f for f in options[g]} for g in self.groups}
         self.cache: dict[tuple[QuantFormat, ...], float] = {}
         self.eval_s = 0.0
+        self.admission: _Admission | None = None  # set on a shared study
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def remember(self, known: Sequence[Point]) -> None:
         """Seed the cache with choices already measured (a continued or shared study)."""
         self.cache.update((_key(p.choice, self.groups), p.error) for p in known)
 
     def __call__(self, trial: Trial) -> tuple[float, float]:
+        if self.admission is not None:
+            if not self.admission.admit(trial):
+                trial.study.stop()
+                raise optuna.TrialPruned("the shared study is complete")
+            trial.set_user_attr("worker", self.worker)
         choice = dict(self.fixed)
         for group in self.free:
             name = trial.suggest_categorical(group, self.names[group])
@@ -295,19 +354,68 @@ class _Objective:
         return error
 
 
-class _Tracker:
-    """Optuna callback: counts complete trials, reports progress, stops when cancelled."""
+class _Admission:
+    """Whether a trial of a shared study may run: fewer than ``trials`` live trials before it
+    (see the module docstring); waits for a place while earlier trials are running."""
 
     def __init__(
-        self, *, trials: int, progress: ProgressFn | None, should_cancel: CancelFn | None
+        self,
+        *,
+        trials: int,
+        should_cancel: CancelFn | None,
+        deadline: float | None,
+        objective: _Objective,
+    ) -> None:
+        self.trials, self.should_cancel, self.deadline = trials, should_cancel, deadline
+        self.objective = objective
+
+    def admit(self, trial: Trial) -> bool:
+        """True when ``trial`` has a place; False when the study is complete, the search was
+        cancelled or its time is up (the caller then prunes it and stops)."""
+        waited = False
+        while True:
+            live = trial.study.get_trials(deepcopy=False, states=_LIVE)
+            complete = [t for t in live if t.state == TrialState.COMPLETE]
+            self.objective.remember([self.objective.point_of(t) for t in complete])
+            if sum(t.number < trial.number for t in live) < self.trials:
+                return True
+            stopped = self.should_cancel is not None and self.should_cancel()
+            late = self.deadline is not None and time.perf_counter() >= self.deadline
+            if len(complete) >= self.trials or stopped or late:
+                return False
+            if not waited:
+                logger.debug("trial %d waits for a place in the shared study", trial.number)
+                waited = True
+            time.sleep(_ADMISSION_POLL_S)
+            _fail_stale(trial.study)
+
+
+class _Tracker:
+    """Optuna callback: counts complete trials, reports progress, stops when cancelled (and, on
+    a shared study, when the study holds ``trials`` complete trials)."""
+
+    def __init__(
+        self,
+        *,
+        trials: int,
+        progress: ProgressFn | None,
+        should_cancel: CancelFn | None,
+        shared: bool = False,
     ) -> None:
         self.trials, self.progress, self.should_cancel = trials, progress, should_cancel
-        self.done = 0
+        self.shared = shared
+        self.done = 0  # complete trials of this call
+        self.study_complete = False  # a shared study holds `trials` complete trials
 
     def __call__(self, study: optuna.Study, finished: FrozenTrial) -> None:
+        total = self.done = self.done + (finished.state == TrialState.COMPLETE)
+        if self.shared:
+            total = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            if total >= self.trials:
+                self.study_complete = True
+                study.stop()
         if finished.state == TrialState.COMPLETE:
-            self.done += 1
-            report(self.progress, "search", self.done, self.trials)
+            report(self.progress, "search", min(total, self.trials), self.trials)
         if self.should_cancel is not None and self.should_cancel():
             study.stop()
 
@@ -319,7 +427,7 @@ def _check_arguments(
     trials: int,
     timeout: float | None,
     sampler: str,
-    storage: str | None,
+    storage: str | optuna.storages.BaseStorage | None,
     study_name: str | None,
 ) -> None:
     if sampler not in SAMPLERS:
@@ -422,14 +530,30 @@ def _repair(
     return out
 
 
-def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage on ``url`` with heartbeats, so stale trials are failed."""
+def rdb_storage(
+    url: str, *, heartbeat_s: float | None = None, grace_s: float | None = None
+) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on ``url`` with heartbeats, so stale trials are failed: a beat every
+    ``heartbeat_s`` (default :data:`OPTUNA_HEARTBEAT_S`), failed after ``grace_s`` of silence
+    (default :data:`OPTUNA_GRACE_S`)."""
+    heartbeat = OPTUNA_HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+    grace = OPTUNA_GRACE_S if grace_s is None else grace_s
+    if heartbeat <= 0 or grace <= 0:
+        raise InputError(f"heartbeat ({heartbeat} s) and grace ({grace} s) must be positive")
     with warnings.catch_warnings():
         # Heartbeats have been "experimental" since Optuna 2.9; the service relies on them.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna counts whole seconds.
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=OPTUNA_HEARTBEAT_S, grace_period=OPTUNA_GRACE_S
+            url, heartbeat_interval=max(1, round(heartbeat)), grace_period=max(1, round(grace))
         )
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail the study's running trials whose heartbeat stopped (their process died)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 @contextmanager

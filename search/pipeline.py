@@ -15,9 +15,12 @@ import logging
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import optuna
 import pandas as pd
 import torch
 from torch import nn
@@ -25,7 +28,7 @@ from torch import nn
 from bitplan.search.applier import PlanApplier
 from bitplan.search.budgets import Budget, parse_budget
 from bitplan.search.frontier import Frontier, budget_headroom, exact_frontier, planned_cap
-from bitplan.search.measured import measured_search
+from bitplan.search.measured import measured_search, search_space
 from bitplan.search.outputs import best_measured, publish
 from bitplan.search.plans import FrontierFile, FrontierPoint
 from bitplan.search.points import Choice, Point
@@ -33,12 +36,15 @@ from bitplan.search.problem import Problem, as_layer_rows, build_problem
 from bitplan.search.proxy_fit import ProxyGap, proxy_table
 from bitplan.search.seeding import dense_seeds
 from bitplan.search.spec import JobSpec
+from bitplan.search.stage_stats import StageRecorder, watch_forwards
 from bitplan.sensitivity.analyzer import analyze, rounder_for, write_table
+from bitplan.sensitivity.blockwise import check_blockwise_method
 from bitplan.sensitivity.data import CalibData, load_calibration, split_calibration
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat, candidate_formats
 from bitplan.sensitivity.fusion import fuse_layers
 from bitplan.sensitivity.layers import QuantLayer, parameter_bytes
+from bitplan.sensitivity.lazy_hf import load_skeleton
 from bitplan.sensitivity.metrics import collect_reference, measure
 from bitplan.sensitivity.models import LoadedModel, load_model
 from bitplan.sensitivity.progress import (
@@ -64,6 +70,9 @@ class JobResult:
     ``best_plan_id`` is the plan also copied to ``plans/best.json``. ``budget_note`` says so
     when the budget does not constrain the plans (everything fits), else it is None.
     ``proxy_gap`` says how far the sensitivity proxy was from the search's measurements.
+    ``stages`` is what each stage cost, in the order they ran
+    (:meth:`~bitplan.search.stage_stats.StageRecorder.stages`: seconds, peak RSS,
+    forward-equivalents of the calibration split).
     """
 
     out_dir: Path
@@ -73,6 +82,7 @@ class JobResult:
     interrupted: bool
     budget_note: str | None
     proxy_gap: ProxyGap | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def plan_ids(self) -> list[str]:
@@ -89,18 +99,23 @@ class JobResult:
 
 
 def load_inputs(
-    spec: JobSpec, *, cache_dir: Path | None = None, progress: ProgressFn | None = None
+    spec: JobSpec,
+    *,
+    cache_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    blockwise: bool = False,
 ) -> tuple[LoadedModel, CalibData, CalibData]:
-    """The model and the seeded (calibration, held-out) split of its data."""
+    """The model and the seeded (calibration, held-out) split of its data; with ``blockwise``
+    the model is a skeleton whose weights stay on disk (:func:`load_skeleton`)."""
     report(progress, "load", 0, 2)
-    model = load_model(
+    loader = load_skeleton if blockwise else partial(load_model, progress=progress)
+    model = loader(
         spec.model,
         task=spec.task,
         device=spec.device,
         exclude=spec.exclude,
         pins=spec.pin_names(),
         cache_dir=cache_dir,
-        progress=progress,
     )
     report(progress, "load", 1, 2)
     data = load_calibration(
@@ -153,9 +168,16 @@ def analyze_spec(
     cache_dir: Path | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    blockwise: bool = False,
 ) -> pd.DataFrame:
-    """``bitplan analyze``: the sensitivity table of ``spec``'s model on its calibration split."""
-    model, calib, _ = load_inputs(spec, cache_dir=cache_dir, progress=progress)
+    """``bitplan analyze``: the sensitivity table of ``spec``'s model on its calibration split.
+
+    ``blockwise`` reads the model one transformer block at a time, for a model that does not
+    fit in memory (:mod:`bitplan.sensitivity.blockwise`; method ``layer`` only)."""
+    if blockwise:
+        check_blockwise_method(spec.method)  # before anything is loaded
+    model, calib, _ = load_inputs(spec, cache_dir=cache_dir, progress=progress, blockwise=blockwise)
+    watch_forwards(progress, model.module, samples_per_pass=len(calib))
     return _table(
         spec,
         model,
@@ -320,7 +342,7 @@ def run_job(
     cache_dir: Path | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
-    optuna_storage: str | None = None,
+    optuna_storage: str | optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
     metric: UserMetric | None = None,
 ) -> JobResult:
@@ -330,11 +352,38 @@ def run_job(
     them, before anything is measured) and :class:`~bitplan.sensitivity.progress.Cancelled` when
     ``should_cancel`` says stop. A Ctrl-C or timeout during the search keeps every finished
     trial: the frontier found so far is validated and written. ``metric`` replaces the built-in
-    metrics by the caller's own score (:class:`UserMetric`).
+    metrics by the caller's own score (:class:`UserMetric`). The result's ``stages`` say what
+    each stage cost (:mod:`bitplan.search.stage_stats`).
     """
+    with StageRecorder(progress) as recorder:
+        result = _run_job(
+            spec,
+            out_dir=out_dir,
+            cache_dir=cache_dir,
+            progress=recorder,
+            should_cancel=should_cancel,
+            optuna_storage=optuna_storage,
+            study_name=study_name,
+            metric=metric,
+        )
+    return replace(result, stages=recorder.stages())
+
+
+def _run_job(
+    spec: JobSpec,
+    *,
+    out_dir: Path,
+    cache_dir: Path | None,
+    progress: ProgressFn,
+    should_cancel: CancelFn | None,
+    optuna_storage: str | optuna.storages.BaseStorage | None,
+    study_name: str | None,
+    metric: UserMetric | None,
+) -> JobResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = parse_budget(spec.budget)
     model, calib, holdout = load_inputs(spec, cache_dir=cache_dir, progress=progress)
+    watch_forwards(progress, model.module, samples_per_pass=len(calib))
     # Share groups join after loading: the sensitivity table (and its cache) stays per layer,
     # while the problem, the search, the uniform baselines and every plan decide per group.
     layers = fuse_layers(model.layers, spec.fuse)
@@ -380,14 +429,14 @@ def run_job(
                 model, applier, holdout, batch_size=spec.batch_size, metric=metric, holdout=True
             )
         report(progress, "reference", 2, 2)
+        report(progress, "search", 0, spec.trials)  # the first trial is the search's, not here
+        options, group_bytes = search_space(problem)
         result = measured_search(
-            options={g.key: g.formats for g in problem.groups},
-            group_bytes={
-                g.key: dict(zip(g.formats, map(int, g.bytes), strict=True)) for g in problem.groups
-            },
+            options=options,
+            group_bytes=group_bytes,
             cap_bytes=cap,
             evaluate=on_calib,
-            seeds=_seeds(problem, frontier, cap, spec.formats),
+            seeds=_seeds(problem, frontier, cap, spec.options),  # uniform gptq too
             proxy=proxy_table(problem),
             trials=spec.trials,
             timeout=spec.timeout,
@@ -399,6 +448,7 @@ def run_job(
             should_cancel=should_cancel,
         )
         check_cancel(should_cancel)
+        report(progress, "validate", 0, len(result.pareto))
         points = _validate(problem, result.pareto, on_calib, on_holdout, progress, should_cancel)
         uniform = _uniform_points(problem, spec.formats, on_calib, on_holdout, should_cancel)
 

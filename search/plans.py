@@ -512,11 +512,12 @@ def _uniform_id(plan: Plan, source: str) -> str:
     # Named after the format asked for (``uniform:<format>``): layers it does not fit (a
     # llama.cpp block format, see format_spec.applicable_format) hold a fallback, and two asked
     # formats may share one. Else after the commonest format (the unpinned layers share one).
+    # A rounding joins with "-" (u-int4-g128-gptq): plan ids are file names and URL segments.
     asked = source.removeprefix("uniform:")
     if asked != source:
-        return f"u-{asked}"
+        return f"u-{asked.replace('+', '-')}"
     names = [lay.format.name for lay in plan.layers]
-    return f"u-{max(names, key=names.count)}"
+    return f"u-{max(names, key=names.count).replace('+', '-')}"
 
 
 def write_frontier(

@@ -13,7 +13,9 @@ part of the CLI and REST contract):
 - ``e2e``: the model-level metric with one layer quantized, one evaluation per (layer, format).
 
 Every method runs on ``model.device`` in the model's dtype and touches one layer's weights at a
-time. A user-supplied table is read with :func:`read_table` instead.
+time. A model loaded as a skeleton (:func:`~bitplan.sensitivity.lazy_hf.load_skeleton`, for one
+that does not fit) is analysed block by block (:mod:`bitplan.sensitivity.blockwise`), by
+``layer`` only. A user-supplied table is read with :func:`read_table` instead.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from bitplan.sensitivity.blockwise import blockwise_layer_errors, check_blockwise_method
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import QuantFormat, parse_formats
 from bitplan.sensitivity.layers import QuantLayer
+from bitplan.sensitivity.lazy_hf import SkeletonModel
 from bitplan.sensitivity.method_names import METHODS
 from bitplan.sensitivity.methods import (
     Scores,
@@ -272,6 +276,29 @@ def _score_unreached(
     return scored_by
 
 
+def _blockwise_scores(
+    model: SkeletonModel,
+    calib: CalibData,
+    formats: list[QuantFormat],
+    batch_size: int,
+    progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+    rounder: Rounder | None,
+) -> Scores:
+    """The ``layer`` method's scores of a skeleton model, block by block."""
+    if len(calib) == 0:
+        raise InputError("the calibration data is empty; method layer needs samples")
+    return blockwise_layer_errors(
+        model,
+        formats,
+        batches=lambda: calib.batches(batch_size, device=model.device),
+        n_batches=math.ceil(len(calib) / batch_size),
+        progress=progress,
+        should_cancel=should_cancel,
+        rounder=rounder,
+    )
+
+
 def rounder_for(
     model: LoadedModel,
     calib: CalibData,
@@ -317,9 +344,15 @@ def analyze(
     pass over ``calib``) and dropped afterwards. Progress: stage ``"analyze"`` per layer, and
     ``"collect"`` per batch of the data pass of ``layer`` and ``fisher``; ``should_cancel`` is
     polled between layers and batches.
+
+    A :class:`~bitplan.sensitivity.lazy_hf.SkeletonModel` is analysed block by block (method
+    ``layer`` only, rounding statistics collected on the way): the same table as the whole
+    model's, with one block's weights in memory at a time (a cached table is shared).
     """
     if method not in METHODS:
         raise InputError(f"unknown sensitivity method {method!r}; accepted: {', '.join(METHODS)}")
+    if isinstance(model, SkeletonModel):
+        check_blockwise_method(method)
     if batch_size < 1:
         raise InputError(f"batch size must be a positive integer, got {batch_size}")
     fmts = _formats(formats)
@@ -346,26 +379,30 @@ def analyze(
         method,
         model.device,
     )
-    with ExitStack() as stack:
-        if needs_data(fmts) and (rounder is None or not rounder.has_data):
-            rounder = rounder_for(
+    if isinstance(model, SkeletonModel):
+        scores = _blockwise_scores(model, calib, fmts, batch_size, progress, should_cancel, rounder)
+        scored_by: dict[str, str] = {}
+    else:
+        with ExitStack() as stack:
+            if needs_data(fmts) and (rounder is None or not rounder.has_data):
+                rounder = rounder_for(
+                    model,
+                    calib,
+                    batch_size=batch_size,
+                    workdir=Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                    should_cancel=should_cancel,
+                )
+            scores, scored_by = _measure_with_roundings(
                 model,
                 calib,
+                method,
+                fmts,
                 batch_size=batch_size,
-                workdir=Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                seed=seed,
+                progress=progress,
                 should_cancel=should_cancel,
+                rounder=rounder,
             )
-        scores, scored_by = _measure_with_roundings(
-            model,
-            calib,
-            method,
-            fmts,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            should_cancel=should_cancel,
-            rounder=rounder,
-        )
     table = build_table(model.layers, scores, method=method, scored_by=scored_by)
     if cache_dir is not None:
         store_cached(cache_dir, key, table)

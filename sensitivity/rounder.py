@@ -32,6 +32,7 @@ from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import DATA_AWARE_ROUNDINGS, QuantFormat
 from bitplan.sensitivity.formats import QuantCodes, quantize_codes
 from bitplan.sensitivity.layers import QuantLayer
+from bitplan.sensitivity.methods._gram import gram_matrices
 from bitplan.sensitivity.methods.layer import (
     DEFAULT_STATS_BYTES,
     collect_input_stats,
@@ -196,13 +197,7 @@ def collect_rounder(
         stats = collect_input_stats(
             module, group, batches, forward, on_batch=lambda: None, should_cancel=should_cancel
         )
-        grams: dict[str, torch.Tensor] = {}
-        for lay in group:
-            st = stats.pop(lay.name)
-            if st.gram is None or st.samples == 0:
-                continue
-            have = grams.get(lay.param)
-            grams[lay.param] = st.gram if have is None else have + st.gram
+        grams = gram_matrices(group, stats)
         path = workdir / _STATS_NAME.format(i)
         rows = {lay.param: lay.shape[0] for lay in group}
         save_file(

@@ -56,6 +56,14 @@ __all__ = ["analyze", "search", "solve"]
 
 DeviceOpt = Annotated[str, typer.Option(help=spec_help("device"))]
 BatchSizeOpt = Annotated[int, typer.Option(help=spec_help("batch_size"))]
+BlockwiseOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Read the model one transformer block at a time, for a decoder LM (llama, "
+        "mistral, qwen2, gpt2) larger than memory; needs --method layer. The table is the "
+        "whole-model one; no end-to-end figure is measured."
+    ),
+]
 
 
 def _job_spec(**fields: object) -> JobSpec:
@@ -87,6 +95,7 @@ def analyze(
     holdout: HoldoutOpt = spec_default("holdout"),
     batch_size: BatchSizeOpt = spec_default("batch_size"),
     seed: SeedOpt = spec_default("seed"),
+    blockwise: BlockwiseOpt = False,
 ) -> None:
     """Measure each layer's sensitivity to each format; write sensitivity.csv and layers.json."""
 
@@ -115,7 +124,9 @@ def analyze(
             ),
         )
         with output_folder(out), progress_bars() as progress:
-            table = analyze_spec(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
+            table = analyze_spec(
+                spec, out_dir=out, cache_dir=_cache_dir(), progress=progress, blockwise=blockwise
+            )
         console.print(sensitivity_table(table, method=spec.method))
         console.print(f"wrote {out / 'sensitivity.csv'} and {out / 'layers.json'}")
 
@@ -155,6 +166,7 @@ def search(
             proxy_gap_note,
         )
         from bitplan.search.pipeline import run_job
+        from bitplan.search.stage_stats import format_stages
         from bitplan.sensitivity.table import read_table
 
         spec = _job_spec(
@@ -183,6 +195,7 @@ def search(
         with output_folder(out), ctrl_c_watch() as ctrl_c, progress_bars() as progress:
             result = run_job(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
         console.print(frontier_table(result.frontier))
+        console.print(format_stages(result.stages), highlight=False, soft_wrap=True)
         notes = (
             fallback_note(read_table(out / "sensitivity.csv"), method=spec.method),
             proxy_gap_note(result.proxy_gap),

@@ -19,13 +19,15 @@ et al. 2022, §3, uses the same Hessian ``2XXᵀ``). Per kind:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bitplan.sensitivity.layers import QuantLayer
 
-__all__ = ["InputStats", "stats_bytes"]
+__all__ = ["InputStats", "gram_matrices", "stats_bytes"]
 
 Conv = nn.Conv1d | nn.Conv2d
 
@@ -133,3 +135,23 @@ class InputStats:
             return float((self.counts[start:stop, None] * m.square()).sum())
         h = self._gram()[start // self.block]  # (cols, cols); chunks never straddle a group
         return float(((m @ h) * m).sum())
+
+
+def gram_matrices(
+    layers: Sequence[QuantLayer], stats: Mapping[str, InputStats]
+) -> dict[str, torch.Tensor]:
+    """``{param: H}`` of the layers whose statistics are in ``stats`` (keyed by layer name), as
+    a :class:`~bitplan.sensitivity.rounder.Rounder` takes them.
+
+    A tied tensor's matrix is the sum over the linear layers that use it (the output error of a
+    shared weight adds up over its uses); an embedding's use adds nothing (its inputs are
+    one-hot token ids), nor does a layer that never ran.
+    """
+    grams: dict[str, torch.Tensor] = {}
+    for lay in layers:
+        st = stats.get(lay.name)
+        if st is None or st.gram is None or st.samples == 0:
+            continue
+        have = grams.get(lay.param)
+        grams[lay.param] = st.gram if have is None else have + st.gram
+    return grams

@@ -184,6 +184,8 @@ def fisher_errors(
         if n_batches is not None:
             report(progress, "collect", done[0], n_batches)
 
+    if n_batches is not None:
+        report(progress, "collect", 0, n_batches)  # the pass starts now: its cost is collect's
     try:
         for p in params:
             p.requires_grad_(False)

@@ -34,7 +34,13 @@ from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, rep
 if TYPE_CHECKING:
     from bitplan.sensitivity.rounder import Rounder
 
-__all__ = ["DEFAULT_STATS_BYTES", "collect_input_stats", "layer_errors", "plan_passes"]
+__all__ = [
+    "DEFAULT_STATS_BYTES",
+    "collect_input_stats",
+    "layer_errors",
+    "plan_passes",
+    "score_layer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +67,26 @@ def plan_passes(
     return passes
 
 
+def _attention_mask(batch: Any) -> torch.Tensor | None:
+    mask: torch.Tensor | None = batch.get("attention_mask")
+    return mask
+
+
 def collect_input_stats(
     module: nn.Module,
     layers: Sequence[QuantLayer],
-    batches: Callable[[], Iterable[Batch]],
-    forward: Callable[[Batch], Any],
+    batches: Callable[[], Iterable[Any]],
+    forward: Callable[[Any], Any],
     on_batch: Callable[[], None],
     should_cancel: CancelFn | None,
+    *,
+    mask_of: Callable[[Any], torch.Tensor | None] = _attention_mask,
 ) -> dict[str, InputStats]:
-    """One forward pass over the data with hooks on ``layers``; returns their statistics."""
+    """One forward pass over the data with hooks on ``layers``; returns their statistics.
+
+    A batch is whatever ``forward`` takes (by default an input dict); ``mask_of(batch)`` is its
+    attention mask (padding tokens are left out of the statistics), by default
+    ``batch.get("attention_mask")``."""
     stats: dict[str, InputStats] = {}
     current_mask: list[torch.Tensor | None] = [None]
     handles = []
@@ -88,7 +105,7 @@ def collect_input_stats(
         with torch.no_grad():
             for batch in batches():
                 check_cancel(should_cancel)
-                current_mask[0] = batch.get("attention_mask")
+                current_mask[0] = mask_of(batch)
                 forward(batch)
                 on_batch()
     finally:
@@ -119,6 +136,28 @@ def _score(
 def _seen(st: InputStats) -> str:
     """What an unmeasured layer saw, for a log line."""
     return "only zero inputs" if st.samples else "no calibration input (it never ran)"
+
+
+def score_layer(
+    matrix: torch.Tensor,
+    st: InputStats,
+    formats: Sequence[QuantFormat],
+    *,
+    rounder: Rounder | None,
+    skip_unmeasured: bool = False,
+) -> dict[str, float] | None:
+    """``st.layer``'s relative output error in each of its candidate formats, from its
+    ``[rows, cols]`` weight ``matrix``; None for a layer whose output carried no signal when
+    ``skip_unmeasured`` (see :func:`layer_errors`)."""
+    lay = st.layer
+    errors, measured = _score(matrix, st, candidates(lay, formats), quantizer_of(rounder, lay))
+    if measured:
+        return errors
+    if skip_unmeasured:
+        logger.info("layer %s saw %s; left for another method", lay.name, _seen(st))
+        return None
+    logger.warning("layer %s saw %s; its output error is scored 0", lay.name, _seen(st))
+    return errors
 
 
 def layer_errors(
@@ -163,20 +202,21 @@ def layer_errors(
 
     scores: Scores = {}
     done = 0
+    if n_batches is not None:
+        report(progress, "collect", 0, total_batches)  # the pass starts now: its cost is collect's
     for group in passes:
         stats = collect_input_stats(module, group, batches, forward, on_batch, should_cancel)
         for lay in group:
             check_cancel(should_cancel)
             st = stats.pop(lay.name)  # dropped from the dict: H is freed once scored
-            matrix = layer_matrix(module, lay)
-            codes = quantizer_of(rounder, lay)
-            errors, measured = _score(matrix, st, candidates(lay, formats), codes)
-            if measured:
-                scores[lay.name] = errors
-            elif skip_unmeasured:
-                logger.info("layer %s saw %s; left for another method", lay.name, _seen(st))
-            else:
-                logger.warning("layer %s saw %s; its output error is scored 0", lay.name, _seen(st))
+            errors = score_layer(
+                layer_matrix(module, lay),
+                st,
+                formats,
+                rounder=rounder,
+                skip_unmeasured=skip_unmeasured,
+            )
+            if errors is not None:
                 scores[lay.name] = errors
             done += 1
             report(progress, "analyze", done, len(layers))

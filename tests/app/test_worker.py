@@ -133,6 +133,17 @@ def _partials(settings: Settings) -> list[Path]:
     return list(settings.artifact_dir.glob(".*.partial"))
 
 
+def test_a_worker_run_in_process_puts_the_signal_handlers_back(
+    settings: Settings, runner_log: Path, engine_sqlite: Engine
+) -> None:
+    """A worker run inside another program (or a test) must not leave its SIGINT handler behind:
+    Ctrl-C would then only set a stale stop flag instead of interrupting the program."""
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    _enqueue(engine_sqlite, trials=3)
+    assert worker.run_worker(settings, once=True, runner=steady_runner) == 1
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_worker_runs_a_job_and_publishes_its_artifacts(
     settings: Settings, runner_log: Path, engine_sqlite: Engine
 ) -> None:

@@ -230,7 +230,8 @@ def test_rdb_storage_continues_one_study(tmp_path) -> None:
     seeds = [{g: "int4" for g in GROUPS}]
     first_rec, second_rec = Recorder(), Recorder()
     first = run(first_rec, trials=5, seeds=seeds, storage=url, study_name="job-1")
-    second = run(second_rec, trials=4, seeds=seeds, storage=url, study_name="job-1", seed=1)
+    # On a shared storage ``trials`` is the study's total: 4 more make 9.
+    second = run(second_rec, trials=9, seeds=seeds, storage=url, study_name="job-1", seed=1)
     assert [t.number for t in second.trials] == list(range(9))
     assert points(second.trials[:5]) == points(first.trials)
     # The seed already ran in the first call, and no known choice is measured again.

@@ -114,7 +114,9 @@ def _request_of(job: Job) -> JobRequestRead:
 
 
 def _job_read(job: Job) -> JobRead:
-    plans = (job.result or {}).get("plan_ids", []) if job.state == JobState.SUCCEEDED else []
+    done = job.state == JobState.SUCCEEDED
+    plans = (job.result or {}).get("plan_ids", []) if done else []
+    stages = (job.result or {}).get("stages", []) if done else []
     return JobRead(
         id=job.id,
         state=job.state,
@@ -128,6 +130,7 @@ def _job_read(job: Job) -> JobRead:
         cancel_requested=job.cancel_requested,
         request=_request_of(job),
         plans=plans,
+        stages=stages,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
