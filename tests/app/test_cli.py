@@ -8,7 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +369,18 @@ def test_missing_model_leaves_no_folder(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.fixture
+def interactive_sigint() -> Iterator[None]:
+    """Ctrl-C as a terminal delivers it: Python's own SIGINT handler. A test run started in the
+    background by a shell (`cmd &`) inherits SIGINT ignored, and the command rightly leaves an
+    ignored Ctrl-C ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _interrupting(stage: str, after: int) -> Callable[..., pipeline.JobResult]:
     """The real run_job, with Ctrl-C (a real SIGINT) pressed once ``stage`` reports ``after``."""
     real = pipeline.run_job
@@ -389,7 +401,7 @@ def _interrupting(stage: str, after: int) -> Callable[..., pipeline.JobResult]:
 
 
 def test_ctrl_c_in_the_search_keeps_the_finished_trials_and_exits_130(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interactive_sigint: None
 ) -> None:
     monkeypatch.setattr(pipeline, "run_job", _interrupting("search", after=2))
     out = tmp_path / "job"
@@ -405,7 +417,7 @@ def test_ctrl_c_in_the_search_keeps_the_finished_trials_and_exits_130(
 
 
 def test_ctrl_c_before_the_search_exits_130_and_leaves_no_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interactive_sigint: None
 ) -> None:
     monkeypatch.setattr(pipeline, "run_job", _interrupting("load", after=1))
     out = tmp_path / "job"
