@@ -320,10 +320,11 @@ def _save_download(response: httpx.Response, dest: Path) -> list[Path]:
     found = _FILENAME.search(response.headers.get("Content-Disposition", ""))
     name = found[1] if found else "model"
     with tempfile.NamedTemporaryFile(dir=dest, prefix=".download-", delete=False) as part:
-        for chunk in response.iter_bytes(_CHUNK):
-            part.write(chunk)
-    partial = Path(part.name)
+        partial = Path(part.name)
     try:
+        with partial.open("wb") as handle:
+            for chunk in response.iter_bytes(_CHUNK):
+                handle.write(chunk)
         if response.headers.get("Content-Type", "").startswith(_ZIP_MEDIA_TYPE):
             with zipfile.ZipFile(partial) as archive:
                 members = [info.filename for info in archive.infolist() if not info.is_dir()]

@@ -13,8 +13,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from bitplan.sensitivity.atomic import write_atomic
 from bitplan.sensitivity.builtin_nets import ByteTokenizer, DigitsCNN, TinyLM, TinyLMConfig
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.progress import ProgressFn, report
@@ -249,14 +248,8 @@ def load_builtin(
             report(progress, stage, done, total)
 
         trained = recipe.train(seed=seed, on_step=on_step)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".train-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_model(trained, tmp)
-            os.replace(tmp, path)  # atomic: concurrent loaders see no half-written file
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # atomic: concurrent loaders see no half-written file
+        write_atomic(path, lambda name: save_model(trained, name))
     module = recipe.build()
     load_model(module, str(path))  # safetensors' loader restores tied (shared) weights
     return BuiltinModel(

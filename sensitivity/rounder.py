@@ -16,6 +16,7 @@ calibration data.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from bitplan.sensitivity.atomic import write_atomic
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import DATA_AWARE_ROUNDINGS, QuantFormat
 from bitplan.sensitivity.formats import QuantCodes, quantize_codes
@@ -137,6 +139,8 @@ class Rounder:
         if gram is None:
             eye = torch.eye(w.shape[1], dtype=torch.float32)
             return round_codes(w, base, fmt.rounding, gram=eye)
+        if gram.shape[0] > 1 and param not in self._rows:
+            raise ValueError(f"{param} has {gram.shape[0]} input blocks but no row count")
         per_block = self._rows.get(param, 0) // gram.shape[0] or w.shape[0] + row0
         parts = []
         start = 0
@@ -200,11 +204,11 @@ def collect_rounder(
         grams = gram_matrices(group, stats)
         path = workdir / _STATS_NAME.format(i)
         rows = {lay.param: lay.shape[0] for lay in group}
-        save_file(
-            {k: v.contiguous() for k, v in grams.items()},
-            str(path),
-            metadata={_ROWS_KEY: json.dumps(rows)},
-        )
+        # Renamed into place: a process killed mid-write leaves no half file that
+        # ``from_folder`` (which globs STATS_GLOB) would later fail to open.
+        tensors = {k: v.contiguous() for k, v in grams.items()}
+        meta = {_ROWS_KEY: json.dumps(rows)}
+        write_atomic(path, functools.partial(save_file, tensors, metadata=meta))
         files.append(path)
         del grams, stats
     logger.info("input statistics of %d layers for data-aware rounding", len(layers))

@@ -79,3 +79,20 @@ def test_client_raises_problems_and_times_out(client: TestClient) -> None:
     with pytest.raises(ApiError) as caught:
         api.frontier(job["id"])
     assert caught.value.status == 409
+
+
+def test_a_download_broken_mid_transfer_leaves_no_file_behind(tmp_path: Path) -> None:
+    class Broken(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"half a model"
+            raise httpx.ReadError("connection reset")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Disposition": 'attachment; filename="model.gguf"'}
+        return httpx.Response(200, headers=headers, stream=Broken())
+
+    http = httpx.Client(transport=httpx.MockTransport(answer), base_url="http://bitplan")
+    dest = tmp_path / "out"
+    with pytest.raises(httpx.ReadError):
+        BitplanClient(http=http).download_model("job", "p1", dest, to="gguf")
+    assert list(dest.iterdir()) == []

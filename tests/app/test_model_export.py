@@ -26,7 +26,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from schemathesis.checks import not_a_server_error
-from sqlalchemy import select, update
+from sqlalchemy import delete, insert, select, update
 from typer.testing import CliRunner
 
 from bitplan.app import crud, export_run, model_exports, queue, worker
@@ -34,7 +34,7 @@ from bitplan.app.api.routes import model_export
 from bitplan.app.cli import app as cli_app
 from bitplan.app.client import ApiError, BitplanClient
 from bitplan.app.main import create_app
-from bitplan.app.models import Job
+from bitplan.app.models import Blob, Job
 from bitplan.app.problems import problem_type
 from bitplan.app.settings import Settings
 from bitplan.app.states import JobKind, JobState
@@ -350,3 +350,42 @@ def test_the_client_raises_the_failure_of_an_export(export_settings: Settings) -
             client.download_model(job_id, plan_id, settings.data_dir / "out", to="gguf")
     assert raised.value.status == 422 and "GGUF" in str(raised.value)
     assert not (settings.data_dir / "out").exists()  # nothing saved
+
+
+def test_an_upload_deleted_while_its_export_is_queued_is_a_409_not_a_500(
+    export_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = export_settings
+    with api_client(settings) as client:
+        job_id, plan_id = succeeded_job(client, settings)
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        # The job's model as an upload would leave it: a stored file with its blobs row.
+        with engine.begin() as connection:
+            connection.execute(
+                insert(Blob).values(
+                    id="blob-1",
+                    kind="model",
+                    sha256="0" * 64,
+                    filename="m.pt",
+                    size_bytes=1,
+                    path="m.pt",
+                )
+            )
+        with engine.begin() as connection:
+            job = connection.execute(select(Job.spec).where(Job.id == job_id)).one()
+            connection.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(model_id="blob-1", spec={**job.spec, "model": "m.pt"})
+            )
+        real = model_export.enqueue_export
+
+        def deleted_first(engine_: Any, **kwargs: Any) -> bool:
+            with engine_.begin() as connection:  # the upload's DELETE commits in between
+                connection.execute(delete(Blob).where(Blob.id == "blob-1"))
+            return real(engine_, **kwargs)
+
+        monkeypatch.setattr(model_export, "enqueue_export", deleted_first)
+        response = client.get(model_url(job_id, plan_id, "bitplan"))
+        assert problem_type("model-deleted") == assert_problem(response, 409)["type"]
+        assert export_rows(client) == []

@@ -311,7 +311,10 @@ def test_datasets_parsed_in_the_api_process_are_a_few_at_a_time(
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        time.sleep(0.2)  # long enough for every parse let in to overlap
+        # two parses overlap however slowly threads start; then hold on, so that any parse let
+        # in beyond the limit would overlap too
+        wait_until(lambda: most[0] >= 2, "two dataset parses at once", within_s=30)
+        time.sleep(0.2)
         with lock:
             running[0] -= 1
         return filename

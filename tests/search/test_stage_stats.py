@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from bitplan.search import stage_stats
 from bitplan.search.stage_stats import StageRecorder, format_stages, rss_bytes, watch_forwards
+from tests.helpers import wait_until
 
 MB = 2**20
 
@@ -17,22 +20,31 @@ def _by_name(recorder: StageRecorder) -> dict[str, dict[str, object]]:
     return {s["stage"]: s for s in recorder.stages()}
 
 
-def test_reports_pass_through_and_a_stage_seen_again_adds_to_its_record() -> None:
+def _peak(recorder: StageRecorder, stage: str) -> int:
+    value = _by_name(recorder)[stage]["peak_rss_bytes"]
+    assert isinstance(value, int), f"{stage}: no RSS recorded"
+    return value
+
+
+def test_reports_pass_through_and_a_stage_seen_again_adds_to_its_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]  # a clock the test moves: sleeps on a busy machine overrun
+    monkeypatch.setattr(stage_stats, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     seen: list[tuple[str, int, int]] = []
     with StageRecorder(lambda s, d, t: seen.append((s, d, t))) as recorder:
         recorder("load", 0, 2)
-        time.sleep(0.05)
+        now[0] += 0.05
         recorder("search", 1, 3)
-        time.sleep(0.15)
+        now[0] += 0.15
         recorder("load", 2, 2)
-        time.sleep(0.05)
+        now[0] += 0.05
     assert seen == [("load", 0, 2), ("search", 1, 3), ("load", 2, 2)]
     stages = recorder.stages()
     assert [s["stage"] for s in stages] == ["load", "search"]  # first-seen order, once each
     load, search = stages
-    assert search["seconds"] >= 0.15
-    assert load["seconds"] >= 0.1  # both visits
-    assert load["seconds"] < search["seconds"] + 0.1
+    assert search["seconds"] == pytest.approx(0.15)
+    assert load["seconds"] == pytest.approx(0.1)  # both visits
 
 
 @pytest.mark.skipif(rss_bytes() is None, reason="this platform does not report RSS")
@@ -42,7 +54,11 @@ def test_peak_rss_belongs_to_the_stage_that_held_the_memory() -> None:
         time.sleep(0.05)
         recorder("big", 0, 1)
         held = torch.ones(300 * MB // 4)  # 300 MB, every page touched
-        time.sleep(0.1)  # the sampler sees it
+
+        def sampled() -> bool:  # the sampler thread saw it (no report during "big" since)
+            return _peak(recorder, "big") - _peak(recorder, "small") > 250 * MB
+
+        wait_until(sampled, "the RSS sampler seeing 300 MB held during 'big'", within_s=10)
         del held
         recorder("after", 0, 1)
         time.sleep(0.05)

@@ -123,7 +123,9 @@ def _queue(
     elif requeue_finished(engine, job_id=export.id, lease_version=export.lease_version):
         log.info("export %s of job %s queued again", export.id, job.id)
     queued = find_export(session, parent_id=job.id, plan_id=plan_id, target=to)
-    if queued is None:  # rows are never deleted, so the insert of one request or the other won
+    if queued is None:  # no insert won: this one's model upload was deleted since it was read
+        session.refresh(job)
+        _spec(job, plan_id=plan_id, target=to)  # the 409 a later request would get
         raise RuntimeError(f"the {to} export of job {job.id} plan {plan_id} vanished")
     return queued
 
