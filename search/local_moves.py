@@ -103,7 +103,7 @@ class Neighbourhood:
         ups, downs = np.nonzero(valid)  # row-major: group order breaks ties below
         if not len(ups):
             return
-        error = np.exp(fit.log_scale) * np.maximum(weighted[ups, downs], 0.0) ** fit.power
+        error = fit.values(weighted[ups, downs])
         gain = fit.value(base_sum) - error
         value = gain - rate * (nbytes[ups, downs] - base_bytes)
         for k in np.argsort(-value, kind="stable"):

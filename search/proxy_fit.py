@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from scipy import linalg, stats
 
 from bitplan.search.points import Choice, Point
@@ -105,7 +106,14 @@ class ProxyFit:
 
     def value(self, weighted: float) -> float:
         """The corrected error of a plan whose weighted proxy sum is ``weighted``."""
-        return math.exp(self.log_scale) * float(max(weighted, 0.0) ** self.power)
+        return float(self.values(np.asarray(weighted, dtype=np.float64)))
+
+    def values(self, weighted: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """:meth:`value` of many weighted sums at once (any shape; negatives count as 0)."""
+        out: npt.NDArray[np.float64] = np.exp(self.log_scale) * (
+            np.maximum(weighted, 0.0) ** self.power
+        )
+        return out
 
     def predict(self, choice: Choice, proxy: ProxyTable) -> float:
         """The corrected proxy's error of a choice."""
