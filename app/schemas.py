@@ -322,6 +322,12 @@ class StageRead(BaseModel):
         description="the worker process's peak resident memory during the stage, sampled every "
         "50 ms; null where the platform does not say",
     )
+    peak_gpu_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="the CUDA memory the stage's tensors peaked at (torch's allocator); null for "
+        "a stage that ran without CUDA, and for jobs recorded before this was measured",
+    )
     forward_equivalents: float | None = Field(
         ge=0,
         description="samples the model forwarded during the stage, in passes over the "

@@ -1,4 +1,4 @@
-"""What each stage of a job cost: wall seconds, peak resident memory, forward-equivalents.
+"""What each stage of a job cost: wall seconds, peak resident and GPU memory, forward-equivalents.
 
 Issue 9 bounds a job twice: peak RSS against the checkpoint's bytes, and the whole search
 against a number of forward passes over the calibration set. Neither is checkable unless every
@@ -15,6 +15,13 @@ record), and the caller's own callback still sees every report.
   counts the samples of every batch it runs, divided by the samples of one pass over the
   calibration split. Held-out passes count in the same unit; backward passes (``fisher``) and
   single layers run on cached inputs (``layer``'s per-layer scoring) are not counted.
+
+- Peak GPU memory: the CUDA caching allocator's own high-water mark
+  (``torch.cuda.max_memory_allocated``), read and reset at every stage switch, so each stage
+  gets the most its tensors held at once; ``None`` for a process that never initialised CUDA (a
+  CPU job, where reading would initialise it). It counts tensors only, not the allocator's
+  cached blocks or the CUDA context, and the reset is process-wide: code that reads the same
+  counter across a job sees it restart at each stage.
 
 RSS comes from ``/proc/self/statm`` on Linux (no dependency, microseconds) or psutil where it is
 installed; elsewhere the peak is ``None``.
@@ -37,7 +44,14 @@ from torch.utils.hooks import RemovableHandle
 
 from bitplan.sensitivity.progress import ProgressFn
 
-__all__ = ["StageRecorder", "StageStat", "format_stages", "rss_bytes", "watch_forwards"]
+__all__ = [
+    "StageRecorder",
+    "StageStat",
+    "format_stages",
+    "gpu_peak_bytes",
+    "rss_bytes",
+    "watch_forwards",
+]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -66,6 +80,16 @@ rss_bytes: Callable[[], int | None] = _rss_reader()
 """This process's resident set size in bytes now, or None where it cannot be read."""
 
 
+def gpu_peak_bytes() -> int | None:
+    """The most bytes CUDA tensors held at once since the previous call (which reset it), or
+    None when this process has not initialised CUDA."""
+    if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch leaves it untyped
+        return None
+    peak = int(torch.cuda.max_memory_allocated())
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 @dataclass
 class StageStat:
     """One stage's totals; :meth:`as_dict` is its JSON form (job results, the API)."""
@@ -73,11 +97,16 @@ class StageStat:
     stage: str
     seconds: float = 0.0
     peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
     samples: int = 0  # forwarded through the watched module
 
     def note_rss(self, rss: int | None) -> None:
         if rss is not None and (self.peak_rss_bytes is None or rss > self.peak_rss_bytes):
             self.peak_rss_bytes = rss
+
+    def note_gpu(self, peak: int | None) -> None:
+        if peak is not None and (self.peak_gpu_bytes is None or peak > self.peak_gpu_bytes):
+            self.peak_gpu_bytes = peak
 
     def as_dict(self, samples_per_pass: int | None) -> dict[str, Any]:
         equivalents = None if not samples_per_pass else round(self.samples / samples_per_pass, 3)
@@ -85,6 +114,7 @@ class StageStat:
             "stage": self.stage,
             "seconds": round(self.seconds, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
             "forward_equivalents": equivalents,
         }
 
@@ -119,6 +149,7 @@ class StageRecorder:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> StageRecorder:
+        gpu_peak_bytes()  # the first stage's GPU peak starts here, not at the process's start
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="stage-rss", daemon=True)
         self._thread.start()
@@ -146,7 +177,7 @@ class StageRecorder:
             if self._current is None or self._current.stage != stage:
                 if self._current is not None:
                     self._current.note_rss(rss)  # the memory it held up to its end
-                self._close_current(now)
+                self._close_current(now)  # its GPU peak too, and the next stage's starts
                 self._current = self._records.setdefault(stage, StageStat(stage))
                 self._since = now
             self._current.note_rss(rss)
@@ -165,7 +196,9 @@ class StageRecorder:
 
     def stages(self) -> list[dict[str, Any]]:
         """Every stage so far: ``stage``, ``seconds``, ``peak_rss_bytes`` (None where RSS
-        cannot be read) and ``forward_equivalents`` (None when no module was watched)."""
+        cannot be read), ``peak_gpu_bytes`` (None for a stage that ran without CUDA; the
+        current stage's is known once it ends) and ``forward_equivalents`` (None when no module
+        was watched)."""
         with self._lock:
             return [r.as_dict(self._samples_per_pass) for r in self._records.values()]
 
@@ -178,6 +211,7 @@ class StageRecorder:
     def _close_current(self, now: float) -> None:
         if self._current is not None:
             self._current.seconds += now - self._since
+            self._current.note_gpu(gpu_peak_bytes())
             self._current = None
 
     def _sample(self) -> None:
@@ -196,15 +230,21 @@ def watch_forwards(
         progress.watch(module, samples_per_pass=samples_per_pass)
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
 def format_stages(stages: list[dict[str, Any]]) -> str:
-    """One line per stage: seconds, peak RSS in MiB and forward-equivalents (``-``: unknown)."""
-    lines = [f"{'stage':<10} {'seconds':>8} {'peak RSS MiB':>12} {'forwards':>8}"]
+    """One line per stage: seconds, peak RSS in MiB, peak GPU memory in MiB (a column only when
+    some stage used the GPU) and forward-equivalents (``-``: unknown)."""
+    gpu = any(s.get("peak_gpu_bytes") is not None for s in stages)
+    gpu_head = f" {'peak GPU MiB':>12}" if gpu else ""
+    lines = [f"{'stage':<10} {'seconds':>8} {'peak RSS MiB':>12}{gpu_head} {'forwards':>8}"]
     for s in stages:
-        rss = s.get("peak_rss_bytes")
         fwd = s.get("forward_equivalents")
+        gpu_cell = f" {_mib(s.get('peak_gpu_bytes')):>12}" if gpu else ""
         lines.append(
-            f"{s['stage']:<10} {s['seconds']:>8.1f} "
-            f"{'-' if rss is None else f'{rss / 2**20:.0f}':>12} "
-            f"{'-' if fwd is None else f'{fwd:.2f}':>8}"
+            f"{s['stage']:<10} {s['seconds']:>8.1f} {_mib(s.get('peak_rss_bytes')):>12}"
+            f"{gpu_cell} {'-' if fwd is None else f'{fwd:.2f}':>8}"
         )
     return "\n".join(lines)

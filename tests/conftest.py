@@ -3,18 +3,59 @@
 The session's ``BITPLAN_CACHE_DIR`` points into pytest's own cache folder, so tests never touch
 the user's cache, and the builtin models are trained once per checkout rather than once per run
 (a trained model is keyed by its recipe version, so a changed recipe retrains).
+
+Tests marked ``gpu`` run where torch sees a CUDA device and skip elsewhere, saying why (``pytest
+-ra`` lists the reason), except under ``BITPLAN_REQUIRE_GPU=1``, where a missing device is a
+failure: a run on a GPU machine must never pass by skipping the CUDA tests (``pytest -m gpu``
+runs just those).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
 
 from bitplan.sensitivity.models import LoadedModel, load_model
 from tests.helpers import write_tiny_hf_model
+
+REQUIRE_GPU_ENV = "BITPLAN_REQUIRE_GPU"
+
+
+def gpu_required(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` asks for the ``gpu`` tests to run (``BITPLAN_REQUIRE_GPU=1``)."""
+    return environ.get(REQUIRE_GPU_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def cuda_missing() -> str | None:
+    """Why torch cannot run on a CUDA device here, or None when it can (ROCm builds serve
+    ``cuda`` too)."""
+    if torch.cuda.is_available():
+        return None
+    build = torch.version.cuda or getattr(torch.version, "hip", None)
+    if build is None:
+        return f"torch {torch.__version__} is a build without CUDA"
+    return f"torch {torch.__version__} (CUDA {build}) sees no CUDA device"
+
+
+def no_gpu(reason: str, *, environ: Mapping[str, str]) -> NoReturn:
+    """Skip a ``gpu`` test, saying why; under ``BITPLAN_REQUIRE_GPU=1`` fail it instead."""
+    message = f"no CUDA device for this gpu test: {reason}"
+    if gpu_required(environ):
+        pytest.fail(f"{message} ({REQUIRE_GPU_ENV}=1: the gpu tests must run)", pytrace=False)
+    pytest.skip(f"{message} (set {REQUIRE_GPU_ENV}=1 to make this a failure)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture of the test is set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is not None:
+        reason = cuda_missing()
+        if reason is not None:
+            no_gpu(reason, environ=os.environ)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,10 @@ __all__ = ["layer_error", "output_energy"]
 
 
 def output_energy(m: torch.Tensor, gram: torch.Tensor) -> float:
-    """``tr(M·H·Mᵀ) = ‖M·X‖²`` of a ``[rows, cols]`` matrix ``M``."""
+    """``tr(M·H·Mᵀ) = ‖M·X‖²`` of a ``[rows, cols]`` matrix ``M``, on ``M``'s device (a
+    rounder's ``H`` is memory-mapped on the CPU whatever device the weight is on)."""
     m = m.to(torch.float64)
-    return float(((m @ gram.to(torch.float64)) * m).sum())
+    return float(((m @ gram.to(device=m.device, dtype=torch.float64)) * m).sum())
 
 
 def layer_error(w: torch.Tensor, codes: QuantCodes, fmt: QuantFormat, gram: torch.Tensor) -> float:

@@ -15,9 +15,23 @@ from bitplan.search.spec import JobSpec
 from tests.app._api_fixtures import api_client, job_body
 
 STAGES = [
-    {"stage": "load", "seconds": 1.5, "peak_rss_bytes": 123456789, "forward_equivalents": 0.0},
-    {"stage": "search", "seconds": 4.25, "peak_rss_bytes": None, "forward_equivalents": 3.5},
+    {
+        "stage": "load",
+        "seconds": 1.5,
+        "peak_rss_bytes": 123456789,
+        "peak_gpu_bytes": 5678,
+        "forward_equivalents": 0.0,
+    },
+    {
+        "stage": "search",
+        "seconds": 4.25,
+        "peak_rss_bytes": None,
+        "peak_gpu_bytes": None,
+        "forward_equivalents": 3.5,
+    },
 ]
+# A result recorded before GPU memory was measured has no "peak_gpu_bytes": it reads as null.
+OLD_STAGES = [{k: v for k, v in stage.items() if k != "peak_gpu_bytes"} for stage in STAGES]
 
 
 def _write_plan(out_dir: Path) -> None:
@@ -29,6 +43,11 @@ def _write_plan(out_dir: Path) -> None:
 def staged_runner(spec: JobSpec, *, out_dir: Path, **_: Any) -> SimpleNamespace:
     _write_plan(out_dir)
     return SimpleNamespace(stages=STAGES)  # what run_job's JobResult carries
+
+
+def old_runner(spec: JobSpec, *, out_dir: Path, **_: Any) -> SimpleNamespace:
+    _write_plan(out_dir)
+    return SimpleNamespace(stages=OLD_STAGES)
 
 
 def silent_runner(spec: JobSpec, *, out_dir: Path, **_: Any) -> None:
@@ -51,3 +70,9 @@ def test_a_succeeded_job_shows_the_stages_its_runner_recorded(settings: Settings
 
 def test_a_runner_without_stages_leaves_the_list_empty(settings: Settings) -> None:
     assert _run_one(settings, silent_runner)["stages"] == []
+
+
+def test_stages_recorded_without_gpu_memory_read_as_null(settings: Settings) -> None:
+    stages = _run_one(settings, old_runner)["stages"]
+    assert [s["peak_gpu_bytes"] for s in stages] == [None, None]
+    assert [s["peak_rss_bytes"] for s in stages] == [123456789, None]

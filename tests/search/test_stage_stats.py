@@ -123,3 +123,49 @@ def test_format_stages_shows_one_line_per_stage_and_dashes_for_unknowns() -> Non
     assert "peak RSS MiB" in header
     assert load.split() == ["load", "1.2", "512", "-"]
     assert search.split() == ["search", "3.0", "-", "4.50"]
+
+
+def test_a_process_without_cuda_reads_no_gpu_peak_and_initialises_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def touched(*_: object) -> int:
+        raise AssertionError("a CPU job must not touch CUDA's memory counters")
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", touched)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", touched)
+    assert stage_stats.gpu_peak_bytes() is None
+    with StageRecorder() as recorder:
+        recorder("load", 0, 1)
+        recorder("search", 0, 1)
+    assert [s["peak_gpu_bytes"] for s in recorder.stages()] == [None, None]
+    assert "GPU" not in format_stages(recorder.stages())  # no column of dashes on a CPU job
+
+
+def test_gpu_peak_is_read_and_reset_at_every_stage_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The allocator's peak since the previous read: before the job, during load, during search,
+    # during load again.
+    peaks = iter([900 * MB, 100 * MB, 300 * MB, 50 * MB])
+    monkeypatch.setattr(stage_stats, "gpu_peak_bytes", lambda: next(peaks))
+    with StageRecorder() as recorder:  # reads (and drops) what came before the job
+        recorder("load", 0, 2)
+        recorder("load", 1, 2)  # the same stage: nothing read
+        recorder("search", 0, 1)
+        recorder("load", 2, 2)
+    stages = _by_name(recorder)
+    assert stages["load"]["peak_gpu_bytes"] == 100 * MB  # the larger of its two visits
+    assert stages["search"]["peak_gpu_bytes"] == 300 * MB
+    assert next(peaks, None) is None  # one read a switch, one at the start, one at the end
+
+
+def test_format_stages_adds_a_gpu_column_when_a_stage_used_the_gpu() -> None:
+    text = format_stages(
+        [
+            {"stage": "load", "seconds": 1.25, "peak_rss_bytes": 512 * MB, "peak_gpu_bytes": None},
+            {"stage": "search", "seconds": 3.0, "peak_rss_bytes": None, "peak_gpu_bytes": 96 * MB},
+        ]
+    )
+    header, load, search = text.splitlines()
+    assert "peak GPU MiB" in header
+    assert load.split() == ["load", "1.2", "512", "-", "-"]
+    assert search.split() == ["search", "3.0", "-", "96", "-"]
