@@ -106,7 +106,9 @@ def gptq_codes(
     rows, cols = w.shape
     groups = Groups.of(fmt, cols)
     u = inverse_hessian_factor(gram.to(w.device))  # (cols, cols)
-    work = w.to(torch.float32).t().contiguous()  # (cols, rows): error-updated, in place
+    # (cols, rows): error-updated in place, so always a copy (for a transposed view, such as a
+    # GPT-2 Conv1D weight's matrix, .contiguous() would hand back the model's own storage)
+    work = w.to(torch.float32).t().clone(memory_format=torch.contiguous_format)
     codes = torch.empty_like(work)  # (cols, rows)
     params = _GroupParams(fmt, rows, groups, w.device)
     for start in range(0, cols, block):

@@ -149,3 +149,15 @@ def test_between_brute_force_and_round_to_nearest_on_one_row(name: str) -> None:
         gptq_total += got
         rtn_total += output_error(weight_delta(w, rtn, fmt), h)
     assert best_total <= gptq_total < rtn_total, (best_total, gptq_total, rtn_total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leaves_a_transposed_weight_view_untouched(dtype: torch.dtype) -> None:
+    """A GPT-2 Conv1D stores ``[in, out]``; its matrix is a transposed view, whose transpose is
+    the model's own contiguous storage: rounding must not update the model's weights."""
+    stored = gaussian(3, 12, 8).to(dtype)  # (cols, rows): how Conv1D keeps the weight
+    before = stored.clone()
+    w = stored.t()  # (rows, cols): the matrix view rounding sees
+    x = correlated_inputs(4, 64, 12)
+    gptq_codes(w, parse_format("int3-g4"), gram_of(x))
+    assert torch.equal(stored, before)
