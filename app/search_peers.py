@@ -136,10 +136,17 @@ def open_places(engine: Engine, *, job_id: str, lease_version: int, count: int) 
     return count
 
 
-def close_places(engine: Engine, *, job_id: str) -> None:
-    """Delete the job's places: joined workers find their lease gone and stop."""
+def close_places(engine: Engine, *, job_id: str, lease_version: int) -> None:
+    """Delete the places this attempt opened: joined workers find their lease gone and stop.
+
+    Only this attempt's: an attempt that lost the job and closes late must not end the search
+    of the attempt that took the job over."""
     with _writing(engine) as connection:
-        connection.execute(delete(SearchPeer).where(SearchPeer.job_id == job_id))
+        connection.execute(
+            delete(SearchPeer).where(
+                SearchPeer.job_id == job_id, SearchPeer.job_lease_version == lease_version
+            )
+        )
 
 
 def _job_open() -> Any:
@@ -252,7 +259,12 @@ class SearchOpening:
     def close(self) -> None:
         if self.count and self.state == "open":
             self.state = "closed"
-            self._try(lambda: close_places(self.engine, job_id=self.job_id), "close")
+            self._try(
+                lambda: close_places(
+                    self.engine, job_id=self.job_id, lease_version=self.lease_version
+                ),
+                "close",
+            )
 
     def _try(self, action: Callable[[], object], what: str) -> None:
         try:

@@ -49,8 +49,21 @@ def test_places_end_with_the_search_the_attempt_or_a_cancel(engine: Engine) -> N
     with engine.begin() as connection:
         connection.execute(update(Job).where(Job.id == job.id).values(cancel_requested=False))
     assert renew_place(engine, place_id=place.id, worker_id="a", lease_s=30)
-    close_places(engine, job_id=job.id)  # the search is over
+    close_places(engine, job_id=job.id, lease_version=job.lease_version)  # the search is over
     assert not renew_place(engine, place_id=place.id, worker_id="a", lease_s=30)
     # An attempt that no longer holds the job opens nothing.
     assert open_places(engine, job_id=job.id, lease_version=job.lease_version + 1, count=2) == 0
     assert claim_place(engine, worker_id="b", lease_s=30) is None
+
+
+def test_a_late_close_of_an_old_attempt_leaves_the_new_attempts_places(engine: Engine) -> None:
+    job = _running_job(engine)
+    open_places(engine, job_id=job.id, lease_version=job.lease_version, count=1)
+    with engine.begin() as connection:  # the attempt lost its lease; another worker took over
+        connection.execute(
+            update(Job).where(Job.id == job.id).values(lease_version=job.lease_version + 1)
+        )
+    assert open_places(engine, job_id=job.id, lease_version=job.lease_version + 1, count=1) == 1
+    close_places(engine, job_id=job.id, lease_version=job.lease_version)  # the old one, late
+    place = claim_place(engine, worker_id="a", lease_s=30)
+    assert place is not None  # the new attempt's place is still open
