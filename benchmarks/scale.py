@@ -14,8 +14,11 @@ Calibration data is random token ids written as a ``.safetensors`` file (``input
 ``attention_mask``): no tokenizer is needed, and cost depends on the shapes, not the text. Each
 of ``analyze`` and ``search`` runs in a fresh subprocess, so its peak RSS (``getrusage``) is its
 own; the stages come from :class:`~bitplan.search.stage_stats.StageRecorder` (RSS sampled every
-50 ms, samples forwarded by the model's top module). ``--quick`` runs tiny configs in seconds
-and leaves RESULTS.md alone.
+50 ms, samples forwarded by the model's top module). A measured process starts as the CLI and
+the service's workers do, with glibc's mmap threshold fixed (:mod:`bitplan.app.allocator`),
+and ``analyze`` runs once more with glibc's defaults to show what that buys;
+``--default-allocator`` measures everything with glibc's defaults instead. ``--quick`` runs
+tiny configs in seconds and leaves RESULTS.md alone.
 
 Reproduce: ``python -m benchmarks.scale`` (``--quick`` for the smoke run).
 """
@@ -30,7 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,9 @@ from safetensors.torch import save_file
 from benchmarks._common import Timer, machine_info, peak_rss_mb, publish_report
 
 SECTION = "Scale"
+# The extra run that measures analyze without app/allocator.py's fixed mmap threshold.
+DEFAULT_MALLOC_RUN = "analyze-default-malloc"
+DEFAULT_MALLOC_LABEL = "analyze, glibc's default malloc"
 GB = 10**9
 MIB = 2**20
 SEED = 0
@@ -102,6 +108,8 @@ class Settings:
     formats: tuple[str, ...] = ("int4", "int8")
     holdout: float = 0.25
     batch_size: int = 8
+    # as the CLI and workers start (bitplan.app.allocator); False: glibc's own defaults
+    fixed_mmap_threshold: bool = True
 
 
 FULL = Settings(
@@ -177,6 +185,7 @@ def measure_run(
     command: str, *, model: Path, calib: Path, out: Path, settings: Settings
 ) -> dict[str, Any]:
     """Run ``analyze`` or ``search`` here and return its stages, peak RSS and frontier size."""
+    from bitplan.app.allocator import return_freed_memory
     from bitplan.search.pipeline import analyze_spec, run_job
     from bitplan.search.spec import JobSpec
     from bitplan.search.stage_stats import StageRecorder
@@ -194,6 +203,8 @@ def measure_run(
     )
     cache = out / "cache"
     report: dict[str, Any] = {"command": command}
+    if settings.fixed_mmap_threshold:
+        report["fixed_mmap_threshold"] = return_freed_memory()
     with Timer() as timer:
         if command == "analyze":
             with StageRecorder() as recorder:
@@ -235,14 +246,21 @@ def measure_subject(subject: Subject, settings: Settings, workdir: Path) -> dict
     )
     settings_file = workdir / "settings.json"
     settings_file.write_text(json.dumps(asdict(settings)), encoding="utf-8")
+    plan = [("analyze", "analyze", settings_file), ("search", "search", settings_file)]
+    if settings.fixed_mmap_threshold:
+        # The same analyze with glibc's defaults: what fixing the threshold buys.
+        default_file = workdir / "settings-default-malloc.json"
+        default_settings = replace(settings, fixed_mmap_threshold=False)
+        default_file.write_text(json.dumps(asdict(default_settings)), encoding="utf-8")
+        plan.append((DEFAULT_MALLOC_RUN, "analyze", default_file))
     runs = {}
-    for command in ("analyze", "search"):
-        out = workdir / f"{subject.name}-{command}"
-        runs[command] = _in_subprocess(
-            command, model=folder, calib=calib, out=out, settings=settings_file
-        )
-        runs[command]["rss_target_bytes"] = target
-        runs[command]["rss_ratio"] = runs[command]["peak_rss_bytes"] / target
+    for key, command, file in plan:
+        out = workdir / f"{subject.name}-{key}"
+        run = _in_subprocess(command, model=folder, calib=calib, out=out, settings=file)
+        run["label"] = DEFAULT_MALLOC_LABEL if key == DEFAULT_MALLOC_RUN else command
+        run["rss_target_bytes"] = target
+        run["rss_ratio"] = run["peak_rss_bytes"] / target
+        runs[key] = run
     search = runs["search"]
     forwards = sum(s["forward_equivalents"] or 0.0 for s in search["stages"])
     allowed = settings.trials + search["frontier_points"] + 6
@@ -274,7 +292,7 @@ def _stage_table(run: dict[str, Any], ckpt: int) -> list[str]:
         rss = s["peak_rss_bytes"]
         fwd = s["forward_equivalents"]
         rows.append(
-            f"| {run['command']} | {s['stage']} | {s['seconds']:.1f} | "
+            f"| {run['label']} | {s['stage']} | {s['seconds']:.1f} | "
             f"{'-' if rss is None else f'{rss / GB:.2f}'} | "
             f"{'-' if rss is None else f'{rss / ckpt:.2f}'} | "
             f"{'-' if fwd is None else f'{fwd:.2f}'} |"
@@ -298,13 +316,18 @@ def _verdict(value: float, target: float) -> str:
 # the stage tables.
 MEMORY_NOTES = (
     "Reading the stage tables: `load` holds the checkpoint in its own dtype plus the Python, "
-    "torch and transformers runtime (about 0.5 GB here). `collect` (fisher) adds a Fisher sum "
-    "of the size of every planned weight (bfloat16 for bfloat16 weights, "
-    "sensitivity/methods/fisher.py) plus one weight gradient at a time and the activations "
-    "kept for backward, and that memory stays resident through `analyze`. `search` and "
-    "`validate` add the plan applier's snapshot of the planned weights, which is read back "
-    "through a memory map (file pages read count as resident), and the quantized copy of the "
-    "layers being applied. Stage peaks are sampled every 50 ms; the run's peak is exact."
+    "torch and transformers runtime (about 0.5 GB here). `collect` (fisher) adds the "
+    "activations kept for backward, the loss's float32 logits and one weight gradient at a "
+    "time. A small model (minilm) also keeps a Fisher sum per planned weight until `analyze` "
+    "has scored it; once those sums would pass 256 MiB (llama) each gradient is folded "
+    "straight into per-format errors during backward instead, which leaves `analyze` nothing "
+    "to do (sensitivity/methods/_fisher_folds.py). `reference` adds the reference outputs; "
+    "`search` and `validate` add, per layer being applied, a temporary copy of its original "
+    "read back with plain reads (no memory map) from the plan applier's snapshot on disk "
+    "(search/applier.py). With the fixed threshold, freed tensors go back to the system at once "
+    "(app/allocator.py), which costs time: compare the `collect` seconds of the default-malloc "
+    "row. "
+    "Stage peaks are sampled every 50 ms; the run's peak is exact."
 )
 
 
@@ -322,7 +345,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         "Peak RSS per stage is sampled every 50 ms; the run's peak is `getrusage`'s. "
         "Forward-equivalents: samples through the model's top module over the calibration "
         "split's size (held-out passes count in the same unit, fisher's backward passes do "
-        "not). Reproduce: `python -m benchmarks.scale`.",
+        "not). "
+        + (
+            "Each process fixes glibc's mmap threshold at 128 KiB, as the CLI and the workers "
+            "do for checkpoints of 1 GiB or more (app/allocator.py: llama here, not minilm, "
+            "which runs as its row `analyze, glibc's default malloc` shows); that row repeats "
+            "`analyze` without it, for comparison (not a command of its own). "
+            if settings.get("fixed_mmap_threshold", True)
+            else "Each process keeps glibc's default (dynamic) mmap threshold. "
+        )
+        + "Reproduce: `python -m benchmarks.scale`.",
         "",
         "| model | parameters | checkpoint GB | command | wall s | peak RSS GB | "
         "target GB (1.3 x ckpt + 1 GB) | peak / target | met |",
@@ -333,7 +365,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         for run in sub["runs"].values():
             lines.append(
                 f"| {name} | {sub['parameters'] / 1e9:.3f} B | {sub['checkpoint_bytes'] / GB:.2f} "
-                f"| {run['command']} | {run['seconds']:.0f} | {run['peak_rss_bytes'] / GB:.2f} "
+                f"| {run['label']} | {run['seconds']:.0f} | {run['peak_rss_bytes'] / GB:.2f} "
                 f"| {run['rss_target_bytes'] / GB:.2f} | {run['rss_ratio']:.2f} "
                 f"| {_verdict(run['rss_ratio'], 1.0)} |"
             )
@@ -387,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--only", default=None, help="measure one model: minilm or llama")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="glibc's default mmap threshold, not the CLI's fixed one; RESULTS.md left alone",
+    )
     # One measured run, as the benchmark starts it in a subprocess.
     parser.add_argument("--run", choices=("analyze", "search"), help=argparse.SUPPRESS)
     for key in ("model", "calib", "out", "settings"):
@@ -409,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             parser.error(f"--only takes one of {', '.join(s.name for s in settings.subjects)}")
         settings = Settings(**{**asdict(settings), "subjects": chosen})
+    if args.default_allocator:
+        settings = replace(settings, fixed_mmap_threshold=False)
     with tempfile.TemporaryDirectory(prefix="bitplan-scale-") as tmp:
         report = run_benchmark(workdir=Path(tmp), settings=settings)
     publish_report(
@@ -416,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         report,
         section=SECTION,
         json_path=args.json,
-        record=not (args.quick or args.no_write or args.only),
+        record=not (args.quick or args.no_write or args.only or args.default_allocator),
     )
     return 0
 

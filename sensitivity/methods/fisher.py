@@ -24,12 +24,18 @@ the full-precision and quantized predictive distributions in nats per prediction
 different layers are on one scale and add up to a model-level estimate, as the additive
 frontier assumes.
 
-Memory: the model stays in its dtype and only the planned weights get gradients, each freed as
-soon as it is folded into the Fisher sum. The sums take the weights' size (float32 for float32
+Memory: the model stays in its dtype and only the planned weights get gradients, each folded
+in and freed as soon as backward has accumulated it, so the gradients of all planned weights
+never exist at once. How a gradient is folded in depends on the model's size
+(:mod:`._fisher_folds`): a small model keeps a Fisher sum per weight (float32 for float32
 weights, bfloat16 for half ones: rounding of a few summed terms is far below the Monte Carlo
-noise of one sampled label per prediction), so the whole method needs about twice the
-checkpoint's memory plus activations. A tied tensor has one Fisher, so its score is split over
-its modules.
+noise of one sampled label per prediction) and scores it after the last batch. Once those sums
+would pass 256 MiB (a 128 M-parameter bfloat16 model) they would be a second checkpoint in RAM,
+breaking issue 9's bound of 1.3 x checkpoint + 1 GB; then each batch's ``g²`` is folded
+straight into one float per format, ``Σ g² ⊙ ΔW²`` in float32 chunks — the same sum in another
+order, at the cost of one quantization of every planned weight per format and *batch* instead
+of per format. Either way the method needs the checkpoint plus activations plus one gradient.
+A tied tensor has one Fisher, so its score is split over its modules.
 """
 
 from __future__ import annotations
@@ -44,16 +50,9 @@ from torch import nn
 
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import QuantFormat
-from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
-from bitplan.sensitivity.methods._common import (
-    Scores,
-    candidates,
-    iter_deltas,
-    layer_matrix,
-    quantizer_of,
-    spread_over_ties,
-    tie_groups,
-)
+from bitplan.sensitivity.layers import QuantLayer, get_weight
+from bitplan.sensitivity.methods._common import Scores, spread_over_ties, tie_groups
+from bitplan.sensitivity.methods._fisher_folds import GradientFold, gradient_fold
 from bitplan.sensitivity.metrics import counted_positions
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
@@ -76,52 +75,48 @@ def _pseudo_loss(
     if target == "projection":
         r = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32)
         return (r * out.to(torch.float32)).sum(), out.shape[0]
-    logits = out.to(torch.float32)
-    if logits.dim() == 3:  # a causal LM: position t predicts token t + 1
-        # Count the positions the metrics count: t and t + 1 both real tokens.
-        counted = counted_positions(mask, logits.shape[:2], logits.device)  # (B, T-1)
-        logits = logits[:, :-1][counted]  # (n_predictions, V)
-    logits = logits.reshape(-1, logits.shape[-1])  # (n_predictions, V)
+    if out.dim() == 3:  # a causal LM: position t predicts token t + 1
+        # Count the positions the metrics count: t and t + 1 both real tokens. Picked before
+        # the float32 copy, so no float32 copy of the uncounted positions is ever made.
+        counted = counted_positions(mask, out.shape[:2], out.device)  # (B, T-1)
+        out = out[:, :-1][counted]  # (n_predictions, V)
+    logits = out.to(torch.float32).reshape(-1, out.shape[-1])  # (n_predictions, V)
     with torch.no_grad():
         labels = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)
     return F.cross_entropy(logits, labels, reduction="sum"), logits.shape[0]
 
 
-def _fisher_dtype(weight: torch.Tensor) -> torch.dtype:
-    """float32 for float32 weights; bfloat16 for half ones: float32's exponent range (g² of a
-    float16 gradient would underflow in float16) at the weight's own size."""
-    return torch.float32 if weight.dtype == torch.float32 else torch.bfloat16
-
-
 def _accumulate(
     module: nn.Module,
     groups: list[list[QuantLayer]],
+    fold: GradientFold,
     batches: Callable[[], Iterable[Batch]],
     output_fn: Callable[[Batch], torch.Tensor],
     target: FisherTarget,
     seed: int,
     on_batch: Callable[[], None],
     should_cancel: CancelFn | None,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Sum of squared pseudo-loss gradients per tied tensor, and the prediction count.
+) -> int:
+    """Fold the squared pseudo-loss gradients of every tied tensor into ``fold``; returns the
+    prediction count.
 
-    Each gradient is folded into its Fisher sum and freed as soon as backward has accumulated
-    it, so the gradients of all planned weights never exist at once.
+    Each gradient is folded in and freed as soon as backward has accumulated it, so the
+    gradients of all planned weights never exist at once.
     """
     weights = {g[0].tensor_key: get_weight(module, g[0]) for g in groups}
-    fisher = {key: torch.zeros_like(w, dtype=_fisher_dtype(w)) for key, w in weights.items()}
 
-    def make_hook(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def make_hook(key: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             if param.grad is not None:  # always set after accumulation; None adds nothing
-                acc.add_(param.grad.to(acc.dtype).square())
+                with torch.no_grad():
+                    fold.fold(key, param.grad)
             param.grad = None
 
         return hook
 
     handles = [
         # torch leaves this method unannotated; it takes a (Tensor) -> None hook
-        w.register_post_accumulate_grad_hook(make_hook(fisher[key]))  # type: ignore[no-untyped-call]
+        w.register_post_accumulate_grad_hook(make_hook(key))  # type: ignore[no-untyped-call]
         for key, w in weights.items()
     ]
     gen: torch.Generator | None = None
@@ -145,7 +140,7 @@ def _accumulate(
     finally:
         for handle in handles:
             handle.remove()
-    return fisher, n_predictions
+    return n_predictions
 
 
 def fisher_errors(
@@ -161,6 +156,7 @@ def fisher_errors(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     rounder: Rounder | None = None,
+    max_sum_bytes: int | None = None,
 ) -> Scores:
     """Fisher-weighted error of every layer in every candidate format.
 
@@ -171,6 +167,11 @@ def fisher_errors(
     Layers that no gradient reached (they do not influence ``output_fn``'s output: a pooler
     beside the hidden states, an unused head) are left out of the result: a Fisher of zero
     would call them free to quantize, so the caller scores them another way.
+
+    ``max_sum_bytes``: above this size of per-weight Fisher sums (default
+    :data:`~._fisher_folds.DEFAULT_MAX_SUM_BYTES`), each batch's gradients are folded straight
+    into per-format errors instead (the same scores, less memory, more quantization; see the
+    module docstring).
     """
     if target not in FISHER_TARGETS:
         raise ValueError(f"unknown fisher target {target!r}; accepted: {FISHER_TARGETS}")
@@ -192,8 +193,9 @@ def fisher_errors(
             p.grad = None
         for g in groups:
             get_weight(module, g[0]).requires_grad_(True)
-        fisher, n_predictions = _accumulate(
-            module, groups, batches, output_fn, target, seed, on_batch, should_cancel
+        fold = gradient_fold(module, groups, formats, rounder, max_sum_bytes=max_sum_bytes)
+        n_predictions = _accumulate(
+            module, groups, fold, batches, output_fn, target, seed, on_batch, should_cancel
         )
     finally:
         for p, flag, grad in saved:
@@ -208,19 +210,12 @@ def fisher_errors(
     scores: Scores = {}
     for g in groups:
         check_cancel(should_cancel)
-        lay = g[0]
-        f = weight_matrix(fisher.pop(lay.tensor_key), lay.kind)  # (rows, cols) like the weight view
-        if not f.any():  # an unused head or pooler: no score (not 0) rather than a free int2
-            logger.info("no gradient reached %s; left for another method", lay.name)
+        totals = fold.totals(g)
+        if totals is None:  # an unused head or pooler: no score (not 0) rather than a free int2
+            logger.info("no gradient reached %s; left for another method", g[0].name)
             continue
-        matrix = layer_matrix(module, lay)
-        errors = {}
-        for fmt in candidates(lay, formats):
-            total = 0.0
-            for start, stop, _, dw in iter_deltas(matrix, fmt, codes=quantizer_of(rounder, lay)):
-                total += float((f[start:stop].to(torch.float32) * dw.square()).sum())
-            # ½ ΔWᵀ F ΔW, F per prediction: the expected loss (KL) increase, see module doc.
-            errors[fmt.name] = 0.5 * total / n_predictions
+        # ½ ΔWᵀ F ΔW, F per prediction: the expected loss (KL) increase, see module doc.
+        errors = {name: 0.5 * total / n_predictions for name, total in totals.items()}
         spread_over_ties(g, errors, scores)
         report(progress, "analyze", len(scores), len(layers))
     return scores

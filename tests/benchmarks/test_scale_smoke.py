@@ -35,6 +35,12 @@ def test_a_quick_run_measures_every_stage_of_both_models(tmp_path: Path) -> None
         calib = samples - held_out
         assert sub["checkpoint_bytes"] > 0 and sub["parameters"] > 0
         analyze, search = sub["runs"]["analyze"], sub["runs"]["search"]
+        # analyze again with glibc's defaults, beside the CLI's fixed mmap threshold
+        default_malloc = sub["runs"][scale.DEFAULT_MALLOC_RUN]
+        assert "fixed_mmap_threshold" in analyze and "fixed_mmap_threshold" not in default_malloc
+        assert {s["stage"] for s in default_malloc["stages"]} == {
+            s["stage"] for s in analyze["stages"]
+        }
         assert {s["stage"] for s in analyze["stages"]} >= {"load", "collect", "analyze"}
         stages = {s["stage"]: s for s in search["stages"]}
         assert set(stages) == SEARCH_STAGES

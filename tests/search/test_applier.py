@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -89,5 +91,49 @@ def test_a_share_group_choice_quantizes_exactly_its_members() -> None:
                 assert not torch.equal(p, originals[name]), name
             else:  # block 0's q/k/v, every o_proj and MLP, and the biases: untouched
                 assert torch.equal(p, originals[name]), name
+    for name, p in model.named_parameters():
+        assert torch.equal(p, originals[name]), name
+
+
+def _mapped_files() -> str:
+    """The file mappings of this process (Linux), where a memory-mapped snapshot would show."""
+    return Path("/proc/self/maps").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_the_snapshot_is_read_not_mapped_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Pages of a mapped file count as resident memory; plain reads do not keep any."""
+    model = _model()
+    layers = find_quant_layers(model)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with PlanApplier(model, layers, workdir=tmp_path) as applier:
+        applier.apply(_parsed({"0.weight": "int4-g8", "1": "int8", "3": "int2-g4-asym"}))
+        applier.apply(_parsed({"1": "int4-g8"}))  # 0.weight and 3 read back in place
+        (snapshot,) = tmp_path.iterdir()
+        assert str(snapshot) not in _mapped_files()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError), PlanApplier(model, layers, workdir=tmp_path) as applier:
+        applier.apply(_parsed({"1": "int2"}))
+        raise ValueError("trial failed")
+    assert list(tmp_path.iterdir()) == []
+    for name, p in model.named_parameters():
+        assert torch.equal(p, originals[name]), name
+
+
+def test_weights_that_are_not_contiguous_are_restored_bit_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)).bfloat16()
+    transposed = torch.randn(8, 16, dtype=torch.bfloat16).t()  # (16, 8), column-major
+    model[0].weight = nn.Parameter(transposed)
+    assert not model[0].weight.is_contiguous()
+    layers = find_quant_layers(model)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    int4 = parse_format("int4-g8")
+    with PlanApplier(model, layers, workdir=tmp_path) as applier:
+        applier.apply({"0": int4, "1": int4})
+        assert torch.equal(model[0].weight, fake_quantize(originals["0.weight"], int4))
+        applier.apply({"1": int4})
+        assert torch.equal(model[0].weight, originals["0.weight"])
+        assert not model[0].weight.is_contiguous()  # written into, not replaced
     for name, p in model.named_parameters():
         assert torch.equal(p, originals[name]), name
