@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch==2.13.0 first: it is a CPU build that pip finds locally; an unpinned torch would pull a
-# multi-GB CUDA build.
+# multi-GB CUDA build. llama-cpp-python compiles llama.cpp: without -march=native (GGML_NATIVE=OFF),
+# because a native build on a CPU with AMX tiles crashed (SIGSEGV in its first eval) in a virtual
+# machine that does not grant the AMX state; the portable build runs anywhere.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[hf,pg,runtimes,dev]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $${CMAKE_ARGS:-}" $(BIN)/python -m pip install --quiet -e '.[hf,pg,runtimes,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -53,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.runtimes
 	$(BIN)/python -m benchmarks.distributed  # needs PostgreSQL at 127.0.0.1:5432
 	$(BIN)/python -m benchmarks.scale
+	$(BIN)/python -m benchmarks.blockwise_memory
 
 clean:
 	rm -rf $(VENV) .bitplan bitplan-demo

@@ -43,6 +43,7 @@ __all__ = [
     "Job",
     "JobStateType",
     "SearchPeer",
+    "SensitivityShard",
     "UTCDateTime",
     "WorkerBeat",
     "new_id",
@@ -237,3 +238,29 @@ class SearchPeer(Base):
     job_lease_version: Mapped[int]
     worker_id: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None]
+
+
+class SensitivityShard(Base):
+    """A part of a running job's sensitivity table that any worker may compute
+    (app/sensitivity_shards.py).
+
+    The job's worker splits its planned layers into shards (whole tie and share groups) when its
+    job reaches the analyze stage, and deletes them once it has merged their tables; a worker
+    claims one (``worker_id``, a lease it renews), writes the table of its ``layers`` into the
+    job's staging folder and sets ``done``. ``job_lease_version`` ties a shard to the attempt
+    that opened it. ``failures`` counts other workers that could not compute it: such a shard is
+    left to the job's own worker.
+    """
+
+    __tablename__ = "sensitivity_shards"
+    __table_args__ = (UniqueConstraint("job_id", "shard"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    shard: Mapped[int]  # 0.. the job's number of shards; names the shard's table file
+    job_lease_version: Mapped[int]
+    layers: Mapped[list[str]] = mapped_column(JSON)  # planned layer names, in model order
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]
+    done: Mapped[bool] = mapped_column(default=False)
+    failures: Mapped[int] = mapped_column(default=0)

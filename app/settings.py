@@ -55,6 +55,14 @@ class Settings(BaseSettings):
         "running trials of the job's Optuna study (app/search_peers.py); 0 turns joining off. "
         "Needs an optuna_storage that every worker reaches (PostgreSQL)",
     )
+    sensitivity_shards: int = Field(
+        default=0,
+        ge=0,
+        description="how many shards (whole tie and share groups, balanced by size) a job's "
+        "sensitivity analysis is split into, for idle workers to compute "
+        "(app/sensitivity_shards.py); 0 or 1 analyzes in the job's worker alone. Needs an "
+        "artifact_dir that every worker shares (the shards' tables meet there)",
+    )
     trusted_models: bool = False
     # "module:function" the worker calls for each job; tests point it at a small double.
     worker_runner: str = "bitplan.search.pipeline:run_job"

@@ -90,6 +90,11 @@ def frontier_table(frontier: FrontierFile) -> Table:
             _headline(holdout),
             style="dim" if point in frontier.uniform else None,
         )
+    if frontier.scope is not None:  # which figures ran the whole network
+        table.caption = (
+            f"calib/held-out: {frontier.scope.get('holdout', '?')}; "
+            f"plans' predicted_error: {frontier.scope.get('predicted_error', '?')}"
+        )
     return table
 
 

@@ -3,7 +3,8 @@
 A queued row is a planning job or a model export (:class:`~bitplan.app.states.JobKind`, see
 app/model_exports.py); the same worker claims both in arrival order and runs each the same way,
 with a runner per kind (the pipeline, :func:`bitplan.app.export_run.run_export`). One worker
-runs one job at a time; with no job queued it may join a running job's search stage
+runs one job at a time; with no job queued it may compute shards of a running job's
+sensitivity table (:mod:`bitplan.app.shard_work`) or join a running job's search stage
 (:mod:`bitplan.app.search_peers`). The job runs in its own thread while the main thread
 renews the lease by heartbeat, watches the job's cancel flag and waits for SIGTERM. The
 pipeline's ``should_cancel()`` turns True when the job was cancelled (it ends ``cancelled``),
@@ -46,6 +47,7 @@ from typing import Any, cast
 
 from sqlalchemy import Engine
 
+from bitplan.app.allocator import return_freed_memory_for
 from bitplan.app.db import Backoff, engine_for, is_transient, retry_transient
 from bitplan.app.export_run import pack_export
 from bitplan.app.job_progress import EXPORT_STAGE_WEIGHTS, STAGE_WEIGHTS, ProgressTracker
@@ -76,6 +78,7 @@ from bitplan.app.search_peers import (
     study_storage,
 )
 from bitplan.app.settings import Settings, get_settings
+from bitplan.app.shard_work import ShardedSensitivity, take_sensitivity_shards
 from bitplan.app.states import JobKind, JobState
 from bitplan.app.worker_presence import WorkerPresence
 from bitplan.search.plans import BEST_PLAN_ID
@@ -193,6 +196,8 @@ class _JobRun:
         self.opening = SearchOpening(
             engine, settings, job_id=job.id, lease_version=job.lease_version, kind=job.kind
         )
+        # the job's sensitivity table in shards that idle workers compute too (app/shard_work.py)
+        self.shards = ShardedSensitivity(engine, settings, job=job, worker_id=worker_id)
         self.is_export = job.kind == JobKind.EXPORT
         weights = EXPORT_STAGE_WEIGHTS if self.is_export else STAGE_WEIGHTS
         self.tracker = ProgressTracker(interval_s=PROGRESS_INTERVAL_S, clock=clock, weights=weights)
@@ -260,6 +265,8 @@ class _JobRun:
         except (InputError, TypeError) as error:  # TypeError: unknown or missing fields
             raise _InvalidSpec(str(error)) from None
         self._names.update(_shown_names(spec))
+        return_freed_memory_for(spec.model)  # a large checkpoint: see bitplan.app.allocator
+        sharded = {"sensitivity": self.shards} if self.shards.enabled else {}
         with study_storage(self.settings) as storage:
             returned = self.runner(
                 spec,
@@ -269,6 +276,7 @@ class _JobRun:
                 should_cancel=self.should_cancel,
                 optuna_storage=storage,
                 study_name=study_name_for(self.job.id, attempt=self.job.attempts),
+                **sharded,
             )
         self._render_report()
         # best.json is a copy of one of the plans (a handle), not a plan of its own.
@@ -367,6 +375,7 @@ class _JobRun:
         thread.start()
         self._supervise(thread)
         self.opening.close()
+        self.shards.close()
         self._settle()
         shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -508,7 +517,10 @@ def run_worker(
             if job is None:
                 if once:
                     break
-                if not join_running_search(  # no queued job: join a running search
+                # no queued job: help a running job's sensitivity analysis, else its search
+                if not take_sensitivity_shards(
+                    engine, settings, worker_id=worker_id, shutdown=stop_event
+                ) and not join_running_search(
                     engine, settings, worker_id=worker_id, shutdown=stop_event, clock=clock
                 ):
                     stop_event.wait(settings.poll_seconds)

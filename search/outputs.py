@@ -19,7 +19,7 @@ by the held-out numbers would make them no longer held out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +61,17 @@ def publish(
     points: Sequence[Point],
     uniform: Sequence[Point] = (),
     best: Point | None = None,
+    scope: Mapping[str, str] | None = None,
 ) -> JobOutputs:
     """Write a plan per point and per uniform baseline, ``best.json`` and the frontier files.
 
     Each plan takes its layers and byte totals from ``problem``, its predicted error and its
     measured ``calibration``/``holdout`` metrics from the point, and the point's ``source``.
-    ``best`` must be one of ``points``.
+    ``best`` must be one of ``points``. ``scope`` (what the figures measure,
+    :func:`~bitplan.search.plans.metrics_scope`) goes into every plan's metrics and the
+    frontier file.
     """
+    stated = {} if scope is None else {"scope": dict(scope)}
 
     def plan_of(point: Point) -> Plan:
         return make_plan(
@@ -79,7 +83,11 @@ def publish(
             unplanned_bytes=problem.unplanned_bytes,
             fp16_bytes=problem.fp16_bytes,
             predicted_error=point.predicted_error,
-            metrics={"calibration": dict(point.calibration), "holdout": dict(point.holdout)},
+            metrics={
+                "calibration": dict(point.calibration),
+                "holdout": dict(point.holdout),
+                **stated,
+            },
         )
 
     plans = [plan_of(p) for p in points]
@@ -94,6 +102,7 @@ def publish(
         points=[(plan, p.source) for plan, p in zip(plans, points, strict=True)],
         uniform=[(plan_of(p), p.source) for p in uniform],
         best=best_plan,
+        scope=scope,
     )
     return JobOutputs(
         frontier_path=out_dir / "frontier.json",

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 import pandas as pd
@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from bitplan.search.applier import PlanApplier
+from bitplan.search.blockwise_eval import StreamedPlans, check_blockwise_job, streamed_rounder
 from bitplan.search.budgets import Budget, parse_budget
 from bitplan.search.frontier import Frontier, budget_headroom, exact_frontier, planned_cap
 from bitplan.search.measured import measured_search, search_space
 from bitplan.search.outputs import best_measured, publish
-from bitplan.search.plans import FrontierFile, FrontierPoint
+from bitplan.search.plans import FrontierFile, FrontierPoint, metrics_scope
 from bitplan.search.points import Choice, Point
 from bitplan.search.problem import Problem, as_layer_rows, build_problem
 from bitplan.search.proxy_fit import ProxyGap, proxy_table
@@ -56,7 +57,15 @@ from bitplan.sensitivity.progress import (
 )
 from bitplan.sensitivity.rounder import Rounder, needs_data
 
-__all__ = ["JobResult", "ScoreFn", "UserMetric", "analyze_spec", "load_inputs", "run_job"]
+__all__ = [
+    "JobResult",
+    "ScoreFn",
+    "SensitivityFn",
+    "UserMetric",
+    "analyze_spec",
+    "load_inputs",
+    "run_job",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +142,27 @@ def load_inputs(
     return model, calib, holdout
 
 
+class SensitivityFn(Protocol):
+    """How a job computes its sensitivity table: :func:`analyze`'s call. The default is
+    :func:`analyze` in this process; a service worker may pass one that splits the layers over
+    other workers (app/sensitivity_shards.py) and returns the same table."""
+
+    def __call__(
+        self,
+        model: LoadedModel,
+        calib: CalibData,
+        *,
+        method: str,
+        formats: Sequence[QuantFormat],
+        batch_size: int,
+        seed: int,
+        cache_dir: Path | None,
+        progress: ProgressFn | None,
+        should_cancel: CancelFn | None,
+        rounder: Rounder | None,
+    ) -> pd.DataFrame: ...
+
+
 def _table(
     spec: JobSpec,
     model: LoadedModel,
@@ -144,8 +174,9 @@ def _table(
     progress: ProgressFn | None,
     should_cancel: CancelFn | None,
     rounder: Rounder | None = None,
+    sensitivity: SensitivityFn = analyze,
 ) -> pd.DataFrame:
-    table = analyze(
+    table = sensitivity(
         model,
         calib,
         method=spec.method,
@@ -307,7 +338,7 @@ class _Evaluator:
     def __init__(
         self,
         model: LoadedModel,
-        applier: PlanApplier,
+        applier: PlanApplier | StreamedPlans,
         data: CalibData,
         *,
         batch_size: int,
@@ -321,8 +352,18 @@ class _Evaluator:
         if metric is not None:
             self._measure = _UserScore(model.module, metric, holdout=holdout)
         else:
-            reference = collect_reference(model, data, batch_size=batch_size)
-            self._measure = lambda: measure(model, data, reference, batch_size=batch_size)
+            # A skeleton's outputs are streamed block by block (None: the model runs whole).
+            def outputs() -> Iterator[torch.Tensor] | None:
+                if isinstance(applier, StreamedPlans):
+                    return applier.outputs(data, batch_size)
+                return None
+
+            reference = collect_reference(
+                model, data, batch_size=batch_size, given_outputs=outputs()
+            )
+            self._measure = lambda: measure(
+                model, data, reference, batch_size=batch_size, given_outputs=outputs()
+            )
 
     def __call__(self, choice: Choice) -> float:
         return self.measure(choice)["error"]
@@ -345,6 +386,8 @@ def run_job(
     optuna_storage: str | optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
     metric: UserMetric | None = None,
+    sensitivity: SensitivityFn | None = None,
+    blockwise: bool = False,
 ) -> JobResult:
     """Run a whole job and write its artifacts into ``out_dir``.
 
@@ -353,7 +396,10 @@ def run_job(
     ``should_cancel`` says stop. A Ctrl-C or timeout during the search keeps every finished
     trial: the frontier found so far is validated and written. ``metric`` replaces the built-in
     metrics by the caller's own score (:class:`UserMetric`). The result's ``stages`` say what
-    each stage cost (:mod:`bitplan.search.stage_stats`).
+    each stage cost (:mod:`bitplan.search.stage_stats`). ``sensitivity`` computes the table
+    (:class:`SensitivityFn`; default :func:`analyze` here). ``blockwise`` runs a decoder LM
+    larger than memory one transformer block at a time: ``layer`` sensitivity, and every plan
+    measured end-to-end by a pass streamed from disk (:mod:`bitplan.search.blockwise_eval`).
     """
     with StageRecorder(progress) as recorder:
         result = _run_job(
@@ -365,6 +411,8 @@ def run_job(
             optuna_storage=optuna_storage,
             study_name=study_name,
             metric=metric,
+            sensitivity=sensitivity or analyze,
+            blockwise=blockwise,
         )
     return replace(result, stages=recorder.stages())
 
@@ -379,10 +427,16 @@ def _run_job(
     optuna_storage: str | optuna.storages.BaseStorage | None,
     study_name: str | None,
     metric: UserMetric | None,
+    sensitivity: SensitivityFn,
+    blockwise: bool,
 ) -> JobResult:
+    if blockwise:
+        check_blockwise_job(spec.method, user_metric=metric is not None)
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = parse_budget(spec.budget)
-    model, calib, holdout = load_inputs(spec, cache_dir=cache_dir, progress=progress)
+    model, calib, holdout = load_inputs(
+        spec, cache_dir=cache_dir, progress=progress, blockwise=blockwise
+    )
     watch_forwards(progress, model.module, samples_per_pass=len(calib))
     # Share groups join after loading: the sensitivity table (and its cache) stays per layer,
     # while the problem, the search, the uniform baselines and every plan decide per group.
@@ -392,7 +446,7 @@ def _run_job(
     # Data-aware roundings are computed from the calibration split's input statistics, kept
     # beside the plans: the search measures those integers and `bitplan apply` ships them.
     rounder = (
-        rounder_for(
+        (streamed_rounder if blockwise else rounder_for)(
             model, calib, batch_size=spec.batch_size, workdir=out_dir, should_cancel=should_cancel
         )
         if needs_data(spec.options)
@@ -408,6 +462,7 @@ def _run_job(
         progress=progress,
         should_cancel=should_cancel,
         rounder=rounder,
+        sensitivity=sensitivity,
     )
 
     problem = build_problem(table, layers, unplanned_bytes=unplanned, fp16_bytes=fp16)
@@ -418,7 +473,12 @@ def _run_job(
     frontier = exact_frontier(problem, progress=progress, should_cancel=should_cancel)
     logger.info("exact proxy frontier: %d points (exact=%s)", len(frontier), frontier.exact)
 
-    with PlanApplier(model.module, layers, workdir=out_dir, rounder=rounder) as applier:
+    applier = (
+        StreamedPlans(model, layers, rounder=rounder, should_cancel=should_cancel)
+        if blockwise
+        else PlanApplier(model.module, layers, workdir=out_dir, rounder=rounder)
+    )
+    with applier:
         report(progress, "reference", 0, 2)
         on_calib = _Evaluator(model, applier, calib, batch_size=spec.batch_size, metric=metric)
         report(progress, "reference", 1, 2)
@@ -461,6 +521,7 @@ def _run_job(
         points=points,
         uniform=uniform,
         best=best_measured(points),
+        scope=metrics_scope(streamed=blockwise),
     )
     return JobResult(
         out_dir=out_dir,

@@ -58,6 +58,9 @@ __all__ = [
     "FRONTIER_SCHEMA",
     "PLAN_ID_PATTERN",
     "PLAN_SCHEMA",
+    "SCOPE_END_TO_END",
+    "SCOPE_PROXY",
+    "SCOPE_STREAMED",
     "SOURCES",
     "FrontierFile",
     "FrontierPoint",
@@ -67,6 +70,7 @@ __all__ = [
     "PlanLayer",
     "PlanTotals",
     "make_plan",
+    "metrics_scope",
     "plan_id_of",
     "read_frontier",
     "read_plan",
@@ -83,6 +87,13 @@ _REL_TOL = 1e-12
 BEST_PLAN_ID = "best"
 # Plan ids name files under plans/ and URL segments: no path separator, no leading dot.
 PLAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# What a plan's figures measure: the optional ``scope`` entry of its ``metrics`` and of a
+# frontier file. The predicted error is the additive proxy; the calibration and held-out
+# figures ran the whole network, loaded whole or streamed one transformer block at a time
+# from disk (a model larger than memory: :mod:`bitplan.search.blockwise_eval`).
+SCOPE_PROXY = "proxy: sum of per-layer sensitivities"
+SCOPE_END_TO_END = "end-to-end"
+SCOPE_STREAMED = "end-to-end, streamed block by block"
 
 
 class ModelRef(TypedDict):
@@ -243,7 +254,8 @@ class Plan(_Doc):
     Validating one recomputes its totals from its layers and rejects any disagreement, checks
     every layer's bytes against its shape and format, and that a tie or share group has one
     format (and a tied tensor one share group).
-    ``metrics`` holds ``predicted_error`` and the ``calibration``/``holdout`` measurements.
+    ``metrics`` holds ``predicted_error`` and the ``calibration``/``holdout`` measurements,
+    and, in plans of a job, ``scope``: what each of them measures (:func:`metrics_scope`).
     """
 
     SCHEMA: ClassVar[str] = PLAN_SCHEMA
@@ -327,6 +339,12 @@ def read_plan(path: Path | str) -> Plan:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"plan file {path} is not JSON ({exc})") from exc
     return Plan.from_dict(data)
+
+
+def metrics_scope(*, streamed: bool) -> dict[str, str]:
+    """The ``scope`` of a job's figures: which of a plan's metrics are end-to-end."""
+    measured = SCOPE_STREAMED if streamed else SCOPE_END_TO_END
+    return {"predicted_error": SCOPE_PROXY, "calibration": measured, "holdout": measured}
 
 
 def make_plan(
@@ -483,6 +501,12 @@ class FrontierFile(_Doc):
     uniform: list[FrontierPoint] = Field(
         default_factory=list, description="uniform-format reference points"
     )
+    scope: dict[str, str] | None = Field(
+        default=None,
+        description="what each figure measures: 'predicted_error' the proxy (a sum of "
+        "per-layer sensitivities); 'calibration' and 'holdout' 'end-to-end', or 'end-to-end, "
+        "streamed block by block' for a model run one block at a time; null when not stated",
+    )
 
     @classmethod
     def from_dict(cls, data: object) -> FrontierFile:
@@ -529,6 +553,7 @@ def write_frontier(
     points: Sequence[tuple[Plan, str]],
     uniform: Sequence[tuple[Plan, str]] = (),
     best: Plan | None = None,
+    scope: Mapping[str, str] | None = None,
 ) -> FrontierFile:
     """Write ``plans/<plan_id>.json`` for every point, ``frontier.json`` and ``frontier.csv``.
 
@@ -536,7 +561,8 @@ def write_frontier(
     and named by :func:`plan_id_of`, uniform points after their format. ``best`` (one of the
     points' plans: the answer to the budget) is also written as ``plans/best.json``, a handle
     that works whatever plans a run found. Exactly the listed points' plans are written, and
-    plan files of an earlier run in the same folder are removed.
+    plan files of an earlier run in the same folder are removed. ``scope`` says what the
+    figures measure (:func:`metrics_scope`).
     """
     out = Path(out_dir)
     ranked = sorted(points, key=lambda pair: pair[0].totals.total_bytes)
@@ -564,6 +590,7 @@ def write_frontier(
         budget=budget.to_dict() if budget is not None else None,
         points=entries,
         uniform=refs,
+        scope=dict(scope) if scope is not None else None,
     )
     write_text_atomic(out / "frontier.json", result.to_json())
     write_text_atomic(out / "frontier.csv", result.csv_text())

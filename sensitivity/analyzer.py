@@ -20,6 +20,7 @@ that does not fit) is analysed block by block (:mod:`bitplan.sensitivity.blockwi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from bitplan.sensitivity.data import CalibData
     from bitplan.sensitivity.models import LoadedModel
 
-__all__ = ["METHODS", "analyze", "read_table", "rounder_for", "write_table"]
+__all__ = ["METHODS", "analyze", "read_table", "rounder_for", "table_key", "write_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,47 @@ def _blockwise_scores(
     )
 
 
+def _subset(planned: Sequence[QuantLayer], chosen: Sequence[QuantLayer]) -> list[QuantLayer]:
+    """The layers of ``planned`` named in ``chosen``, in ``planned``'s order (the table's).
+
+    A tie group is one tensor: its score is split over all of its modules, so a subset that
+    holds part of one would score it differently from the whole model's table."""
+    names = {lay.name for lay in chosen}
+    if not names:
+        raise InputError("nothing to analyze: the subset of layers is empty")
+    unknown = sorted(names - {lay.name for lay in planned})
+    if unknown:
+        raise InputError(f"cannot analyze {', '.join(unknown[:3])}: not a planned layer")
+    subset = [lay for lay in planned if lay.name in names]
+    keys = {lay.tensor_key for lay in subset}
+    cut = sorted(lay.name for lay in planned if lay.tensor_key in keys and lay.name not in names)
+    if cut:
+        raise InputError(f"a subset of layers holds whole tie groups; it lacks {', '.join(cut)}")
+    return subset
+
+
+def table_key(
+    model: LoadedModel,
+    calib: CalibData,
+    *,
+    method: str,
+    formats: Sequence[QuantFormat | str],
+    batch_size: int,
+    seed: int,
+) -> str:
+    """The cache key of ``model.layers``' table: what :func:`analyze` stores it under, so a
+    table put together another way (from shards) is cached and found like its own."""
+    fmts = _formats(formats)
+    return cache_key(
+        model_sha256=model.sha256,
+        calib_sha256=None if method == "weight" and not needs_data(fmts) else calib.sha256,
+        method=method,
+        formats=fmts,
+        layers=model.layers,
+        settings=_settings(method, batch_size=batch_size, seed=seed),
+    )
+
+
 def rounder_for(
     model: LoadedModel,
     calib: CalibData,
@@ -332,6 +374,7 @@ def analyze(
     should_cancel: CancelFn | None = None,
     seed: int = 0,
     rounder: Rounder | None = None,
+    layers: Sequence[QuantLayer] | None = None,
 ) -> pd.DataFrame:
     """The sensitivity table of ``model.layers`` in ``formats`` (pinned layers: their format).
 
@@ -348,7 +391,14 @@ def analyze(
     A :class:`~bitplan.sensitivity.lazy_hf.SkeletonModel` is analysed block by block (method
     ``layer`` only, rounding statistics collected on the way): the same table as the whole
     model's, with one block's weights in memory at a time (a cached table is shared).
+
+    ``layers`` scores only those of ``model.layers`` (whole tie groups): the rows of exactly
+    those layers as the whole model's table has them, at the cost of the method's full data
+    passes, so that several processes can split one table (app/sensitivity_shards.py). fisher
+    still runs every backward pass but gives gradients, and scores, to these layers only.
     """
+    if layers is not None:
+        model = dataclasses.replace(model, layers=_subset(model.layers, layers))
     if method not in METHODS:
         raise InputError(f"unknown sensitivity method {method!r}; accepted: {', '.join(METHODS)}")
     if isinstance(model, SkeletonModel):
@@ -358,14 +408,7 @@ def analyze(
     fmts = _formats(formats)
     if not model.layers:
         raise InputError("nothing to analyze: every quantizable layer is excluded")
-    key = cache_key(
-        model_sha256=model.sha256,
-        calib_sha256=None if method == "weight" and not needs_data(fmts) else calib.sha256,
-        method=method,
-        formats=fmts,
-        layers=model.layers,
-        settings=_settings(method, batch_size=batch_size, seed=seed),
-    )
+    key = table_key(model, calib, method=method, formats=fmts, batch_size=batch_size, seed=seed)
     if cache_dir is not None:
         cached = load_cached(cache_dir, key)
         if cached is not None:

@@ -2,19 +2,18 @@
 
 The ``layer`` method needs, for every planned linear, the Gram matrix ``H = X·Xᵀ`` of its
 inputs on the calibration data (:mod:`bitplan.sensitivity.methods.layer`). A decoder LM computes
-those inputs block by block, and block ``i + 1`` sees only what block ``i`` returned, so the
-model never has to be whole in memory: the way GPTQ-style tools quantize LLMs sequentially
-(Frantar et al. 2022, §4 "Step 3"; AutoGPTQ and llm-compressor's sequential pipelines).
+those inputs block by block, so the model never has to be whole in memory: one pass of
+:mod:`bitplan.sensitivity.blockwise_walk` (the model's skeleton, the embeddings run up to
+block 0 whose inputs are cached, then each block's weights read, run on the cached activations
+and dropped, the final norm and the head last) collects each stage's statistics while its
+weights are in memory:
 
-1. The model is a skeleton (:mod:`bitplan.sensitivity.lazy_hf`): no weights. The parameters in
-   front of the blocks (token and position embeddings) are read from the safetensors files and
-   the model runs on each calibration batch until block 0 is called; a hook there records the
-   block's inputs (hidden states, attention mask, position embeddings, …) and stops the forward
-   (the "catcher" of GPTQ tools). Embedding layers are scored from that pass.
-2. For each block: read its weights, run it on every cached input with the Gram hooks of its
-   planned layers, score them, keep its outputs (in the checkpoint dtype, unquantized) as the
-   next block's inputs, and drop its weights.
-3. The final norm and the LM head run on the last block's outputs; the head is scored.
+- :func:`blockwise_layer_errors` scores the stage's planned layers there (embeddings from the
+  front, each block's linears, the head from the tail; the head's output, the logits, is never
+  computed);
+- :func:`blockwise_rounder` writes the stage's Gram matrices to disk, the statistics files
+  :func:`~bitplan.sensitivity.rounder.collect_rounder` writes for a whole model, so data-aware
+  roundings (GPTQ, AWQ) of a block-wise search round exactly as a whole-model one does.
 
 The numbers are the ones the ``layer`` method gives the whole model: the same operations run on
 the same tensors in the same order (tests check equality). A weight tied between the embedding
@@ -22,12 +21,9 @@ and the head is scored last, from its tensor read again, once the statistics of 
 are in (data-aware roundings of a tied tensor see all of them, as on the whole model).
 
 Memory: the largest of one block's weights, the embeddings or the head, plus the block's input
-statistics (``4·cols²`` bytes a linear, as in ``layer``), plus the cached activations: two
-copies (a block's inputs and outputs) of ``samples × tokens × hidden × dtype bytes``, e.g.
-128 samples of 2048 tokens at hidden size 8192 in bf16 are 4 GiB each, beside what the model
-passes every block (the attention mask and the rotary cos/sin of each batch). They stay on the
-analysis device. What it does not measure: anything end-to-end (the model's output error with a
-plan applied); that needs the whole model, where it fits or on a GPU.
+statistics (``4·cols²`` bytes a linear, as in ``layer``), plus the cached activations (see
+:mod:`~bitplan.sensitivity.blockwise_walk`). End-to-end figures (a plan's output error) are
+measured by a streamed pass of the same kind, :mod:`bitplan.search.blockwise_eval`.
 """
 
 from __future__ import annotations
@@ -36,11 +32,23 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from bitplan.sensitivity.blockwise_walk import (
+    BLOCKWISE_TYPES,
+    Batch,
+    Layout,
+    Stages,
+    block_forward,
+    catching,
+    decoder_layout,
+    mask_of,
+    tail_forward,
+)
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import QuantFormat
 from bitplan.sensitivity.layers import QuantLayer, weight_matrix
@@ -49,34 +57,19 @@ from bitplan.sensitivity.methods._common import Scores, layer_matrix
 from bitplan.sensitivity.methods._gram import InputStats, gram_matrices
 from bitplan.sensitivity.methods.layer import collect_input_stats, score_layer
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, report
-from bitplan.sensitivity.rounder import Rounder, needs_data
+from bitplan.sensitivity.rounder import Rounder, needs_data, write_stats
 
-__all__ = ["BLOCKWISE_TYPES", "blockwise_layer_errors", "check_blockwise_method"]
+__all__ = [
+    "BLOCKWISE_TYPES",
+    "blockwise_layer_errors",
+    "blockwise_rounder",
+    "check_blockwise_method",
+]
 
 logger = logging.getLogger(__name__)
 
-Batch = Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a decoder LM keeps its blocks, the norm after them and its output head."""
-
-    blocks: str
-    norm: str
-    head: str
-
-
-_LLAMA = _Layout(blocks="model.layers", norm="model.norm", head="lm_head")
-# model_type → layout. Only decoders whose blocks all take the inputs block 0 takes (one mask
-# type, the same position embeddings), and whose forward does nothing between blocks.
-_LAYOUTS = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt2": _Layout(blocks="transformer.h", norm="transformer.ln_f", head="lm_head"),
-}
-BLOCKWISE_TYPES = tuple(_LAYOUTS)
+# What a stage hands on: its planned layers and their statistics, while its weights are loaded.
+StageFn = Callable[[list[QuantLayer], dict[str, InputStats]], None]
 
 
 def check_blockwise_method(method: str) -> None:
@@ -86,50 +79,6 @@ def check_blockwise_method(method: str) -> None:
             f"block-wise analysis computes the layer method only, not {method!r}: pass "
             "method layer (fisher and e2e need the whole model's forward and backward)"
         )
-
-
-def _layout(model: SkeletonModel) -> _Layout:
-    layout = _LAYOUTS.get(model.model_type)
-    if layout is None or model.task != "text-generation":
-        raise InputError(
-            f"block-wise analysis supports decoder language models ({', '.join(_LAYOUTS)}; "
-            f"task text-generation); {model.ref} is a {model.model_type or 'model'} for "
-            f"{model.task}: analyze it whole"
-        )
-    layer_types = getattr(getattr(model.module, "config", None), "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
-        raise InputError(
-            f"{model.ref}: its blocks use different attention types "
-            f"({', '.join(sorted(set(layer_types)))}), so they do not share block 0's inputs; "
-            "analyze it whole"
-        )
-    return layout
-
-
-def _block_list(module: nn.Module, layout: _Layout) -> nn.ModuleList:
-    blocks = module.get_submodule(layout.blocks)
-    if not isinstance(blocks, nn.ModuleList):
-        raise InputError(f"{layout.blocks} is a {type(blocks).__name__}, not a list of blocks")
-    return blocks
-
-
-@dataclass
-class _Inputs:
-    """One batch's inputs of the current block: ``args[0]`` is the hidden states."""
-
-    args: list[Any]
-    kwargs: dict[str, Any]
-    mask: torch.Tensor | None
-
-
-class _Caught(Exception):
-    """Raised by the hook on block 0 once its inputs are recorded: the rest of the forward is
-    the blocks', which run later one at a time."""
-
-
-def _mask_of(item: _Inputs | Batch) -> torch.Tensor | None:
-    """The attention mask of a cached block input or of a batch of model inputs."""
-    return item.mask if isinstance(item, _Inputs) else item.get("attention_mask")
 
 
 @dataclass
@@ -165,7 +114,7 @@ class _Run:
             forward,
             self.on_batch,
             self.should_cancel,
-            mask_of=_mask_of,
+            mask_of=mask_of,
         )
 
     def rounder_for(
@@ -193,47 +142,6 @@ class _Run:
             report(self.progress, "analyze", self.scored, self.n_layers)
 
 
-def _capture(
-    run: _Run, layout: _Layout, layers: Sequence[QuantLayer], batches: Callable[[], Iterable[Batch]]
-) -> tuple[list[_Inputs], dict[str, InputStats]]:
-    """Run the model up to block 0 on every batch: that block's inputs, and the statistics of
-    ``layers`` (the planned layers in front of the blocks)."""
-    module = run.model.module
-    cached: list[_Inputs] = []
-    mask: list[torch.Tensor | None] = [None]
-
-    def catch(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cached.append(_Inputs(args=list(args), kwargs=dict(kwargs), mask=mask[0]))
-        raise _Caught
-
-    def forward(batch: Batch) -> None:
-        mask[0] = batch.get("attention_mask")
-        try:
-            module(**batch, use_cache=False)
-        except _Caught:
-            return
-        raise InputError(f"{run.model.ref}: the forward pass never reached {layout.blocks}.0")
-
-    first = _block_list(module, layout)[0]
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        stats = run.stats(layers, batches, forward)
-    finally:
-        handle.remove()
-    return cached, stats
-
-
-def _run_block(block: nn.Module) -> Callable[[_Inputs], None]:
-    """Run ``block`` on one cached input and put its output in its place: the next block's
-    input (the hidden states, whatever else a block returns)."""
-
-    def forward(inputs: _Inputs) -> None:
-        out = block(*inputs.args, **inputs.kwargs)
-        inputs.args[0] = out[0] if isinstance(out, tuple) else out
-
-    return forward
-
-
 @contextmanager
 def _hooks_only(module: nn.Module) -> Iterator[None]:
     """Calls of ``module`` run its forward pre-hooks (which collect the statistics) but not its
@@ -247,6 +155,39 @@ def _hooks_only(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         del module.forward
+
+
+def _walk(
+    run: _Run, layout: Layout, batches: Callable[[], Iterable[Batch]], on_stage: StageFn
+) -> None:
+    """One block-by-block pass over ``batches()``: each stage's planned layers and their
+    statistics go to ``on_stage`` while the stage's weights are loaded."""
+    model = run.model
+    module, device = model.module, model.device
+    ckpt = model.checkpoint
+    if ckpt is None:
+        raise TypeError("block-wise analysis needs a skeleton from load_skeleton")
+    stages = Stages.of(module, layout)
+    by_stage = stages.split(model.layers)
+    with ckpt.loaded(module, stages.front, device):
+        with catching(model, layout) as (cached, forward):
+            stats = run.stats(by_stage[0], batches, forward)
+        on_stage(by_stage[0], stats)
+    logger.info(
+        "block-wise: %d batches cached at the input of %d blocks", len(cached), len(stages.blocks)
+    )
+    for i, prefix in enumerate(stages.blocks, start=1):
+        with ckpt.loaded(module, slots_under(module, prefix), device):
+            stats = run.stats(
+                by_stage[i], lambda: cached, block_forward(module.get_submodule(prefix))
+            )
+            on_stage(by_stage[i], stats)
+        del stats
+    with ckpt.loaded(module, stages.tail_slots(module), device):
+        with _hooks_only(module.get_submodule(layout.head)):
+            stats = run.stats(by_stage[-1], lambda: cached, tail_forward(module, layout))
+        on_stage(by_stage[-1], stats)
+    cached.clear()  # the activations go before a tied weight is read again
 
 
 def blockwise_layer_errors(
@@ -269,20 +210,8 @@ def blockwise_layer_errors(
     """
     if model.checkpoint is None:
         raise TypeError("blockwise_layer_errors needs a skeleton from load_skeleton")
-    layout = _layout(model)
+    layout = decoder_layout(model)
     module, ckpt, device = model.module, model.checkpoint, model.device
-    n_blocks = len(_block_list(module, layout))
-    blocks = [f"{layout.blocks}.{i}" for i in range(n_blocks)]
-    tail = [layout.norm, layout.head]
-
-    def under(name: str, prefixes: Sequence[str]) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-    by_stage: list[list[QuantLayer]] = [[] for _ in range(n_blocks + 2)]
-    for lay in model.layers:
-        i = next((i for i, p in enumerate(blocks) if under(lay.name, [p])), None)
-        stage = i + 1 if i is not None else (n_blocks + 1 if under(lay.name, tail) else 0)
-        by_stage[stage].append(lay)
     run = _Run(
         model=model,
         formats=formats,
@@ -290,7 +219,7 @@ def blockwise_layer_errors(
         progress=progress,
         should_cancel=should_cancel,
         n_layers=len(model.layers),
-        collect_total=(n_batches or 0) * (n_blocks + 2),
+        collect_total=(n_batches or 0) * (len(Stages.of(module, layout).blocks) + 2),
     )
     scores: Scores = {}
     tied: list[QuantLayer] = []  # scored last, from all their uses' statistics
@@ -304,33 +233,7 @@ def blockwise_layer_errors(
                 tied.append(lay)
                 tied_stats[lay.name] = stats[lay.name]
 
-    front = [s for s in slots_under(module) if not under(s, [layout.blocks, *tail])]
-    ckpt.materialize(module, front, device)
-    try:
-        cached, stats = _capture(run, layout, by_stage[0], batches)
-        score(by_stage[0], stats)
-    finally:
-        ckpt.release(module, front)
-    logger.info("block-wise: %d batches cached at the input of %d blocks", len(cached), n_blocks)
-    for i, prefix in enumerate(blocks, start=1):
-        slots = slots_under(module, prefix)
-        ckpt.materialize(module, slots, device)
-        try:
-            stats = run.stats(by_stage[i], lambda: cached, _run_block(module.get_submodule(prefix)))
-            score(by_stage[i], stats)
-        finally:
-            ckpt.release(module, slots)
-        del stats
-    slots = [s for p in tail for s in slots_under(module, p)]
-    ckpt.materialize(module, slots, device)
-    try:
-        norm, head = (module.get_submodule(p) for p in tail)
-        with _hooks_only(head):
-            stats = run.stats(by_stage[-1], lambda: cached, lambda x: head(norm(x.args[0])))
-        score(by_stage[-1], stats)
-    finally:
-        ckpt.release(module, slots)
-    cached.clear()  # the activations go before the tied weights are read again
+    _walk(run, layout, batches, score)
     run.score(
         tied,
         tied_stats,
@@ -338,3 +241,48 @@ def blockwise_layer_errors(
         scores,
     )
     return scores
+
+
+def blockwise_rounder(
+    model: SkeletonModel,
+    *,
+    batches: Callable[[], Iterable[Batch]],
+    workdir: Path,
+    should_cancel: CancelFn | None = None,
+) -> Rounder:
+    """A :class:`Rounder` with every planned layer's input Gram matrix, from one block-by-block
+    pass over ``batches()``: one statistics file a stage under ``workdir`` (tied tensors' in a
+    last one, their uses summed), read back through memory maps, as
+    :func:`~bitplan.sensitivity.rounder.collect_rounder` leaves them for a whole model."""
+    layout = decoder_layout(model)
+    run = _Run(
+        model=model,
+        formats=(),
+        rounder=None,
+        progress=None,
+        should_cancel=should_cancel,
+        n_layers=len(model.layers),
+        collect_total=0,
+    )
+    files: list[Path] = []
+    tied: list[QuantLayer] = []
+    tied_grams: dict[str, torch.Tensor] = {}
+
+    def keep(layers: list[QuantLayer], stats: dict[str, InputStats]) -> None:
+        own = [lay for lay in layers if lay.tie is None]
+        grams = gram_matrices(own, stats)
+        if grams:
+            files.append(write_stats(workdir, len(files), own, grams))
+        shared = [lay for lay in layers if lay.tie is not None]
+        tied.extend(shared)
+        for param, gram in gram_matrices(shared, stats).items():
+            have = tied_grams.get(param)
+            tied_grams[param] = gram if have is None else have + gram
+
+    _walk(run, layout, batches, keep)
+    if tied_grams:
+        files.append(write_stats(workdir, len(files), tied, tied_grams))
+    logger.info(
+        "block-wise input statistics of %d layers for data-aware rounding", len(model.layers)
+    )
+    return Rounder.load(files)

@@ -119,6 +119,16 @@ class Checkpoint:
                     torch.empty_like(param, device=_META), requires_grad=False
                 )
 
+    @contextmanager
+    def loaded(self, root: nn.Module, slots: Sequence[str], device: torch.device) -> Iterator[None]:
+        """The parameter slots ``slots`` of ``root`` filled for the ``with`` block and released
+        after it, whatever happens inside (:meth:`materialize`, then :meth:`release`)."""
+        try:
+            self.materialize(root, slots, device)
+            yield
+        finally:
+            self.release(root, slots)
+
 
 def _slot(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module that holds parameter ``name`` and the parameter's attribute name there."""
@@ -137,8 +147,8 @@ def slots_under(root: nn.Module, prefix: str = "") -> list[str]:
 @dataclass
 class SkeletonModel(LoadedModel):
     """A :class:`~bitplan.sensitivity.models.LoadedModel` whose ``module`` holds no weights
-    (every parameter on ``meta``) and whose ``checkpoint`` fills one part at a time; only
-    :func:`bitplan.sensitivity.blockwise.blockwise_layer_errors` can run it."""
+    (every parameter on ``meta``) and whose ``checkpoint`` fills one part at a time; only a
+    block-by-block pass (:mod:`bitplan.sensitivity.blockwise_walk`) can run it."""
 
     checkpoint: Checkpoint | None = None
     model_type: str = ""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -131,13 +131,23 @@ class Reference:
 
 
 def _run(
-    model: LoadedModel, data: CalibData, batch_size: int
+    model: LoadedModel,
+    data: CalibData,
+    batch_size: int,
+    given_outputs: Iterable[torch.Tensor] | None,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
-    """``(first sample index, batch, output)`` over ``data`` on the model's device, no grad."""
+    """``(first sample index, batch, output)`` over ``data`` on the model's device, no grad;
+    the outputs are ``given_outputs`` (one a batch, in order) when given, else the model's."""
     start = 0
+    batches = data.batches(batch_size, device=model.device)
+    pairs: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
     with torch.no_grad():
-        for batch in data.batches(batch_size, device=model.device):
-            yield start, batch, forward_output(model, batch)
+        if given_outputs is None:
+            pairs = ((batch, forward_output(model, batch)) for batch in batches)
+        else:
+            pairs = zip(batches, given_outputs, strict=True)
+        for batch, out in pairs:
+            yield start, batch, out
             start += next(iter(batch.values())).shape[0]
 
 
@@ -191,18 +201,22 @@ def collect_reference(
     top_k: int | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    given_outputs: Iterable[torch.Tensor] | None = None,
 ) -> Reference:
     """Run the full-precision ``model`` over ``data`` and keep the reference for :func:`measure`.
 
     ``top_k`` sets how many reference log-probabilities a distribution row keeps (default:
     exact up to 1024 classes, else the top 128; see :mod:`bitplan.sensitivity.divergence`).
     Progress: stage ``"reference"`` counted in samples; ``should_cancel`` is polled between batches.
+    ``given_outputs`` are the model's outputs on ``data``'s batches of ``batch_size`` when they
+    are computed elsewhere than by ``model.module`` (a model streamed block by block,
+    :mod:`bitplan.sensitivity.blockwise_walk`).
     """
     kind = output_kind(model.task)
     dists: list[TokenDistributions] = []
     outputs: list[torch.Tensor] = []
     correct = nll = 0.0
-    for start, batch, out in _run(model, data, batch_size):
+    for start, batch, out in _run(model, data, batch_size, given_outputs):
         check_cancel(should_cancel)
         report(progress, "reference", start + out.shape[0], len(data))
         if kind in ("classification", "lm"):
@@ -267,19 +281,25 @@ def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def measure(
-    model: LoadedModel, data: CalibData, reference: Reference, *, batch_size: int | None = None
+    model: LoadedModel,
+    data: CalibData,
+    reference: Reference,
+    *,
+    batch_size: int | None = None,
+    given_outputs: Iterable[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Quality of ``model`` (as it is now, e.g. with some layers quantized) against ``reference``.
 
     Returns ``"error"`` (lower is better, exactly 0 for the full-precision model) and the task
-    metrics of the module docstring. ``batch_size`` defaults to the reference's.
+    metrics of the module docstring. ``batch_size`` defaults to the reference's;
+    ``given_outputs`` as in :func:`collect_reference`.
     """
     if data.sha256 != reference.data_sha256 or len(data) != reference.n_samples:
         raise ValueError("the reference was collected on other data; collect one for this data")
     kind, dist, outputs = reference.kind, reference.dist, reference.outputs
     sums = {"kl": 0.0, "agree": 0.0, "correct": 0.0, "nll": 0.0, "dist": 0.0, "noise": 0.0}
     row = 0
-    for start, batch, out in _run(model, data, batch_size or reference.batch_size):
+    for start, batch, out in _run(model, data, batch_size or reference.batch_size, given_outputs):
         if kind in ("classification", "lm") and dist is not None:
             rows, targets = _rows(kind, model, batch, out)
             if rows.shape[0] == 0:

@@ -43,7 +43,7 @@ from bitplan.sensitivity.methods.layer import (
 from bitplan.sensitivity.progress import CancelFn
 from bitplan.sensitivity.rounding import concat_codes, round_codes
 
-__all__ = ["STATS_GLOB", "Rounder", "collect_rounder", "needs_data"]
+__all__ = ["STATS_GLOB", "Rounder", "collect_rounder", "needs_data", "write_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Rounder:
             )
         gram = self._grams.get(param)
         if gram is None:
-            eye = torch.eye(w.shape[1], dtype=torch.float32)
+            eye = torch.eye(w.shape[1], dtype=torch.float32, device=w.device)
             return round_codes(w, base, fmt.rounding, gram=eye)
         if gram.shape[0] > 1 and param not in self._rows:
             raise ValueError(f"{param} has {gram.shape[0]} input blocks but no row count")
@@ -201,18 +201,25 @@ def collect_rounder(
         stats = collect_input_stats(
             module, group, batches, forward, on_batch=lambda: None, should_cancel=should_cancel
         )
-        grams = gram_matrices(group, stats)
-        path = workdir / _STATS_NAME.format(i)
-        rows = {lay.param: lay.shape[0] for lay in group}
-        # Renamed into place: a process killed mid-write leaves no half file that
-        # ``from_folder`` (which globs STATS_GLOB) would later fail to open.
-        tensors = {k: v.contiguous() for k, v in grams.items()}
-        meta = {_ROWS_KEY: json.dumps(rows)}
-        write_atomic(path, functools.partial(save_file, tensors, metadata=meta))
-        files.append(path)
-        del grams, stats
+        files.append(write_stats(workdir, i, group, gram_matrices(group, stats)))
+        del stats
     logger.info("input statistics of %d layers for data-aware rounding", len(layers))
     return Rounder.load(files)
+
+
+def write_stats(
+    workdir: Path, index: int, layers: Sequence[QuantLayer], grams: Mapping[str, torch.Tensor]
+) -> Path:
+    """Write the Gram matrices ``{param: H}`` of ``layers`` as statistics file ``index`` under
+    ``workdir`` (what :meth:`Rounder.load` reads); returns its path."""
+    path = workdir / _STATS_NAME.format(index)
+    rows = {lay.param: lay.shape[0] for lay in layers}
+    # Renamed into place: a process killed mid-write leaves no half file that
+    # ``from_folder`` (which globs STATS_GLOB) would later fail to open.
+    tensors = {k: v.contiguous() for k, v in grams.items()}
+    meta = {_ROWS_KEY: json.dumps(rows)}
+    write_atomic(path, functools.partial(save_file, tensors, metadata=meta))
+    return path
 
 
 class _MappedTensors(Mapping[str, torch.Tensor]):

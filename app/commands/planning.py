@@ -59,9 +59,9 @@ BatchSizeOpt = Annotated[int, typer.Option(help=spec_help("batch_size"))]
 BlockwiseOpt = Annotated[
     bool,
     typer.Option(
-        help="Read the model one transformer block at a time, for a decoder LM (llama, "
-        "mistral, qwen2, gpt2) larger than memory; needs --method layer. The table is the "
-        "whole-model one; no end-to-end figure is measured."
+        help="Read the model one transformer block at a time from disk, for a decoder LM "
+        "(llama, mistral, qwen2, gpt2) larger than memory; needs --method layer. The table is "
+        "the whole-model one; search measures every plan end-to-end, streamed block by block."
     ),
 ]
 
@@ -70,6 +70,13 @@ def _job_spec(**fields: object) -> JobSpec:
     from bitplan.search.spec import JobSpec
 
     return JobSpec(**fields)
+
+
+def _fit_allocator(model: str) -> None:
+    """Freed tensors back to the system at once for a large checkpoint (bitplan.app.allocator)."""
+    from bitplan.app.allocator import return_freed_memory_for
+
+    return_freed_memory_for(model)
 
 
 def _cache_dir() -> Path:
@@ -123,6 +130,7 @@ def analyze(
                 seed=seed,
             ),
         )
+        _fit_allocator(spec.model)
         with output_folder(out), progress_bars() as progress:
             table = analyze_spec(
                 spec, out_dir=out, cache_dir=_cache_dir(), progress=progress, blockwise=blockwise
@@ -154,6 +162,7 @@ def search(
     max_samples: MaxSamplesOpt = spec_default("max_samples"),
     holdout: HoldoutOpt = spec_default("holdout"),
     batch_size: BatchSizeOpt = spec_default("batch_size"),
+    blockwise: BlockwiseOpt = False,
 ) -> None:
     """Find the size/quality Pareto frontier under BUDGET and write a plan for every point."""
 
@@ -192,8 +201,11 @@ def search(
                 batch_size=batch_size,
             ),
         )
+        _fit_allocator(spec.model)
         with output_folder(out), ctrl_c_watch() as ctrl_c, progress_bars() as progress:
-            result = run_job(spec, out_dir=out, cache_dir=_cache_dir(), progress=progress)
+            result = run_job(
+                spec, out_dir=out, cache_dir=_cache_dir(), progress=progress, blockwise=blockwise
+            )
         console.print(frontier_table(result.frontier))
         console.print(format_stages(result.stages), highlight=False, soft_wrap=True)
         notes = (

@@ -13,7 +13,7 @@ from bitplan.app.db import alembic_config, make_engine, upgrade_database
 from bitplan.app.models import Base, utcnow
 from bitplan.app.settings import Settings
 
-APP_TABLES = {"api_keys", "blobs", "jobs", "search_peers", "workers"}
+APP_TABLES = {"api_keys", "blobs", "jobs", "search_peers", "sensitivity_shards", "workers"}
 
 
 def _check(url: str) -> None:
