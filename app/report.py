@@ -308,11 +308,14 @@ def _cards(job: _Job, best: FrontierPoint | None) -> list[dict[str, str]]:
             f"{k} {v:.4g}" for k, v in holdout.items() if k != "error" and not k.endswith("_ref")
         )
         ratio = job.plans[best.plan_id].totals.ratio_vs_fp16
+        # What the held-out figures measure (a job's frontier says; older ones do not).
+        scope = (job.frontier.scope or {}).get("holdout")
         cards += [
             {
                 "key": "best plan (held-out)",
                 "value": best.plan_id,
-                "sub": f"error {_num(holdout_error(best))}; {shown}",
+                "sub": f"error {_num(holdout_error(best))}; {shown}"
+                + (f"; measured {scope}" if scope else ""),
             },
             {
                 "key": "size",

@@ -19,7 +19,7 @@ import pytest
 from bitplan.app.report import render_report
 from bitplan.search.budgets import parse_budget
 from bitplan.search.exports import plan_to_csv, plan_to_llamacpp, plan_to_torchao
-from bitplan.search.plans import Plan, make_plan, read_plan, write_frontier
+from bitplan.search.plans import Plan, make_plan, metrics_scope, read_plan, write_frontier
 from bitplan.search.problem import LayerRow
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.formats import parse_format, tensor_bytes
@@ -74,6 +74,7 @@ def write_job(
     layers: list[LayerRow] = LAYERS,
     mixed: list[tuple[list[str], float]] = MIXED,
     ref: str = f"model {EVIL}",
+    scope: dict[str, str] | None = None,
 ) -> Path:
     """A job folder like the pipeline's: plans, frontier.json/.csv, sensitivity.csv."""
     points = [(_plan(layers, f, e, budget, ref), "search") for f, e in mixed]
@@ -89,6 +90,7 @@ def write_job(
         points=points,
         uniform=uniform,
         best=points[-1][0] if points else None,  # as a job does: plans/best.json
+        scope=scope,
     )
     rows = [
         {
@@ -219,6 +221,22 @@ def test_report_is_one_offline_page_with_every_part(tmp_path: Path) -> None:
     assert [o.attrs["value"] for o in options if "selected" in o.attrs] == [best]
     files = {a.full_text(): a.attrs["href"] for a in doc.all("a", class_="file")}
     assert files == {n: n for n in ("frontier.json", "frontier.csv", "sensitivity.csv")}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_best_plan_card_says_what_its_held_out_figures_measure(
+    tmp_path: Path, streamed: bool
+) -> None:
+    scope = metrics_scope(streamed=streamed)
+    doc = parse(render_report(write_job(tmp_path, scope=scope)).read_text())
+    card = next(c for c in doc.all("div", class_="card") if "best plan" in c.full_text())
+    assert card.full_text().endswith(f"measured {scope['holdout']}")
+
+
+def test_a_frontier_without_a_scope_claims_none(tmp_path: Path) -> None:
+    doc = parse(render_report(write_job(tmp_path)).read_text())
+    card = next(c for c in doc.all("div", class_="card") if "best plan" in c.full_text())
+    assert "measured" not in card.full_text()
 
 
 def test_offline_report_links_every_export_written_beside_it(tmp_path: Path) -> None:
