@@ -8,9 +8,9 @@ but is *dynamic*: freeing a mapped chunk raises it to that chunk's size (up to 3
 gradient, activations), so after the first ones the threshold sits above their size, later
 ones land in the heap, and fragmentation keeps hundreds of MB resident that the process no
 longer uses. ``benchmarks/blockwise_memory.py`` measured it: block-wise analysis peaked at
-1067 MiB, and at 829 MiB with the threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_=131072``,
+1226 MiB, and at 844 MiB with the threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_=131072``,
 which also turns the dynamic adjustment off). :func:`return_freed_memory` sets the same from
-inside the process, so nobody has to remember the variable. On the 1 B-parameter bfloat16
+inside the process, so nobody has to remember the variable. On the 0.95 B-parameter bfloat16
 LLaMA of ``benchmarks/scale.py`` it is what keeps ``analyze`` and ``search`` inside issue 9's
 bound (3.48 GB there): both peaked at 3.40 GB with it; without it ``analyze`` peaked at
 3.94-4.05 GB and ``search`` at 3.60 GB (the benchmark repeats ``analyze`` without it).
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 # glibc's default (and smallest dynamic) threshold, the value blockwise_memory.py measured.
 MMAP_THRESHOLD_BYTES = 128 * 1024
-# Checkpoints from this size on get the fixed threshold (a 1 B-parameter model in bfloat16).
+# Checkpoints from this size on get the fixed threshold (about 0.5 B parameters in bfloat16).
 LARGE_CHECKPOINT_BYTES = 2**30
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _M_MMAP_THRESHOLD = -3  # from glibc's <malloc.h>
