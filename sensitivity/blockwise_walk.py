@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.half_products import float32_products
 from bitplan.sensitivity.layers import QuantLayer
 from bitplan.sensitivity.lazy_hf import SkeletonModel, slots_under
 from bitplan.sensitivity.progress import CancelFn, check_cancel
@@ -178,7 +179,8 @@ def catching(
     def forward(batch: Batch) -> None:
         mask[0] = batch.get("attention_mask")
         try:
-            module(**batch, use_cache=False)
+            with float32_products(module):
+                module(**batch, use_cache=False)
         except _Caught:
             return
         raise InputError(f"{model.ref}: the forward pass never reached {layout.blocks}.0")
@@ -195,7 +197,8 @@ def block_forward(block: nn.Module) -> Callable[[BlockInputs], None]:
     input (the hidden states, whatever else a block returns)."""
 
     def forward(inputs: BlockInputs) -> None:
-        out = block(*inputs.args, **inputs.kwargs)
+        with float32_products(block):
+            out = block(*inputs.args, **inputs.kwargs)
         inputs.args[0] = out[0] if isinstance(out, tuple) else out
 
     return forward
@@ -205,7 +208,12 @@ def tail_forward(module: nn.Module, layout: Layout) -> Callable[[BlockInputs], A
     """The head on the final norm of the last block's output: the model's logits, as its own
     forward computes them (every position kept)."""
     norm, head = (module.get_submodule(p) for p in (layout.norm, layout.head))
-    return lambda inputs: head(norm(inputs.args[0]))
+
+    def forward(inputs: BlockInputs) -> Any:
+        with float32_products(head):
+            return head(norm(inputs.args[0]))
+
+    return forward
 
 
 def stream_logits(

@@ -38,6 +38,7 @@ import torch
 from bitplan.sensitivity.data import CLASSIFICATION_TASKS, CalibData
 from bitplan.sensitivity.divergence import TokenDistributions, compare, compress
 from bitplan.sensitivity.errors import InputError
+from bitplan.sensitivity.half_products import float32_products
 from bitplan.sensitivity.progress import CancelFn, ProgressFn, check_cancel, report
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ def forward_output(model: LoadedModel, batch: Mapping[str, torch.Tensor]) -> tor
     whatever grad mode the caller set and leaves the result on the model's device, so gradient
     based methods can use it too.
     """
-    out = model.module(**batch)
+    with float32_products(model.module):
+        out = model.module(**batch)
     if isinstance(out, (tuple, list)) and out:
         out = out[0]  # Hugging Face's return_dict=False order: the main output first
     if isinstance(out, Mapping):  # ModelOutput is a Mapping of its non-None fields

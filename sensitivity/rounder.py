@@ -33,6 +33,7 @@ from bitplan.sensitivity.atomic import write_atomic
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import DATA_AWARE_ROUNDINGS, QuantFormat
 from bitplan.sensitivity.formats import QuantCodes, quantize_codes
+from bitplan.sensitivity.half_products import run_module
 from bitplan.sensitivity.layers import QuantLayer
 from bitplan.sensitivity.methods._gram import gram_matrices
 from bitplan.sensitivity.methods.layer import (
@@ -195,7 +196,7 @@ def collect_rounder(
     the sum over the linear layers that use it (the output error of a shared weight adds up over
     its uses); an embedding's use adds nothing (its inputs are one-hot token ids).
     """
-    forward = forward or (lambda batch: module(**batch))
+    forward = forward or (lambda batch: run_module(module, batch))
     files = []
     for i, group in enumerate(plan_passes(module, layers, max_stats_bytes)):
         stats = collect_input_stats(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bitplan.sensitivity.formats import CodesFn, QuantFormat
+from bitplan.sensitivity.half_products import run_module
 from bitplan.sensitivity.layers import QuantLayer
 from bitplan.sensitivity.methods._common import (
     Scores,
@@ -186,7 +187,7 @@ def layer_errors(
     ``skip_unmeasured``, left out of the result for a caller that scores it another way (and
     tells the user how, so that no warning here contradicts it).
     """
-    forward = forward or (lambda batch: module(**batch))
+    forward = forward or (lambda batch: run_module(module, batch))
     passes = plan_passes(module, layers, max_stats_bytes)
     if len(passes) > 1:
         logger.info(
