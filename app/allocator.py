@@ -9,18 +9,23 @@ gradient, activations), so after the first ones the threshold sits above their s
 ones land in the heap, and fragmentation keeps hundreds of MB resident that the process no
 longer uses. ``benchmarks/blockwise_memory.py`` measured it: block-wise analysis peaked at
 1226 MiB, and at 844 MiB with the threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_=131072``,
-which also turns the dynamic adjustment off). :func:`return_freed_memory` sets the same from
-inside the process, so nobody has to remember the variable. On the 0.95 B-parameter bfloat16
-LLaMA of ``benchmarks/scale.py`` it is what keeps ``analyze`` and ``search`` inside issue 9's
-bound (3.48 GB there): both peaked at 3.40 GB with it; without it ``analyze`` peaked at
+which also turns the dynamic adjustment off). :func:`return_freed_memory` sets a fixed threshold
+from inside the process, so nobody has to remember the variable. On the 0.95 B-parameter
+bfloat16 LLaMA of ``benchmarks/scale.py`` it is what keeps ``analyze`` and ``search`` inside
+issue 9's bound (3.48 GB there): both peaked at 3.40 GB with it; without it ``analyze`` peaked at
 3.94-4.05 GB and ``search`` at 3.60 GB (the benchmark repeats ``analyze`` without it).
 
-The price is time: every tensor of 128 KiB or more is a fresh mapping whose pages the kernel
-zeroes when first touched, instead of reused heap. On an idle 2-core machine fisher's pass of
-that ``analyze`` took 37-39 s instead of 14-16 s, and the whole ``search`` 95 s instead of 58 s.
-A threshold of 1 MiB measured the same on both counts; 4 MiB kept no memory back (3.87 GB).
-Setting ``MALLOC_MMAP_THRESHOLD_`` (e.g. to 33554432, glibc's largest dynamic value) trades
-the memory back for the speed.
+The threshold is 1 MiB (:data:`MMAP_THRESHOLD_BYTES`): on that LLaMA it keeps as much memory
+back as 128 KiB did, while 4 MiB kept none (3.87 GB). Every tensor at or above it is a fresh
+mapping whose pages the kernel zeroes when first touched, instead of reused heap, which costs
+time where a loop makes and drops buffers of that size: fisher's pass of that ``analyze`` took
+37-39 s on an idle 2-core machine instead of 14-16 s with glibc's defaults, when the scoring's
+float32 work buffers were 16 MiB. They are 512 KiB now, below the threshold, for the element-wise
+scorings that fisher repeats every batch (``ELEMENTWISE_CHUNK_ELEMENTS`` in
+``sensitivity/methods/_common.py``; ``benchmarks/chunk_size.py`` measured them 3x faster than
+16 MiB ones with the threshold fixed at 1 MiB, and than 128 KiB, where every one of them is
+mapped). Setting ``MALLOC_MMAP_THRESHOLD_`` (e.g. to 33554432, glibc's largest dynamic value)
+trades the memory back for the speed.
 
 So the threshold is fixed only for models whose checkpoint is large enough for the memory to
 matter (:data:`LARGE_CHECKPOINT_BYTES`, 1 GiB, by :func:`return_freed_memory_for`): a small
@@ -45,6 +50,7 @@ from pathlib import Path
 __all__ = [
     "LARGE_CHECKPOINT_BYTES",
     "MMAP_THRESHOLD_BYTES",
+    "MMAP_THRESHOLD_LABEL",
     "checkpoint_bytes",
     "return_freed_memory",
     "return_freed_memory_for",
@@ -52,8 +58,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# glibc's default (and smallest dynamic) threshold, the value blockwise_memory.py measured.
-MMAP_THRESHOLD_BYTES = 128 * 1024
+# Above the element-wise scorings' 512 KiB work buffers, below the few-MiB activations and
+# quantized copies that must go back to the system (module docstring).
+MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_LABEL = "1 MiB"  # how the benchmarks name it
 # Checkpoints from this size on get the fixed threshold (about 0.5 B parameters in bfloat16).
 LARGE_CHECKPOINT_BYTES = 2**30
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -14,13 +14,14 @@ fresh process:
 
 - ``bitplan analyze --method layer --formats int8,int4-g128`` without and with ``--blockwise``,
   each once with glibc's default allocator settings and once with its mmap threshold fixed at
-  128 KiB (``MALLOC_MMAP_THRESHOLD_=131072``). glibc raises its threshold (up to 32 MiB) after
-  large frees, so tensors of a few MiB, freed block after block, can stay in the heap; a fixed
-  threshold returns them to the system. The CLI fixes it itself for checkpoints of 1 GiB or
-  more (:mod:`bitplan.app.allocator`), so the default runs switch that off;
+  1 MiB (``MALLOC_MMAP_THRESHOLD_=1048576``, the value the CLI fixes). glibc raises its
+  threshold (up to 32 MiB) after large frees, so tensors of a few MiB, freed block after block,
+  can stay in the heap; a fixed threshold returns them to the system. The CLI fixes it itself
+  for checkpoints of 1 GiB or more (:mod:`bitplan.app.allocator`), so the default runs switch
+  that off;
 - ``bitplan search --method layer`` on the same data and formats (``--trials 4 --budget
   6bpw``, 8 of the samples: 6 for calibration, 2 held out) without and with ``--blockwise``,
-  with the threshold fixed at 128 KiB.
+  with the threshold fixed.
 
 Each process reports its peak resident memory (``ru_maxrss``, which includes the ~0.4 GB that
 importing torch and transformers costs) and its wall time; the ``sensitivity.csv`` files are
@@ -46,6 +47,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bitplan.app.allocator import MMAP_THRESHOLD_BYTES, MMAP_THRESHOLD_LABEL
+
 SECTION = "Block-wise memory"
 MIB = 2**20
 
@@ -69,8 +72,9 @@ print(f"RESULT {peak} {time.perf_counter() - start:.1f}")
 """
 
 _GLIBC_DEFAULT = {"BITPLAN_BENCH_GLIBC_DEFAULT": "1"}
-_FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-_ALLOCATORS = {"glibc default": _GLIBC_DEFAULT, "mmap 128 KiB": _FIXED_THRESHOLD}
+_FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}  # as the CLI fixes it
+FIXED = f"mmap {MMAP_THRESHOLD_LABEL}"
+_ALLOCATORS = {"glibc default": _GLIBC_DEFAULT, FIXED: _FIXED_THRESHOLD}
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ QUICK = Settings(
     tokens=16,
     search_samples=8,
     trials=2,
-    allocators=("mmap 128 KiB",),
+    allocators=(FIXED,),
 )
 
 
@@ -191,7 +195,7 @@ def run_benchmark(root: Path, settings: Settings) -> dict[str, Any]:
     frontiers = {}
     for mode, extra in (("whole", []), ("blockwise", ["--blockwise"])):
         out = root / f"search-{mode}"
-        runs.append({"command": "search", "mode": mode, "allocator": "mmap 128 KiB"})
+        runs.append({"command": "search", "mode": mode, "allocator": FIXED})
         args = ["search", model, *search, *extra, "-o", str(out)]
         runs[-1].update(_run(out, args, env=_FIXED_THRESHOLD))
         frontiers[mode] = _frontier(out)
@@ -234,12 +238,12 @@ def to_markdown(report: dict[str, Any], machine: str) -> str:
             f"| {r['command']} | {r['mode']} | {r['allocator']} | "
             f"{r['peak_rss_bytes'] / MIB:.0f} | {r['seconds']:.1f} |"
         )
-    search = peaks[("search", "whole", "mmap 128 KiB")]
-    streamed = peaks[("search", "blockwise", "mmap 128 KiB")]
+    search = peaks[("search", "whole", FIXED)]
+    streamed = peaks[("search", "blockwise", FIXED)]
     lines += [
         "",
-        "`mmap 128 KiB`: glibc's mmap threshold fixed at 128 KiB, as the CLI does by itself "
-        "for checkpoints of 1 GiB or more (app/allocator.py). The whole run took "
+        f"`{FIXED}`: glibc's mmap threshold fixed at {MMAP_THRESHOLD_LABEL}, as the CLI does by "
+        "itself for checkpoints of 1 GiB or more (app/allocator.py). The whole run took "
         f"{report['wall_seconds'] / 60:.1f} minutes of wall time.",
         "",
         f"Sensitivity tables identical across the analyze runs: "

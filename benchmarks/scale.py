@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks._common import Timer, machine_info, peak_rss_mb, publish_report
+from bitplan.app.allocator import MMAP_THRESHOLD_LABEL
 
 SECTION = "Scale"
 # The extra run that measures analyze without app/allocator.py's fixed mmap threshold.
@@ -347,7 +348,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "split's size (held-out passes count in the same unit, fisher's backward passes do "
         "not). "
         + (
-            "Each process fixes glibc's mmap threshold at 128 KiB, as the CLI and the workers "
+            f"Each process fixes glibc's mmap threshold at {MMAP_THRESHOLD_LABEL}, as the CLI "
+            "and the workers "
             "do for checkpoints of 1 GiB or more (app/allocator.py: llama here, not minilm, "
             "which runs as its row `analyze, glibc's default malloc` shows); that row repeats "
             "`analyze` without it, for comparison (not a command of its own). "

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from bitplan.sensitivity.rounder import Rounder
 
 __all__ = [
+    "ELEMENTWISE_CHUNK_ELEMENTS",
+    "MATMUL_CHUNK_ELEMENTS",
     "Scores",
     "candidates",
     "iter_deltas",
@@ -42,9 +44,19 @@ __all__ = [
 
 Scores = dict[str, dict[str, float]]
 
-# Rows are scored in chunks of at most this many elements: three float32 buffers of this size
-# (W, ΔW and one product) stay near 48 MiB whatever the layer's size.
-_CHUNK_ELEMENTS = 1 << 22
+# Rows are scored in chunks of at most so many elements, so the float32 work space stays bounded
+# whatever the layer's size. Which size is fastest depends on the scoring (benchmarks/chunk_size.py,
+# section "Scoring chunk size" of benchmarks/RESULTS.md):
+# - a scoring that multiplies each chunk by a Gram matrix (``layer``) wants tall chunks, or the
+#   [cols, cols] matrix is read from memory once per few rows: 4 Mi elements (three float32
+#   buffers near 48 MiB);
+# - an element-wise scoring (``weight``, fisher's fold) is fastest with chunks that stay in the
+#   CPU's caches: 128 Ki elements (512 KiB of float32), 2.5x faster than 4 Mi there. It also keeps
+#   every temporary below the 1 MiB mmap threshold the CLI and the workers fix for large models
+#   (app/allocator.py), so the temporaries are reused heap memory instead of fresh mappings
+#   whose pages the kernel zeroes (3x faster than 4 Mi chunks in that mode).
+MATMUL_CHUNK_ELEMENTS = 1 << 22
+ELEMENTWISE_CHUNK_ELEMENTS = 1 << 17
 
 
 def candidates(layer: QuantLayer, formats: Sequence[QuantFormat]) -> list[QuantFormat]:
@@ -97,17 +109,20 @@ def iter_deltas(
     *,
     block: int | None = None,
     codes: CodesFn | None = None,
+    chunk_elements: int = MATMUL_CHUNK_ELEMENTS,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, stop, W, ΔW)`` float32 chunks of rows ``start:stop`` of ``matrix``.
 
     ``block`` keeps every chunk inside one block of that many rows (grouped convolutions score
     each group of output channels against its own input statistics). ``codes`` makes the
     codes of a format with a rounding other than rtn (see
-    :meth:`bitplan.sensitivity.rounder.Rounder.quantizer`).
+    :meth:`bitplan.sensitivity.rounder.Rounder.quantizer`). ``chunk_elements`` bounds a chunk's
+    size (whole rows, at least one): :data:`MATMUL_CHUNK_ELEMENTS` or
+    :data:`ELEMENTWISE_CHUNK_ELEMENTS`, by what the caller does with each chunk.
     """
     rows, cols = matrix.shape
     block = rows if block is None else block
-    step = max(1, min(block, _CHUNK_ELEMENTS // max(cols, 1)))
+    step = max(1, min(block, chunk_elements // max(cols, 1)))
     for first in range(0, rows, block):
         for start in range(first, min(first + block, rows), step):
             stop = min(start + step, first + block, rows)

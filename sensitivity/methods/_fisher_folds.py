@@ -27,7 +27,12 @@ from torch import nn
 
 from bitplan.sensitivity.formats import CodesFn, QuantFormat
 from bitplan.sensitivity.layers import QuantLayer, get_weight, weight_matrix
-from bitplan.sensitivity.methods._common import candidates, iter_deltas, quantizer_of
+from bitplan.sensitivity.methods._common import (
+    ELEMENTWISE_CHUNK_ELEMENTS,
+    candidates,
+    iter_deltas,
+    quantizer_of,
+)
 
 if TYPE_CHECKING:
     from bitplan.sensitivity.rounder import Rounder
@@ -71,7 +76,8 @@ def _weighted_total(
     """``Σ weigh ⊙ ΔW²`` over ``matrix`` in ``fmt``; ``weigh(start, stop)`` gives rows
     ``start:stop`` of the per-weight factor in float32."""
     total = 0.0
-    for start, stop, _, dw in iter_deltas(matrix, fmt, codes=codes):
+    chunks = iter_deltas(matrix, fmt, codes=codes, chunk_elements=ELEMENTWISE_CHUNK_ELEMENTS)
+    for start, stop, _, dw in chunks:
         total += float((weigh(start, stop) * dw.square()).sum())
     return total
 

@@ -16,6 +16,7 @@ from torch import nn
 from bitplan.sensitivity.formats import QuantFormat
 from bitplan.sensitivity.layers import QuantLayer
 from bitplan.sensitivity.methods._common import (
+    ELEMENTWISE_CHUNK_ELEMENTS,
     Scores,
     candidates,
     iter_deltas,
@@ -55,7 +56,10 @@ def weight_errors(
         errors = {}
         for fmt in candidates(group[0], formats):
             num = den = 0.0
-            for _, _, w, dw in iter_deltas(matrix, fmt, codes=quantizer_of(rounder, group[0])):
+            codes = quantizer_of(rounder, group[0])
+            for _, _, w, dw in iter_deltas(
+                matrix, fmt, codes=codes, chunk_elements=ELEMENTWISE_CHUNK_ELEMENTS
+            ):
                 num += float(dw.square().sum())
                 den += float(w.square().sum())
             errors[fmt.name] = num / den if den > 0 else 0.0

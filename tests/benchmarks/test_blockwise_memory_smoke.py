@@ -29,4 +29,4 @@ def test_a_quick_run_compares_whole_and_blockwise_runs(tmp_path: Path) -> None:
     assert report["tables_identical"] and report["frontiers_identical"]
     assert report["frontier_points"] >= 2  # at least a point and a uniform baseline
     text = blockwise_memory.to_markdown(report, "machine")
-    assert "| search | blockwise | mmap 128 KiB |" in text
+    assert "| search | blockwise | mmap 1 MiB |" in text

@@ -19,6 +19,11 @@ from bitplan.sensitivity.methods import (
     layer_errors,
     weight_errors,
 )
+from bitplan.sensitivity.methods._common import (
+    ELEMENTWISE_CHUNK_ELEMENTS,
+    MATMUL_CHUNK_ELEMENTS,
+    iter_deltas,
+)
 from bitplan.sensitivity.progress import Cancelled
 
 METHODS = ("weight", "layer", "fisher", "e2e")
@@ -84,6 +89,19 @@ def test_weight_matches_definition_and_rises_as_bits_fall() -> None:
     q = fake_quantize(w, parse_format("int4"))
     expected = float((q - w).square().sum() / w.square().sum())
     assert scores["up"]["int4"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [MATMUL_CHUNK_ELEMENTS, ELEMENTWISE_CHUNK_ELEMENTS, 300, 1])
+def test_deltas_of_any_chunk_size_are_the_whole_matrix_deltas(chunk: int) -> None:
+    """Chunks are whole rows (at least one), they cover every row once, and a grouped format
+    quantizes a chunk of rows exactly as those rows of the whole matrix."""
+    w = torch.randn(37, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    fmt = parse_format("int4-g128")
+    parts = list(iter_deltas(w, fmt, chunk_elements=chunk))
+    rows = [stop - start for start, stop, _, _ in parts]
+    assert all(r == min(max(1, chunk // 256), 37) for r in rows[:-1]) and sum(rows) == 37
+    expected = fake_quantize(w, fmt).to(torch.float32) - w.to(torch.float32)
+    assert torch.equal(torch.cat([dw for _, _, _, dw in parts]), expected)
 
 
 def test_tensor_level_methods_split_tied_tensor_over_its_modules() -> None:
