@@ -160,6 +160,7 @@ def _settings(tmp_path: Path, postgres_url: str, optuna_url: str, cache_dir: Pat
 def _spawn(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> subprocess.Popen[bytes]:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("BITPLAN_TEST_TRIAL_PAUSE_S", "0.3")
+    monkeypatch.setenv("BITPLAN_TEST_GATE_DIR", str(settings.data_dir.parent / "trial-gate"))
     (proc,) = worker.spawn_workers(settings, count=1)
     return proc
 
