@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.distributed  # needs PostgreSQL at 127.0.0.1:5432
 	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.blockwise_memory
+	$(BIN)/python -m benchmarks.chunk_size
 
 clean:
 	rm -rf $(VENV) .bitplan bitplan-demo

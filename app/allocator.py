@@ -22,10 +22,11 @@ time where a loop makes and drops buffers of that size: fisher's pass of that ``
 37-39 s on an idle 2-core machine instead of 14-16 s with glibc's defaults, when the scoring's
 float32 work buffers were 16 MiB. They are 512 KiB now, below the threshold, for the element-wise
 scorings that fisher repeats every batch (``ELEMENTWISE_CHUNK_ELEMENTS`` in
-``sensitivity/methods/_common.py``; ``benchmarks/chunk_size.py`` measured them 3x faster than
-16 MiB ones with the threshold fixed at 1 MiB, and than 128 KiB, where every one of them is
-mapped). Setting ``MALLOC_MMAP_THRESHOLD_`` (e.g. to 33554432, glibc's largest dynamic value)
-trades the memory back for the speed.
+``sensitivity/methods/_common.py``; ``benchmarks/chunk_size.py`` measured fisher's fold 2.3x
+faster than with 16 MiB buffers, the threshold at 1 MiB, and 4x faster than with the threshold at
+128 KiB, where every buffer is mapped), and the plan applier's quantization works on 256 KiB
+chunks (``sensitivity/formats.py``). Setting ``MALLOC_MMAP_THRESHOLD_`` (e.g. to 33554432,
+glibc's largest dynamic value) trades the memory back for the speed.
 
 So the threshold is fixed only for models whose checkpoint is large enough for the memory to
 matter (:data:`LARGE_CHECKPOINT_BYTES`, 1 GiB, by :func:`return_freed_memory_for`): a small

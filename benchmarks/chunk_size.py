@@ -11,10 +11,12 @@ checkpoints so that freed activations go back to the system (:mod:`bitplan.app.a
 issue 9's memory bound): a chunk whose temporaries pass the threshold then pays page faults on
 every temporary. And chunks that fit the CPU's caches are faster anyway.
 
-What runs: in a fresh process per (allocator mode, chunk size), the three chunked scorings on
+What runs: in a fresh process per (allocator mode, chunk size), four chunked loops over
 one seeded LLaMA-MLP-sized bfloat16 weight (5632 x 2048) in ``int4`` and ``int8``: fisher's fold
 (``Σ g² ΔW²``), ``weight`` (``Σ ΔW²``) and ``layer`` (``Σ (ΔW H) ⊙ ΔW`` with a 2048 x 2048
-Gram matrix); the best of ``--repeats`` timings of each. Allocator modes: glibc's defaults
+Gram matrix); and ``apply``, the plan applier's fake quantization of the whole weight into
+its place (:func:`bitplan.sensitivity.formats.fake_quantize`, whose own chunk size is set to the
+row's); the best of ``--repeats`` timings of each. Allocator modes: glibc's defaults
 (dynamic threshold), and the threshold fixed at 128 KiB and at 1 MiB
 (``MALLOC_MMAP_THRESHOLD_``).
 
@@ -38,10 +40,10 @@ import timeit
 from collections.abc import Callable
 
 SECTION = "Scoring chunk size"
-CHUNKS = (1 << 22, 1 << 18, 1 << 17, 1 << 16)
+CHUNKS = (1 << 24, 1 << 22, 1 << 18, 1 << 17, 1 << 16)
 MODES = {"glibc default": None, "mmap 128 KiB": 131072, "mmap 1 MiB": 1 << 20}
 SHAPE = (5632, 2048)  # rows, cols: a LLaMA-7B-like MLP projection at a 1 B model's width
-SCORINGS = ("fisher fold", "weight", "layer")
+SCORINGS = ("fisher fold", "weight", "layer", "apply")
 
 
 def _measure(chunk: int, repeats: int, shape: tuple[int, int] = SHAPE) -> dict[str, float]:
@@ -49,6 +51,7 @@ def _measure(chunk: int, repeats: int, shape: tuple[int, int] = SHAPE) -> dict[s
     a chunk (in this process)."""
     import torch
 
+    from bitplan.sensitivity import formats as quantizer
     from bitplan.sensitivity.format_spec import parse_format
     from bitplan.sensitivity.methods import _common
 
@@ -74,10 +77,20 @@ def _measure(chunk: int, repeats: int, shape: tuple[int, int] = SHAPE) -> dict[s
             for _, _, _, dw in _common.iter_deltas(w, fmt, chunk_elements=chunk):
                 float(((dw @ gram) * dw).sum())
 
+    def apply() -> None:
+        default, quantizer._CHUNK_ELEMENTS = quantizer._CHUNK_ELEMENTS, chunk  # read at call time
+        try:
+            out = torch.empty_like(w)
+            for fmt in formats:
+                quantizer.fake_quantize(w, fmt, out=out)
+        finally:
+            quantizer._CHUNK_ELEMENTS = default
+
     def best(fn: Callable[[], None]) -> float:
         return min(timeit.repeat(fn, number=1, repeat=repeats))
 
-    return dict(zip(SCORINGS, (best(fold), best(weight), best(layer)), strict=True))
+    timed = (best(fold), best(weight), best(layer), best(apply))
+    return dict(zip(SCORINGS, timed, strict=True))
 
 
 def _run(mode: int | None, chunk: int, repeats: int) -> dict[str, float]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from benchmarks import chunk_size as bench
+from bitplan.sensitivity import formats
 
 
 def test_measure_times_every_scoring_and_the_table_shows_them() -> None:
+    default = formats._CHUNK_ELEMENTS
     seconds = bench._measure(1 << 10, 1, shape=(48, 64))
+    assert formats._CHUNK_ELEMENTS == default  # the quantizer's chunk size is put back
     assert set(seconds) == set(bench.SCORINGS)
     assert all(0 < s < 30 for s in seconds.values())
     text = bench._markdown({"glibc default": {1 << 10: seconds}}, 1)
