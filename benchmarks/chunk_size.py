@@ -16,7 +16,8 @@ one seeded LLaMA-MLP-sized bfloat16 weight (5632 x 2048) in ``int4`` and ``int8`
 (``Σ g² ΔW²``), ``weight`` (``Σ ΔW²``) and ``layer`` (``Σ (ΔW H) ⊙ ΔW`` with a 2048 x 2048
 Gram matrix); and ``apply``, the plan applier's fake quantization of the whole weight into
 its place (:func:`bitplan.sensitivity.formats.fake_quantize`, whose own chunk size is set to the
-row's); the best of ``--repeats`` timings of each. Allocator modes: glibc's defaults
+row's; the three scorings quantize through it with its default chunk, as the code does); the best
+of ``--repeats`` timings of each. Allocator modes: glibc's defaults
 (dynamic threshold), and the threshold fixed at 128 KiB and at 1 MiB
 (``MALLOC_MMAP_THRESHOLD_``).
 
@@ -113,7 +114,9 @@ def _markdown(results: dict[str, dict[int, dict[str, float]]], repeats: int) -> 
         f"Seconds (best of {repeats}) to score one bfloat16 weight of {SHAPE[0]} x {SHAPE[1]} "
         "in int4 and int8, a chunk of rows at a time, in a fresh process per row. `fisher "
         "fold` is what fisher's streamed fold does per calibration batch, so on a large model "
-        "it runs once per batch for every planned weight. Reproduce: `python -m "
+        "it runs once per batch for every planned weight. The chunk is the scoring loop's "
+        "(`iter_deltas`); inside it the quantizer works on its own chunks of 64 Ki elements, as "
+        "in the code; `apply` sets the quantizer's chunk to the row's. Reproduce: `python -m "
         "benchmarks.chunk_size`.",
         "",
         "| glibc malloc | chunk (elements) | float32 chunk MiB | "

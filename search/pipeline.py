@@ -44,6 +44,7 @@ from bitplan.sensitivity.data import CalibData, load_calibration, split_calibrat
 from bitplan.sensitivity.errors import InputError
 from bitplan.sensitivity.format_spec import QuantFormat, candidate_formats
 from bitplan.sensitivity.fusion import fuse_layers
+from bitplan.sensitivity.half_products import float32_products
 from bitplan.sensitivity.layers import QuantLayer, parameter_bytes
 from bitplan.sensitivity.lazy_hf import load_skeleton
 from bitplan.sensitivity.metrics import collect_reference, measure
@@ -296,7 +297,9 @@ class _UserScore:
 
     def _call(self, what: str) -> float:
         try:
-            with torch.no_grad():  # scoring needs no graph; a metric that does can enable_grad()
+            # scoring needs no graph (a metric that does can enable_grad()); half products as
+            # every other forward pass of the job computes them
+            with torch.no_grad(), float32_products(self.module):
                 value = self.score(self.module)
         except (Cancelled, InputError):
             raise

@@ -49,6 +49,7 @@ __all__ = [
     "applicable_format",
     "candidate_formats",
     "check_applicable",
+    "chunk_rows",
     "dequantize",
     "fake_quantize",
     "parse_format",
@@ -68,6 +69,27 @@ FP8_E4M3_MAX = 448.0
 # with 16 Mi-element chunks, with glibc's defaults and with that threshold (benchmarks/
 # chunk_size.py, column `apply`).
 _CHUNK_ELEMENTS = 1 << 16
+# A rounding other than rtn (gptq, awq, hqq) rounds a chunk per call with work that does not
+# shrink with the chunk (gptq factors the [cols, cols] inverse Hessian on every call): those
+# formats keep 16 Mi-element chunks, a few calls per weight.
+_ROUNDED_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(
+    fmt: QuantFormat,
+    cols: int,
+    elements: int | None = None,
+    *,
+    rounded_elements: int = _ROUNDED_CHUNK_ELEMENTS,
+) -> int:
+    """Rows of a ``cols``-wide matrix to quantize at a time in ``fmt`` (at least one): about
+    ``elements`` (default: this module's chunk size) for rtn, ``rounded_elements`` for a format
+    with another rounding."""
+    if fmt.rounding != "rtn":
+        elements = rounded_elements
+    elif elements is None:
+        elements = _CHUNK_ELEMENTS
+    return max(1, elements // max(cols, 1))
 
 
 @dataclass
@@ -215,7 +237,7 @@ def fake_quantize(
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(w.shape)}")
     rows, cols = w.shape
     check_applicable(fmt, cols)
-    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    step = chunk_rows(fmt, cols)
     with torch.no_grad():
         for start in range(0, rows, step):
             chunk = w[start : start + step].to(torch.float32)

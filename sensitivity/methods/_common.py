@@ -22,6 +22,7 @@ from bitplan.sensitivity.formats import (
     CodesFn,
     QuantFormat,
     candidate_formats,
+    chunk_rows,
     fake_quantize,
     parse_format,
 )
@@ -117,12 +118,15 @@ def iter_deltas(
     each group of output channels against its own input statistics). ``codes`` makes the
     codes of a format with a rounding other than rtn (see
     :meth:`bitplan.sensitivity.rounder.Rounder.quantizer`). ``chunk_elements`` bounds a chunk's
-    size (whole rows, at least one): :data:`MATMUL_CHUNK_ELEMENTS` or
-    :data:`ELEMENTWISE_CHUNK_ELEMENTS`, by what the caller does with each chunk.
+    size (whole rows, at least one) for rtn formats: :data:`MATMUL_CHUNK_ELEMENTS` or
+    :data:`ELEMENTWISE_CHUNK_ELEMENTS`, by what the caller does with each chunk; a format with
+    another rounding always walks :data:`MATMUL_CHUNK_ELEMENTS` (gptq's work per call does not
+    shrink with the chunk).
     """
     rows, cols = matrix.shape
     block = rows if block is None else block
-    step = max(1, min(block, chunk_elements // max(cols, 1)))
+    # A rounding other than rtn costs the same per call whatever the chunk: tall chunks for it.
+    step = min(block, chunk_rows(fmt, cols, chunk_elements, rounded_elements=MATMUL_CHUNK_ELEMENTS))
     for first in range(0, rows, block):
         for start in range(first, min(first + block, rows), step):
             stop = min(start + step, first + block, rows)

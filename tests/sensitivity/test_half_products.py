@@ -59,6 +59,20 @@ def test_linear_forward_and_backward_equal_float32_products(
         torch.testing.assert_close(half.grad.float(), full.grad.to(dtype).float(), **BF16_TOL)
 
 
+def test_linear_arguments_are_read_by_name_too(forced: None) -> None:
+    lin = _linear(rows=64)  # a square weight: input and weight swapped would not fail loudly
+    x = torch.randn(64, 64).to(torch.bfloat16)
+    want = F.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16)
+    with hp.float32_products(lin):
+        calls = [
+            F.linear(weight=lin.weight, input=x, bias=lin.bias),
+            F.linear(x, bias=lin.bias, weight=lin.weight),
+            F.linear(x, lin.weight, lin.bias),
+        ]
+    for got in calls:
+        torch.testing.assert_close(got, want, **BF16_TOL)
+
+
 def test_autograd_keeps_the_half_tensors_not_float32_copies(forced: None) -> None:
     """What backward holds on to: the half input and weight (a float32 copy of every weight
     would double fisher's memory)."""
@@ -120,10 +134,21 @@ def test_auto_measures_once_and_a_bad_setting_is_an_input_error(
     monkeypatch.setenv(hp.ENV, "auto")
     hp._measured_slow.cache_clear()
     timings = iter([0.001, 0.001, 0.001, 0.1, 0.1, 0.1])  # float32 three times, then bfloat16
-    monkeypatch.setattr(
-        hp, "_best_seconds", lambda fn, repeats=3: min(next(timings) for _ in "abc")
-    )
-    assert hp.slow_half_products(torch.bfloat16) is True
+    threads_seen: list[int] = []
+
+    def timed(fn: object) -> float:
+        threads_seen.append(torch.get_num_threads())
+        return min(next(timings) for _ in "abc")
+
+    monkeypatch.setattr(hp, "_best_seconds", timed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert hp.slow_half_products(torch.bfloat16) is True
+        assert torch.get_num_threads() == 2  # put back after the probe
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen == [1, 1]  # one thread: a busy machine cannot blur the comparison
     assert hp.slow_half_products(torch.bfloat16) is True  # cached: the timings are not read again
     assert hp.slow_half_products(torch.float32) is False
     hp._measured_slow.cache_clear()

@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from bitplan.sensitivity.formats import fake_quantize, parse_format, parse_formats
+from bitplan.sensitivity.formats import (
+    QuantCodes,
+    QuantFormat,
+    fake_quantize,
+    parse_format,
+    parse_formats,
+    quantize_codes,
+)
 from bitplan.sensitivity.layers import QuantLayer, apply_pins, find_quant_layers, quantized
 from bitplan.sensitivity.methods import (
     e2e_errors,
@@ -102,6 +109,25 @@ def test_deltas_of_any_chunk_size_are_the_whole_matrix_deltas(chunk: int) -> Non
     assert all(r == min(max(1, chunk // 256), 37) for r in rows[:-1]) and sum(rows) == 37
     expected = fake_quantize(w, fmt).to(torch.float32) - w.to(torch.float32)
     assert torch.equal(torch.cat([dw for _, _, _, dw in parts]), expected)
+
+
+def test_a_rounded_format_is_rounded_in_few_tall_chunks() -> None:
+    """gptq's work per call (factoring the inverse Hessian) does not shrink with the chunk, so a
+    format with a rounding other than rtn is never cut into the small element-wise chunks."""
+    calls: list[int] = []
+
+    def codes(chunk: torch.Tensor, fmt: QuantFormat, row0: int) -> QuantCodes:
+        calls.append(row0)
+        return quantize_codes(chunk, fmt.with_rounding("rtn"))
+
+    w = torch.randn(1000, 256)
+    gptq, rtn = parse_format("int4-g128+gptq"), parse_format("int4-g128")
+    list(iter_deltas(w, gptq, codes=codes, chunk_elements=ELEMENTWISE_CHUNK_ELEMENTS // 64))
+    fake_quantize(w, gptq, codes=codes)
+    assert calls == [0, 0]  # one call each for 256 000 weights
+    calls.clear()
+    list(iter_deltas(w, rtn, codes=codes, chunk_elements=256 * 100))
+    assert calls == list(range(0, 1000, 100))  # rtn: the chunk asked for
 
 
 def test_tensor_level_methods_split_tied_tensor_over_its_modules() -> None:
