@@ -96,6 +96,10 @@ class _Scored:
         self.layer = {g[0].tensor_key: g[0] for g in groups}  # the tensor's first layer
         self.formats = {key: candidates(lay, formats) for key, lay in self.layer.items()}
         self.codes = {key: quantizer_of(rounder, lay) for key, lay in self.layer.items()}
+        self._start()
+
+    def _start(self) -> None:
+        """Set up the fold's own accumulators (after the shared attributes exist)."""
 
     def matrix(self, key: str) -> torch.Tensor:
         """The ``[rows, cols]`` view of the weight ``key`` (no copy, no autograd history)."""
@@ -106,17 +110,10 @@ class _Scored:
 class FisherSums(_Scored):
     """A Fisher sum per weight, scored after the last batch (see the module docstring)."""
 
-    def __init__(
-        self,
-        module: nn.Module,
-        groups: Sequence[Group],
-        formats: Sequence[QuantFormat],
-        rounder: Rounder | None,
-    ) -> None:
-        super().__init__(module, groups, formats, rounder)
+    def _start(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         for key, lay in self.layer.items():
-            w = get_weight(module, lay)
+            w = get_weight(self.module, lay)
             self.sums[key] = torch.zeros_like(w, dtype=_fisher_dtype(w))
 
     def fold(self, key: str, grad: torch.Tensor) -> None:
@@ -140,14 +137,7 @@ class FisherSums(_Scored):
 class StreamedErrors(_Scored):
     """Per-format totals, each batch's gradient folded in as it arrives (module docstring)."""
 
-    def __init__(
-        self,
-        module: nn.Module,
-        groups: Sequence[Group],
-        formats: Sequence[QuantFormat],
-        rounder: Rounder | None,
-    ) -> None:
-        super().__init__(module, groups, formats, rounder)
+    def _start(self) -> None:
         self.errors: dict[str, dict[str, float]] = {}  # only tensors a gradient reached
 
     def fold(self, key: str, grad: torch.Tensor) -> None:
